@@ -1,0 +1,105 @@
+"""Backend registry: each family module registers its algorithms by name at import.
+
+Family modules are imported lazily on first use; a family whose import fails (say Triton is
+missing) registers nothing and its names are reported as unavailable with the import error.
+Third-party communicators register through the entry-point group
+``allreduce_autotune.backends`` (each entry point is a module to import).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from .base import Backend, BackendSpec, CommContext, basic_gate
+
+__all__ = [
+    "Backend",
+    "BackendSpec",
+    "CommContext",
+    "basic_gate",
+    "register",
+    "get_spec",
+    "all_specs",
+    "known_names",
+    "family_errors",
+]
+
+# family module -> the names it registers (known up front so that `--backends` can be
+# validated and a failed import can still be reported per name)
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "gloo": ("gloo",),
+    "shm": ("shm_one_shot", "shm_two_shot"),
+    "nccl": ("nccl",),
+    "pynccl": ("pynccl", "pynccl_symm"),
+    "symm_mem": ("symm_mem_one_shot", "symm_mem_two_shot", "symm_mem_multimem"),
+    "custom": ("custom_one_shot", "custom_two_shot"),
+}
+PLUGIN_GROUP = "allreduce_autotune.backends"
+
+_REGISTRY: dict[str, BackendSpec] = {}
+_FAMILY_ERRORS: dict[str, str] = {}
+_LOADED = False
+
+
+def register(spec: BackendSpec) -> BackendSpec:
+    """Register (or replace) a backend spec by name."""
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def _load() -> None:
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    for family in FAMILIES:
+        try:
+            importlib.import_module(f"{__name__}.{family}")
+        except Exception as exc:  # a family that cannot import is a reason, not a crash
+            _FAMILY_ERRORS[family] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    try:
+        plugins = entry_points(group=PLUGIN_GROUP)
+    except Exception:
+        plugins = ()
+    for ep in plugins:
+        try:
+            ep.load()
+        except Exception as exc:
+            _FAMILY_ERRORS[f"plugin:{ep.name}"] = f"{type(exc).__name__}: {exc}"
+
+
+def all_specs() -> list[BackendSpec]:
+    """Every registered spec, in registration order (the family order above)."""
+    _load()
+    return list(_REGISTRY.values())
+
+
+def get_spec(name: str) -> BackendSpec:
+    _load()
+    if name not in _REGISTRY:
+        for family, names in FAMILIES.items():
+            if name in names and family in _FAMILY_ERRORS:
+                raise KeyError(f"backend {name!r} unavailable: {_FAMILY_ERRORS[family]}")
+        raise KeyError(f"unknown backend {name!r} (known: {', '.join(known_names())})")
+    return _REGISTRY[name]
+
+
+def known_names() -> list[str]:
+    """Every name a user may pass to --backends, registered or not importable here."""
+    _load()
+    names = [n for family in FAMILIES.values() for n in family]
+    names += [n for n in _REGISTRY if n not in names]
+    return names
+
+
+def family_errors() -> dict[str, str]:
+    _load()
+    return dict(_FAMILY_ERRORS)
+
+
+def family_of(name: str) -> str | None:
+    for family, names in FAMILIES.items():
+        if name in names:
+            return family
+    return None

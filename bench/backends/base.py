@@ -1,0 +1,130 @@
+"""The backend protocol: can I take this tensor (and if not, why), all-reduce it, release.
+
+A backend is a communicator for one group and one algorithm. Its family module registers a
+`BackendSpec` whose `probe` says whether the backend can run in this group at all (a reason
+string, or None), and whose `create` builds it with a buffer of `max_bytes` and its knobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate"]
+
+
+@dataclasses.dataclass
+class CommContext:
+    """What a backend may know about the group it serves.
+
+    `cpu_group` is always a gloo group over the same ranks: backends use it to exchange
+    handles, unique ids and flags out of band. `device` is the tensor device of this rank.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    nnodes: int
+    device: torch.device
+    cpu_group: Any  # dist.ProcessGroup; Any so a test may pass a stand-in
+    timeout_s: float = 60.0
+    # a name unique to this run, shared by all ranks: prefixes shm segments, IPC handles
+    run_tag: str = "local"
+    # ranks whose host differs from this one's (by hostname and boot id)
+    same_host: bool = True
+    # number of CUDA devices this rank can see (0 on CPU)
+    visible_gpus: int = 0
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.cpu_group)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One communicator, one algorithm. Three verbs."""
+
+    name: str
+    # True when all_reduce writes the sum into its input (torch.distributed style)
+    in_place: bool
+
+    def can_take(self, tensor: torch.Tensor) -> str | None:
+        """None if `all_reduce(tensor)` will work, else a one-line reason. Cheap: no sync."""
+        ...
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` across the group and return the result (possibly `tensor` itself)."""
+        ...
+
+    def release(self) -> None:
+        """Free buffers, handles and communicators. Idempotent."""
+        ...
+
+
+ProbeFn = Callable[[CommContext], "str | None"]
+CreateFn = Callable[..., Backend]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSpec:
+    """How a family module registers one algorithm.
+
+    `create(ctx, max_bytes, **params)` builds the backend; `knobs` maps each tunable parameter
+    to its candidate values (the tuner searches these; the first value is the default).
+    """
+
+    name: str
+    device: str  # "cpu" or "cuda"
+    probe: ProbeFn
+    create: CreateFn
+    knobs: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    # bytes a tensor's size must be a multiple of
+    alignment: int = 4
+    description: str = ""
+
+    def default_params(self) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.knobs.items()}
+
+    def check_params(self, params: Mapping[str, Any]) -> str | None:
+        """None if every param is a known knob with an accepted value, else the reason."""
+        for key, value in params.items():
+            if key not in self.knobs:
+                known = ", ".join(self.knobs) or "none"
+                return f"{self.name} has no knob {key!r} (knobs: {known})"
+            if value not in self.knobs[key]:
+                return f"{self.name}.{key}={value!r} not in {list(self.knobs[key])}"
+        return None
+
+
+def basic_gate(
+    tensor: torch.Tensor,
+    *,
+    dtypes: Sequence[torch.dtype],
+    device_type: str,
+    alignment: int,
+    max_bytes: int | None,
+) -> str | None:
+    """The cheap checks every backend applies first, as vLLM's communicators do."""
+    if tensor.device.type != device_type:
+        return f"tensor on {tensor.device.type}, backend needs {device_type}"
+    if tensor.dtype not in dtypes:
+        names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"dtype {str(tensor.dtype).removeprefix('torch.')} not supported (takes {names})"
+    if not tensor.is_contiguous():
+        return "tensor is not contiguous"
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes % alignment:
+        return f"{nbytes} bytes is not a multiple of {alignment}"
+    if max_bytes is not None and nbytes > max_bytes:
+        return f"{nbytes} bytes exceeds max_size {max_bytes}"
+    return None

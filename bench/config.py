@@ -1,0 +1,243 @@
+"""`bench sweep` arguments: one table of flags, parsed and checked against each other
+before any rank starts. Bad input raises `UsageError` with one line naming the flag."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from .sizes import parse_size, size_range
+
+__all__ = ["SweepConfig", "UsageError", "add_sweep_arguments", "config_from_args", "DTYPES"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                 "float": "float32"}
+MODES = ("eager", "graph")
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line, names the flag; the CLI exits 2."""
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    world_size: int
+    backends: list[str]
+    sizes: list[int]
+    dtypes: list[str]
+    modes: list[str]
+    device: str  # "cpu" or "cuda" (auto resolved)
+    iters: int = 20
+    warmup: int = 5
+    timeout_s: float = 300.0
+    out: str | None = None
+    resume: bool = False
+    graph_calls: int = 10
+    l2_flush: bool = False
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
+    run_id: str | None = None
+    params: dict = dataclasses.field(default_factory=dict)  # backend -> knob values
+    quiet: bool = False
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SweepConfig:
+        return cls(**data)
+
+
+def _positive_int(flag: str, value: str, minimum: int = 1) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The sweep's flags, nccl-tests' short forms where it has them. Values stay strings
+    here; `config_from_args` checks them so that every error names its flag."""
+    p.add_argument("--world-size", "-g", dest="world_size", default="1",
+                   help="ranks in total (over all nodes)")
+    p.add_argument("--backends", default="all", help="all, or a comma list of backend names")
+    p.add_argument("-b", "--min-bytes", dest="min_bytes", default="1K", help="smallest size")
+    p.add_argument("-e", "--max-bytes", dest="max_bytes", default="64M", help="largest size")
+    p.add_argument("-f", "--factor", default="2", help="size step factor")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="comma list: " + ",".join(DTYPES))
+    p.add_argument("--modes", default=None, help="eager,graph (default: eager on CPU, both on CUDA)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("-n", "--iters", default="20", help="timed iterations per point")
+    p.add_argument("-w", "--warmup", default="5", help="warm-up iterations per point")
+    p.add_argument("--timeout", default="300", help="seconds without progress before the sweep "
+                   "is ended (a dead or hung rank)")
+    p.add_argument("--out", default=None, help="run directory (default results/<hardware_key>/<run_id>)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR, measuring only missing points")
+    p.add_argument("--graph-calls", default="10", help="all-reduces captured per CUDA graph")
+    p.add_argument("--l2-flush", action="store_true", help="evict L2 between timed iterations (CUDA)")
+    p.add_argument("--nnodes", default="1", help="nodes (torchrun's c10d rendezvous)")
+    p.add_argument("--node-rank", dest="node_rank", default="0")
+    p.add_argument("--master-addr", dest="master_addr", default="127.0.0.1")
+    p.add_argument("--master-port", dest="master_port", default=None)
+    p.add_argument("--param", action="append", default=[], metavar="BACKEND.KNOB=VALUE",
+                   help="set a backend knob, e.g. shm_two_shot.chunk_bytes=262144")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device: expected auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here (try --device cpu)")
+    return device
+
+
+def _parse_param(text: str, known: list[str]) -> tuple[str, str, object]:
+    head, sep, raw = text.partition("=")
+    backend, dot, knob = head.partition(".")
+    if not sep or not dot or not knob:
+        raise UsageError(f"--param: expected BACKEND.KNOB=VALUE, got {text!r}")
+    if backend not in known:
+        raise UsageError(f"--param: unknown backend {backend!r} (known: {', '.join(known)})")
+    value: object = raw
+    for cast in (int, float):
+        try:
+            value = cast(raw)
+            break
+        except ValueError:
+            continue
+    return backend, knob, value
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """Check every flag and their combination; raise UsageError naming the first bad one."""
+    from . import backends as registry
+
+    world_size = _positive_int("--world-size", args.world_size)
+    nnodes = _positive_int("--nnodes", args.nnodes)
+    node_rank = _positive_int("--node-rank", args.node_rank, minimum=0)
+    if node_rank >= nnodes:
+        raise UsageError(f"--node-rank: expected 0..{nnodes - 1} for --nnodes {nnodes}, "
+                         f"got {node_rank}")
+    if world_size % nnodes:
+        raise UsageError(f"--world-size: {world_size} ranks do not split evenly over "
+                         f"--nnodes {nnodes}")
+    master_port = None
+    if args.master_port is not None:
+        master_port = _positive_int("--master-port", args.master_port)
+        if master_port > 65535:
+            raise UsageError(f"--master-port: expected 1..65535, got {args.master_port}")
+    if nnodes > 1 and master_port is None:
+        raise UsageError("--master-port: required with --nnodes > 1")
+
+    known = registry.known_names()
+    if args.backends.strip() == "all":
+        backends = known
+    else:
+        backends = _split(args.backends)
+        unknown = [b for b in backends if b not in known]
+        if unknown or not backends:
+            raise UsageError(f"--backends: unknown {','.join(unknown) or '(empty)'} "
+                             f"(known: all, {', '.join(known)})")
+
+    try:
+        min_bytes = parse_size(args.min_bytes)
+    except ValueError as exc:
+        raise UsageError(f"--min-bytes: {exc}") from None
+    try:
+        max_bytes = parse_size(args.max_bytes)
+    except ValueError as exc:
+        raise UsageError(f"--max-bytes: {exc}") from None
+    factor = _positive_int("--factor", args.factor, minimum=2)
+    if min_bytes > max_bytes:
+        raise UsageError(f"--min-bytes: {args.min_bytes} is larger than --max-bytes "
+                         f"{args.max_bytes}")
+
+    dtypes = [DTYPE_ALIASES.get(d, d) for d in _split(args.dtypes)]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise UsageError(f"--dtypes: unknown {','.join(bad) or '(empty)'} "
+                         f"(accepted: {', '.join(DTYPES)})")
+
+    device = resolve_device(args.device)
+    modes = _split(args.modes) if args.modes else (["eager", "graph"] if device == "cuda"
+                                                   else ["eager"])
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UsageError(f"--modes: unknown {','.join(bad) or '(empty)'} (accepted: eager, graph)")
+
+    iters = _positive_int("--iters", args.iters)
+    warmup = _positive_int("--warmup", args.warmup, minimum=0)
+    graph_calls = _positive_int("--graph-calls", args.graph_calls)
+    try:
+        timeout_s = float(args.timeout)
+    except ValueError:
+        raise UsageError(f"--timeout: expected seconds > 0, got {args.timeout!r}") from None
+    if not timeout_s > 0:
+        raise UsageError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+
+    params: dict[str, dict] = {}
+    for text in args.param:
+        backend, knob, value = _parse_param(text, known)
+        params.setdefault(backend, {})[knob] = value
+    for backend, values in params.items():
+        try:
+            spec = registry.get_spec(backend)
+        except KeyError:
+            continue  # not importable here; the sweep records the reason
+        reason = spec.check_params(values)
+        if reason:
+            raise UsageError(f"--param: {reason}")
+
+    out, resume = args.out, False
+    if args.resume is not None:
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise UsageError("--resume: give either --resume DIR or --out DIR, not both")
+        resume_dir = Path(args.resume)
+        if not (resume_dir / "results.csv").is_file():
+            raise UsageError(f"--resume: {resume_dir} has no results.csv to resume")
+        out, resume = str(resume_dir), True
+    if out is not None:
+        _check_writable(Path(out))
+
+    return SweepConfig(
+        world_size=world_size, backends=backends, sizes=size_range(min_bytes, max_bytes, factor),
+        dtypes=dtypes, modes=modes, device=device, iters=iters, warmup=warmup,
+        timeout_s=timeout_s, out=out, resume=resume, graph_calls=graph_calls,
+        l2_flush=bool(args.l2_flush), nnodes=nnodes, node_rank=node_rank,
+        master_addr=args.master_addr, master_port=master_port, params=params,
+        quiet=bool(args.quiet),
+    )
+
+
+def _check_writable(path: Path) -> None:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UsageError(f"--out: {probe} exists and is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: {probe} is not writable")

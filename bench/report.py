@@ -1,0 +1,90 @@
+"""nccl-tests-style tables of a run, and the best backend per size."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from .results import read_results
+from .sizes import format_size
+
+__all__ = ["format_run", "print_summary", "best_per_size"]
+
+
+def best_per_size(frame):
+    """Fastest correct measured backend per (world_size, dtype, mode, bytes)."""
+    ok = frame[frame["latency_us"].notna() & (frame["correct"] == True)]  # noqa: E712
+    if ok.empty:
+        return ok
+    idx = ok.groupby(["world_size", "dtype", "mode", "bytes"])["latency_us"].idxmin()
+    return ok.loc[idx].sort_values(["world_size", "dtype", "mode", "bytes"])
+
+
+def format_run(frame) -> str:
+    """One block per (world size, dtype, mode): a time column per backend, then the best."""
+    lines: list[str] = []
+    measured = frame[frame["latency_us"].notna()]
+    best = best_per_size(frame)
+    for (ws, dtype, mode), group in frame.groupby(["world_size", "dtype", "mode"], sort=True):
+        names = [b for b in dict.fromkeys(group["backend"]) if b in set(
+            measured[(measured.world_size == ws) & (measured.dtype == dtype) &
+                     (measured["mode"] == mode)]["backend"])]
+        if not names:
+            continue
+        lines.append(f"# world_size {ws}  dtype {dtype}  mode {mode}  redop sum")
+        head = f"{'size':>8} {'count':>10} " + " ".join(f"{n[:16]:>16}" for n in names)
+        head += f"  {'best':<18} {'busbw':>8} {'#wrong':>6}"
+        units = f"{'(B)':>8} {'(elements)':>10} " + " ".join(f"{'(us)':>16}" for _ in names)
+        units += f"  {'':<18} {'(GB/s)':>8} {'':>6}"
+        lines += [head, units]
+        table = group.set_index(["bytes", "backend"])
+        for nbytes in sorted(group["bytes"].unique()):
+            cells = []
+            wrong = 0
+            count = int(group[group["bytes"] == nbytes]["count"].iloc[0])
+            for name in names:
+                if (nbytes, name) not in table.index:
+                    cells.append(f"{'':>16}")
+                    continue
+                row = table.loc[(nbytes, name)]
+                if row["latency_us"] != row["latency_us"]:  # NaN: skipped
+                    cells.append(f"{'-':>16}")
+                    continue
+                mark = "" if row["correct"] else "!"
+                wrong += 0 if row["correct"] else 1
+                cells.append(f"{row['latency_us']:>15.1f}{mark or ' '}")
+            pick = best[(best.world_size == ws) & (best.dtype == dtype) &
+                        (best["mode"] == mode) & (best.bytes == nbytes)]
+            best_name = pick["backend"].iloc[0] if len(pick) else "-"
+            busbw = f"{pick['busbw_gbps'].iloc[0]:.2f}" if len(pick) else "-"
+            lines.append(f"{format_size(int(nbytes)):>8} {count:>10} " + " ".join(cells) +
+                         f"  {best_name:<18} {busbw:>8} {wrong:>6}")
+        lines.append("")
+    skipped = frame[frame["latency_us"].isna()]
+    if len(skipped):
+        lines.append("# skipped (backend: reason, points)")
+        for (name, reason), grp in skipped.groupby(["backend", "skipped_reason"], sort=False):
+            lines.append(f"#   {name}: {reason} ({len(grp)} points)")
+    return "\n".join(lines)
+
+
+def wrong_rows(frame):
+    return frame[frame["latency_us"].notna() & (frame["correct"] != True)]  # noqa: E712
+
+
+def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
+    """Print the run's tables; shout about any incorrect row. Returns the count of them."""
+    stream = stream or sys.stdout
+    frame = read_results(run_dir)
+    print(format_run(frame), file=stream)
+    wrong = wrong_rows(frame)
+    if len(wrong):
+        print("\n" + "!" * 72, file=stream)
+        print(f"!! {len(wrong)} MEASURED POINTS RETURNED A WRONG SUM:", file=stream)
+        for _, row in wrong.head(20).iterrows():
+            print(f"!!   {row['backend']} ws={row['world_size']} {row['dtype']} {row['mode']} "
+                  f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}", file=stream)
+        print("!" * 72, file=stream)
+    print(f"# results: {Path(run_dir) / 'results.csv'}", file=stream)
+    return len(wrong)

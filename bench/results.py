@@ -1,0 +1,179 @@
+"""The results table: one row per run x backend x world size x dtype x size x mode.
+
+`results.csv` is appended and flushed after every point, so a crash loses nothing and
+`--resume` measures only what is missing. One writer per run directory: a second sweep on the
+same directory is refused (an exclusive lock on `.lock`), never interleaved.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COLUMNS",
+    "POINT_KEY",
+    "ResultsWriter",
+    "RunDirLocked",
+    "SchemaError",
+    "read_results",
+    "read_meta",
+    "write_meta",
+    "completed_points",
+    "busbw_factor",
+]
+
+COLUMNS: tuple[str, ...] = (
+    "run_id", "hardware_key", "backend", "world_size", "nnodes", "dtype", "bytes", "count",
+    "mode", "iters", "latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps", "correct",
+    "max_abs_err", "skipped_reason",
+)
+# what identifies a point (a rerun with --resume skips keys already present)
+POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
+
+RESULTS_FILE = "results.csv"
+META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+
+
+class SchemaError(ValueError):
+    """A results file that is not the table this project writes."""
+
+
+class RunDirLocked(RuntimeError):
+    """Another sweep is writing into this run directory."""
+
+
+def busbw_factor(world_size: int) -> float:
+    """nccl-tests' all-reduce bus bandwidth factor: busbw = algbw * 2(n-1)/n."""
+    return 2.0 * (world_size - 1) / world_size if world_size > 1 else 1.0
+
+
+def _check_header(header: list[str], path: Path) -> None:
+    if tuple(header) != COLUMNS:
+        missing = [c for c in COLUMNS if c not in header]
+        extra = [c for c in header if c not in COLUMNS]
+        detail = []
+        if missing:
+            detail.append(f"missing {','.join(missing)}")
+        if extra:
+            detail.append(f"unexpected {','.join(extra)}")
+        if not detail:
+            detail.append("columns out of order")
+        raise SchemaError(f"{path}: not a results table ({'; '.join(detail)})")
+
+
+class ResultsWriter:
+    """Append-only writer for `<run_dir>/results.csv`, holding the run directory's lock."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RunDirLocked(
+                f"{self.run_dir} is being written by another sweep; use another --out"
+            ) from None
+        self.path = self.run_dir / RESULTS_FILE
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with open(self.path, newline="") as fh:
+                _check_header(next(csv.reader(fh), []), self.path)
+        self._fh = open(self.path, "a", newline="")
+        self._csv = csv.DictWriter(self._fh, fieldnames=COLUMNS, extrasaction="raise")
+        if new:
+            self._csv.writeheader()
+            self._flush()
+
+    def _flush(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        missing = [c for c in COLUMNS if c not in row]
+        if missing:
+            raise SchemaError(f"row lacks columns {missing}")
+        self._csv.writerow({k: _cell(row[k]) for k in COLUMNS})
+        self._flush()
+
+    def close(self) -> None:
+        if self._fh and not self._fh.closed:
+            self._fh.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def read_results(run_dir: str | os.PathLike):
+    """The results of one run directory (or a results.csv path) as a pandas frame."""
+    import pandas as pd
+
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no results table")
+    with open(path, newline="") as fh:
+        _check_header(next(csv.reader(fh), []), path)
+    frame = pd.read_csv(path, dtype={"skipped_reason": "string", "run_id": "string",
+                                     "hardware_key": "string", "backend": "string",
+                                     "dtype": "string", "mode": "string"})
+    frame["correct"] = frame["correct"].map(
+        {True: True, False: False, "True": True, "False": False}
+    ).astype("boolean")
+    return frame
+
+
+def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
+    """Point keys already in a run's table (measured or skipped)."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.exists():
+        return set()
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        _check_header(list(reader.fieldnames or []), path)
+        return {
+            (r["backend"], int(r["world_size"]), r["dtype"], int(r["bytes"]), r["mode"])
+            for r in reader
+        }
+
+
+def write_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    path = Path(run_dir) / META_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(run_dir) / META_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def rows_to_keys(rows: Iterable[Mapping[str, Any]]) -> set[tuple]:
+    return {tuple(r[k] for k in POINT_KEY) for r in rows}

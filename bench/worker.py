@@ -1,0 +1,358 @@
+"""One rank's sweep loop. Rank 0 gathers, writes the table and shows progress.
+
+Runs under `bench sweep` (which launches it through torchrun's launcher API), under the user's
+own `torchrun ... -m bench.worker <sweep flags>`, or under SLURM `srun python -m bench.worker`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import backends as registry
+from .backends import CommContext
+from .config import DTYPES, SweepConfig
+from .hardware import fingerprint, host_id
+from .inputs import check_result, fill_input
+from .results import ResultsWriter, completed_points, read_meta, write_meta
+from .timing import CpuClock, CudaEventClock, capture_graph, flush_l2, measure, slowest_rank
+from .timing import summarize as summarize_times
+
+__all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan"]
+
+
+class RankMismatch(RuntimeError):
+    """Ranks disagree on which point they are about to measure."""
+
+
+def dist_env() -> dict[str, int]:
+    """Rank layout from torchrun's variables, or SLURM's when started by srun."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0)),
+                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))}
+    if "SLURM_PROCID" in env:
+        layout = {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+                  "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                  "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
+        os.environ.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(layout["rank"]), str(layout["world_size"])
+        return layout
+    raise RuntimeError("no rank layout: run through `bench sweep`, torchrun or srun")
+
+
+class Watchdog:
+    """Ends this rank when no progress is made for `timeout_s` (a hung peer or kernel)."""
+
+    def __init__(self, rank: int, timeout_s: float) -> None:
+        self.rank, self.timeout_s = rank, timeout_s
+        self.where = "start-up"
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-watchdog")
+        self._thread.start()
+
+    def beat(self, where: str) -> None:
+        self.where, self._last = where, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout_s:
+                print(f"bench: rank {self.rank}: no progress for {idle:.0f} s at {self.where}; "
+                      "ending this rank (a peer died or hung?)", file=sys.stderr, flush=True)
+                os._exit(3)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
+    """(backend, dtype, mode, bytes) in sweep order: backend-major, then dtype, mode, size."""
+    for backend in cfg.backends:
+        for dtype in cfg.dtypes:
+            for mode in cfg.modes:
+                for nbytes in cfg.sizes:
+                    yield backend, dtype, mode, nbytes
+
+
+def _agree(value, group, what: str):
+    """All-gather `value`; raise RankMismatch naming the ranks that differ."""
+    world = dist.get_world_size(group)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, value, group=group)
+    if any(v != gathered[0] for v in gathered):
+        detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(gathered))
+        raise RankMismatch(f"ranks disagree on {what}: {detail}")
+    return gathered
+
+
+def _first_reason(reason: str | None, group) -> str | None:
+    """Every rank's reason gathered: the point is skipped if any rank has one."""
+    world = dist.get_world_size(group)
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, reason, group=group)
+    for rank, r in enumerate(gathered):
+        if r:
+            return r if world == 1 or all(g == r for g in gathered) else f"rank {rank}: {r}"
+    return None
+
+
+def _make_context(cfg: SweepConfig, layout: dict[str, int], run_tag: str) -> CommContext:
+    if cfg.device == "cuda":
+        visible = torch.cuda.device_count()
+        device = torch.device("cuda", layout["local_rank"] % max(visible, 1))
+        torch.cuda.set_device(device)
+    else:
+        visible, device = 0, torch.device("cpu")
+    hosts: list = [None] * layout["world_size"]
+    dist.all_gather_object(hosts, os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id()))
+    return CommContext(
+        rank=layout["rank"], world_size=layout["world_size"], local_rank=layout["local_rank"],
+        local_world_size=layout["local_world_size"], nnodes=len(set(hosts)), device=device,
+        cpu_group=dist.group.WORLD, timeout_s=cfg.timeout_s, run_tag=run_tag,
+        same_host=len(set(hosts)) == 1, visible_gpus=visible,
+        extra={"hosts": hosts, "launch_nnodes": cfg.nnodes},
+    )
+
+
+def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
+    """Rank 0 picks the run directory and id (new or resumed); all ranks learn them."""
+    payload: list = [None]
+    if ctx.rank == 0:
+        if cfg.resume:
+            meta = read_meta(cfg.out)
+            run_id = meta.get("run_id") or Path(cfg.out).name
+            out = cfg.out
+        else:
+            run_id = cfg.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") +
+                                    f"-{uuid.uuid4().hex[:6]}")
+            out = cfg.out or str(Path("results") / fp["hardware_key"] / run_id)
+        payload = [(out, run_id)]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _skip_row(base: dict, nbytes: int, itemsize: int, reason: str) -> dict:
+    return {**base, "bytes": nbytes, "count": nbytes // itemsize, "iters": 0,
+            "latency_us": None, "p10_us": None, "p90_us": None, "algbw_gbps": None,
+            "busbw_gbps": None, "correct": None, "max_abs_err": None,
+            "skipped_reason": reason.replace("\n", " ")[:300]}
+
+
+class _PointRunner:
+    """Measures one (backend, dtype, mode, size) point on this rank."""
+
+    def __init__(self, cfg: SweepConfig, ctx: CommContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.is_cuda = ctx.device.type == "cuda"
+        between = flush_l2(ctx.device) if (cfg.l2_flush and self.is_cuda) else None
+        self.clock = CudaEventClock(between) if self.is_cuda else CpuClock()
+
+    def _sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize()
+
+    def _barrier(self) -> None:
+        self._sync()
+        dist.barrier(group=self.ctx.cpu_group)
+
+    def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int):
+        """Returns (skip reason, stats, correct, max_abs_err); one of the first two is None."""
+        ctx = self.ctx
+        count = nbytes // torch.empty((), dtype=dtype).element_size()
+        tensor = torch.empty(count, dtype=dtype, device=ctx.device)
+        fill_input(tensor, ctx.rank, seed)
+        reason = backend.can_take(tensor)
+        if mode == "graph" and not self.is_cuda:
+            reason = reason or "graph mode needs a CUDA device"
+        reason = _first_reason(reason, ctx.cpu_group)
+        if reason:
+            return reason, None, None, None
+
+        # correctness on fresh inputs, the way the mode runs it (inside a graph in graph mode)
+        out_holder: list = [None]
+
+        def _once() -> None:
+            out_holder[0] = backend.all_reduce(tensor)
+
+        check_step = _once
+        if mode == "graph":
+            local = None
+            try:
+                check_step, _check_graph = capture_graph(_once, calls=1)
+            except Exception as exc:
+                local = f"graph capture failed: {type(exc).__name__}: {exc}"
+            reason = _first_reason(local, ctx.cpu_group)
+            if reason:
+                return reason, None, None, None
+        fill_input(tensor, ctx.rank, seed)
+        self._barrier()
+        check_step()
+        self._sync()
+        result = out_holder[0]
+        max_abs_err = check_result(result, ctx.rank, ctx.world_size, seed)
+        err_all = torch.tensor([max_abs_err], dtype=torch.float64)
+        dist.all_reduce(err_all, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+        max_abs_err = float(err_all.item())
+        correct = max_abs_err == 0.0
+
+        if mode == "graph":
+            step, _graph = capture_graph(_once, calls=self.cfg.graph_calls)
+            calls = self.cfg.graph_calls
+        else:
+            step, calls = _once, 1
+        warmup = self.cfg.warmup if mode == "eager" else max(1, self.cfg.warmup // calls)
+        per_call = measure(self.clock, step, iters=self.cfg.iters, warmup=warmup,
+                           calls_per_step=calls, before=self._barrier)
+        per_call = slowest_rank(per_call, ctx.cpu_group)
+        return None, summarize_times(per_call, nbytes, ctx.world_size), correct, max_abs_err
+
+
+def _create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
+    """Probe and build on every rank; any rank's reason skips the backend everywhere."""
+    backend, reason = None, None
+    try:
+        spec = registry.get_spec(name)
+    except KeyError as exc:
+        reason = str(exc.args[0])
+        spec = None
+    if spec is not None and spec.device != ctx.device.type:
+        reason = f"{spec.device} backend; this sweep runs on {ctx.device.type}"
+    if spec is not None and reason is None:
+        try:
+            reason = spec.probe(ctx)
+        except Exception as exc:
+            reason = f"probe failed: {type(exc).__name__}: {exc}"
+    reason = _first_reason(reason, ctx.cpu_group)
+    if reason is None:
+        try:
+            backend = spec.create(ctx, max(cfg.sizes), **cfg.params.get(name, {}))
+        except Exception as exc:
+            reason = f"create failed: {type(exc).__name__}: {exc}"
+        reason = _first_reason(reason, ctx.cpu_group)
+        if reason and backend is not None:
+            backend.release()
+            backend = None
+    return backend, reason
+
+
+def run_worker(cfg: SweepConfig) -> int:
+    layout = dist_env()
+    watchdog = Watchdog(layout["rank"], cfg.timeout_s)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        return _sweep(cfg, layout, watchdog)
+    finally:
+        watchdog.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
+    rank = layout["rank"]
+    fp = fingerprint(cfg.device) if rank == 0 else None
+    # a tag all ranks share, for shm segment and IPC names
+    tag = [uuid.uuid4().hex[:10] if rank == 0 else None]
+    dist.broadcast_object_list(tag, src=0)
+    ctx = _make_context(cfg, layout, tag[0])
+    out, run_id = _open_run(cfg, ctx, fp or {})
+    writer = None
+    done: set = set()
+    if rank == 0:
+        writer = ResultsWriter(out)
+        done = completed_points(out) if cfg.resume else set()
+        meta = read_meta(out) if cfg.resume else {}
+        meta.update({"run_id": run_id, "hardware_key": fp["hardware_key"], "fingerprint": fp,
+                     "arguments": cfg.to_json(), "nnodes": ctx.nnodes, "hosts": len(set(
+                         ctx.extra["hosts"])), "l2_flush": cfg.l2_flush,
+                     "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter"})
+        meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
+        write_meta(out, meta)
+    shared: list = [(fp or {}).get("hardware_key"), done]
+    dist.broadcast_object_list(shared, src=0)
+    hardware_key, done = shared
+    plan = [p for p in point_plan(cfg)
+            if (p[0], ctx.world_size, p[1], p[3], p[2]) not in done]
+    progress = None
+    if rank == 0 and not cfg.quiet:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(plan), unit="pt", desc=f"sweep ws={ctx.world_size}",
+                        dynamic_ncols=True, file=sys.stderr)
+    runner = _PointRunner(cfg, ctx)
+    try:
+        current, backend, backend_reason = None, None, None
+        for index, (name, dtype_name, mode, nbytes) in enumerate(plan):
+            key = (name, dtype_name, mode, nbytes)
+            watchdog.beat(f"{name} {dtype_name} {mode} {nbytes}B")
+            _agree(key, ctx.cpu_group, "the next point (backend, dtype, mode, bytes)")
+            if name != current:
+                if backend is not None:
+                    backend.release()
+                backend, backend_reason = _create_backend(name, cfg, ctx)
+                current = name
+            dtype = DTYPES[dtype_name]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            base = {"run_id": run_id, "hardware_key": hardware_key, "backend": name,
+                    "world_size": ctx.world_size, "nnodes": ctx.nnodes, "dtype": dtype_name,
+                    "mode": mode}
+            if backend_reason:
+                row = _skip_row(base, nbytes, itemsize, backend_reason)
+            elif nbytes % itemsize:
+                row = _skip_row(base, nbytes, itemsize, f"{nbytes} bytes is not a whole number "
+                                f"of {dtype_name} elements")
+            else:
+                reason, stats, correct, err = runner.run(backend, dtype, mode, nbytes,
+                                                         seed=1 + index)
+                if reason:
+                    row = _skip_row(base, nbytes, itemsize, reason)
+                else:
+                    row = {**base, "bytes": nbytes, "count": nbytes // itemsize,
+                           "iters": cfg.iters, "latency_us": stats.latency_us,
+                           "p10_us": stats.p10_us, "p90_us": stats.p90_us,
+                           "algbw_gbps": stats.algbw_gbps, "busbw_gbps": stats.busbw_gbps,
+                           "correct": correct, "max_abs_err": err, "skipped_reason": None}
+            if writer is not None:
+                writer.append(row)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix_str(f"{name} {dtype_name} {mode}", refresh=False)
+        if backend is not None:
+            backend.release()
+    finally:
+        if progress is not None:
+            progress.close()
+        if writer is not None:
+            writer.close()
+    if rank == 0:
+        meta = read_meta(out)
+        meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        write_meta(out, meta)
+        from .report import print_summary
+
+        print_summary(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.worker <bench sweep flags>` under torchrun or srun."""
+    from .cli import parse_sweep_config
+
+    cfg = parse_sweep_config(argv)
+    return run_worker(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""allreduce-autotune's deciding side: Optuna study, thresholds.json, the runtime dispatcher."""
+
+__all__: list[str] = []
