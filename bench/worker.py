@@ -27,7 +27,7 @@ from .results import ResultsWriter, completed_points, read_meta, write_meta
 from .timing import CpuClock, CudaEventClock, capture_graph, flush_l2, measure, slowest_rank
 from .timing import summarize as summarize_times
 
-__all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan"]
+__all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend"]
 
 
 class RankMismatch(RuntimeError):
@@ -151,7 +151,7 @@ def _skip_row(base: dict, nbytes: int, itemsize: int, reason: str) -> dict:
             "skipped_reason": reason.replace("\n", " ")[:300]}
 
 
-class _PointRunner:
+class PointRunner:
     """Measures one (backend, dtype, mode, size) point on this rank."""
 
     def __init__(self, cfg: SweepConfig, ctx: CommContext) -> None:
@@ -220,7 +220,7 @@ class _PointRunner:
         return None, summarize_times(per_call, nbytes, ctx.world_size), correct, max_abs_err
 
 
-def _create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
+def create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
     """Probe and build on every rank; any rank's reason skips the backend everywhere."""
     backend, reason = None, None
     try:
@@ -291,7 +291,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
 
         progress = tqdm(total=len(plan), unit="pt", desc=f"sweep ws={ctx.world_size}",
                         dynamic_ncols=True, file=sys.stderr)
-    runner = _PointRunner(cfg, ctx)
+    runner = PointRunner(cfg, ctx)
     try:
         current, backend, backend_reason = None, None, None
         for index, (name, dtype_name, mode, nbytes) in enumerate(plan):
@@ -301,7 +301,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
             if name != current:
                 if backend is not None:
                     backend.release()
-                backend, backend_reason = _create_backend(name, cfg, ctx)
+                backend, backend_reason = create_backend(name, cfg, ctx)
                 current = name
             dtype = DTYPES[dtype_name]
             itemsize = torch.empty((), dtype=dtype).element_size()
