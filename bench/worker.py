@@ -342,7 +342,8 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
         write_meta(out, meta)
         from .report import print_summary
 
-        print_summary(out)
+        if print_summary(out):
+            return 1  # wrong sums: the summary said so loudly, the exit code says so too
     return 0
 
 

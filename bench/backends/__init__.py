@@ -3,12 +3,14 @@
 Family modules are imported lazily on first use; a family whose import fails (say Triton is
 missing) registers nothing and its names are reported as unavailable with the import error.
 Third-party communicators register through the entry-point group
-``allreduce_autotune.backends`` (each entry point is a module to import).
+``allreduce_autotune.backends`` (each entry point is a module to import), or, without
+packaging, by naming modules in ``ALLREDUCE_AUTOTUNE_PLUGINS`` (comma separated).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from importlib.metadata import entry_points
 
 from .base import Backend, BackendSpec, CommContext, basic_gate
@@ -67,6 +69,11 @@ def _load() -> None:
             ep.load()
         except Exception as exc:
             _FAMILY_ERRORS[f"plugin:{ep.name}"] = f"{type(exc).__name__}: {exc}"
+    for module in filter(None, os.environ.get("ALLREDUCE_AUTOTUNE_PLUGINS", "").split(",")):
+        try:
+            importlib.import_module(module.strip())
+        except Exception as exc:
+            _FAMILY_ERRORS[f"plugin:{module}"] = f"{type(exc).__name__}: {exc}"
 
 
 def all_specs() -> list[BackendSpec]:

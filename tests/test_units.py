@@ -1,0 +1,117 @@
+"""Pure functions: sizes, bandwidths, statistics, inputs, the results file."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from bench.inputs import check_result, fill_input, reference_sum
+from bench.results import (
+    COLUMNS,
+    ResultsWriter,
+    RunDirLocked,
+    SchemaError,
+    completed_points,
+    read_results,
+)
+from bench.sizes import format_size, parse_size, size_range
+from bench.timing import bandwidths_gbps, summarize
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("1K", 1024), ("4KiB", 4096), ("64M", 64 << 20), ("1G", 1 << 30), ("512", 512),
+    ("2kb", 2048), (" 8 M ", 8 << 20),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "K", "1.5M", "-1K", "12Q", "0", "1KK"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+def test_size_range_and_format():
+    assert size_range(1024, 8192, 2) == [1024, 2048, 4096, 8192]
+    assert size_range(1024, 5000, 4) == [1024, 4096]
+    assert [format_size(s) for s in (1024, 1536, 64 << 20, 1 << 30)] == ["1K", "1536", "64M", "1G"]
+    with pytest.raises(ValueError):
+        size_range(10, 5)
+
+
+def test_bandwidths_follow_nccl_tests():
+    algbw, busbw = bandwidths_gbps(1_000_000, 10.0, 8)  # 1 MB in 10 us
+    assert algbw == pytest.approx(100.0)
+    assert busbw == pytest.approx(100.0 * 2 * 7 / 8)
+    _, busbw1 = bandwidths_gbps(1_000_000, 10.0, 1)
+    assert busbw1 == pytest.approx(100.0)
+
+
+def test_summarize_median_and_percentiles():
+    stats = summarize([float(v) for v in range(1, 102)], 1000, 2)
+    assert stats.latency_us == pytest.approx(51.0)
+    assert stats.p10_us == pytest.approx(11.0)
+    assert stats.p90_us == pytest.approx(91.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8, 128])
+def test_inputs_sum_exactly(dtype, world_size):
+    count = 1000
+    parts = [fill_input(torch.empty(count, dtype=dtype), r, seed=7) for r in range(world_size)]
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p  # summed in the low precision, in rank order
+    assert check_result(total, 0, world_size, seed=7) == 0.0
+    assert any(p.abs().sum() > 0 for p in parts)
+    assert not torch.equal(parts[0], parts[-1]) or world_size == 1
+
+
+def test_check_result_catches_one_wrong_element_and_nan():
+    ref = reference_sum(300, 4, seed=3, device=torch.device("cpu")).to(torch.bfloat16)
+    assert check_result(ref, 0, 4, 3) == 0.0
+    bad = ref.clone()
+    bad[123] += 1
+    assert check_result(bad, 0, 4, 3) == 1.0
+    bad[5] = float("nan")
+    assert check_result(bad, 0, 4, 3) == float("inf")
+    # the seed matters: another point's reference differs
+    assert check_result(ref, 0, 4, 4) > 0
+
+
+def _row(**kw):
+    row = dict.fromkeys(COLUMNS, None)
+    row.update(run_id="r", hardware_key="hk", backend="gloo", world_size=2, nnodes=1,
+               dtype="float32", bytes=1024, count=256, mode="eager", iters=5,
+               latency_us=10.0, correct=True, max_abs_err=0.0)
+    row.update(kw)
+    return row
+
+
+def test_results_writer_appends_and_locks(tmp_path):
+    with ResultsWriter(tmp_path) as writer:
+        writer.append(_row())
+        with pytest.raises(RunDirLocked):
+            ResultsWriter(tmp_path)
+        writer.append(_row(bytes=2048, latency_us=None, correct=None, skipped_reason="why"))
+    with open(tmp_path / "results.csv") as fh:
+        assert tuple(next(csv.reader(fh))) == COLUMNS
+    frame = read_results(tmp_path)
+    assert list(frame.columns) == list(COLUMNS)
+    assert len(frame) == 2 and frame["skipped_reason"].iloc[1] == "why"
+    assert completed_points(tmp_path) == {("gloo", 2, "float32", 1024, "eager"),
+                                          ("gloo", 2, "float32", 2048, "eager")}
+    with ResultsWriter(tmp_path) as writer:  # reopening appends, header once
+        writer.append(_row(bytes=4096))
+    assert len(read_results(tmp_path)) == 3
+
+
+def test_results_refuses_wrong_columns(tmp_path):
+    (tmp_path / "results.csv").write_text("run_id,backend,speed\nx,gloo,1\n")
+    with pytest.raises(SchemaError, match="missing"):
+        read_results(tmp_path)
+    with pytest.raises(SchemaError):
+        ResultsWriter(tmp_path)
