@@ -1,0 +1,228 @@
+"""One POSIX shared-memory segment shared by the ranks of a host, and its epoch-flag barrier.
+
+Life of a segment: rank 0 creates it (mode 0600, private to the user) and fills its pages,
+the name goes to the other ranks over the gloo `cpu_group`, they attach, and as soon as every
+rank holds a mapping rank 0 unlinks the name. From then on nothing is left in /dev/shm even
+if a rank is SIGKILLed: the memory lives exactly as long as the last mapping. `close()` unmaps.
+
+Python's `multiprocessing.shared_memory` is not used: on 3.11 its resource tracker registers
+the segment in every attaching process and unlinks or warns about it at exit. `_posixshmem`
+(the same two system calls, no tracker) plus `mmap` gives us the life cycle above.
+
+Flags: each rank owns one int64 flag on its own 128-byte line (no false sharing, and apart
+from the adjacent-line prefetcher's pair). A rank only ever writes its own flag, always with a
+larger epoch, so a flag never needs resetting; a barrier at epoch e is "set mine to e, wait
+until every flag is >= e".
+
+Memory ordering: the data a rank writes (a memmove or a torch op that has returned) precedes
+its flag store in program order. x86-64 is TSO: stores become visible to other cores in program
+order, and loads are not reordered with older loads, so a peer that sees the new flag also sees
+the data, and a peer's reads of the data cannot pass its read of the flag. On weaker ISAs
+(aarch64, POWER) a release fence before the flag store and an acquire fence after the flag load
+would be needed; Python exposes neither, so `supported_isa()` limits the backends to x86-64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import platform
+import time
+import uuid
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Segment", "FlagBarrier", "supported_isa", "shm_dir_reason", "NAME_PREFIX"]
+
+NAME_PREFIX = "aat-"  # every segment of this project is /dev/shm/aat-<run_tag>-...
+FLAG_STRIDE_BYTES = 128
+PAGE_BYTES = 4096
+SHM_DIR = "/dev/shm"
+
+
+def supported_isa() -> bool:
+    """True on x86-64, whose store order makes flag-after-data publication safe."""
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def shm_dir_reason(nbytes: int = 0) -> str | None:
+    """None if /dev/shm can hold `nbytes` more, else why not."""
+    try:
+        import _posixshmem  # noqa: F401
+    except ImportError:
+        return "this Python has no POSIX shared memory (_posixshmem)"
+    if not os.path.isdir(SHM_DIR):
+        return f"{SHM_DIR} does not exist"
+    if not os.access(SHM_DIR, os.W_OK | os.X_OK):
+        return f"{SHM_DIR} is not writable"
+    free = os.statvfs(SHM_DIR)
+    free_bytes = free.f_bavail * free.f_frsize
+    if nbytes and free_bytes < nbytes:
+        return (f"{SHM_DIR} has {free_bytes >> 20} MiB free, the segment needs "
+                f"{(nbytes + (1 << 20) - 1) >> 20} MiB")
+    return None
+
+
+def round_up(nbytes: int, multiple: int = PAGE_BYTES) -> int:
+    return (nbytes + multiple - 1) // multiple * multiple
+
+
+def _broadcast(obj, group) -> object:
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=dist.get_global_rank(group, 0), group=group)
+    return holder[0]
+
+
+def _gather(obj, group) -> list:
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+class Segment:
+    """A mapping of one segment: `flags` (ctypes int64 array), `data` (uint8 tensor)."""
+
+    def __init__(self, mm: mmap.mmap, world_size: int, data_offset: int, name: str) -> None:
+        self.name = name
+        self._mm: mmap.mmap | None = mm
+        words = world_size * FLAG_STRIDE_BYTES // 8
+        self.flags = (ctypes.c_int64 * words).from_buffer(mm, 0)
+        self.data = torch.frombuffer(mm, dtype=torch.uint8, offset=data_offset)
+        self.data_ptr = self.data.data_ptr()
+
+    @classmethod
+    def open(cls, group, rank: int, world_size: int, data_bytes: int, label: str) -> Segment:
+        """Collective over `group`: rank 0 creates, all attach, the name is unlinked at once."""
+        import _posixshmem
+
+        data_offset = round_up(world_size * FLAG_STRIDE_BYTES)
+        total = data_offset + round_up(max(data_bytes, 1))
+        name, error = None, None
+        if rank == 0:
+            name = f"/{NAME_PREFIX}{label}-{uuid.uuid4().hex[:8]}"
+            error = shm_dir_reason(total)
+            if error is None:
+                error = _create(name, total)
+        name, error = _broadcast((name, error), group)
+        if error:
+            raise OSError(error)
+        mm, error = None, None
+        try:
+            mm = _attach(name, total)
+        except OSError as exc:
+            error = f"rank {rank} could not attach {name}: {exc}"
+        errors = [e for e in _gather(error, group) if e]
+        if rank == 0:
+            # every rank holds a mapping (or gave up): the name is no longer needed
+            try:
+                _posixshmem.shm_unlink(name)
+            except FileNotFoundError:
+                pass
+        if errors:
+            if mm is not None:
+                mm.close()
+            raise OSError(errors[0])
+        return cls(mm, world_size, data_offset, name)
+
+    def close(self) -> None:
+        """Drop our views and unmap. Idempotent; a view still held elsewhere keeps the mapping
+        alive until it is collected (never a dangling pointer)."""
+        if self._mm is None:
+            return
+        mm, self._mm = self._mm, None
+        self.flags = None  # type: ignore[assignment]
+        self.data = None  # type: ignore[assignment]
+        self.data_ptr = 0
+        try:
+            mm.close()
+        except BufferError:
+            pass
+
+
+def _create(name: str, total: int) -> str | None:
+    """Create, size and fill the segment; None or the reason it failed."""
+    import _posixshmem
+
+    try:
+        fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    except OSError as exc:
+        return f"could not create {name}: {exc}"
+    try:
+        os.ftruncate(fd, total)
+        # allocate every page now: a full /dev/shm is an error here, not a SIGBUS mid-copy
+        os.posix_fallocate(fd, 0, total)
+    except OSError as exc:
+        _posixshmem.shm_unlink(name)
+        return f"could not allocate {total >> 20} MiB in {SHM_DIR} for {name}: {exc}"
+    finally:
+        os.close(fd)
+    return None
+
+
+def _attach(name: str, total: int) -> mmap.mmap:
+    import _posixshmem
+
+    fd = _posixshmem.shm_open(name, os.O_RDWR, mode=0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if size < total:
+            raise OSError(f"segment is {size} bytes, expected {total}")
+        return mmap.mmap(fd, total)
+    finally:
+        os.close(fd)
+
+
+class FlagBarrier:
+    """Epoch barrier over a segment's flags, with waiting that yields the core.
+
+    Waiting: up to `spin` checks back to back (only worth it when every rank has a core), then
+    `os.sched_yield()` between checks for `yield_s` (a peer waiting for this core gets it at
+    once), then sleeps growing from 20 us to 1 ms (a peer that is slow or dead costs nothing).
+    Every wait is bounded by `timeout_s` and raises TimeoutError naming the flag and epoch.
+    """
+
+    def __init__(self, flags, rank: int, world_size: int, *, timeout_s: float, spin: int,
+                 yield_s: float, label: str) -> None:
+        self._flags = flags
+        self.rank, self.world_size = rank, world_size
+        self._stride = FLAG_STRIDE_BYTES // 8
+        self._mine = rank * self._stride
+        self._others = [j * self._stride for j in range(world_size) if j != rank]
+        self.timeout_s, self.spin, self.yield_s = timeout_s, spin, yield_s
+        self.label = label
+        self.epoch = 0
+
+    def arrive_and_wait(self) -> None:
+        """Publish the next epoch and wait until every rank has published it."""
+        self.epoch += 1
+        target = self.epoch
+        flags = self._flags
+        flags[self._mine] = target
+        for word in self._others:
+            if flags[word] < target:
+                self._wait(word, target)
+
+    def _wait(self, word: int, target: int) -> None:
+        flags = self._flags
+        for _ in range(self.spin):
+            if flags[word] >= target:
+                return
+        start = time.monotonic()
+        sleep_s = 20e-6
+        yield_until = start + self.yield_s
+        deadline = start + self.timeout_s
+        while flags[word] < target:
+            now = time.monotonic()
+            if now < yield_until:
+                os.sched_yield()
+                continue
+            if now > deadline:
+                peer = word // self._stride
+                raise TimeoutError(
+                    f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank "
+                    f"{peer}'s flag to reach epoch {target} (it is at {flags[word]}); "
+                    f"did rank {peer} die or stop calling all_reduce?")
+            time.sleep(sleep_s)
+            sleep_s = min(sleep_s * 2, 1e-3)

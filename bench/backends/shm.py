@@ -1,0 +1,213 @@
+"""`shm_one_shot`, `shm_two_shot`: the project's own all-reduce for CPU ranks on one host.
+
+All ranks map one POSIX shared-memory segment (see `_shm_segment`): a slot per rank, plus a
+result area for two-shot, each `chunk_bytes` long; a message larger than a slot goes through
+in pieces of one slot. Per piece:
+
+- one-shot: every rank copies its input into its slot, meets the others at a flag barrier,
+  then adds every other slot into its own tensor. Slots are double-buffered by the barrier's
+  parity, so one barrier per piece is enough: a rank can only overwrite slot set p again after
+  the next barrier, which every rank reaches only when it has finished reading set p.
+- two-shot: reduce-scatter then all-gather. Every rank copies its input into its slot (all but
+  the part it owns), barrier, rank r sums part r of every slot into part r of the result area,
+  barrier, every rank copies the whole result into its tensor. The two barriers already keep
+  the next piece's writes behind every rank's reads, so no double buffering is needed.
+
+The sum is written into the input (`in_place`, like torch.distributed). It is computed in rank
+order (x0 + x1) + x2 + ..., so every rank gets the same bits (at world size 2 each rank adds
+the other's input to its own, which is the same by commutativity).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+from typing import Any
+
+import torch
+
+from . import register
+from ._shm_segment import FlagBarrier, Segment, round_up, shm_dir_reason, supported_isa
+from .base import BackendSpec, CommContext, basic_gate
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ALIGN_BYTES = 64  # two-shot parts start on cache lines
+_VIEW_CACHE_ENTRIES = 32
+
+# knobs: the first value is the default
+_CHUNK_BYTES = (1 << 20, 256 << 10, 4 << 20, 16 << 20)
+_THREADS = (1, 0, 2)  # torch intra-op threads inside the call; 0 leaves torch's setting
+_SPIN = (-1, 0, 1000)  # flag checks before yielding; -1: 1000 if every local rank has a core
+
+
+class ShmAllReduce:
+    """One segment, one algorithm ("one_shot" or "two_shot")."""
+
+    in_place = True
+
+    def __init__(self, ctx: CommContext, max_bytes: int, *, algorithm: str,
+                 chunk_bytes: int = _CHUNK_BYTES[0], threads: int = _THREADS[0],
+                 spin: int = _SPIN[0]) -> None:
+        self.name = f"shm_{algorithm}"
+        self.algorithm = algorithm
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+        self.slot_bytes = round_up(max(min(max_bytes, chunk_bytes), 1))
+        slots = 2 * ctx.world_size if algorithm == "one_shot" else ctx.world_size + 1
+        self.threads = threads
+        self._broken: str | None = None
+        self._views: dict[tuple[torch.dtype, int], Any] = {}
+        self._segment: Segment | None = None
+        if ctx.world_size == 1:
+            return
+        self._segment = Segment.open(ctx.cpu_group, ctx.rank, ctx.world_size,
+                                     slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
+        if spin < 0:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            spin = 1000 if ctx.local_world_size <= cores else 0
+        self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
+                                    timeout_s=ctx.timeout_s, spin=spin, yield_s=2e-3,
+                                    label=self.name)
+
+    # -- the three verbs ------------------------------------------------------------------
+
+    def can_take(self, tensor: torch.Tensor) -> str | None:
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1,
+                          max_bytes=None)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over the ranks, in place; returns `tensor`."""
+        if self._broken:
+            raise RuntimeError(self._broken)
+        if self._segment is None:
+            if self.world_size == 1:
+                return tensor
+            raise RuntimeError(f"{self.name} was released")
+        count = tensor.numel()
+        if count == 0:
+            return tensor
+        flat = tensor if tensor.dim() == 1 else tensor.view(-1)
+        if flat.requires_grad:
+            flat = flat.detach()
+        previous = torch.get_num_threads()
+        if self.threads and previous != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            piece = self.slot_bytes // flat.element_size()
+            step = self._one_shot_piece if self.algorithm == "one_shot" else self._two_shot_piece
+            for offset in range(0, count, piece):
+                step(flat, offset, min(piece, count - offset), count)
+        except TimeoutError as exc:
+            self._broken = f"{self.name} is unusable after a timeout: {exc}"
+            raise
+        finally:
+            if self.threads and previous != self.threads:
+                torch.set_num_threads(previous)
+        return tensor
+
+    def release(self) -> None:
+        self._views.clear()
+        self._barrier = None
+        if self._segment is not None:
+            self._segment.close()
+            self._segment = None
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _slot_ptr(self, index: int) -> int:
+        return self._segment.data_ptr + index * self.slot_bytes
+
+    def _piece_views(self, dtype: torch.dtype, count: int):
+        """Typed views of the segment for a piece of `count` elements (cached: building views
+        costs microseconds, which matters at small sizes)."""
+        key = (dtype, count)
+        views = self._views.get(key)
+        if views is not None:
+            return views
+        if len(self._views) >= _VIEW_CACHE_ENTRIES:
+            self._views.clear()
+        typed = self._segment.data.view(dtype)
+        slot_elems = self.slot_bytes // typed.element_size()
+        ws, me = self.world_size, self.rank
+        if self.algorithm == "one_shot":
+            views = [[typed.narrow(0, (p * ws + j) * slot_elems, count) for j in range(ws)]
+                     for p in (0, 1)]
+        else:
+            align = max(1, _ALIGN_BYTES // typed.element_size())
+            part = -(-count // ws)
+            part = -(-part // align) * align
+            lo, hi = min(me * part, count), min((me + 1) * part, count)
+            slots = [typed.narrow(0, j * slot_elems + lo, hi - lo) for j in range(ws)]
+            result = typed.narrow(0, ws * slot_elems + lo, hi - lo)
+            views = (lo, hi, slots, result)
+        self._views[key] = views
+        return views
+
+    def _one_shot_piece(self, flat: torch.Tensor, offset: int, count: int, total: int) -> None:
+        size = flat.element_size()
+        ws, me = self.world_size, self.rank
+        parity = (self._barrier.epoch + 1) & 1
+        ctypes.memmove(self._slot_ptr(parity * ws + me), flat.data_ptr() + offset * size,
+                       count * size)
+        self._barrier.arrive_and_wait()
+        slots = self._piece_views(flat.dtype, count)[parity]
+        dest = flat if count == total else flat.narrow(0, offset, count)
+        if ws == 2:
+            dest.add_(slots[1 - me])
+        else:
+            torch.add(slots[0], slots[1], out=dest)
+            for j in range(2, ws):
+                dest.add_(slots[j])
+
+    def _two_shot_piece(self, flat: torch.Tensor, offset: int, count: int, total: int) -> None:
+        size = flat.element_size()
+        ws, me = self.world_size, self.rank
+        lo, hi, slots, result = self._piece_views(flat.dtype, count)
+        src = flat.data_ptr() + offset * size
+        mine = self._slot_ptr(me)
+        # the part this rank reduces is read from its own tensor, not copied
+        if lo:
+            ctypes.memmove(mine, src, lo * size)
+        if hi < count:
+            ctypes.memmove(mine + hi * size, src + hi * size, (count - hi) * size)
+        self._barrier.arrive_and_wait()
+        if hi > lo:
+            own = flat.narrow(0, offset + lo, hi - lo)
+            terms = [own if j == me else slots[j] for j in range(ws)]
+            torch.add(terms[0], terms[1], out=result)
+            for j in range(2, ws):
+                result.add_(terms[j])
+        self._barrier.arrive_and_wait()
+        ctypes.memmove(src, self._slot_ptr(ws), count * size)
+
+
+def _probe(ctx: CommContext) -> str | None:
+    if ctx.device.type != "cpu":
+        return "shared-memory all-reduce runs on CPU tensors only (use --device cpu)"
+    if not ctx.same_host:
+        return f"ranks span {ctx.nnodes} hosts; shared memory needs one host"
+    if not supported_isa():
+        return (f"needs x86-64 store ordering to publish flags without fences; this is "
+                f"{platform.machine()}")
+    return shm_dir_reason()
+
+
+def _creator(algorithm: str):
+    def create(ctx: CommContext, max_bytes: int, **params: Any) -> ShmAllReduce:
+        return ShmAllReduce(ctx, max_bytes, algorithm=algorithm, **params)
+
+    return create
+
+
+_KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN}
+
+register(BackendSpec(
+    name="shm_one_shot", device="cpu", probe=_probe, create=_creator("one_shot"),
+    knobs=_KNOBS, dtypes=_DTYPES, alignment=1,
+    description="own shared-memory all-reduce: every rank reads all inputs and reduces",
+))
+register(BackendSpec(
+    name="shm_two_shot", device="cpu", probe=_probe, create=_creator("two_shot"),
+    knobs=_KNOBS, dtypes=_DTYPES, alignment=1,
+    description="own shared-memory all-reduce: reduce-scatter then all-gather over the segment",
+))
