@@ -29,7 +29,7 @@ from .sizes import format_size
 __all__ = [
     "LINK_LIMITS", "find_runs", "load_runs", "hardware_limit", "plot_latency", "plot_busbw",
     "winners", "crossovers", "rules_by_group", "rule_choice", "plot_winners", "gain_table",
-    "plot_gain", "plot_convergence", "plot_pareto", "status_table", "plot_status",
+    "geomean", "plot_gain", "plot_convergence", "plot_pareto", "status_table", "plot_status",
     "write_run_plots",
 ]
 
@@ -401,7 +401,7 @@ def gain_table(frame, choosers: Mapping[str, Chooser], baseline: str | Chooser):
     return pd.DataFrame(rows)
 
 
-def _geomean(values) -> float:
+def geomean(values) -> float:
     values = [v for v in values if v == v and v > 0]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
@@ -420,7 +420,7 @@ def plot_gain(gains) -> Figure:
         for (label,), line in _groups(group, ["choice"]):
             line = line.sort_values("bytes")
             style = styles.get(label, dict(marker="o"))
-            ax.plot(line["bytes"], line["gain"], label=f"{label} (geomean x{_geomean(line['gain']):.2f})",
+            ax.plot(line["bytes"], line["gain"], label=f"{label} (geomean x{geomean(line['gain']):.2f})",
                     **style)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_yscale("log")
