@@ -438,53 +438,64 @@ def plot_gain(gains) -> Figure:
 
 # -- the Optuna study -------------------------------------------------------------------------
 
-def plot_convergence(trials) -> Figure:
+def plot_convergence(trials, relative: bool = False) -> Figure:
     """Trials as a frame with `number`, `value` and optionally `study` (one line per study):
-    every completed trial's value and the best so far."""
-    fig = Figure(figsize=(9, 4.2), layout="constrained")
+    every completed trial's value and the best so far. `relative` divides each study by its
+    best value, so studies of different sizes share one axis (1 = the study's best)."""
+    fig = Figure(figsize=(9, 4.6), layout="constrained")
     ax = fig.subplots()
     done = trials[trials["value"].notna()] if len(trials) else trials
     if "study" not in done.columns:
         done = done.assign(study="study")
     for i, ((name,), part) in enumerate(_groups(done, ["study"])):
         part = part.sort_values("number")
+        values = part["value"] / part["value"].min() if relative else part["value"]
         color = _PALETTE[i % len(_PALETTE)]
-        ax.plot(part["number"], part["value"], ".", color=color, alpha=0.4)
-        ax.step(part["number"], part["value"].cummin(), where="post", color=color,
-                label=f"{name}: best {part['value'].min():.4g}")
+        ax.plot(part["number"], values, ".", color=color, alpha=0.4)
+        ax.step(part["number"], values.cummin(), where="post", color=color,
+                label=f"{name}: best {part['value'].min():.4g} after {len(part)}")
     if len(done) == 0:
         ax.text(0.5, 0.5, "no completed trial", transform=ax.transAxes, ha="center")
     else:
-        ax.legend(fontsize=7, ncol=2 if done["study"].nunique() > 8 else 1)
+        many = done["study"].nunique() > 8
+        ax.legend(fontsize=6 if many else 8, ncol=2 if many else 1, loc="upper right")
+    if relative:
+        ax.set_yscale("log")
     ax.set_xlabel("trial")
-    ax.set_ylabel("objective (lower is better)")
+    ax.set_ylabel("objective / study's best" if relative else "objective (lower is better)")
     ax.set_title("Optuna study: each trial (dots) and the best so far (line)")
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     return fig
 
 
-def plot_pareto(points, memory: str = "memory_bytes", regret: str = "regret") -> Figure:
-    """Candidate tables as (buffer memory, regret) points; the non-dominated ones joined."""
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+def plot_pareto(points, memory: str = "memory_bytes", regret: str = "regret",
+                label: str = "label") -> Figure:
+    """Candidate tables as (buffer memory, regret) points, one series per `label` when the
+    frame has that column; each series' non-dominated points are joined (its Pareto front)."""
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.subplots()
     if len(points) == 0:
         ax.text(0.5, 0.5, "no candidate table", transform=ax.transAxes, ha="center")
+        ax.set_axis_off()
         return fig
-    pts = points.sort_values([memory, regret])
-    ax.plot(pts[memory], pts[regret], "o", color="#999999", alpha=0.6, label="candidates")
-    front, best = [], float("inf")
-    for _, row in pts.iterrows():
-        if row[regret] < best:
-            front.append(row)
-            best = row[regret]
-    fx = [r[memory] for r in front]
-    fy = [r[regret] for r in front]
-    ax.step(fx, fy, where="post", color="#d62728", marker="o", label="Pareto front")
+    series = _groups(points, [label]) if label in points.columns else [(("tables",), points)]
+    for i, ((name,), pts) in enumerate(series):
+        color = _PALETTE[i % len(_PALETTE)]
+        pts = pts.sort_values([memory, regret])
+        ax.plot(pts[memory], pts[regret], "o", color=color, alpha=0.35)
+        front, best = [], float("inf")
+        for _, row in pts.iterrows():
+            if row[regret] < best:
+                front.append(row)
+                best = row[regret]
+        ax.step([r[memory] for r in front], [r[regret] for r in front], where="post",
+                color=color, marker="o", label=str(name))
     ax.set_xscale("symlog", linthresh=1024)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(int(x)) if x >= 1 else "0"))
+    ax.xaxis.set_major_formatter(FuncFormatter(
+        lambda x, _: format_size(int(x)) if x >= 1 else "0"))
     ax.set_xlabel("buffer memory of the table's backends (bytes)")
     ax.set_ylabel("regret vs per-size oracle")
-    ax.set_title("memory vs regret")
+    ax.set_title("memory vs regret: each step is the best table for that much memory")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return fig
