@@ -1,0 +1,343 @@
+"""The table builder: ordered range rules from per-size measurements, exactly, by DP.
+
+Input, for one (hardware, world size, dtype, mode): the measured sizes and one latency curve
+per configuration (algorithm + knob values), with the p10/p90 spread of every point.
+
+What is minimised, over every way of cutting the sorted sizes into at most `max_rules`
+consecutive ranges and giving each range one configuration:
+
+1. the *clear* regret: per size, how much the chosen configuration's median exceeds the
+   per-size oracle's (the fastest configuration there) beyond the measured spread, relative to
+   the oracle; the spread of a point is half its p90 - p10, and of a pair the larger of the
+   two: a difference inside the spread costs nothing;
+2. then the number of rules;
+3. then the regret itself: chosen median / oracle median - 1.
+
+All three are weighted by a size distribution (uniform in log size by default). Ordering the
+objective this way is the hysteresis the issue asks for: a configuration takes a range from its
+neighbour only where it is faster by more than the measured spread, never on noise; with no
+spread (p10 = p90 = median) the result is the exact minimum of the weighted regret.
+
+Constraints: the rule limit; one knob setting per algorithm that needs a buffer (the table has
+one `max_size` per algorithm, so one buffer); and an optional budget of buffer memory, counted
+as max_size x world size summed over the algorithms that need a buffer, where an algorithm's
+max_size is the upper end of its largest range (the largest measured size for the catch-all).
+
+The DP runs from the largest size down. Its state is (sizes still to cover, rules used, the
+knob setting fixed so far for each buffered algorithm); an algorithm's buffer is paid when it
+first appears from the right, because that range's upper end is its max_size. Each state keeps
+the Pareto set of (objective, memory), so one pass yields the whole Pareto front of regret
+against buffer memory and the optimum for any budget.
+
+A configuration not measured at a size where another configuration of its algorithm was counts
+as that algorithm's slowest measured configuration there (sparse data from `tuner live`); one
+whose algorithm has no measurement at a size cannot be given that size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .table import BUFFERLESS, Rule
+
+__all__ = ["Curve", "FrontPoint", "Build", "BuildError", "build_table",
+           "log_uniform_weights", "workload_weights"]
+
+INF = math.inf
+
+
+class BuildError(ValueError):
+    """No table satisfies the constraints (one line, says which)."""
+
+
+@dataclasses.dataclass
+class Curve:
+    """One configuration's measurements at the given sizes (NaN: not measured)."""
+
+    algorithm: str
+    params: Mapping[str, Any]
+    latency_us: Sequence[float]
+    p10_us: Sequence[float] | None = None
+    p90_us: Sequence[float] | None = None
+
+    @property
+    def label(self) -> str:
+        if not self.params:
+            return self.algorithm
+        knobs = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
+        return f"{self.algorithm}[{knobs}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontPoint:
+    buffer_bytes: int
+    regret: float
+    rules: int
+    clear_regret: float
+    labels: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Build:
+    rules: list[Rule]
+    max_size: dict[str, int]
+    regret: float  # weighted mean of chosen / oracle - 1
+    regret_max: float
+    clear_regret: float
+    buffer_bytes: int
+    chosen: list[int]  # index into the curves, per size
+    chosen_latency_us: list[float]
+    oracle_latency_us: list[float]
+    front: list[FrontPoint]
+    sizes: list[int]
+
+
+def _nan(x: float | None) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def log_uniform_weights(sizes: Sequence[int]) -> list[float]:
+    """Each size weighs the log-width it stands for (equal on a geometric grid); sum 1."""
+    n = len(sizes)
+    if n == 1:
+        return [1.0]
+    logs = [math.log(s) for s in sizes]
+    widths = []
+    for i in range(n):
+        left = (logs[i] - logs[i - 1]) / 2 if i > 0 else (logs[1] - logs[0]) / 2
+        right = (logs[i + 1] - logs[i]) / 2 if i < n - 1 else (logs[-1] - logs[-2]) / 2
+        widths.append(left + right)
+    total = sum(widths)
+    return [w / total for w in widths]
+
+
+def workload_weights(sizes: Sequence[int], histogram: Mapping[int, float]) -> list[float]:
+    """Message counts per size mapped onto the measured sizes, each to the smallest measured
+    size >= it (where the dispatcher's rules send it); larger than all: the largest. Sum 1."""
+    weights = [0.0] * len(sizes)
+    for nbytes, count in histogram.items():
+        index = next((i for i, s in enumerate(sizes) if s >= nbytes), len(sizes) - 1)
+        weights[index] += float(count)
+    total = sum(weights)
+    if total <= 0:
+        raise BuildError("workload: the histogram has no positive count")
+    return [w / total for w in weights]
+
+
+def _prepare(sizes, curves):
+    """Fill sparse points, compute oracle, and the two per-point cost components."""
+    n = len(sizes)
+    lat = [[INF if _nan(x) else float(x) for x in c.latency_us] for c in curves]
+    p10 = [[lat[k][i] if (c.p10_us is None or _nan(c.p10_us[i])) else float(c.p10_us[i])
+            for i in range(n)] for k, c in enumerate(curves)]
+    p90 = [[lat[k][i] if (c.p90_us is None or _nan(c.p90_us[i])) else float(c.p90_us[i])
+            for i in range(n)] for k, c in enumerate(curves)]
+    oracle, oracle_spread = [], []
+    for i in range(n):
+        best = min(range(len(curves)), key=lambda k: lat[k][i])
+        oracle.append(lat[best][i])
+        oracle_spread.append(p90[best][i] - p10[best][i] if lat[best][i] < INF else 0.0)
+    # sparse points: the algorithm's slowest measured configuration at that size
+    by_alg: dict[str, list[int]] = {}
+    for k, c in enumerate(curves):
+        by_alg.setdefault(c.algorithm, []).append(k)
+    for members in by_alg.values():
+        for i in range(n):
+            measured = [k for k in members if lat[k][i] < INF]
+            if not measured:
+                continue
+            worst = max(measured, key=lambda k: lat[k][i])
+            for k in members:
+                if lat[k][i] == INF:
+                    lat[k][i], p10[k][i], p90[k][i] = lat[worst][i], p10[worst][i], p90[worst][i]
+    true_cost = [[lat[k][i] / oracle[i] - 1.0 if lat[k][i] < INF else INF for i in range(n)]
+                 for k in range(len(curves))]
+    clear_cost = [[INF] * n for _ in curves]
+    for k in range(len(curves)):
+        for i in range(n):
+            if lat[k][i] == INF:
+                continue
+            # the measured spread: the larger half-width (p90 - p10) / 2 of the two points
+            spread = max(p90[k][i] - p10[k][i], oracle_spread[i]) / 2
+            clear_cost[k][i] = max(0.0, lat[k][i] - oracle[i] - spread) / oracle[i]
+    return lat, oracle, true_cost, clear_cost
+
+
+def _dominated(k: int, j: int, true_cost, clear_cost) -> bool:
+    """Curve j is at least as good as curve k everywhere (same algorithm assumed)."""
+    return all(true_cost[j][i] <= true_cost[k][i] and clear_cost[j][i] <= clear_cost[k][i]
+               for i in range(len(true_cost[k])))
+
+
+class _Entry:
+    __slots__ = ("mem", "clear", "true", "parent", "config", "start", "stop")
+
+    def __init__(self, mem, clear, true, parent, config, start, stop):
+        self.mem, self.clear, self.true = mem, clear, true
+        self.parent, self.config, self.start, self.stop = parent, config, start, stop
+
+
+def _insert(bucket: list[_Entry], entry: _Entry) -> None:
+    """Keep the Pareto set of (memory, (clear, true)) in `bucket`."""
+    cost = (entry.clear, entry.true)
+    for other in bucket:
+        if other.mem <= entry.mem and (other.clear, other.true) <= cost:
+            return
+    bucket[:] = [o for o in bucket if not (o.mem >= entry.mem and (o.clear, o.true) >= cost)]
+    bucket.append(entry)
+
+
+def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
+                weights: Sequence[float] | None = None, max_rules: int = 8,
+                memory_budget: int | None = None) -> Build:
+    """The exact optimum (see the module docstring) and the Pareto front."""
+    sizes = [int(s) for s in sizes]
+    if sorted(set(sizes)) != sizes:
+        raise BuildError("sizes must be strictly increasing")
+    if not sizes or not curves:
+        raise BuildError("nothing measured: no sizes or no configurations")
+    if max_rules < 1:
+        raise BuildError(f"--max-rules: expected an integer >= 1, got {max_rules}")
+    n = len(sizes)
+    for c in curves:
+        if len(c.latency_us) != n:
+            raise BuildError(f"{c.label}: {len(c.latency_us)} latencies for {n} sizes")
+    weights = list(weights) if weights is not None else log_uniform_weights(sizes)
+    lat, oracle, true_cost, clear_cost = _prepare(sizes, curves)
+    if any(o == INF for o in oracle):
+        missing = [sizes[i] for i in range(n) if oracle[i] == INF]
+        raise BuildError(f"no configuration measured at {missing[0]} bytes")
+
+    # drop configurations dominated by another of the same algorithm (exact: same buffer)
+    keep: list[int] = []
+    for k in range(len(curves)):
+        rivals = [j for j in range(len(curves)) if j != k and
+                  curves[j].algorithm == curves[k].algorithm]
+        if any(_dominated(k, j, true_cost, clear_cost) and
+               (not _dominated(j, k, true_cost, clear_cost) or j < k) for j in rivals):
+            continue
+        keep.append(k)
+
+    # prefix sums of the weighted costs (unmeasured points counted apart), per configuration
+    pre_clear, pre_true, pre_missing = {}, {}, {}
+    for k in keep:
+        pc, pt, pm = [0.0], [0.0], [0]
+        for i in range(n):
+            missing = true_cost[k][i] == INF
+            pc.append(pc[-1] + (0.0 if missing else weights[i] * clear_cost[k][i]))
+            pt.append(pt[-1] + (0.0 if missing else weights[i] * true_cost[k][i]))
+            pm.append(pm[-1] + missing)
+        pre_clear[k], pre_true[k], pre_missing[k] = pc, pt, pm
+
+    # states[j]: {(rules used, opened buffered (algorithm, config) pairs): [entries]}
+    states: list[dict[tuple, list[_Entry]]] = [dict() for _ in range(n + 1)]
+    states[n][(0, ())] = [_Entry(0, 0.0, 0.0, None, None, n, n)]
+    for stop in range(n, 0, -1):
+        for (used, opened), bucket in states[stop].items():
+            if used >= max_rules:
+                continue
+            fixed = dict(opened)
+            for k in keep:
+                alg = curves[k].algorithm
+                add_mem, now_opened = 0, opened
+                if alg not in BUFFERLESS:
+                    if alg in fixed:
+                        if fixed[alg] != k:
+                            continue
+                    else:
+                        add_mem = sizes[stop - 1] * world_size
+                        now_opened = tuple(sorted(opened + ((alg, k),)))
+                pc, pt, pm = pre_clear[k], pre_true[k], pre_missing[k]
+                for start in range(stop - 1, -1, -1):
+                    if pm[stop] != pm[start]:
+                        break  # an unmeasured size: no range of k can reach further left
+                    d_clear, d_true = pc[stop] - pc[start], pt[stop] - pt[start]
+                    target = states[start].setdefault((used + 1, now_opened), [])
+                    for entry in bucket:
+                        mem = entry.mem + add_mem
+                        if memory_budget is not None and mem > memory_budget:
+                            continue
+                        _insert(target, _Entry(mem, entry.clear + d_clear, entry.true + d_true,
+                                               entry, k, start, stop))
+
+    finals = [(entry, used) for (used, _), bucket in states[0].items() for entry in bucket]
+    if not finals:
+        budget = f" within {memory_budget} bytes of buffer" if memory_budget is not None else ""
+        raise BuildError(f"no table with at most {max_rules} rules{budget} covers every "
+                         "measured size (raise --max-rules or --memory-budget)")
+
+    def objective(item):
+        entry, used = item
+        return (round(entry.clear, 12), used, entry.true, entry.mem)
+
+    finals.sort(key=objective)
+    best_entry, _ = finals[0]
+    ranges = _ranges(best_entry)
+    front = _front(finals, curves)
+    return _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost,
+                     best_entry, front)
+
+
+def _ranges(entry: _Entry) -> list[tuple[int, int, int]]:
+    out = []
+    while entry is not None and entry.config is not None:
+        out.append((entry.start, entry.stop, entry.config))
+        entry = entry.parent
+    return out  # ascending: the last range added (smallest sizes) is first
+
+
+def _front(finals, curves) -> list[FrontPoint]:
+    by_mem = sorted(finals, key=lambda item: (item[0].mem, round(item[0].clear, 12), item[1],
+                                              item[0].true))
+    front: list[FrontPoint] = []
+    best = None
+    for entry, used in by_mem:
+        key = (round(entry.clear, 12), used, entry.true)
+        if best is not None and key >= best:
+            continue
+        best = key
+        labels = tuple(curves[k].label for _, _, k in _ranges(entry))
+        point = FrontPoint(buffer_bytes=entry.mem, regret=entry.true, rules=used,
+                           clear_regret=entry.clear, labels=labels)
+        if front and front[-1].buffer_bytes == point.buffer_bytes:
+            front[-1] = point
+        else:
+            front.append(point)
+    return front
+
+
+def _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost, entry,
+              front) -> Build:
+    # merge neighbours that ended up with the same configuration
+    merged: list[list[int]] = []
+    for start, stop, k in ranges:
+        if merged and merged[-1][2] == k:
+            merged[-1][1] = stop
+        else:
+            merged.append([start, stop, k])
+    n = len(sizes)
+    rules, max_size = [], {}
+    chosen = [0] * n
+    for index, (start, stop, k) in enumerate(merged):
+        last = index == len(merged) - 1
+        curve = curves[k]
+        rules.append(Rule(max_bytes=None if last else sizes[stop - 1],
+                          algorithm=curve.algorithm, params=dict(curve.params)))
+        if curve.algorithm not in BUFFERLESS:
+            max_size[curve.algorithm] = max(max_size.get(curve.algorithm, 0), sizes[stop - 1])
+        for i in range(start, stop):
+            chosen[i] = k
+    chosen_latency = [lat[chosen[i]][i] for i in range(n)]
+    regrets = [true_cost[chosen[i]][i] for i in range(n)]
+    total_w = sum(weights) or 1.0
+    return Build(
+        rules=rules, max_size=max_size,
+        regret=sum(w * r for w, r in zip(weights, regrets, strict=True)) / total_w,
+        regret_max=max(regrets), clear_regret=entry.clear / total_w,
+        buffer_bytes=sum(v * world_size for v in max_size.values()),
+        chosen=chosen, chosen_latency_us=chosen_latency, oracle_latency_us=list(oracle),
+        front=front, sizes=list(sizes),
+    )
