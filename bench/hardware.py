@@ -5,7 +5,8 @@ compute capability, the P2P/NVLink matrix where NVML reports it (a NotSupported 
 recorded, not fatal). Versions of torch, NCCL, Triton, CUDA and Python.
 
 The key names what the measurements depend on: `cpu-<model>-<cores>c` or
-`<gpu-model>-x<count>-<link>` where link is nvlink, pcie or none.
+`<gpu-model>-x<count>-<link>` where link is nvlink (every GPU pair P2P over NVLink), pcie (P2P
+over PCIe), nop2p (some pair without P2P) or single (one GPU).
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def gpu_fingerprint() -> dict[str, Any]:
         return {"error": f"NVML unavailable ({type(exc).__name__}: {exc})"}
     try:
         info: dict[str, Any] = {"driver": _nvml_text(pynvml.nvmlSystemGetDriverVersion())}
+        try:
+            cuda = int(pynvml.nvmlSystemGetCudaDriverVersion())
+            info["cuda_driver"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+        except Exception as exc:
+            info["cuda_driver"] = f"unknown: {exc}"
         count = pynvml.nvmlDeviceGetCount()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         gpus = []
@@ -108,10 +114,15 @@ def gpu_fingerprint() -> dict[str, Any]:
                     map(str, pynvml.nvmlDeviceGetCudaComputeCapability(h)))
             except Exception as exc:
                 gpu["compute_capability"] = f"unknown: {exc}"
+            try:
+                gpu["pci_bus_id"] = _nvml_text(pynvml.nvmlDeviceGetPciInfo(h).busId)
+            except Exception as exc:
+                gpu["pci_bus_id"] = f"unknown: {exc}"
             gpu["nvlink_active"] = _active_nvlinks(pynvml, h)
             gpus.append(gpu)
         info["gpus"] = gpus
-        info["p2p"] = _p2p_matrix(pynvml, handles)
+        info["p2p"] = _p2p_matrix(pynvml, handles, _P2P_READ)
+        info["p2p_nvlink"] = _p2p_matrix(pynvml, handles, _P2P_NVLINK)
         return info
     finally:
         try:
@@ -120,48 +131,57 @@ def gpu_fingerprint() -> dict[str, Any]:
             pass
 
 
+# nvmlGpuP2PCapsIndex_t values from nvml.h (some nvidia-ml-py releases define the READ
+# constant as a one-element tuple, which NVML then rejects: use the C values)
+_P2P_READ, _P2P_NVLINK = 0, 2
+_P2P_STATUS = {0: "OK", 1: "ChipsetNotSupported", 2: "GpuNotSupported",
+               3: "IOHTopologyNotSupported", 4: "DisabledByRegKey", 5: "NotSupported",
+               6: "Unknown"}
+
+
 def _active_nvlinks(pynvml, handle) -> int | str:
     active = 0
-    for link in range(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18)):
+    for link in range(int(getattr(pynvml, "NVML_NVLINK_MAX_LINKS", 18))):
         try:
             if pynvml.nvmlDeviceGetNvLinkState(handle, link) == pynvml.NVML_FEATURE_ENABLED:
                 active += 1
-        except pynvml.NVMLError as exc:
+        except Exception as exc:
             if link == 0:
                 return f"NotSupported ({exc})"
             break
     return active
 
 
-def _p2p_matrix(pynvml, handles) -> list[list[str]] | str:
-    """P2P read status between every pair, 'OK' or NVML's word for why not."""
-    index = getattr(pynvml, "NVML_P2P_CAPS_INDEX_READ", 0)
-    names = {0: "OK", 1: "ChipsetNotSupported", 2: "GpuNotSupported",
-             3: "IOHTopologyNotSupported", 4: "DisabledByRegKey", 5: "NotSupported"}
+def _p2p_matrix(pynvml, handles, index: int) -> list[list[str]]:
+    """P2P status between every pair for one capability, 'OK' or NVML's word for why not."""
     matrix = []
-    for a in handles:
+    for i, a in enumerate(handles):
         row = []
-        for b in handles:
-            if a is b:
+        for j, b in enumerate(handles):
+            if i == j:
                 row.append("X")
                 continue
             try:
-                status = pynvml.nvmlDeviceGetP2PStatus(a, b, index)
-                row.append(names.get(status, str(status)))
+                status = int(pynvml.nvmlDeviceGetP2PStatus(a, b, index))
+                row.append(_P2P_STATUS.get(status, str(status)))
             except Exception as exc:
                 row.append(f"error: {exc}")
         matrix.append(row)
     return matrix
 
 
+def _all_ok(matrix: Any) -> bool:
+    return isinstance(matrix, list) and all(c in ("OK", "X") for row in matrix for c in row)
+
+
 def _link_type(gpu: dict[str, Any]) -> str:
     gpus = gpu.get("gpus") or []
     if len(gpus) < 2:
         return "single"
-    if all(isinstance(g.get("nvlink_active"), int) and g["nvlink_active"] > 0 for g in gpus):
+    if _all_ok(gpu.get("p2p_nvlink")) or all(
+            isinstance(g.get("nvlink_active"), int) and g["nvlink_active"] > 0 for g in gpus):
         return "nvlink"
-    p2p = gpu.get("p2p")
-    if isinstance(p2p, list) and all(c in ("OK", "X") for row in p2p for c in row):
+    if _all_ok(gpu.get("p2p")):
         return "pcie"
     return "nop2p"
 
@@ -170,7 +190,10 @@ def hardware_key(fp: dict[str, Any], device_type: str) -> str:
     if device_type == "cuda" and fp.get("gpu", {}).get("gpus"):
         gpus = fp["gpu"]["gpus"]
         visible = fp.get("visible_gpus", len(gpus))
-        return f"{slug(gpus[0]['name'])}-x{visible}-{_link_type(fp['gpu'])}"
+        link = _link_type(fp["gpu"]) if visible > 1 else "single"
+        return f"{slug(fp.get('cuda_name') or gpus[0]['name'])}-x{visible}-{link}"
+    if device_type == "cuda" and fp.get("cuda_name"):  # CUDA without NVML: link unknown
+        return f"{slug(fp['cuda_name'])}-x{fp.get('visible_gpus', 1)}-unknown"
     return f"cpu-{slug(fp['cpu']['model'])}-{fp['cpu']['cores']}c"
 
 
@@ -186,5 +209,7 @@ def fingerprint(device_type: str = "cpu") -> dict[str, Any]:
     if device_type == "cuda":
         fp["gpu"] = gpu_fingerprint()
         fp["visible_gpus"] = torch.cuda.device_count()
+        if fp["visible_gpus"]:
+            fp["cuda_name"] = torch.cuda.get_device_name(0)
     fp["hardware_key"] = hardware_key(fp, device_type)
     return fp

@@ -1,0 +1,242 @@
+"""`pynccl` and `pynccl_symm`: the project's own ctypes binding of libnccl.
+
+Rank 0 calls ncclGetUniqueId and broadcasts it over the CPU (gloo) group; every rank calls
+ncclCommInitRank on its own GPU; a small warm-up all-reduce checks the communicator. Each
+all-reduce is enqueued on the current torch CUDA stream, so it can be captured in a CUDA graph.
+
+Knobs: `ctas` bounds NCCL's CTAs through ncclConfig_t (minCTAs = maxCTAs; 0 = NCCL's choice).
+`algo` and `proto` set NCCL_ALGO / NCCL_PROTO only while this communicator is created: NCCL
+reads them when it builds the communicator's tuning model (ncclTopoTuneModel, at init), so the
+choice is per communicator. At world size 1 NCCL runs no algorithm at all, so they have no effect.
+
+`pynccl_symm` runs on a buffer from ncclMemAlloc registered as a symmetric window
+(ncclCommWindowRegister with NCCL_WIN_COLL_SYMMETRIC, NCCL >= 2.27), where NCCL can pick its
+symmetric kernels. The input is copied in and the sum copied out, as serving engines do with
+their registered buffers; the copies are in the timed region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from . import register
+from ._gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
+from ._libnccl import (
+    WIN_COLL_SYMMETRIC,
+    NcclLibrary,
+    NcclLoadError,
+    load_library,
+    nccl_dtype,
+)
+from .base import BackendSpec, CommContext, basic_gate
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CTAS = (0, 1, 2, 4, 8, 16, 32)
+_ALGOS = {"default": None, "ring": "Ring", "tree": "Tree"}
+_PROTOS = {"default": None, "simple": "Simple", "ll": "LL", "ll128": "LL128"}
+_WINDOW_ALIGN_BYTES = 4096  # NCCL_WIN_REQUIRED_ALIGNMENT
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or leave) environment variables for the duration of a communicator's init."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is not None:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _CudaArray:
+    """`__cuda_array_interface__` over raw device bytes, so torch can alias NCCL's memory."""
+
+    def __init__(self, ptr: int, nbytes: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, False), "version": 2, "strides": None}
+
+
+class PyNcclAllReduce:
+    """One NCCL communicator over the group, driven through ctypes."""
+
+    name = "pynccl"
+    in_place = True
+    alignment_bytes = 1
+
+    def __init__(self, ctx: CommContext, max_bytes: int | None = None, *, ctas: int = 0,
+                 algo: str = "default", proto: str = "default") -> None:
+        self.device = ctx.device
+        self.lib: NcclLibrary = load_library()
+        self.comm = 0
+        self._max_bytes: int | None = None
+        payload = torch.zeros(128, dtype=torch.uint8)
+        if ctx.rank == 0:
+            payload.copy_(torch.frombuffer(bytearray(self.lib.unique_id()), dtype=torch.uint8))
+        src = dist.get_global_rank(ctx.cpu_group, 0) if ctx.cpu_group is not None else 0
+        dist.broadcast(payload, src=src, group=ctx.cpu_group)
+        env = {"NCCL_ALGO": _ALGOS[algo], "NCCL_PROTO": _PROTOS[proto]}
+        with torch.cuda.device(self.device), _env(env):
+            self.comm = self.lib.comm_init_rank(ctx.world_size, bytes(payload.tolist()), ctx.rank,
+                                                min_ctas=ctas, max_ctas=ctas)
+        self._check_warm_up(ctx.world_size)
+
+    def _check_warm_up(self, world_size: int) -> None:
+        warm = torch.ones(16, dtype=torch.float32, device=self.device)
+        self._launch(warm, warm)
+        torch.cuda.synchronize(self.device)
+        if warm[0].item() != world_size:
+            raise RuntimeError(f"pynccl warm-up all-reduce gave {warm[0].item()}, "
+                               f"expected {world_size}")
+
+    def can_take(self, tensor: torch.Tensor) -> str | None:
+        return (basic_gate(tensor, dtypes=_DTYPES, device_type="cuda",
+                           alignment=self.alignment_bytes, max_bytes=self._max_bytes)
+                or device_mismatch(tensor, self.device))
+
+    def _launch(self, send: torch.Tensor, recv: torch.Tensor) -> None:
+        for t in (send, recv):
+            reason = device_mismatch(t, self.device) or (
+                None if t.device.type == "cuda" else f"tensor on {t.device}, needs CUDA")
+            if reason:  # never hand NCCL a pointer of another device
+                raise ValueError(f"{self.name}: {reason}")
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        self.lib.all_reduce(send.data_ptr(), recv.data_ptr(), send.numel(),
+                            nccl_dtype(send.dtype), self.comm, stream)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.comm:
+            raise RuntimeError(f"{self.name}: communicator released")
+        if nccl_dtype(tensor.dtype) is None:
+            raise ValueError(f"{self.name}: dtype {tensor.dtype} has no NCCL type")
+        self._launch(tensor, tensor)
+        return tensor
+
+    def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Out of place: the sum of `tensor` over the group written into `out`."""
+        if not self.comm:
+            raise RuntimeError(f"{self.name}: communicator released")
+        if out.dtype != tensor.dtype or out.numel() != tensor.numel() or nccl_dtype(
+                tensor.dtype) is None:
+            raise ValueError(f"{self.name}: out must match the input's dtype and size, "
+                             "in a dtype NCCL has")
+        self._launch(tensor, out)
+        return out
+
+    def release(self) -> None:
+        if not self.comm:
+            return
+        comm, self.comm = self.comm, 0
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize(self.device)
+            if self.lib.async_error(comm):
+                self.lib.comm_abort(comm)
+            else:
+                self.lib.comm_destroy(comm)
+
+
+class PyNcclSymmAllReduce(PyNcclAllReduce):
+    """`pynccl` on an ncclMemAlloc buffer registered as a symmetric window."""
+
+    name = "pynccl_symm"
+    alignment_bytes = 4
+
+    def __init__(self, ctx: CommContext, max_bytes: int | None = None, *,
+                 ctas: int = 0) -> None:
+        super().__init__(ctx, max_bytes, ctas=ctas)
+        nbytes = max(int(max_bytes or 0), _WINDOW_ALIGN_BYTES)
+        nbytes = -(-nbytes // _WINDOW_ALIGN_BYTES) * _WINDOW_ALIGN_BYTES
+        self._ptr, self._window = 0, 0
+        try:
+            with torch.cuda.device(self.device):
+                self._ptr = self.lib.mem_alloc(nbytes)
+                self._window = self.lib.window_register(self.comm, self._ptr, nbytes,
+                                                        WIN_COLL_SYMMETRIC)
+            self._buffer = torch.as_tensor(_CudaArray(self._ptr, nbytes), device=self.device)
+            if self._buffer.data_ptr() != self._ptr:
+                raise RuntimeError("torch did not alias the ncclMemAlloc buffer")
+        except Exception:
+            self.release()
+            raise
+        self._max_bytes = int(max_bytes or nbytes)
+        view = self._buffer[:64].view(torch.float32)
+        view.fill_(1.0)
+        self._launch(view, view)
+        torch.cuda.synchronize(self.device)
+        if view[0].item() != ctx.world_size:
+            raise RuntimeError(f"pynccl_symm warm-up gave {view[0].item()}, "
+                               f"expected {ctx.world_size}")
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._max_bytes is not None and nbytes > self._max_bytes:
+            raise ValueError(f"pynccl_symm: {nbytes} bytes exceeds its window {self._max_bytes}")
+        if nccl_dtype(tensor.dtype) is None:
+            raise ValueError(f"{self.name}: dtype {tensor.dtype} has no NCCL type")
+        window = self._buffer[:nbytes].view(tensor.dtype)
+        window.copy_(tensor.reshape(-1))
+        self._launch(window, window)
+        tensor.view(-1).copy_(window)
+        return tensor
+
+    def release(self) -> None:
+        comm, ptr, window = self.comm, getattr(self, "_ptr", 0), getattr(self, "_window", 0)
+        self._buffer = None
+        if comm and (ptr or window):
+            with torch.cuda.device(self.device):
+                torch.cuda.synchronize(self.device)
+                if window:
+                    self.lib.window_deregister(comm, window)
+                if ptr:
+                    self.lib.mem_free(ptr)
+            self._ptr = self._window = 0
+        super().release()
+
+
+def _library_reason() -> tuple[NcclLibrary | None, str | None]:
+    try:
+        return load_library(), None
+    except NcclLoadError as exc:
+        return None, str(exc)
+    except Exception as exc:  # a library that loads but misbehaves
+        return None, f"libnccl unusable: {type(exc).__name__}: {exc}"
+
+
+def _probe(ctx: CommContext) -> str | None:
+    reason = cuda_reason(ctx, "pynccl") or one_gpu_per_rank_reason(ctx, "NCCL")
+    if reason:
+        return reason
+    return _library_reason()[1]
+
+
+def _probe_symm(ctx: CommContext) -> str | None:
+    reason = cuda_reason(ctx, "pynccl_symm") or one_gpu_per_rank_reason(ctx, "NCCL")
+    if reason:
+        return reason
+    lib, reason = _library_reason()
+    return reason or lib.symmetric_support()
+
+
+register(BackendSpec(
+    name="pynccl", device="cuda", probe=_probe,
+    create=lambda ctx, max_bytes, **params: PyNcclAllReduce(ctx, max_bytes, **params),
+    knobs={"ctas": _CTAS, "algo": tuple(_ALGOS), "proto": tuple(_PROTOS)},
+    dtypes=_DTYPES, alignment=1,
+    description="own ctypes binding of libnccl; runs on the current stream (CUDA graphs)",
+))
+register(BackendSpec(
+    name="pynccl_symm", device="cuda", probe=_probe_symm,
+    create=lambda ctx, max_bytes, **params: PyNcclSymmAllReduce(ctx, max_bytes, **params),
+    knobs={"ctas": _CTAS}, dtypes=_DTYPES, alignment=PyNcclSymmAllReduce.alignment_bytes,
+    description="pynccl on ncclMemAlloc buffers registered as NCCL symmetric windows (>= 2.27)",
+))
