@@ -312,7 +312,8 @@ def test_cuda_sweep_world_size_1(run_cli, tmp_path):
     names = GPU_NAMES + ("custom_one_shot",)
     proc = run_cli("bench", "sweep", "--device", "cuda", "--world-size", "1", "--backends",
                    ",".join(names), "-b", "4K", "-e", "1M", "-f", "16", "--iters", "5",
-                   "--warmup", "2", "--out", out, "-q", env=NO_MULTICAST, timeout=240)
+                   "--warmup", "2", "--timeout", "60", "--out", out, "-q", env=NO_MULTICAST,
+                   timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _read_rows(out)
     assert {r["backend"] for r in rows} == set(names)

@@ -213,7 +213,7 @@ class NcclLibrary:
     def unique_id(self) -> bytes:
         uid = _UniqueId()
         self._check("ncclGetUniqueId", self._unique_id(ctypes.byref(uid)))
-        return bytes(bytearray(uid.internal))
+        return ctypes.string_at(ctypes.addressof(uid), ctypes.sizeof(uid))
 
     def comm_init_rank(self, nranks: int, unique_id: bytes, rank: int, *, min_ctas: int = 0,
                        max_ctas: int = 0) -> int:

@@ -110,7 +110,7 @@ class SymmMemAllReduce:
         staged = self._buffer[:nbytes].view(tensor.dtype)
         staged.copy_(tensor.reshape(-1))
         if self.algorithm == "one_shot":
-            self._op(staged, "sum", self.group_name, out=tensor.view(-1))
+            self._op(staged, "sum", self.group_name, tensor.view(-1))  # the out argument
         else:
             self._op(staged, "sum", self.group_name)
             tensor.view(-1).copy_(staged)
