@@ -1,0 +1,213 @@
+"""Triton kernels: the N-input reduction, and one-shot / two-shot all-reduce over IPC buffers.
+
+Buffers. Every rank owns one allocation shared with its peers through CUDA IPC
+(`bench.kernels.ipc`): a flag area of `FLAG_BYTES`, then two data halves of `half_elems`
+elements each. A call uses the half given by its epoch's parity, so a rank can start writing
+call k+2's input while a slow peer still reads call k+1 from the other half, and no barrier is
+needed at the end of a call (a rank reaches call k+2's first barrier only after every peer
+started call k+1, that is finished call k: calls on one communicator are stream-ordered).
+
+Epochs. Each program (block) keeps its own counter in device memory (`counters[b]`), read at
+the start and stored +1 at the end of every launch, so the kernel needs no host-side argument
+per call and replays correctly inside a CUDA graph. Every launch uses the whole grid (`blocks`
+programs, even those with no tile), so all ranks' counters advance together.
+
+Barriers. Program b of rank r writes its epoch into slot (phase, b, r) of every peer's flag
+area (an atomic exchange, release, system scope, after a block-wide `debug_barrier` so the
+whole block's stores are ordered before it), then spins on slots (phase, b, p) of its own
+area (atomic add of 0, acquire, system scope) until every peer's value has reached the epoch
+(compared as a wrapping int32 difference). Only program b of each rank touches the tiles of
+program b, so per-program barriers are enough. A spin is bounded by `max_spins` reads; past
+it, the program stores one int64 word into `status` (a pinned host word: the host reads it
+without synchronising) naming the peer, barrier phase, program and epoch, and goes on; the
+Python side then raises `TimeoutError` instead of hanging.
+
+Tiles. Tile t covers elements [t*TILE, (t+1)*TILE); program b takes tiles b, b+G, b+2G, ...
+In two-shot, tile t = b + G*k belongs to rank k mod W: rank r reduces its tiles from every
+peer into its own buffer, and after the second barrier every rank gathers tile t from its
+owner. Sums run in float32 in rank order 0..W-1, so every rank gets the same bits.
+Peer data is read with `.cg` (L2, not the non-coherent L1).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = [
+    "FLAG_BYTES",
+    "MAX_BLOCKS",
+    "MAX_RANKS",
+    "decode_status",
+    "tile_elems",
+    "reduce_n_kernel",
+    "one_shot_kernel",
+    "two_shot_kernel",
+]
+
+MAX_RANKS = 8
+MAX_BLOCKS = 128
+PHASES = 2
+# int32 slots: PHASES x MAX_BLOCKS x MAX_RANKS (8 KiB), rounded up to keep the data aligned
+FLAG_BYTES = 16 << 10
+
+
+def tile_elems(num_warps: int, vec_bytes: int, chunk: int, element_size: int) -> int:
+    """Elements one program handles per loop step: every thread takes `chunk` runs of
+    `vec_bytes` contiguous bytes (16 bytes: one 128-bit load per run)."""
+    vec = max(1, vec_bytes // element_size)
+    return num_warps * 32 * vec * chunk
+
+
+def decode_status(word: int) -> dict[str, int] | None:
+    """The timeout word a program stored, as fields; None when no program timed out."""
+    if not word & 1:
+        return None
+    return {"peer": (word >> 4) & 0xFF, "phase": (word >> 12) & 0xF,
+            "block": (word >> 16) & 0xFFFF, "epoch": (word >> 32) & 0x7FFFFFFF}
+
+
+@triton.jit
+def _sum_tile(p0, p1, p2, p3, p4, p5, p6, p7, offs, mask, N: tl.constexpr,
+              CACHE: tl.constexpr, EVICT: tl.constexpr):
+    """float32 sum of N inputs at `offs`, in input order."""
+    acc = tl.load(p0 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                  eviction_policy=EVICT).to(tl.float32)
+    acc += tl.load(p1 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                   eviction_policy=EVICT).to(tl.float32)
+    if N > 2:
+        acc += tl.load(p2 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                       eviction_policy=EVICT).to(tl.float32)
+    if N > 3:
+        acc += tl.load(p3 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                       eviction_policy=EVICT).to(tl.float32)
+    if N > 4:
+        acc += tl.load(p4 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                       eviction_policy=EVICT).to(tl.float32)
+    if N > 5:
+        acc += tl.load(p5 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                       eviction_policy=EVICT).to(tl.float32)
+    if N > 6:
+        acc += tl.load(p6 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                       eviction_policy=EVICT).to(tl.float32)
+    if N > 7:
+        acc += tl.load(p7 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                       eviction_policy=EVICT).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def reduce_n_kernel(x0, x1, x2, x3, x4, x5, x6, x7, out, n, N: tl.constexpr,
+                    BLOCK: tl.constexpr, EVICT: tl.constexpr):
+    """out = x0 + ... + x(N-1), one BLOCK per program (unused inputs may alias x0)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = _sum_tile(x0, x1, x2, x3, x4, x5, x6, x7, offs, mask, N, "", EVICT)
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _barrier(flag_table, own_flags, status_addr, phase: tl.constexpr, b, rank, epoch,
+             max_spins, W: tl.constexpr, MAXB: tl.constexpr):
+    """Signal every peer that program b of this rank reached `phase` of `epoch`; wait for
+    all peers' program b. Bounded: on timeout, record the late peer in the status word."""
+    tl.debug_barrier()
+    peers = tl.arange(0, 8)
+    active = (peers < W) & (peers != rank)
+    row = (phase * MAXB + b) * 8
+    bases = tl.load(flag_table + peers, mask=peers < W, other=0)
+    remote = bases.to(tl.pointer_type(tl.int32)) + row + rank
+    tl.atomic_xchg(remote, tl.zeros([8], tl.int32) + epoch, mask=active, sem="release",
+                   scope="sys")
+    mine = own_flags + row + peers
+    late = active
+    behind = tl.sum(late.to(tl.int32), axis=0)
+    spins = max_spins * 0
+    while (behind > 0) & (spins < max_spins):
+        seen = tl.atomic_add(mine, tl.zeros([8], tl.int32), mask=active, sem="acquire",
+                             scope="sys")
+        late = active & ((seen - epoch) < 0)
+        behind = tl.sum(late.to(tl.int32), axis=0)
+        spins += 1
+    if behind > 0:
+        peer = tl.min(tl.where(late, peers, 8), axis=0)
+        word = ((epoch.to(tl.int64) << 32) | (b.to(tl.int64) << 16) | (phase << 12)
+                | (peer.to(tl.int64) << 4) | 1)
+        tl.store(status_addr.to(tl.pointer_type(tl.int64)), word)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _copy_in(inp, own, b, G, n, num_tiles, TILE: tl.constexpr):
+    lanes = tl.arange(0, TILE)
+    for t in range(b, num_tiles, G):
+        offs = t * TILE + lanes
+        mask = offs < n
+        tl.store(own + offs, tl.load(inp + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _gather_from(src, out, first, step, n, num_tiles, TILE: tl.constexpr):
+    lanes = tl.arange(0, TILE)
+    for t in range(first, num_tiles, step):
+        offs = t * TILE + lanes
+        mask = offs < n
+        tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+
+
+@triton.jit
+def one_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
+                    counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
+                    W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
+    """Copy the input into this rank's buffer, meet, then sum every rank's buffer."""
+    b = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counters + b) + 1
+    half = tl.multiple_of((epoch & 1) * half_elems, 16)
+    _copy_in(inp, own + half, b, G, n, num_tiles, TILE)
+    _barrier(flag_table, own_flags, status_addr, 0, b, rank, epoch, max_spins, W, MAXB)
+    lanes = tl.arange(0, TILE)
+    for t in range(b, num_tiles, G):
+        offs = t * TILE + lanes
+        mask = offs < n
+        acc = _sum_tile(d0 + half, d1 + half, d2 + half, d3 + half, d4 + half, d5 + half,
+                        d6 + half, d7 + half, offs, mask, W, ".cg", "")
+        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+    tl.store(counters + b, epoch)
+
+
+@triton.jit
+def two_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
+                    counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
+                    W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
+    """Copy in, meet, reduce the tiles this rank owns into its buffer, meet, gather."""
+    b = tl.program_id(0)
+    G = tl.num_programs(0)
+    epoch = tl.load(counters + b) + 1
+    half = tl.multiple_of((epoch & 1) * half_elems, 16)
+    _copy_in(inp, own + half, b, G, n, num_tiles, TILE)
+    _barrier(flag_table, own_flags, status_addr, 0, b, rank, epoch, max_spins, W, MAXB)
+    lanes = tl.arange(0, TILE)
+    for t in range(b + G * rank, num_tiles, G * W):
+        offs = t * TILE + lanes
+        mask = offs < n
+        acc = _sum_tile(d0 + half, d1 + half, d2 + half, d3 + half, d4 + half, d5 + half,
+                        d6 + half, d7 + half, offs, mask, W, ".cg", "")
+        tl.store(own + half + offs, acc.to(out.dtype.element_ty), mask=mask)
+    _barrier(flag_table, own_flags, status_addr, 1, b, rank, epoch, max_spins, W, MAXB)
+    step = G * W
+    _gather_from(d0 + half, out, b, step, n, num_tiles, TILE)
+    _gather_from(d1 + half, out, b + G, step, n, num_tiles, TILE)
+    if W > 2:
+        _gather_from(d2 + half, out, b + 2 * G, step, n, num_tiles, TILE)
+    if W > 3:
+        _gather_from(d3 + half, out, b + 3 * G, step, n, num_tiles, TILE)
+    if W > 4:
+        _gather_from(d4 + half, out, b + 4 * G, step, n, num_tiles, TILE)
+    if W > 5:
+        _gather_from(d5 + half, out, b + 5 * G, step, n, num_tiles, TILE)
+    if W > 6:
+        _gather_from(d6 + half, out, b + 6 * G, step, n, num_tiles, TILE)
+    if W > 7:
+        _gather_from(d7 + half, out, b + 7 * G, step, n, num_tiles, TILE)
+    tl.store(counters + b, epoch)
