@@ -490,11 +490,17 @@ def plot_pareto(points, memory: str = "memory_bytes", regret: str = "regret",
                 best = row[regret]
         ax.step([r[memory] for r in front], [r[regret] for r in front], where="post",
                 color=color, marker="o", label=str(name))
-    ax.set_xscale("symlog", linthresh=1024)
+    ax.set_xscale("symlog", base=2, linthresh=1024, linscale=0.5)
+    top = max(2.0, float(points[memory].max()))
+    high = int(math.ceil(math.log2(top)))
+    step = max(1, math.ceil((high - 10 + 1) / 8))
+    ax.xaxis.set_major_locator(FixedLocator([0.0] + [2.0 ** e for e in range(10, high + 1, step)]))
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda x, _: format_size(int(x)) if x >= 1 else "0"))
-    ax.set_xlabel("buffer memory of the table's backends (bytes)")
-    ax.set_ylabel("regret vs per-size oracle")
+        lambda x, _: format_size(int(round(x))) if x >= 1 else "0"))
+    ax.set_yscale("symlog", linthresh=0.05)
+    ax.set_xlabel("buffer memory of the table's backends (bytes, 0 = bufferless only)")
+    ax.set_ylabel("regret vs per-size oracle (0.1 = 10% slower)")
     ax.set_title("memory vs regret: each step is the best table for that much memory")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
