@@ -19,6 +19,7 @@ from .config import SweepConfig, UsageError, add_sweep_arguments, config_from_ar
 __all__ = ["main", "parse_sweep_config", "launch"]
 
 EXIT_USAGE = 2
+EXIT_WATCHDOG = 3  # bench.worker.EXIT_WATCHDOG (not imported: the worker pulls in torch)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +80,8 @@ def launch(cfg: SweepConfig) -> int:
         rdzv_backend="c10d", rdzv_endpoint=f"{cfg.master_addr}:{port}",
         rdzv_configs={"is_host": cfg.node_rank == 0, "join_timeout": cfg.timeout_s},
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        # a stopped (SIGSTOP) rank ignores SIGTERM: SIGKILL it after 5 s, not torch's 30 s
+        shutdown_timeout=5,
     )
     try:
         results = elastic_launch(config, run_worker)(cfg)
@@ -86,6 +89,9 @@ def launch(cfg: SweepConfig) -> int:
         for rank, failure in sorted(exc.failures.items()):
             why = (f"signal {failure.signal_name()}" if failure.signal_name() != "<N/A>"
                    else f"exit code {failure.exitcode}")
+            if failure.exitcode == EXIT_WATCHDOG:
+                why = f"no progress for --timeout {cfg.timeout_s:g} s; its line above names " \
+                      "the silent ranks"
             print(f"bench: rank {rank} failed ({why}); finished rows are kept"
                   + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
         return 1
@@ -95,7 +101,7 @@ def launch(cfg: SweepConfig) -> int:
 
 def _cmd_sweep(argv: list[str]) -> int:
     cfg = parse_sweep_config(argv)
-    if cfg.out is not None:
+    if cfg.out is not None and cfg.node_rank == 0:  # only node 0's rank 0 writes (shared FS)
         from .results import LOCK_FILE
 
         _refuse_if_locked(Path(cfg.out) / LOCK_FILE)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +29,9 @@ from .timing import CpuClock, CudaEventClock, capture_graph, flush_l2, measure, 
 from .timing import summarize as summarize_times
 
 __all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend"]
+
+
+EXIT_WATCHDOG = 3  # a rank ended by its watchdog: no progress for --timeout seconds
 
 
 class RankMismatch(RuntimeError):
@@ -53,29 +57,106 @@ def dist_env() -> dict[str, int]:
 
 
 class Watchdog:
-    """Ends this rank when no progress is made for `timeout_s` (a hung peer or kernel)."""
+    """Ends this rank when no progress is made for `timeout_s` (a hung peer or kernel).
+
+    Once the process group is up, `attach_heartbeat()` makes every rank bump a counter in the
+    rendezvous store each second (from a thread of its own), so that the rank which gives up
+    can name the peers that went silent: dead, stopped, or stuck where no Python runs.
+    """
 
     def __init__(self, rank: int, timeout_s: float) -> None:
         self.rank, self.timeout_s = rank, timeout_s
         self.where = "start-up"
         self._last = time.monotonic()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-watchdog")
+        self._store = None
+        self._world_size = 1
+        # the rank in the thread name lets `top -H` (and the fault tests) tell ranks apart
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"bench-wd-r{rank}")
         self._thread.start()
 
     def beat(self, where: str) -> None:
         self.where, self._last = where, time.monotonic()
 
+    def attach_heartbeat(self, world_size: int, tag: str) -> None:
+        """Start the heartbeat through a store client of our own; without one, no names."""
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  is_master=False, timeout=datetime.timedelta(seconds=10))
+        except Exception:
+            return
+        self._store = dist.PrefixStore(f"bench-heartbeat/{tag}", store)
+        self._world_size = world_size
+        self._store.set(f"at/{self.rank}", self.where)
+        self._store.set(f"pid/{self.rank}", f"{_host()}|{os.getpid()}")
+        threading.Thread(target=self._heartbeat, daemon=True,
+                         name=f"bench-hb-r{self.rank}").start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self._store.add(f"alive/{self.rank}", 1)
+                self._store.set(f"at/{self.rank}", self.where)
+            except Exception:
+                return  # the store is gone; the watchdog still ends this rank on its own
+
+    def silent_peers(self, wait_s: float = 2.5) -> dict[int, tuple[str, str]]:
+        """Peers whose heartbeat did not move within `wait_s`: rank -> (where, host|pid)."""
+        store, found = self._store, {}
+        if store is None:
+            return found
+
+        def text(key: str) -> str:
+            return store.get(key).decode() if store.check([key]) else "?"
+
+        def probe() -> None:
+            ranks = [r for r in range(self._world_size) if r != self.rank]
+            before = {r: store.add(f"alive/{r}", 0) for r in ranks}
+            time.sleep(wait_s)
+            for r in ranks:
+                if store.add(f"alive/{r}", 0) == before[r]:
+                    found[r] = (text(f"at/{r}"), text(f"pid/{r}"))
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(wait_s + 5.0)
+        return found
+
     def _run(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
+                silent = self.silent_peers()
+                who = "no peer went silent (a collective or kernel is stuck?)"
+                if silent:
+                    who = "silent: " + ", ".join(f"rank {r} (last at {where})" for r, (where, _)
+                                                 in sorted(silent.items()))
+                    who += " (dead, stopped or stuck)"
                 print(f"bench: rank {self.rank}: no progress for {idle:.0f} s at {self.where}; "
-                      "ending this rank (a peer died or hung?)", file=sys.stderr, flush=True)
-                os._exit(3)
+                      f"{who}; ending this rank", file=sys.stderr, flush=True)
+                _kill_local(silent.values())
+                os._exit(EXIT_WATCHDOG)
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _host() -> str:
+    return os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id())
+
+
+def _kill_local(peers) -> None:
+    """SIGKILL silent peers on this host: a stopped rank ignores the launcher's SIGTERM, and
+    torch's process context would wait 30 s before its own SIGKILL."""
+    here = _host()
+    for _, ident in peers:
+        host, _, pid = ident.rpartition("|")
+        if host == here and pid.isdigit():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
@@ -117,7 +198,7 @@ def _make_context(cfg: SweepConfig, layout: dict[str, int], run_tag: str) -> Com
     else:
         visible, device = 0, torch.device("cpu")
     hosts: list = [None] * layout["world_size"]
-    dist.all_gather_object(hosts, os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id()))
+    dist.all_gather_object(hosts, _host())
     return CommContext(
         rank=layout["rank"], world_size=layout["world_size"], local_rank=layout["local_rank"],
         local_world_size=layout["local_world_size"], nnodes=len(set(hosts)), device=device,
@@ -251,9 +332,15 @@ def create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
 def run_worker(cfg: SweepConfig) -> int:
     layout = dist_env()
     watchdog = Watchdog(layout["rank"], cfg.timeout_s)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    # the watchdog (which names silent peers) must act before gloo's own timeout does
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s + 30))
     try:
         return _sweep(cfg, layout, watchdog)
+    except RankMismatch as exc:
+        # every rank saw the same gathered values; one line, from rank 0
+        if layout["rank"] == 0:
+            print(f"bench: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         watchdog.stop()
         if dist.is_initialized():
@@ -266,6 +353,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     # a tag all ranks share, for shm segment and IPC names
     tag = [uuid.uuid4().hex[:10] if rank == 0 else None]
     dist.broadcast_object_list(tag, src=0)
+    watchdog.attach_heartbeat(layout["world_size"], tag[0])
     ctx = _make_context(cfg, layout, tag[0])
     out, run_id = _open_run(cfg, ctx, fp or {})
     writer = None
