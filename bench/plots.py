@@ -438,30 +438,43 @@ def plot_gain(gains) -> Figure:
 
 # -- the Optuna study -------------------------------------------------------------------------
 
-def plot_convergence(trials, relative: bool = False) -> Figure:
+def plot_convergence(trials, relative: bool = False, max_legend: int = 12) -> Figure:
     """Trials as a frame with `number`, `value` and optionally `study` (one line per study):
     every completed trial's value and the best so far. `relative` divides each study by its
-    best value, so studies of different sizes share one axis (1 = the study's best)."""
+    best value, so studies of different sizes share one axis (1 = the study's best). With more
+    than `max_legend` studies the lines go thin and unlabelled, and the median over studies of
+    the best so far is drawn on top."""
+    import pandas as pd
+
     fig = Figure(figsize=(9, 4.6), layout="constrained")
     ax = fig.subplots()
     done = trials[trials["value"].notna()] if len(trials) else trials
     if "study" not in done.columns:
         done = done.assign(study="study")
+    many = done["study"].nunique() > max_legend if len(done) else False
+    best_so_far = []
     for i, ((name,), part) in enumerate(_groups(done, ["study"])):
         part = part.sort_values("number")
         values = part["value"] / part["value"].min() if relative else part["value"]
-        color = _PALETTE[i % len(_PALETTE)]
-        ax.plot(part["number"], values, ".", color=color, alpha=0.4)
-        ax.step(part["number"], values.cummin(), where="post", color=color,
-                label=f"{name}: best {part['value'].min():.4g} after {len(part)}")
+        steps = pd.Series(values.cummin().to_numpy(), index=range(len(part)))
+        best_so_far.append(steps)
+        color = "#1f77b4" if many else _PALETTE[i % len(_PALETTE)]
+        ax.plot(range(len(part)), values, ".", color=color, alpha=0.25 if many else 0.4)
+        ax.step(range(len(part)), steps, where="post", color=color,
+                alpha=0.3 if many else 1.0, linewidth=0.8 if many else 1.5,
+                label=None if many else f"{name}: best {part['value'].min():.4g} "
+                                        f"after {len(part)}")
+    if many:
+        median = pd.concat(best_so_far, axis=1).ffill().median(axis=1)
+        ax.step(median.index, median, where="post", color="black", linewidth=2,
+                label=f"median of {len(best_so_far)} studies' best so far")
     if len(done) == 0:
         ax.text(0.5, 0.5, "no completed trial", transform=ax.transAxes, ha="center")
     else:
-        many = done["study"].nunique() > 8
-        ax.legend(fontsize=6 if many else 8, ncol=2 if many else 1, loc="upper right")
+        ax.legend(fontsize=8, loc="upper right")
     if relative:
         ax.set_yscale("log")
-    ax.set_xlabel("trial")
+    ax.set_xlabel("completed trial (in order)")
     ax.set_ylabel("objective / study's best" if relative else "objective (lower is better)")
     ax.set_title("Optuna study: each trial (dots) and the best so far (line)")
     ax.grid(True, which="both", alpha=0.3)

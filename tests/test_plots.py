@@ -116,6 +116,9 @@ def test_study_and_pareto_figures() -> None:
     trials = pd.DataFrame({"number": [0, 1, 2, 3], "value": [3.0, 2.0, None, 2.5],
                            "study": ["ws2"] * 4})
     assert isinstance(plots.plot_convergence(trials), Figure)
+    many = pd.DataFrame({"number": [0, 1] * 20, "value": [2.0, 1.0] * 20,
+                         "study": [f"s{i // 2}" for i in range(40)]})
+    assert isinstance(plots.plot_convergence(many, relative=True), Figure)
     points = pd.DataFrame({"memory_bytes": [0, 1 << 20, 1 << 22, 1 << 21],
                            "regret": [0.5, 0.1, 0.0, 0.2]})
     assert isinstance(plots.plot_pareto(points), Figure)
