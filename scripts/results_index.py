@@ -1,6 +1,9 @@
 """Print the markdown index of the committed runs for results/README.md.
 
-    python scripts/results_index.py [results]
+    python scripts/results_index.py [results] [--write results/README.md]
+
+With --write, the text between the README's `<!-- index: ...-->` and `<!-- end index -->`
+markers is replaced; without it the index is printed.
 
 Per run: what was measured (backends, world sizes, dtypes, modes, sizes), its counts of correct,
 wrong and skipped rows, and its figures. Per (run, world size, dtype, mode): the headline ratios,
@@ -94,18 +97,42 @@ def thresholds_index(path: Path, base: Path) -> list[str]:
     return out + [""]
 
 
+BEGIN, END = "<!-- index:", "<!-- end index -->"
+
+
+def write_into(readme: Path, text: str) -> None:
+    doc = readme.read_text()
+    start, stop = doc.find(BEGIN), doc.find(END)
+    if start < 0 or stop < start:
+        raise SystemExit(f"{readme}: no '{BEGIN} ...' and '{END}' markers")
+    head = doc[:doc.index("\n", start) + 1]
+    readme.write_text(head + text.rstrip() + "\n" + doc[stop:])
+
+
 def main(argv: list[str]) -> int:
+    write = None
+    if "--write" in argv:
+        at = argv.index("--write")
+        write = Path(argv[at + 1])
+        argv = argv[:at] + argv[at + 2:]
     root = Path(argv[0] if argv else "results")
-    base = root
+    base = write.parent if write else root
     lines = ["## Committed runs", ""]
-    for run in plots.find_runs(root):
+    runs = plots.find_runs(root)
+    if not runs:
+        lines.append("No run committed yet.")
+    for run in runs:
         lines += run_index(run, base)
     tables = sorted(root.glob("**/thresholds.json"))
     if tables:
         lines += ["## thresholds.json", ""]
         for path in tables:
             lines += thresholds_index(path, base)
-    print("\n".join(lines))
+    text = "\n".join(lines)
+    if write:
+        write_into(write, text)
+    else:
+        print(text)
     return 0
 
 
