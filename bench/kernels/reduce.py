@@ -40,6 +40,7 @@ __all__ = [
     "MAX_RANKS",
     "decode_status",
     "tile_elems",
+    "reduce_n",
     "reduce_n_kernel",
     "one_shot_kernel",
     "two_shot_kernel",
@@ -211,3 +212,13 @@ def two_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, o
     if W > 7:
         _gather_from(d7 + half, out, b + 7 * G, step, n, num_tiles, TILE)
     tl.store(counters + b, epoch)
+
+
+def reduce_n(xs, out, *, block: int = 4096, num_warps: int = 8, evict: str = "") -> None:
+    """out = sum(xs) with `reduce_n_kernel` (2..8 same-shape contiguous inputs)."""
+    count = out.numel()
+    if not 2 <= len(xs) <= MAX_RANKS:
+        raise ValueError(f"reduce_n: expected 2..{MAX_RANKS} inputs, got {len(xs)}")
+    ptrs = list(xs) + [xs[0]] * (MAX_RANKS - len(xs))
+    reduce_n_kernel[(triton.cdiv(count, block),)](
+        *ptrs, out, count, N=len(xs), BLOCK=block, EVICT=evict, num_warps=num_warps)
