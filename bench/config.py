@@ -220,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         out, resume = str(resume_dir), True
     if out is not None:
         _check_writable(Path(out))
+        _check_run_dir(Path(out), "--resume" if resume else "--out")
 
     return SweepConfig(
         world_size=world_size, backends=backends, sizes=size_range(min_bytes, max_bytes, factor),
@@ -229,6 +230,20 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         master_addr=args.master_addr, master_port=master_port, params=params,
         quiet=bool(args.quiet),
     )
+
+
+def _check_run_dir(path: Path, flag: str) -> None:
+    """A run directory we would append to must hold this project's table and meta.json."""
+    from .results import completed_points, read_meta
+
+    if not path.is_dir():
+        return
+    try:
+        completed_points(path)
+        read_meta(path)
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # SchemaError, JSON, bad cells
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(f"{flag}: {path} is not a readable run directory ({detail})") from None
 
 
 def _check_writable(path: Path) -> None:

@@ -88,6 +88,7 @@ class ResultsWriter:
         if not new:
             with open(self.path, newline="") as fh:
                 _check_header(next(csv.reader(fh), []), self.path)
+            _drop_partial_row(self.path)
         self._fh = open(self.path, "a", newline="")
         self._csv = csv.DictWriter(self._fh, fieldnames=COLUMNS, extrasaction="raise")
         if new:
@@ -117,6 +118,15 @@ class ResultsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _drop_partial_row(path: Path) -> None:
+    """A writer killed mid-row leaves a line without its newline: cut it (the point is
+    measured again) so that the next row does not glue onto it."""
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
 
 
 def _cell(value: Any) -> Any:
@@ -158,6 +168,7 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
         return {
             (r["backend"], int(r["world_size"]), r["dtype"], int(r["bytes"]), r["mode"])
             for r in reader
+            if r.get(COLUMNS[-1]) is not None  # a row cut short by a crash is not complete
         }
 
 
