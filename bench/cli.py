@@ -74,14 +74,17 @@ def launch(cfg: SweepConfig) -> int:
 
     nproc = cfg.world_size // cfg.nnodes
     port = cfg.master_port or _free_port(cfg.master_addr)
+    extra = {}
+    if "shutdown_timeout" in getattr(LaunchConfig, "__dataclass_fields__", {}):
+        # a stopped (SIGSTOP) rank ignores SIGTERM: SIGKILL it after 5 s, not torch's 30 s
+        # (the field is new in torch 2.12; torch 2.11's launcher has no such argument)
+        extra["shutdown_timeout"] = 5
     config = LaunchConfig(
         min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc,
         run_id=f"bench-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else "bench-sweep",
         rdzv_backend="c10d", rdzv_endpoint=f"{cfg.master_addr}:{port}",
         rdzv_configs={"is_host": cfg.node_rank == 0, "join_timeout": cfg.timeout_s},
-        max_restarts=0, monitor_interval=0.5, start_method="spawn",
-        # a stopped (SIGSTOP) rank ignores SIGTERM: SIGKILL it after 5 s, not torch's 30 s
-        shutdown_timeout=5,
+        max_restarts=0, monitor_interval=0.5, start_method="spawn", **extra,
     )
     try:
         results = elastic_launch(config, run_worker)(cfg)
