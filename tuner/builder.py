@@ -43,7 +43,7 @@ from typing import Any
 
 from .table import BUFFERLESS, Rule
 
-__all__ = ["Curve", "FrontPoint", "Build", "BuildError", "build_table",
+__all__ = ["config_label", "Curve", "FrontPoint", "Build", "BuildError", "build_table",
            "log_uniform_weights", "workload_weights"]
 
 INF = math.inf
@@ -51,6 +51,18 @@ INF = math.inf
 
 class BuildError(ValueError):
     """No table satisfies the constraints (one line, says which)."""
+
+
+def config_label(algorithm: str, params: Mapping[str, Any]) -> str:
+    """`shm_two_shot[chunk_bytes=262144]`: the knobs that differ from the registry default."""
+    from bench.backends import get_spec
+
+    try:
+        defaults = get_spec(algorithm).default_params()
+    except KeyError:
+        defaults = {}
+    knobs = ",".join(f"{k}={v}" for k, v in sorted(params.items()) if defaults.get(k) != v)
+    return f"{algorithm}[{knobs}]" if knobs else algorithm
 
 
 @dataclasses.dataclass
@@ -65,10 +77,7 @@ class Curve:
 
     @property
     def label(self) -> str:
-        if not self.params:
-            return self.algorithm
-        knobs = ",".join(f"{k}={v}" for k, v in sorted(self.params.items()))
-        return f"{self.algorithm}[{knobs}]"
+        return config_label(self.algorithm, self.params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +215,9 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
         if len(c.latency_us) != n:
             raise BuildError(f"{c.label}: {len(c.latency_us)} latencies for {n} sizes")
     weights = list(weights) if weights is not None else log_uniform_weights(sizes)
+    if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise BuildError(f"weights: expected {n} values >= 0 with a positive sum")
+    weights = [w / sum(weights) for w in weights]
     lat, oracle, true_cost, clear_cost = _prepare(sizes, curves)
     if any(o == INF for o in oracle):
         missing = [sizes[i] for i in range(n) if oracle[i] == INF]

@@ -1,8 +1,243 @@
-"""`tuner fit | live | show | export` (placeholder until the tuner lands)."""
+"""`tuner fit | live | show | export`.
 
+Bad input exits 2 with one line naming the flag or field, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shlex
 import sys
+from pathlib import Path
+
+from bench.config import UsageError
+from bench.sizes import parse_size
+
+__all__ = ["main", "build_parser", "read_workload"]
+
+EXIT_USAGE = 2
 
 
-def main(argv=None) -> int:
-    print("usage: tuner {fit,live,show,export} ...", file=sys.stderr)
-    return 2
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _add_table_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default=None, metavar="HIST.csv",
+                   help="message-size histogram (columns bytes,count) to weight the regret; "
+                        "default: uniform in log size")
+    p.add_argument("--max-rules", dest="max_rules", default="8", help="rules per table (>= 1)")
+    p.add_argument("--memory-budget", dest="memory_budget", default=None, metavar="BYTES",
+                   help="buffer memory a table may use (max_size x world size summed), e.g. 256M")
+    p.add_argument("--pareto", default=None, metavar="CSV",
+                   help="also write every table's Pareto front (memory vs regret) here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tuner", description="Decide: thresholds.json from measurements.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    fit = sub.add_parser("fit", help="fit tables from sweep runs (rows enter an Optuna study)")
+    fit.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                     help="run directories, or folders holding them")
+    fit.add_argument("-o", "--output", required=True, help="thresholds.json to write")
+    fit.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
+                     help="SQLite file for the Optuna studies (default: in memory)")
+    fit.add_argument("--quiet", "-q", action="store_true", help="print only the summary line")
+    _add_table_flags(fit)
+    show = sub.add_parser("show", help="a readable view of a thresholds.json")
+    show.add_argument("path")
+    export = sub.add_parser("export", help="other formats of a thresholds.json")
+    export.add_argument("path")
+    export.add_argument("--format", required=True, help="vllm")
+    export.add_argument("--dtype", default=None, help="tables of this dtype (default bfloat16)")
+    export.add_argument("--mode", default=None, help="tables of this mode (default graph)")
+    export.add_argument("--capability", default=None,
+                        help="key the dictionaries by this CUDA capability (e.g. 9.0)")
+    export.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    return parser
+
+
+def _positive(flag: str, text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _bytes_flag(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    if str(text).strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def read_workload(path: str) -> dict[int, float]:
+    """A histogram CSV with a header: bytes (1024, 4K, ...) and count (or weight)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--workload: {path} is not a file")
+    with open(file, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        weight = "count" if "count" in fields else "weight" if "weight" in fields else None
+        if "bytes" not in fields or weight is None:
+            raise UsageError(f"--workload: {path}: expected columns bytes,count "
+                             f"(got {','.join(fields) or 'no header'})")
+        histogram: dict[int, float] = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            try:
+                nbytes = parse_size(row["bytes"])
+                count = float(row[weight])
+            except (ValueError, KeyError):
+                raise UsageError(f"--workload: {path} line {line}: expected bytes,count, got "
+                                 f"{row.get('bytes')!r},{row.get(weight)!r}") from None
+            if count < 0 or count != count:
+                raise UsageError(f"--workload: {path} line {line}: count must be >= 0")
+            histogram[nbytes] = histogram.get(nbytes, 0.0) + count
+    if not histogram or sum(histogram.values()) <= 0:
+        raise UsageError(f"--workload: {path}: no positive count")
+    return histogram
+
+
+def _table_options(args) -> dict:
+    return {"workload": read_workload(args.workload) if args.workload else None,
+            "max_rules": _positive("--max-rules", args.max_rules),
+            "memory_budget": _bytes_flag("--memory-budget", args.memory_budget)}
+
+
+def write_pareto(path: str, fits) -> None:
+    from .fit import pareto_rows
+
+    rows = pareto_rows(fits)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["label"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _cmd_fit(args, argv: list[str]) -> int:
+    from .builder import BuildError
+    from .data import RunsError, device_of, find_run_dirs, load_rows
+    from .fit import fit_tables, print_fits
+    from .study import Space, StudyError, enter_rows, measurements, storage_url
+
+    options = _table_options(args)
+    try:
+        run_dirs = find_run_dirs(args.runs)
+        rows = load_rows(run_dirs)
+    except RunsError as exc:
+        raise UsageError(f"RUN_DIR: {exc}") from None
+    if rows.empty:
+        raise UsageError(f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)")
+    import json
+
+    import optuna
+
+    storage = storage_url(args.study_db)
+    if storage is None:
+        storage = optuna.storages.InMemoryStorage()
+    elif args.study_db and not Path(args.study_db).parent.exists():
+        raise UsageError(f"--study-db: folder {Path(args.study_db).parent} does not exist")
+    spaces = {}
+    for group, part in rows.groupby(["hardware_key", "world_size", "dtype", "mode"]):
+        seen = {b: [json.loads(p) for p in grp["params"].unique()]
+                for b, grp in part.groupby("backend")}
+        hw = group[0]
+        # every algorithm of this device class registered here, plus any measured one
+        from bench.backends import all_specs
+
+        device = device_of(next(iter(seen)), hw)
+        names = {s.name for s in all_specs() if s.device == device} | set(seen)
+        spaces[(group[0], int(group[1]), group[2], group[3])] = Space.for_algorithms(names, seen)
+    try:
+        added, present = enter_rows(storage, rows, spaces)
+        data = measurements(storage)
+        data = {g: v for g, v in data.items() if g in spaces}
+        thresholds, fits = fit_tables(data, command="tuner " + shlex.join(argv), **options)
+    except (BuildError, StudyError) as exc:
+        raise UsageError(str(exc)) from None
+    if not args.quiet:
+        print_fits(fits)
+    thresholds.save(args.output)
+    if args.pareto:
+        write_pareto(args.pareto, fits)
+    print(f"# {len(rows)} measured rows from {len(run_dirs)} run(s): {added} trials added, "
+          f"{present} already in the study; {len(fits)} table(s) -> {args.output}")
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from .export import table_lines
+    from .table import TableError, load
+
+    try:
+        thresholds = load(args.path)
+    except TableError as exc:
+        raise UsageError(str(exc)) from None
+    print("\n".join(table_lines(thresholds)))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import format_vllm
+    from .table import TableError, load
+
+    if args.format != "vllm":
+        raise UsageError(f"--format: expected vllm, got {args.format!r}")
+    if args.dtype is not None and args.dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"--dtype: expected float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.mode is not None and args.mode not in ("eager", "graph"):
+        raise UsageError(f"--mode: expected eager or graph, got {args.mode!r}")
+    try:
+        thresholds = load(args.path)
+    except TableError as exc:
+        raise UsageError(str(exc)) from None
+    text = format_vllm(thresholds, args.path, args.dtype, args.mode, args.capability)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["live"]:
+            from .live import main as live_main
+
+            return live_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        if args.command == "fit":
+            return _cmd_fit(args, argv)
+        if args.command == "show":
+            return _cmd_show(args)
+        if args.command == "export":
+            return _cmd_export(args)
+        build_parser().print_help()
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"tuner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("tuner: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `tuner show T.json | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

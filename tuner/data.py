@@ -1,0 +1,100 @@
+"""Measured rows from sweep runs, each with the knob values it was measured with.
+
+A results row names its backend but not its knobs: a sweep runs every backend with its default
+knobs unless `--param BACKEND.KNOB=VALUE` was given, and those values are recorded in the run's
+meta.json (`arguments.params`). So a row's configuration is the backend's default knobs updated
+with that run's `--param` values for it. Only measured, correct rows count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from bench.results import RESULTS_FILE, SchemaError, read_meta, read_results
+
+__all__ = ["RunsError", "find_run_dirs", "load_rows", "params_key", "config_params",
+           "GROUP", "device_of"]
+
+# one table per group
+GROUP = ("hardware_key", "world_size", "dtype", "mode")
+
+
+class RunsError(ValueError):
+    """A run directory that cannot be used (one line, names it)."""
+
+
+def params_key(params: Mapping[str, Any]) -> str:
+    """Canonical text of a knob setting (the identity of a configuration)."""
+    return json.dumps(dict(sorted(params.items())), sort_keys=True)
+
+
+def _spec(name: str):
+    from bench.backends import get_spec
+
+    try:
+        return get_spec(name)
+    except KeyError:
+        return None
+
+
+def config_params(backend: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The backend's default knobs updated with `given` (knobs of a backend whose family does
+    not import here are what was given)."""
+    spec = _spec(backend)
+    params = spec.default_params() if spec is not None else {}
+    params.update(given or {})
+    return params
+
+
+def device_of(backend: str, hardware_key: str) -> str:
+    spec = _spec(backend)
+    if spec is not None:
+        return spec.device
+    return "cpu" if hardware_key.startswith("cpu-") else "cuda"
+
+
+def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Each path is a run directory (holds results.csv) or a folder of them (searched)."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if (path / RESULTS_FILE).is_file():
+            out.append(path)
+        elif path.is_dir():
+            found = sorted(p.parent for p in path.rglob(RESULTS_FILE))
+            if not found:
+                raise RunsError(f"{path}: no results.csv in it or below it")
+            out.extend(found)
+        else:
+            raise RunsError(f"{path}: not a run directory (no such directory)")
+    return list(dict.fromkeys(out))
+
+
+def load_rows(run_dirs: Iterable[str | os.PathLike]):
+    """Every measured, correct row of the runs, with `params` (canonical JSON) and `run_dir`."""
+    import pandas as pd
+
+    frames = []
+    for run_dir in run_dirs:
+        try:
+            frame = read_results(run_dir)
+        except (FileNotFoundError, SchemaError) as exc:
+            raise RunsError(str(exc)) from None
+        meta = read_meta(run_dir)
+        given = (meta.get("arguments") or {}).get("params") or {}
+        ok = frame[frame["latency_us"].notna() & (frame["correct"] == True)].copy()  # noqa: E712
+        if ok.empty:
+            continue
+        ok["params"] = [params_key(config_params(b, given.get(b))) for b in ok["backend"]]
+        ok["run_dir"] = str(run_dir)
+        frames.append(ok)
+    if not frames:
+        return pd.DataFrame()
+    rows = pd.concat(frames, ignore_index=True)
+    rows["world_size"] = rows["world_size"].astype(int)
+    rows["bytes"] = rows["bytes"].astype(int)
+    return rows
