@@ -15,8 +15,8 @@ OUT="${OUT:-/tmp/gpu-check}"
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
 MAX_BYTES="${MAX_BYTES:-64M}"
-SWEEP_S="${SWEEP_S:-95}"
-TESTS_S="${TESTS_S:-85}"
+SWEEP_S="${SWEEP_S:-115}"
+TESTS_S="${TESTS_S:-70}"
 BACKENDS=nccl,pynccl,pynccl_symm,symm_mem_one_shot,symm_mem_two_shot,symm_mem_multimem,custom_one_shot
 mkdir -p "$OUT"
 
