@@ -14,6 +14,14 @@ from the adjacent-line prefetcher's pair). A rank only ever writes its own flag,
 larger epoch, so a flag never needs resetting; a barrier at epoch e is "set mine to e, wait
 until every flag is >= e".
 
+Waiting: a rank that has a core to itself spins briefly; then (or at once when ranks outnumber
+cores) it sleeps in the kernel on the peer's flag with FUTEX_WAIT (Linux; the futex of a shared
+mapping works across processes), so its core goes idle and the scheduler can run a peer there.
+Before sleeping a rank sets the `sleeping` word of its line; a rank that publishes an epoch calls
+FUTEX_WAKE only when some peer says it sleeps, so the fast path makes no system call. x86 lets
+that check pass the flag store, so a wake-up can be missed: each sleep is therefore capped at
+`nap_s` (1 ms), after which the waiter looks again. Without futexes it naps with time.sleep.
+
 Memory ordering: the data a rank writes (a memmove or a torch op that has returned) precedes
 its flag store in program order. x86-64 is TSO: stores become visible to other cores in program
 order, and loads are not reordered with older loads, so a peer that sees the new flag also sees
@@ -28,6 +36,7 @@ import ctypes
 import mmap
 import os
 import platform
+import sys
 import time
 import uuid
 
@@ -174,25 +183,61 @@ def _attach(name: str, total: int) -> mmap.mmap:
         os.close(fd)
 
 
-class FlagBarrier:
-    """Epoch barrier over a segment's flags, with waiting that yields the core.
+class _Futex:
+    """FUTEX_WAIT / FUTEX_WAKE on a 32-bit word of a shared mapping, through libc's syscall()."""
 
-    Waiting: up to `spin` checks back to back (only worth it when every rank has a core), then
-    `os.sched_yield()` between checks for `yield_s` (a peer waiting for this core gets it at
-    once), then sleeps growing from 20 us to 1 ms (a peer that is slow or dead costs nothing).
+    SYS_FUTEX = 202  # x86-64
+    WAIT, WAKE = 0, 1
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._syscall = libc.syscall
+        self._syscall.restype = ctypes.c_long
+
+    def wait(self, address: int, expected: int, timeout_ns: int) -> None:
+        """Sleep while the word at `address` equals the low 32 bits of `expected`, at most
+        `timeout_ns` (returns at once if it already differs)."""
+        spec = _Timespec(timeout_ns // 1_000_000_000, timeout_ns % 1_000_000_000)
+        self._syscall(self.SYS_FUTEX, ctypes.c_void_p(address), self.WAIT,
+                      ctypes.c_int(expected & 0xFFFFFFFF), ctypes.byref(spec), None, 0)
+
+    def wake(self, address: int) -> None:
+        self._syscall(self.SYS_FUTEX, ctypes.c_void_p(address), self.WAKE, 0x7FFFFFFF,
+                      None, None, 0)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _futex() -> _Futex | None:
+    if not sys.platform.startswith("linux") or not supported_isa():
+        return None
+    try:
+        return _Futex()
+    except (OSError, AttributeError):
+        return None
+
+
+class FlagBarrier:
+    """Epoch barrier over a segment's flags; waiting spins `spin` checks, then sleeps.
+
     Every wait is bounded by `timeout_s` and raises TimeoutError naming the flag and epoch.
     """
 
     def __init__(self, flags, rank: int, world_size: int, *, timeout_s: float, spin: int,
-                 yield_s: float, label: str) -> None:
+                 label: str, nap_s: float = 1e-3) -> None:
         self._flags = flags
+        self._base = ctypes.addressof(flags)
         self.rank, self.world_size = rank, world_size
         self._stride = FLAG_STRIDE_BYTES // 8
         self._mine = rank * self._stride
         self._others = [j * self._stride for j in range(world_size) if j != rank]
-        self.timeout_s, self.spin, self.yield_s = timeout_s, spin, yield_s
+        self._sleeping = [w + 1 for w in self._others]  # the word after each epoch
+        self.timeout_s, self.spin, self.nap_s = timeout_s, spin, nap_s
         self.label = label
         self.epoch = 0
+        self._futex = _futex()
 
     def arrive_and_wait(self) -> None:
         """Publish the next epoch and wait until every rank has published it."""
@@ -200,6 +245,11 @@ class FlagBarrier:
         target = self.epoch
         flags = self._flags
         flags[self._mine] = target
+        if self._futex is not None:
+            for word in self._sleeping:
+                if flags[word]:
+                    self._futex.wake(self._base + self._mine * 8)
+                    break
         for word in self._others:
             if flags[word] < target:
                 self._wait(word, target)
@@ -209,20 +259,22 @@ class FlagBarrier:
         for _ in range(self.spin):
             if flags[word] >= target:
                 return
-        start = time.monotonic()
+        deadline = time.monotonic() + self.timeout_s
+        nap_ns = int(self.nap_s * 1e9)
         sleep_s = 20e-6
-        yield_until = start + self.yield_s
-        deadline = start + self.timeout_s
-        while flags[word] < target:
-            now = time.monotonic()
-            if now < yield_until:
-                os.sched_yield()
-                continue
-            if now > deadline:
-                peer = word // self._stride
-                raise TimeoutError(
-                    f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank "
-                    f"{peer}'s flag to reach epoch {target} (it is at {flags[word]}); "
-                    f"did rank {peer} die or stop calling all_reduce?")
-            time.sleep(sleep_s)
-            sleep_s = min(sleep_s * 2, 1e-3)
+        flags[self._mine + 1] = 1
+        try:
+            while (seen := flags[word]) < target:
+                if time.monotonic() > deadline:
+                    peer = word // self._stride
+                    raise TimeoutError(
+                        f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank "
+                        f"{peer}'s flag to reach epoch {target} (it is at {seen}); "
+                        f"did rank {peer} die or stop calling all_reduce?")
+                if self._futex is not None:
+                    self._futex.wait(self._base + word * 8, seen, nap_ns)
+                else:
+                    time.sleep(sleep_s)
+                    sleep_s = min(sleep_s * 2, self.nap_s)
+        finally:
+            flags[self._mine + 1] = 0

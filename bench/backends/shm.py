@@ -38,7 +38,8 @@ _VIEW_CACHE_ENTRIES = 32
 # knobs: the first value is the default
 _CHUNK_BYTES = (1 << 20, 256 << 10, 4 << 20, 16 << 20)
 _THREADS = (1, 0, 2)  # torch intra-op threads inside the call; 0 leaves torch's setting
-_SPIN = (-1, 0, 1000)  # flag checks before yielding; -1: 1000 if every local rank has a core
+# flag checks before sleeping on a futex; -1: 1000 when every local rank has a core, else 20
+_SPIN = (-1, 0, 20, 1000)
 
 
 class ShmAllReduce:
@@ -64,10 +65,9 @@ class ShmAllReduce:
                                      slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
         if spin < 0:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            spin = 1000 if ctx.local_world_size <= cores else 0
+            spin = 1000 if ctx.local_world_size <= cores else 20
         self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
-                                    timeout_s=ctx.timeout_s, spin=spin, yield_s=2e-3,
-                                    label=self.name)
+                                    timeout_s=ctx.timeout_s, spin=spin, label=self.name)
 
     # -- the three verbs ------------------------------------------------------------------
 
