@@ -155,7 +155,7 @@ def plot_latency(frame) -> Figure:
             line = line.sort_values("bytes")
             color = backend_color(backend)
             ax.plot(line["bytes"], line["latency_us"], _DTYPE_STYLE.get(dtype, "-."), marker=".",
-                    color=color, label=_line_label(frame, backend, dtype, run_id))
+                    color=color, label=_line_label(part, backend, dtype, run_id))
             ax.fill_between(line["bytes"], line["p10_us"], line["p90_us"], color=color,
                             alpha=0.15, linewidth=0)
             bad = line[~line["correct"].fillna(False).astype(bool)]
@@ -205,7 +205,7 @@ def plot_busbw(frame, meta: Mapping[str, Any] | None = None) -> Figure:
             line = line.sort_values("bytes")
             ax.plot(line["bytes"], line["busbw_gbps"], _DTYPE_STYLE.get(dtype, "-."),
                     marker=".", color=backend_color(backend),
-                    label=_line_label(frame, backend, dtype, run_id))
+                    label=_line_label(part, backend, dtype, run_id))
         if limit is not None:
             ax.axhline(limit, color="black", linestyle="--", linewidth=1,
                        label=f"limit {limit:g} GB/s")
