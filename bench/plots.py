@@ -293,7 +293,7 @@ def _stripe(ax, y: float, sizes: Sequence[int], names: Sequence[str | None]) -> 
         else:
             runs.append([name, nbytes, nbytes])
     for name, first, last in runs:
-        if name is not None:
+        if name is not None and (last > first or len(runs) == 1):  # one-cell runs: colour only
             ax.text(math.sqrt(first * last), y, name, ha="center", va="center", fontsize=7,
                     color="white", clip_on=True)
 
