@@ -1,0 +1,201 @@
+"""The dispatcher on CPU with real ranks: routing observed on the backends themselves, correct
+sums, overrides by argument and environment, and the single mismatch warning."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bench.hardware import fingerprint
+from tuner.dispatch import (
+    Dispatcher,
+    DispatchWarning,
+    OverrideError,
+    apply_max_bytes,
+    parse_overrides,
+)
+from tuner.table import Rule, Table, Thresholds, load
+
+K = 1024
+
+
+def _table(hardware_key: str, world_size: int = 2) -> Thresholds:
+    rules = (Rule(4 * K, "shm_one_shot", {"chunk_bytes": 256 * K}),
+             Rule(64 * K, "shm_two_shot", {}), Rule(None, "gloo", {}))
+    evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
+                "gain_vs_nccl_geomean": None, "sizes": [K, 256 * K]}
+    table = Table(hardware_key, world_size, "float32", "eager", rules,
+                  {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K}, evidence)
+    return Thresholds(tables=(table,))
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+SIZES = [1 * K, 4 * K, 8 * K, 64 * K, 128 * K]
+
+
+def _exercise(dispatcher: Dispatcher, rank: int, world: int) -> list[dict]:
+    """Every size once; which backend's all_reduce actually ran, seen through a spy on it."""
+    ran: list[str] = []
+    for backend in {id(b): b for b in [*dispatcher.backends.values(), dispatcher.floor]}.values():
+        real = backend.all_reduce
+
+        def spy(tensor, _real=real, _name=backend.name):
+            ran.append(_name)
+            return _real(tensor)
+
+        backend.all_reduce = spy  # an instance attribute: the dispatcher calls this one
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for nbytes in SIZES:
+            count = nbytes // torch.empty((), dtype=dtype).element_size()
+            tensor = torch.arange(count, dtype=torch.float32).remainder(7).add(rank).to(dtype)
+            expected = sum(torch.arange(count, dtype=torch.float32).remainder(7).add(r)
+                           for r in range(world))
+            ran.clear()
+            result = dispatcher.all_reduce(tensor)
+            out.append({"dtype": str(dtype), "bytes": nbytes, "ran": list(ran),
+                        "last": dispatcher.last_backend,
+                        "correct": bool(torch.equal(result.float(), expected))})
+    strided = torch.ones(4 * K, dtype=torch.float32)[::2]  # not contiguous: every gate refuses
+    ran.clear()
+    result = dispatcher.all_reduce(strided)
+    out.append({"dtype": "strided", "bytes": 8 * K, "ran": list(ran),
+                "last": dispatcher.last_backend,
+                "correct": bool(torch.equal(result, torch.full_like(result, world)))})
+    return out
+
+
+def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        with Dispatcher.from_file(table_path) as d:
+            results["table"] = _exercise(d, rank, world)
+            results["backends"] = sorted(d.backends)
+        with Dispatcher.from_file(table_path, overrides={"force": "shm_two_shot"}) as d:
+            results["force"] = _exercise(d, rank, world)
+        os.environ["ALLREDUCE_AUTOTUNE_MAX_BYTES"] = "shm_one_shot=16K"
+        with Dispatcher.from_file(table_path) as d:
+            results["env_max_bytes"] = _exercise(d, rank, world)
+        del os.environ["ALLREDUCE_AUTOTUNE_MAX_BYTES"]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(results, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_dispatcher_routes_sizes_to_the_backends_the_table_names(tmp_path):
+    path = tmp_path / "thresholds.json"
+    _table(fingerprint("cpu")["hardware_key"]).save(path)
+    mp.start_processes(_rank_main, args=(2, _port(), str(path), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # only what the table names was built (the floor is gloo)
+        assert results["backends"] == ['gloo', 'shm_one_shot{"chunk_bytes": 262144}',
+                                       "shm_two_shot"]
+        table = {(r["dtype"], r["bytes"]): r for r in results["table"]}
+        for dtype in ("torch.float32", "torch.bfloat16"):  # bfloat16 uses float32's rules
+            assert table[(dtype, 1 * K)]["ran"] == ["shm_one_shot"]
+            assert table[(dtype, 4 * K)]["ran"] == ["shm_one_shot"]
+            assert table[(dtype, 8 * K)]["ran"] == ["shm_two_shot"]
+            assert table[(dtype, 64 * K)]["ran"] == ["shm_two_shot"]
+            assert table[(dtype, 128 * K)]["ran"] == ["gloo"]
+        for name in ("table", "force", "env_max_bytes"):
+            for row in results[name]:
+                assert row["correct"], (name, row)
+                assert row["ran"] == [row["last"]], (name, row)
+        strided = results["table"][-1]
+        assert strided["ran"] == ["gloo"]
+        force = {(r["dtype"], r["bytes"]): r["ran"] for r in results["force"]}
+        # forced: two-shot everywhere its buffer (sized to the table's largest bound) allows
+        assert force[("torch.float32", 1 * K)] == ["shm_two_shot"]
+        assert force[("torch.float32", 64 * K)] == ["shm_two_shot"]
+        assert force[("torch.float32", 128 * K)] == ["gloo"]
+        env = {(r["dtype"], r["bytes"]): r["ran"] for r in results["env_max_bytes"]}
+        assert env[("torch.float32", 8 * K)] == ["shm_one_shot"]  # was two-shot's
+        assert env[("torch.float32", 64 * K)] == ["shm_two_shot"]
+
+
+def test_mismatch_warns_once_and_uses_gloo(tmp_path):
+    path = tmp_path / "thresholds.json"
+    _table("cpu-some-other-machine-64c", world_size=8).save(path)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = Dispatcher.from_file(path)
+            for nbytes in SIZES:
+                d.all_reduce(torch.ones(nbytes // 4))
+        mine = [w for w in caught if issubclass(w.category, DispatchWarning)]
+        assert len(mine) == 1
+        text = str(mine[0].message)
+        here = fingerprint("cpu")["hardware_key"]
+        assert f"no table for {here} world_size 1" in text
+        assert "cpu-some-other-machine-64c ws8" in text and "using gloo" in text
+        assert d.last_backend == "gloo" and d.calls == {"gloo": len(SIZES)}
+        assert d.backends == {}
+        d.release()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_override_parsing_and_rule_surgery(tmp_path):
+    env = {"ALLREDUCE_AUTOTUNE_FORCE": "shm_one_shot",
+           "ALLREDUCE_AUTOTUNE_MAX_BYTES": "shm_one_shot=64K, gloo=1M"}
+    assert parse_overrides(None, env) == {"force": "shm_one_shot",
+                                          "max_bytes": {"shm_one_shot": 65536, "gloo": 1 << 20}}
+    # the argument wins over the environment
+    assert parse_overrides({"force": None, "max_bytes": {}}, env) == {"force": None,
+                                                                      "max_bytes": {}}
+    for bad, message in [({"force": "warp_drive"}, "overrides['force']: unknown algorithm"),
+                         ({"max_bytes": {"gloo": "lots"}}, "overrides['max_bytes']: gloo"),
+                         ({"speed": 1}, "unknown key 'speed'")]:
+        with pytest.raises(OverrideError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            parse_overrides(bad, {})
+    with pytest.raises(OverrideError, match="ALLREDUCE_AUTOTUNE_MAX_BYTES: expected"):
+        parse_overrides(None, {"ALLREDUCE_AUTOTUNE_MAX_BYTES": "shm_one_shot"})
+
+    path = tmp_path / "t.json"
+    _table("cpu-x").save(path)
+    table = load(path).tables[0]
+
+    def shape(t):
+        return [(r.max_bytes, r.algorithm) for r in t.rules], dict(t.max_size)
+
+    assert shape(apply_max_bytes(table, "shm_one_shot", 16 * K)) == (
+        [(16 * K, "shm_one_shot"), (64 * K, "shm_two_shot"), (None, "gloo")],
+        {"shm_one_shot": 16 * K, "shm_two_shot": 64 * K})
+    assert shape(apply_max_bytes(table, "shm_one_shot", 1 << 20)) == (
+        [(1 << 20, "shm_one_shot"), (None, "gloo")], {"shm_one_shot": 1 << 20})
+    assert shape(apply_max_bytes(table, "shm_two_shot", 2 * K)) == (
+        [(4 * K, "shm_one_shot"), (None, "gloo")], {"shm_one_shot": 4 * K})
+    # the catch-all cut below its own start: it goes, the rule before becomes the catch-all
+    # (sizes beyond two-shot's max_size still reach the floor through the gates)
+    assert shape(apply_max_bytes(table, "gloo", 8 * K)) == (
+        [(4 * K, "shm_one_shot"), (None, "shm_two_shot")],
+        {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K})
+    # an algorithm the table does not name takes every size up to the bound
+    assert shape(apply_max_bytes(table, "nccl", 8 * K))[0] == [
+        (8 * K, "nccl"), (64 * K, "shm_two_shot"), (None, "gloo")]
+    # the result is still a valid table
+    for name, nbytes in [("shm_one_shot", 16 * K), ("shm_two_shot", 2 * K), ("gloo", 8 * K),
+                         ("shm_two_shot", 1 << 30)]:
+        Thresholds(tables=(apply_max_bytes(table, name, nbytes),)).save(tmp_path / "u.json")
