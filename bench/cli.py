@@ -65,8 +65,9 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def launch(cfg: SweepConfig) -> int:
-    """Start cfg.world_size / nnodes local ranks through torchrun's launcher API."""
+def launch(cfg: SweepConfig, entrypoint=None, args: tuple | None = None) -> int:
+    """Start cfg.world_size / nnodes local ranks through torchrun's launcher API, each running
+    `entrypoint(*args)` (default: the sweep worker on cfg)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -87,7 +88,7 @@ def launch(cfg: SweepConfig) -> int:
         max_restarts=0, monitor_interval=0.5, start_method="spawn", **extra,
     )
     try:
-        results = elastic_launch(config, run_worker)(cfg)
+        results = elastic_launch(config, entrypoint or run_worker)(*(args or (cfg,)))
     except ChildFailedError as exc:
         for rank, failure in sorted(exc.failures.items()):
             why = (f"signal {failure.signal_name()}" if failure.signal_name() != "<N/A>"
