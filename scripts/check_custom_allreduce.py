@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SIZES = (1024, 1040, 4096, 65536 + 48, 1 << 20, (1 << 20) + 16, 16 << 20, 64 << 20)
 DTYPES = ("bfloat16", "float16", "float32")
-# other knob settings, checked at a few sizes (the first value of every knob is the default)
+# other knob settings, checked at a few sizes in the first dtype (the first value of every knob is the default)
 VARIANTS = ({"blocks": 8, "num_warps": 4, "vec_bytes": 8, "chunk": 1},
             {"blocks": 64, "num_warps": 8, "vec_bytes": 32, "chunk": 4})
 VARIANT_SIZES = (1040, 65536 + 48, 4 << 20)
@@ -128,15 +128,15 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
         return [{"backend": "custom", "ok": False, "error": f"probe: {reason}"}]
     seed = 1
     for algorithm in ("one_shot", "two_shot"):
-        settings = [({}, sizes)] + [(v, [s for s in VARIANT_SIZES if s <= max(sizes)])
-                                    for v in VARIANTS]
-        for knobs, knob_sizes in settings:
+        settings = [({}, sizes, dtypes)] + [
+            (v, [s for s in VARIANT_SIZES if s <= max(sizes)], dtypes[:1]) for v in VARIANTS]
+        for knobs, knob_sizes, knob_dtypes in settings:
             if knobs.get("blocks", 32) * ctx.world_size > 128:
                 continue  # every rank's programs must be resident at once on a shared GPU
             backend = CustomAllReduce(ctx, max(sizes), algorithm=algorithm,
                                       max_spins=SPINS, **knobs)
             try:
-                for dtype_name in dtypes:
+                for dtype_name in knob_dtypes:
                     dtype = TORCH_DTYPES[dtype_name]
                     for nbytes in knob_sizes:
                         for mode in ("eager", "graph"):

@@ -156,7 +156,11 @@ def _gather_from(src, out, first, step, n, num_tiles, TILE: tl.constexpr):
         tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
 
 
-@triton.jit
+# every rank runs the same compiled kernel, whatever its rank, size in tiles or spin budget
+_RUNTIME_ONLY = ["num_tiles", "rank", "max_spins"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_ONLY)
 def one_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
                     counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
                     W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
@@ -177,7 +181,7 @@ def one_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, o
     tl.store(counters + b, epoch)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_ONLY)
 def two_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
                     counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
                     W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
