@@ -221,6 +221,10 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     if out is not None:
         _check_writable(Path(out))
         _check_run_dir(Path(out), "--resume" if resume else "--out")
+        if not resume and (Path(out) / "results.csv").is_file() and \
+                (Path(out) / "results.csv").stat().st_size > 0:
+            raise UsageError(f"--out: {out} already holds a run (results.csv); continue it "
+                             f"with --resume {out}, or pick another --out")
 
     return SweepConfig(
         world_size=world_size, backends=backends, sizes=size_range(min_bytes, max_bytes, factor),
