@@ -131,7 +131,9 @@ def _panel_grid(frame, width: float = 5.2, height: float = 3.8):
     """One panel per (world size, mode): rows are modes, columns world sizes."""
     world_sizes = sorted(frame["world_size"].unique()) or [0]
     modes = sorted(frame["mode"].unique()) or ["-"]
-    fig = Figure(figsize=(width * len(world_sizes), height * len(modes)), layout="constrained")
+    # room on the right for the figure's legend
+    fig = Figure(figsize=(width * len(world_sizes) + 2.8, height * len(modes)),
+                 layout="constrained")
     axes = fig.subplots(len(modes), len(world_sizes), squeeze=False)
     return fig, {(ws, mode): axes[i][j] for i, mode in enumerate(modes)
                  for j, ws in enumerate(world_sizes)}
@@ -140,6 +142,17 @@ def _panel_grid(frame, width: float = 5.2, height: float = 3.8):
 def _title(frame) -> str:
     keys = ", ".join(sorted(frame["hardware_key"].dropna().unique())) or "?"
     return f"{keys}  ({frame['run_id'].nunique()} run{'s' if frame['run_id'].nunique() > 1 else ''})"
+
+
+def _figure_legend(fig: Figure, axes: Iterable[Any]) -> None:
+    """One legend for all panels, outside on the right, each label once."""
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries.keys()), loc="outside right center",
+                   fontsize=8)
 
 
 # -- latency and bandwidth --------------------------------------------------------------------
@@ -168,10 +181,9 @@ def plot_latency(frame) -> Figure:
         ax.set_xlabel("message size (bytes)")
         ax.set_ylabel("latency (us), slowest rank; band p10-p90")
         ax.grid(True, which="both", alpha=0.3)
-        if len(part):
-            ax.legend(fontsize=8)
-        else:
+        if not len(part):
             ax.text(0.5, 0.5, "no measured point", transform=ax.transAxes, ha="center")
+    _figure_legend(fig, panels.values())
     fig.suptitle(f"all-reduce latency: {_title(frame)}")
     return fig
 
@@ -215,8 +227,7 @@ def plot_busbw(frame, meta: Mapping[str, Any] | None = None) -> Figure:
         ax.set_ylabel("bus bandwidth (GB/s) = algbw x 2(n-1)/n")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
-        if len(part):
-            ax.legend(fontsize=8, loc="upper left")
+    _figure_legend(fig, panels.values())
     fig.suptitle(f"all-reduce bus bandwidth: {_title(frame)}\n"
                  + (f"dashed line: {why}" if limit is not None else why), fontsize=10)
     return fig
@@ -574,7 +585,7 @@ def plot_status(frame) -> Figure:
                         textcoords="offset points", xytext=(5, 3), fontsize=7)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{b} ws{ws} {dt} {mo}" for (b, ws, dt, mo), _ in rows], fontsize=8)
-    ax.set_ylim(-0.7, max(0, len(rows) - 1) + 0.7)
+    ax.set_ylim(max(0, len(rows) - 1) + 0.7, -0.7)  # first row on top
     _size_axis(ax, frame["bytes"])
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
