@@ -24,7 +24,7 @@ from .backends import CommContext
 from .config import DTYPES, SweepConfig
 from .hardware import fingerprint, host_id
 from .inputs import check_result, fill_input
-from .results import ResultsWriter, completed_points, read_meta, write_meta
+from .results import ResultsWriter, RunDirLocked, completed_points, read_meta, write_meta
 from .timing import CpuClock, CudaEventClock, capture_graph, flush_l2, measure, slowest_rank
 from .timing import summarize as summarize_times
 
@@ -71,6 +71,7 @@ class Watchdog:
         self._stop = threading.Event()
         self._store = None
         self._world_size = 1
+        self._ending = threading.Lock()  # the watchdog or the main thread ends the rank, once
         # the rank in the thread name lets `top -H` (and the fault tests) tell ranks apart
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"bench-wd-r{rank}")
@@ -127,16 +128,28 @@ class Watchdog:
         while not self._stop.wait(min(1.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s:
+                if not self._ending.acquire(blocking=False):
+                    return  # the main thread is already ending this rank
                 silent = self.silent_peers()
                 who = "no peer went silent (a collective or kernel is stuck?)"
                 if silent:
-                    who = "silent: " + ", ".join(f"rank {r} (last at {where})" for r, (where, _)
-                                                 in sorted(silent.items()))
-                    who += " (dead, stopped or stuck)"
+                    who = "silent: " + _describe(silent) + " (dead, stopped or stuck)"
                 print(f"bench: rank {self.rank}: no progress for {idle:.0f} s at {self.where}; "
                       f"{who}; ending this rank", file=sys.stderr, flush=True)
                 _kill_local(silent.values())
                 os._exit(EXIT_WATCHDOG)
+
+    def end_silent_peers(self) -> None:
+        """On an error (a peer-side timeout, a closed connection): name the silent peers and
+        SIGKILL those on this host, as the watchdog would."""
+        if not self._ending.acquire(blocking=False):
+            time.sleep(10.0)  # the watchdog is at it and will end the process
+            return
+        silent = self.silent_peers()
+        if silent:
+            print(f"bench: rank {self.rank}: failed at {self.where}; silent: "
+                  f"{_describe(silent)} (dead, stopped or stuck)", file=sys.stderr, flush=True)
+            _kill_local(silent.values())
 
     def stop(self) -> None:
         self._stop.set()
@@ -144,6 +157,10 @@ class Watchdog:
 
 def _host() -> str:
     return os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id())
+
+
+def _describe(silent: dict[int, tuple[str, str]]) -> str:
+    return ", ".join(f"rank {r} (last at {where})" for r, (where, _) in sorted(silent.items()))
 
 
 def _kill_local(peers) -> None:
@@ -348,6 +365,12 @@ def run_worker(cfg: SweepConfig) -> int:
         if layout["rank"] == 0:
             print(f"bench: error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except RunDirLocked as exc:  # another sweep took the directory between check and start
+        print(f"bench: error: --out: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)  # the launcher ends the other ranks, which wait for this one
+    except Exception:
+        watchdog.end_silent_peers()  # a peer-side timeout: name (and end) the stopped peers
+        raise
     finally:
         watchdog.stop()
         if dist.is_initialized():
