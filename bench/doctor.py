@@ -310,23 +310,30 @@ def _launched(cfg) -> tuple[dict[str, Any] | None, str | None]:
     from .cli import _free_port
 
     port = cfg.master_port or _free_port(cfg.master_addr)
+    extra = {}
+    if "shutdown_timeout" in getattr(LaunchConfig, "__dataclass_fields__", {}):  # torch >= 2.12
+        extra["shutdown_timeout"] = 5
     config = LaunchConfig(
         min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.world_size // cfg.nnodes,
         run_id=f"doctor-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else "bench-doctor",
         rdzv_backend="c10d", rdzv_endpoint=f"{cfg.master_addr}:{port}",
         rdzv_configs={"is_host": cfg.node_rank == 0, "join_timeout": cfg.timeout_s},
-        max_restarts=0, monitor_interval=0.5, start_method="spawn", shutdown_timeout=5,
+        max_restarts=0, monitor_interval=0.5, start_method="spawn", **extra,
     )
     try:
         results = elastic_launch(config, _rank_main)(cfg)
     except ChildFailedError as exc:
-        ranks = ", ".join(f"rank {r} ({f.signal_name() if f.signal_name() != '<N/A>' else 'exit code ' + str(f.exitcode)})"
-                          for r, f in sorted(exc.failures.items()))
+        ranks = ", ".join(f"rank {r} ({_why(f)})" for r, f in sorted(exc.failures.items()))
         return None, f"failed: {ranks}"
     except Exception as exc:  # rendezvous timeout, unreachable store
         return None, f"launch failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     reports = [report for _, report in sorted((results or {}).items()) if report]
     return (reports[0] if reports else None), None
+
+
+def _why(failure) -> str:
+    signal_name = failure.signal_name()
+    return f"signal {signal_name}" if signal_name != "<N/A>" else f"exit code {failure.exitcode}"
 
 
 # ---------------------------------------------------------------------------- the CLI
