@@ -131,7 +131,7 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
         settings = [({}, sizes, dtypes)] + [
             (v, [s for s in VARIANT_SIZES if s <= max(sizes)], dtypes[:1]) for v in VARIANTS]
         for knobs, knob_sizes, knob_dtypes in settings:
-            if knobs.get("blocks", 32) * ctx.world_size > 128:
+            if knobs and knobs["blocks"] * ctx.world_size > 192:
                 continue  # every rank's programs must be resident at once on a shared GPU
             backend = CustomAllReduce(ctx, max(sizes), algorithm=algorithm,
                                       max_spins=SPINS, **knobs)

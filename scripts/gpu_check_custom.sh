@@ -67,7 +67,7 @@ if has tests; then
   echo "== pytest tests/test_custom_allreduce.py (limit ${TESTS_S}s, MPS=$MPS_ON)"
   mkdir -p /tmp/custom-checks
   BENCH_GPU_LOG_DIR=/tmp/custom-checks timeout "$TESTS_S" "$PY" -m pytest -rs -v -s \
-    -p no:cacheprovider -k "not interpreter" tests/test_custom_allreduce.py 2>&1 \
+    -p no:cacheprovider -k "${PYTEST_K:-not interpreter}" tests/test_custom_allreduce.py 2>&1 \
     | tee "$OUT/tests.log" | grep -E "PASS|FAIL|SKIP|ERROR|ws=|passed|failed|Timeout" || status=1
   tar -czf "$OUT/checks.tgz" -C /tmp custom-checks
 fi
