@@ -70,6 +70,8 @@ class Space:
 
     algorithms: tuple[str, ...]
     knobs: Mapping[str, Mapping[str, tuple]]  # algorithm -> knob -> values
+    defaults: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    fixed: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def for_algorithms(cls, names: Iterable[str],
@@ -80,18 +82,36 @@ class Space:
 
         names = sorted(set(names))
         knobs: dict[str, dict[str, tuple]] = {}
+        defaults: dict[str, dict[str, Any]] = {}
         for name in names:
             values: dict[str, list] = {}
+            default: dict[str, Any] = {}
             try:
-                for knob, choices in get_spec(name).knobs.items():
+                spec = get_spec(name)
+                for knob, choices in spec.knobs.items():
                     values.setdefault(knob, []).extend(choices)
+                default = spec.default_params()
             except KeyError:
                 pass
             for params in (seen or {}).get(name, ()):
                 for knob, value in params.items():
                     values.setdefault(knob, []).append(value)
             knobs[name] = {k: _sort_values(v) for k, v in sorted(values.items())}
-        return cls(algorithms=tuple(names), knobs=knobs)
+            defaults[name] = {k: default.get(k, v[0]) for k, v in knobs[name].items()}
+        return cls(algorithms=tuple(names), knobs=knobs, defaults=defaults)
+
+    def restrict(self, fixed: Mapping[str, Mapping[str, Any]]) -> Space:
+        """Knobs given a value (`--param BACKEND.KNOB=VALUE`) keep their distribution (so a
+        study stays compatible) but are only ever sampled at that value."""
+        keep = {name: {k: v for k, v in values.items()
+                       if name in self.knobs and k in self.knobs[name]}
+                for name, values in fixed.items()}
+        defaults = {name: {**d, **keep.get(name, {})} for name, d in self.defaults.items()}
+        return Space(self.algorithms, self.knobs, defaults, keep)
+
+    def fixed_params(self) -> dict[str, Any]:
+        return {f"{name}.{knob}": value for name, values in self.fixed.items()
+                for knob, value in values.items()}
 
     def distributions(self, algorithm: str) -> dict[str, CategoricalDistribution]:
         out = {ALGORITHM: CategoricalDistribution(self.algorithms)}
@@ -117,14 +137,14 @@ class Space:
         """Every configuration (the full grid)."""
         out = []
         for name in (self.algorithms if algorithms is None else algorithms):
-            knobs = self.knobs[name]
+            knobs = {k: ((self.fixed[name][k],) if k in self.fixed.get(name, {}) else v)
+                     for k, v in self.knobs[name].items()}
             for combo in itertools.product(*knobs.values()):
                 out.append((name, dict(zip(knobs, combo, strict=True))))
         return out
 
     def grid_size(self, algorithms: Iterable[str] | None = None) -> int:
-        return sum(math.prod(len(v) for v in self.knobs[name].values()) or 1
-                   for name in (self.algorithms if algorithms is None else algorithms))
+        return len(self.configs(algorithms))
 
 
 def config_of(trial: optuna.trial.FrozenTrial) -> tuple[str, dict[str, Any]]:

@@ -1,0 +1,152 @@
+"""One live trial on every rank: the sweep's measurement, in rounds that can be cut short.
+
+Same steps as the sweep's `bench.worker.PointRunner` (the same inputs, correctness check on
+fresh inputs, warm-up, per-iteration slowest-rank times, CUDA-graph replay in graph mode), with
+the timed iterations split into rounds: after each round rank 0 reports the median so far to
+the Optuna trial and every rank learns whether the pruner stops it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from bench.inputs import check_result, fill_input
+from bench.timing import CpuClock, CudaEventClock, capture_graph, measure, slowest_rank, summarize
+
+from .context import agreed_reason, broadcast_object, build_backend
+from .data import params_key
+
+__all__ = ["Outcome", "TrialRunner", "BackendCache"]
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str  # "ok", "pruned", "skip" (cannot take it: reason), "wrong" (bad sum)
+    latency_us: float | None = None
+    p10_us: float | None = None
+    p90_us: float | None = None
+    iters: int = 0
+    reason: str | None = None
+    max_abs_err: float | None = None
+
+
+class BackendCache:
+    """Built backends per (algorithm, knobs), at most `capacity` alive (least recently used
+    released first). Every rank sees the same sequence of requests, so every rank builds and
+    releases in the same order (building is collective)."""
+
+    def __init__(self, ctx, max_bytes: int, capacity: int = 6) -> None:
+        self.ctx, self.max_bytes, self.capacity = ctx, max_bytes, max(1, capacity)
+        self._alive: OrderedDict[tuple, object] = OrderedDict()
+        self._failed: dict[tuple, str] = {}
+        self._built = 0
+
+    def get(self, name: str, params: dict) -> tuple[object | None, str | None]:
+        key = (name, params_key(params))
+        if key in self._failed:
+            return None, self._failed[key]
+        if key in self._alive:
+            self._alive.move_to_end(key)
+            return self._alive[key], None
+        while len(self._alive) >= self.capacity:
+            _, old = self._alive.popitem(last=False)
+            old.release()
+        self._built += 1
+        backend, reason = build_backend(name, params, self.max_bytes, self.ctx,
+                                        instance=f"t{self._built}")
+        if backend is None:
+            self._failed[key] = reason or "unavailable"
+            return None, self._failed[key]
+        self._alive[key] = backend
+        return backend, None
+
+    def release(self) -> None:
+        while self._alive:
+            _, backend = self._alive.popitem(last=False)
+            backend.release()
+
+
+class TrialRunner:
+    def __init__(self, ctx, *, iters: int, warmup: int, rounds: int = 4,
+                 graph_calls: int = 10) -> None:
+        self.ctx = ctx
+        self.iters, self.warmup = iters, warmup
+        self.rounds = max(1, min(rounds, iters))
+        self.graph_calls = graph_calls
+        self.is_cuda = ctx.device.type == "cuda"
+        self.clock = CudaEventClock() if self.is_cuda else CpuClock()
+
+    def _barrier(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize()
+        dist.barrier(group=self.ctx.cpu_group)
+
+    def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int,
+            on_round: Callable[[int, float], bool] | None = None) -> Outcome:
+        """Collective. `on_round(step, median_us)` runs on rank 0 only; True prunes."""
+        ctx = self.ctx
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        reason = None if nbytes % itemsize == 0 else f"{nbytes} bytes is not whole elements"
+        tensor = torch.empty(max(nbytes // itemsize, 1), dtype=dtype, device=ctx.device)
+        if reason is None:
+            reason = backend.can_take(tensor)
+        if reason is None and mode == "graph" and not self.is_cuda:
+            reason = "graph mode needs a CUDA device"
+        reason = agreed_reason(reason, ctx)
+        if reason:
+            return Outcome("skip", reason=reason)
+
+        holder: list = [None]
+
+        def once() -> None:
+            holder[0] = backend.all_reduce(tensor)
+
+        step, calls = once, 1
+        if mode == "graph":
+            local = None
+            try:
+                step, _graph = capture_graph(once, calls=1)
+            except Exception as exc:
+                local = f"graph capture failed: {type(exc).__name__}: {exc}"
+            reason = agreed_reason(local, ctx)
+            if reason:
+                return Outcome("skip", reason=reason)
+        fill_input(tensor, ctx.rank, seed)
+        self._barrier()
+        step()
+        if self.is_cuda:
+            torch.cuda.synchronize()
+        err = torch.tensor([check_result(holder[0], ctx.rank, ctx.world_size, seed)],
+                           dtype=torch.float64)
+        dist.all_reduce(err, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+        if float(err.item()) != 0.0:
+            return Outcome("wrong", reason="wrong sum", max_abs_err=float(err.item()))
+        if mode == "graph":
+            step, _graph = capture_graph(once, calls=self.graph_calls)
+            calls = self.graph_calls
+        per_round = math.ceil(self.iters / self.rounds)
+        times: list[float] = []
+        for index in range(self.rounds):
+            warm = (self.warmup if mode == "eager" else max(1, self.warmup // calls)) \
+                if index == 0 else 0
+            part = measure(self.clock, step, iters=per_round, warmup=warm, calls_per_step=calls,
+                           before=self._barrier)
+            times += slowest_rank(part, ctx.cpu_group)
+            if on_round is None or index == self.rounds - 1:
+                continue
+            stop = None
+            if ctx.rank == 0:
+                stop = bool(on_round(index, statistics.median(times)))
+            if broadcast_object(stop, ctx.cpu_group):
+                median = statistics.median(times)
+                return Outcome("pruned", latency_us=median, iters=len(times))
+        stats = summarize(times, nbytes, ctx.world_size)
+        return Outcome("ok", latency_us=stats.latency_us, p10_us=stats.p10_us,
+                       p90_us=stats.p90_us, iters=len(times), max_abs_err=0.0)

@@ -1,0 +1,267 @@
+"""The live search: per message size, an Optuna study decides what to measure next.
+
+For each group (hardware, world size, dtype, mode) the sizes are searched in increasing order,
+one study each (see study.py for the space). The measurement itself is a callback, so the same
+loop drives real ranks (`tuner live`) and synthetic objectives (tests). Per size:
+
+1. Warm start: the previous size's best configuration of each of its `seed_algorithms` fastest
+   algorithms (at the smallest size: every algorithm's defaults) is enqueued first; the best
+   configuration changes slowly with size, so most sizes start next to their optimum.
+2. Hill climb: while the best configuration of one of the `climb_algorithms` fastest
+   algorithms has an unmeasured neighbour (one knob moved to an adjacent value, or another
+   algorithm with the same knobs), that neighbour is enqueued; knob values are ordered
+   (blocks, warps, chunk bytes, threads), which a categorical sampler does not know.
+3. Exploration: then Optuna's TPE sampler (multivariate, grouped by the conditional space)
+   proposes, until `patience` explored trials in a row do not beat the best by
+   `min_improvement`; a proposal already measured is answered from the study, never measured
+   again. Also stops when every configuration was tried, or at `max_trials` measurements.
+
+Pruning: after each round of iterations the median so far is reported; `MarginPruner` stops a
+configuration more than `prune_margin` slower than the best completed one at that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .data import params_key
+from .measure import Outcome
+from .study import Space, config_of, open_study, study_name
+
+__all__ = ["MarginPruner", "SearchOptions", "PointResult", "search_point", "search_group", "best_configs"]
+
+# measure(algorithm, params, nbytes, report) -> Outcome; report(step, median_us) -> prune?
+Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
+
+
+@dataclasses.dataclass
+class SearchOptions:
+    patience: int = 3
+    min_improvement: float = 0.01
+    max_trials: int | None = None  # measurements per size
+    seed_algorithms: int = 2
+    climb_algorithms: int = 2
+    startup_trials: int = 4
+    prune_margin: float = 0.25
+    seed: int = 0
+    run_id: str = "live"
+
+    def sampler(self, fixed: dict | None = None) -> optuna.samplers.BaseSampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            tpe = optuna.samplers.TPESampler(n_startup_trials=self.startup_trials,
+                                             seed=self.seed, multivariate=True, group=True)
+        return optuna.samplers.PartialFixedSampler(fixed, tpe) if fixed else tpe
+
+    def pruner(self) -> optuna.pruners.BasePruner:
+        return MarginPruner(self.prune_margin)
+
+
+class MarginPruner(optuna.pruners.BasePruner):
+    """Prunes a trial whose median so far is more than `margin` slower than the best completed
+    trial's at the same step ("clearly slower"; the median pruner would also stop a
+    configuration 1 % behind, which the table builder may still want as a neighbour)."""
+
+    def __init__(self, margin: float = 0.25) -> None:
+        self.margin = margin
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        best = None
+        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            ref = done.intermediate_values.get(step, done.value)
+            if ref is not None and (best is None or ref < best):
+                best = ref
+        return best is not None and value > best * (1 + self.margin)
+
+
+@dataclasses.dataclass
+class PointResult:
+    nbytes: int
+    grid: int  # configurations that exist at this size
+    measured: int  # new measurements (completed or pruned)
+    pruned: int
+    asked: int
+    best: tuple[str, dict] | None
+    best_latency_us: float | None
+
+
+def _known(study: optuna.Study) -> dict[tuple[str, str], float | None]:
+    """Configurations already tried in the study: value (completed) or None (pruned/failed)."""
+    known: dict[tuple[str, str], float | None] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+            continue
+        if "algorithm" not in trial.params:
+            continue
+        algorithm, params = config_of(trial)
+        key = (algorithm, params_key(params))
+        value = trial.value if trial.state == TrialState.COMPLETE else None
+        if key not in known or (value is not None and (known[key] is None or value < known[key])):
+            known[key] = value
+    return known
+
+
+def best_configs(study: optuna.Study, available: Sequence[str]) -> list[tuple[str, dict, float]]:
+    """Each available algorithm's best completed configuration, fastest algorithm first."""
+    best: dict[str, tuple[str, dict, float]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        algorithm, params = config_of(trial)
+        if algorithm not in available:
+            continue
+        if algorithm not in best or trial.value < best[algorithm][2]:
+            best[algorithm] = (algorithm, params, trial.value)
+    return sorted(best.values(), key=lambda b: b[2])
+
+
+def neighbours(space: Space, available: Sequence[str], algorithm: str,
+               params: dict) -> list[tuple[str, dict]]:
+    """One step away: one knob moved to an adjacent value (knob values are ordered), or
+    another algorithm with the same knobs at the same values."""
+    out = []
+    for knob, values in space.knobs[algorithm].items():
+        if knob in space.fixed.get(algorithm, {}) or params.get(knob) not in values:
+            continue
+        index = values.index(params[knob])
+        for other in (index - 1, index + 1):
+            if 0 <= other < len(values):
+                out.append((algorithm, {**params, knob: values[other]}))
+    for other in available:
+        knobs = space.knobs.get(other, {})
+        if other != algorithm and set(knobs) == set(params) and all(
+                params[k] in v for k, v in knobs.items()):
+            out.append((other, dict(params)))
+    return out
+
+
+def _next_neighbour(space, available, known, climb: int) -> tuple[str, dict] | None:
+    """An unmeasured neighbour of the best configuration of each of the `climb` fastest
+    algorithms (a hill climb over the ordered knobs, proposed to the study by enqueueing)."""
+    best: dict[str, tuple[float, str]] = {}
+    for (algorithm, key), value in known.items():
+        if value is not None and algorithm in available and (
+                algorithm not in best or value < best[algorithm][0]):
+            best[algorithm] = (value, key)
+    for algorithm, (_, key) in sorted(best.items(), key=lambda b: b[1][0])[:climb]:
+        for candidate in neighbours(space, available, algorithm, json.loads(key)):
+            if (candidate[0], params_key(candidate[1])) not in known:
+                return candidate
+    return None
+
+
+def search_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
+                 nbytes: int, seeds: Sequence[tuple[str, dict]],
+                 options: SearchOptions) -> PointResult:
+    """Seeds first, then a hill climb around the incumbents, then TPE exploration until
+    `patience` explored trials bring no improvement."""
+    known = _known(study)
+    values = [v for (alg, _), v in known.items() if v is not None and alg in available]
+    best = min(values, default=None)
+    for algorithm, params in seeds:
+        if algorithm in available and (algorithm, params_key(params)) not in known:
+            study.enqueue_trial(space.trial_params(algorithm, params), skip_if_exists=True)
+    pending_seeds = len(seeds)
+    grid = {(a, params_key(p)) for a, p in space.configs(available)}
+    streak = measured = pruned = asked = 0
+    while asked < 4 * len(grid) + 10:
+        if options.max_trials is not None and measured >= options.max_trials:
+            break
+        if grid <= set(known):
+            break
+        exploring = False
+        if pending_seeds <= 0:
+            step = _next_neighbour(space, available, known, options.climb_algorithms)
+            if step is not None:
+                study.enqueue_trial(space.trial_params(*step), skip_if_exists=True)
+            elif streak >= options.patience:
+                break
+            else:
+                exploring = True
+        pending_seeds -= 1
+        trial = study.ask()
+        asked += 1
+        algorithm, params = space.suggest(trial)
+        key = (algorithm, params_key(params))
+        if algorithm not in available:
+            trial.set_user_attr("reason", f"{algorithm} is not available here")
+            study.tell(trial, state=TrialState.FAIL)
+            streak += exploring
+            continue
+        if key in known:  # measured before: answer from the study, do not measure twice
+            trial.set_user_attr("repeat_of", params_key(params))
+            if known[key] is None:
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                study.tell(trial, known[key])
+            streak += exploring
+            continue
+
+        def report(step: int, median_us: float, _trial=trial) -> bool:
+            _trial.report(median_us, step)
+            return _trial.should_prune()
+
+        outcome = measure(algorithm, dict(params), nbytes, report)
+        _record(trial, outcome, options.run_id)
+        improved = False
+        if outcome.status == "ok":
+            measured += 1
+            study.tell(trial, outcome.latency_us)
+            known[key] = outcome.latency_us
+            improved = best is None or outcome.latency_us < best * (1 - options.min_improvement)
+            best = outcome.latency_us if best is None else min(best, outcome.latency_us)
+        elif outcome.status == "pruned":
+            measured += 1
+            pruned += 1
+            study.tell(trial, state=TrialState.PRUNED)
+            known[key] = None
+        else:  # cannot take this size, or a wrong sum: never a candidate
+            measured += outcome.status == "wrong"
+            study.tell(trial, state=TrialState.FAIL)
+            known[key] = None
+        if exploring:
+            streak = 0 if improved else streak + 1
+    found = best_configs(study, available)
+    return PointResult(nbytes=nbytes, grid=len(grid), measured=measured, pruned=pruned,
+                       asked=asked, best=(found[0][0], found[0][1]) if found else None,
+                       best_latency_us=found[0][2] if found else None)
+
+
+def _record(trial: optuna.Trial, outcome: Outcome, run_id: str) -> None:
+    attrs: dict[str, Any] = {"origin": "live", "status": outcome.status, "iters": outcome.iters,
+                             "run_id": run_id}
+    for name in ("p10_us", "p90_us", "reason", "max_abs_err"):
+        value = getattr(outcome, name)
+        if value is not None:
+            attrs[name] = value
+    for name, value in attrs.items():
+        trial.set_user_attr(name, value)
+
+
+def search_group(storage, group: tuple, sizes: Sequence[int], space: Space,
+                 available: Sequence[str], measure: Measure, options: SearchOptions,
+                 on_point: Callable[[PointResult], None] | None = None) -> list[PointResult]:
+    """Every size of one group, smallest first, each warm-started from the one before."""
+    hardware_key, world_size, dtype, mode = group
+    results = []
+    seeds: list[tuple[str, dict]] = [(name, dict(space.defaults[name])) for name in available]
+    for nbytes in sizes:
+        study = open_study(storage, study_name(hardware_key, world_size, dtype, mode, nbytes),
+                           sampler=options.sampler(space.fixed_params()),
+                           pruner=options.pruner())
+        result = search_point(study, space, available, measure, nbytes, seeds, options)
+        results.append(result)
+        if on_point is not None:
+            on_point(result)
+        ranked = best_configs(study, available)[:max(1, options.seed_algorithms)]
+        seeds = [(alg, params) for alg, params, _ in ranked] or seeds
+    return results
