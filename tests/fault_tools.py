@@ -1,0 +1,140 @@
+"""Helpers of the fault tests: start a real sweep, find its ranks, watch its rows and leftovers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHM_PREFIX = "aat-"  # bench.backends._shm_segment.NAME_PREFIX
+
+
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), out.get("PYTHONPATH")]))
+    out.setdefault("OMP_NUM_THREADS", "1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        out.pop(key, None)
+    out.update(extra or {})
+    return out
+
+
+def start(program: str, *args: object, extra_env: dict[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    module = {"bench": "bench.cli", "tuner": "tuner.cli"}[program]
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env=env(extra_env),
+                            cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descendants(root: int) -> set[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            ppid = _ppid(int(entry.name))
+            if ppid is not None:
+                parents[int(entry.name)] = ppid
+    found, frontier = set(), {root}
+    while frontier:
+        children = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= children
+        frontier = children
+    return found
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not reaped, counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def rank_pids(root: int, lock: Path) -> tuple[int, list[int]]:
+    """(rank 0, other ranks) of a sweep: the ranks are the launcher's spawned workers, and
+    rank 0 is the one holding the run directory's lock open."""
+    workers = []
+    for pid in descendants(root):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            workers.append(pid)
+    writer = [pid for pid in workers if holds(pid, lock)]
+    assert len(writer) == 1, f"no single rank holds {lock}: workers {workers}"
+    return writer[0], sorted(set(workers) - set(writer))
+
+
+def holds(pid: int, path: Path) -> bool:
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd) == str(path):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def data_rows(path: Path) -> int:
+    try:
+        return max(0, len(path.read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def wait_for_rows(proc: subprocess.Popen, results: Path, rows: int, timeout_s: float = 120,
+                  seen: set[int] | None = None) -> None:
+    """Poll until `results` has `rows` data rows; record the sweep's processes in `seen`."""
+    deadline = time.monotonic() + timeout_s
+    while data_rows(results) < rows:
+        if seen is not None:
+            seen |= descendants(proc.pid)
+        if proc.poll() is not None:
+            raise AssertionError(f"sweep ended (rc {proc.returncode}) before {rows} rows: "
+                                 f"{proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {rows} rows in {results} within {timeout_s} s")
+        time.sleep(0.02)
+    if seen is not None:
+        seen |= descendants(proc.pid)
+
+
+def shm_segments() -> set[str]:
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith(SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def point_keys(results: Path) -> list[tuple]:
+    with open(results, newline="") as fh:
+        return [(r["backend"], r["world_size"], r["dtype"], r["bytes"], r["mode"])
+                for r in csv.DictReader(fh)]
+
+
+def stderr_lines(text: str) -> list[str]:
+    """Our own lines: torch's launcher logs (W/I/E + date prefixes) and tracebacks it prints
+    on our behalf are left out."""
+    return [line for line in text.splitlines() if line.startswith("bench")]

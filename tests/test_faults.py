@@ -1,0 +1,159 @@
+"""Faults with real processes: a rank SIGKILLed or stopped mid-sweep, ranks that disagree on the
+point, two sweeps on one directory. Each ends within --timeout (plus the launcher's shutdown),
+names the rank, keeps every finished row, leaves no process, shm segment or descriptor behind,
+and `--resume` completes exactly the missing points."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from fault_tools import (
+    REPO,
+    alive,
+    data_rows,
+    descendants,
+    env,
+    open_fds,
+    point_keys,
+    rank_pids,
+    shm_segments,
+    start,
+    stderr_lines,
+    wait_for_rows,
+)
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 8  # --timeout of the faulty sweeps: a stopped rank is noticed after this
+# the launcher's own slack after a rank gives up: silent-peer check (2.5 s), shutdown (<= 5 s)
+SLACK_S = 15
+SWEEP = ["--world-size", "2", "--backends", "gloo,shm_one_shot", "-b", "1K", "-e", "256K",
+         "--dtypes", "float32", "-n", "40", "-w", "2", "-q"]
+POINTS = 2 * 9
+
+
+@pytest.fixture(scope="module")
+def reference() -> set[tuple]:
+    """The point keys an uninterrupted sweep with SWEEP writes: one row per planned point."""
+    from bench.cli import parse_sweep_config
+    from bench.worker import point_plan
+
+    cfg = parse_sweep_config(SWEEP)
+    keys = {(b, str(cfg.world_size), d, str(n), m) for b, d, m, n in point_plan(cfg)}
+    assert len(keys) == POINTS
+    return keys
+
+
+def _interrupt(tmp_path: Path, how: signal.Signals, second: bool = False) -> dict:
+    """Start a sweep, wait for some rows, hit rank 1 with `how`, wait for the end. With
+    `second`, start another sweep on the same directory while rank 0 still holds it."""
+    out = tmp_path / "run"
+    shm_before, fds_before = shm_segments(), open_fds()
+    proc = start("bench", "sweep", *SWEEP, "--timeout", TIMEOUT_S, "--out", out)
+    seen: set[int] = set()
+    wait_for_rows(proc, out / "results.csv", 1, seen=seen)
+    rank0, others = rank_pids(proc.pid, out / ".lock")
+    wait_for_rows(proc, out / "results.csv", 4, seen=seen)
+    os.kill(others[0], how)
+    hit = time.monotonic()
+    kept = (out / "results.csv").read_bytes()
+    other = start("bench", "sweep", *SWEEP, "--timeout", "60", "--resume", out) if second \
+        else None
+    stdout, stderr = proc.communicate(timeout=120)
+    elapsed = time.monotonic() - hit
+    time.sleep(0.2)
+    return {"second": other.communicate(timeout=120) + (other.returncode,) if other else None,
+            "out": out, "proc": proc, "stderr": stderr, "elapsed": elapsed, "kept": kept,
+            "pids": seen | {rank0, *others}, "shm_before": shm_before, "fds_before": fds_before}
+
+
+def _check_ended_cleanly(run: dict, limit_s: float) -> None:
+    assert run["proc"].returncode not in (0, None)
+    assert run["elapsed"] < limit_s, f"took {run['elapsed']:.1f} s"
+    assert not [p for p in run["pids"] if alive(p)], "a rank or helper process outlived the sweep"
+    assert shm_segments() == run["shm_before"], "a shared-memory segment was left in /dev/shm"
+    assert open_fds() == run["fds_before"]
+    # every finished row is still there, byte for byte, and no row is cut short
+    table = (run["out"] / "results.csv").read_bytes()
+    assert table.startswith(run["kept"]) and table.endswith(b"\n")
+
+
+def _resume_to_reference(run: dict, reference: set[tuple], run_cli) -> None:
+    kept = point_keys(run["out"] / "results.csv")
+    assert 4 <= len(kept) < POINTS
+    proc = run_cli("bench", "sweep", *SWEEP, "--timeout", "60", "--resume", run["out"],
+                   timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = point_keys(run["out"] / "results.csv")
+    assert resumed[:len(kept)] == kept  # the finished rows were not measured again
+    assert len(resumed) == len(set(resumed)) == POINTS
+    assert set(resumed) == reference
+
+
+def test_sigkill_of_a_rank_ends_the_sweep_and_resume_completes(tmp_path, reference, run_cli):
+    run = _interrupt(tmp_path, signal.SIGKILL)
+    _check_ended_cleanly(run, limit_s=TIMEOUT_S)
+    lines = stderr_lines(run["stderr"])
+    assert any("rank 1 failed" in line and "SIGKILL" in line for line in lines), lines
+    _resume_to_reference(run, reference, run_cli)
+
+
+def test_a_stopped_rank_is_named_and_ended_and_resume_completes(tmp_path, reference, run_cli):
+    run = _interrupt(tmp_path, signal.SIGSTOP, second=True)
+    _check_ended_cleanly(run, limit_s=TIMEOUT_S + SLACK_S)
+    # a second sweep on the directory while the stuck one still holds it: refused, exit 2
+    _, second_err, second_rc = run["second"]
+    assert second_rc == 2 and "being written by another sweep" in second_err, second_err
+    lines = stderr_lines(run["stderr"])
+    # rank 0 gives up after --timeout and names the silent peer
+    assert any(line.startswith("bench: rank 0:") and "silent: rank 1" in line
+               for line in lines), run["stderr"][-3000:]
+    _resume_to_reference(run, reference, run_cli)
+
+
+SKEW = textwrap.dedent("""
+    # rank 1 plans other sizes than rank 0: the sweep must stop with the ranks named, not hang.
+    # Top level on purpose: the launcher's spawned ranks re-run this file as their __main__.
+    import os
+    import sys
+
+    import bench.worker as worker
+
+    _plan = worker.point_plan
+
+    def skewed(cfg):
+        for backend, dtype, mode, nbytes in _plan(cfg):
+            yield backend, dtype, mode, nbytes * (2 if os.environ.get("RANK") == "1" else 1)
+
+    worker.point_plan = skewed
+
+    if __name__ == "__main__":
+        from bench.cli import main
+
+        sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
+    script = tmp_path / "skew.py"
+    script.write_text(SKEW)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), "sweep", "--world-size", "2",
+                           "--backends", "gloo", "-b", "1K", "-e", "4K", "--dtypes", "float32",
+                           "-n", "3", "--timeout", "60", "--out", str(out), "-q"],
+                          capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "ranks disagree" in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "rank 0: ('gloo', 'float32', 'eager', 1024)" in lines[0]
+    assert "rank 1: ('gloo', 'float32', 'eager', 2048)" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert data_rows(out / "results.csv") == 0
+    assert not [pid for pid in descendants(os.getpid()) if alive(pid)]
