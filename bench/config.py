@@ -221,7 +221,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     if out is not None:
         _check_writable(Path(out))
         _check_run_dir(Path(out), "--resume" if resume else "--out")
-        if not resume and (Path(out) / "results.csv").is_file() and \
+        if not resume and node_rank == 0 and (Path(out) / "results.csv").is_file() and \
                 (Path(out) / "results.csv").stat().st_size > 0:
             raise UsageError(f"--out: {out} already holds a run (results.csv); continue it "
                              f"with --resume {out}, or pick another --out")
