@@ -89,8 +89,10 @@ class TrialRunner:
         dist.barrier(group=self.ctx.cpu_group)
 
     def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int,
+            prunable: bool = False,
             on_round: Callable[[int, float], bool] | None = None) -> Outcome:
-        """Collective. `on_round(step, median_us)` runs on rank 0 only; True prunes."""
+        """Collective. With `prunable` (the same on every rank), rank 0 calls
+        `on_round(step, median_us)` after each round but the last; True prunes everywhere."""
         ctx = self.ctx
         itemsize = torch.empty((), dtype=dtype).element_size()
         reason = None if nbytes % itemsize == 0 else f"{nbytes} bytes is not whole elements"
@@ -139,11 +141,11 @@ class TrialRunner:
             part = measure(self.clock, step, iters=per_round, warmup=warm, calls_per_step=calls,
                            before=self._barrier)
             times += slowest_rank(part, ctx.cpu_group)
-            if on_round is None or index == self.rounds - 1:
+            if not prunable or index == self.rounds - 1:
                 continue
             stop = None
             if ctx.rank == 0:
-                stop = bool(on_round(index, statistics.median(times)))
+                stop = bool(on_round(index, statistics.median(times))) if on_round else False
             if broadcast_object(stop, ctx.cpu_group):
                 median = statistics.median(times)
                 return Outcome("pruned", latency_us=median, iters=len(times))

@@ -1,0 +1,277 @@
+"""`tuner live`: search the configuration space with real measurements, then write the tables.
+
+The ranks are launched once, through torchrun's launcher API (`bench.cli.launch`, or run under
+the user's own torchrun / srun). Rank 0 runs the Optuna studies (ask/tell, SQLite storage
+beside the output, default ``<output>.study.db``) and broadcasts each trial over the gloo group:
+(algorithm, knobs, dtype, mode, bytes, seed). Every rank builds that backend with those knobs
+(cached per configuration, a few alive at once) and measures it like the sweep does, in rounds
+that the pruner may cut short. At the end rank 0 fits the tables from the studies (the same
+builder as `tuner fit`), writes thresholds.json and ``<output>.live.json``: per size, how many
+configurations were measured against how many exist (the grid), and the best found.
+
+Flags: every `bench sweep` flag (sizes, dtypes, modes, backends, iterations, device,
+`--param BACKEND.KNOB=VALUE` fixes a knob), plus -o and the search's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.config import DTYPES, SweepConfig, UsageError, add_sweep_arguments, config_from_args
+from bench.sizes import format_size
+
+__all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
+
+
+@dataclasses.dataclass
+class LiveOptions:
+    output: str
+    study_db: str
+    patience: int = 3
+    max_trials: int | None = None
+    rounds: int = 4
+    seed: int = 0
+    prune_margin: float = 0.25
+    climb_algorithms: int = 2
+    seed_algorithms: int = 2
+    cache_backends: int = 6
+    max_rules: int = 8
+    memory_budget: int | None = None
+    workload: dict | None = None
+    pareto: str | None = None
+    run_id: str = ""
+    command: str = ""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tuner live", description="Search algorithms x knobs with real "
+                "measurements (Optuna), then write thresholds.json.")
+    add_sweep_arguments(p)
+    p.add_argument("-o", "--output", required=True, help="thresholds.json to write")
+    p.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
+                   help="SQLite file of the studies (default: <output>.study.db; resumable)")
+    p.add_argument("--patience", default="3",
+                   help="explored trials in a row without a better best before a size stops")
+    p.add_argument("--max-trials", dest="max_trials", default=None,
+                   help="at most this many measurements per size")
+    p.add_argument("--rounds", default="4",
+                   help="the timed iterations come in this many rounds; the pruner may stop a "
+                        "configuration after any but the last")
+    p.add_argument("--prune-margin", dest="prune_margin", default="0.25",
+                   help="prune a configuration this much slower than the best (0.25 = 25%%)")
+    p.add_argument("--seed", default="0", help="sampler seed")
+    p.add_argument("--cache-backends", dest="cache_backends", default="6",
+                   help="built backends kept alive at once")
+    from .cli import _add_table_flags
+
+    _add_table_flags(p)
+    return p
+
+
+def _int(flag: str, text: str | None, minimum: int = 1) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
+    args = build_parser().parse_args(argv)
+    if args.resume is not None:
+        raise UsageError("--resume: not used by tuner live (the study in --study-db resumes)")
+    if args.out is not None:
+        raise UsageError("--out: not used by tuner live (use -o for thresholds.json)")
+    cfg = config_from_args(args)
+    try:
+        margin = float(args.prune_margin)
+    except ValueError:
+        margin = -1.0
+    if not margin >= 0:
+        raise UsageError(f"--prune-margin: expected a number >= 0, got {args.prune_margin!r}")
+    output = Path(args.output)
+    if output.parent and not output.parent.exists():
+        raise UsageError(f"-o: folder {output.parent} does not exist")
+    from .cli import _table_options
+
+    table = _table_options(args)
+    study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
+    opts = LiveOptions(
+        output=str(output), study_db=study_db, patience=_int("--patience", args.patience),
+        max_trials=_int("--max-trials", args.max_trials),
+        rounds=_int("--rounds", args.rounds), seed=_int("--seed", args.seed, 0),
+        prune_margin=margin, cache_backends=_int("--cache-backends", args.cache_backends),
+        max_rules=table["max_rules"], memory_budget=table["memory_budget"],
+        workload=table["workload"], pareto=args.pareto,
+        run_id=datetime.datetime.now().strftime("live-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
+        command="tuner live " + " ".join(argv),
+    )
+    return cfg, opts
+
+
+def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
+    """One rank (under the launcher, torchrun or srun)."""
+    import torch.distributed as dist
+
+    from bench.worker import Watchdog, dist_env
+
+    layout = dist_env()
+    watchdog = Watchdog(layout["rank"], cfg.timeout_s)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        return _live(cfg, opts, watchdog)
+    finally:
+        watchdog.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _live(cfg: SweepConfig, opts: LiveOptions, watchdog) -> int:
+    from bench.backends import get_spec
+    from bench.hardware import fingerprint
+
+    from .context import broadcast_object, make_context
+    from .measure import BackendCache, Outcome, TrialRunner
+
+    ctx = make_context(device=cfg.device, timeout_s=cfg.timeout_s)
+    hardware_key = broadcast_object(
+        fingerprint(cfg.device)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group)
+    cache = BackendCache(ctx, max(cfg.sizes), opts.cache_backends)
+    runner = TrialRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=opts.rounds,
+                         graph_calls=cfg.graph_calls)
+
+    def execute(job: dict[str, Any], on_round=None) -> Outcome:
+        watchdog.beat(f"{job['algorithm']} {job['dtype']} {job['mode']} {job['bytes']}B")
+        backend, reason = cache.get(job["algorithm"], job["params"])
+        if backend is None:
+            return Outcome("skip", reason=reason)
+        return runner.run(backend, DTYPES[job["dtype"]], job["mode"], job["bytes"],
+                          seed=job["seed"], prunable=True, on_round=on_round)
+
+    # what can run here: every backend built once with its default knobs (collective)
+    available, unavailable = [], {}
+    for name in cfg.backends:
+        try:
+            params = {**get_spec(name).default_params(), **cfg.params.get(name, {})}
+        except KeyError as exc:
+            unavailable[name] = str(exc.args[0])
+            continue
+        backend, reason = cache.get(name, params)
+        if backend is None:
+            unavailable[name] = reason
+        else:
+            available.append(name)
+    try:
+        if ctx.rank != 0:
+            while True:
+                job = broadcast_object(None, ctx.cpu_group)
+                if job is None:
+                    return 0
+                execute(job)
+        try:
+            return _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute)
+        finally:
+            broadcast_object(None, ctx.cpu_group)  # the other ranks' loop ends
+    finally:
+        cache.release()
+
+
+def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int:
+    import optuna
+
+    from .context import broadcast_object
+    from .fit import fit_tables, print_fits
+    from .search import SearchOptions, search_group
+    from .study import Space, measurements, storage_url
+
+    for name, reason in unavailable.items():
+        print(f"# {name}: not searched ({reason})", flush=True)
+    if not available:
+        print("tuner live: no backend can run here", file=sys.stderr)
+        return 1
+    space = Space.for_algorithms(available).restrict(cfg.params)
+    storage = optuna.storages.RDBStorage(storage_url(opts.study_db))
+    options = SearchOptions(patience=opts.patience, max_trials=opts.max_trials, seed=opts.seed,
+                            prune_margin=opts.prune_margin, run_id=opts.run_id,
+                            climb_algorithms=opts.climb_algorithms,
+                            seed_algorithms=opts.seed_algorithms)
+    counter = [0]
+    summary: dict[str, Any] = {"run_id": opts.run_id, "hardware_key": hardware_key,
+                               "world_size": ctx.world_size, "algorithms": available,
+                               "study_db": opts.study_db, "groups": []}
+    groups = []
+    for dtype in cfg.dtypes:
+        for mode in cfg.modes:
+            group = (hardware_key, ctx.world_size, dtype, mode)
+            groups.append(group)
+
+            def measure(algorithm, params, nbytes, report, _dtype=dtype, _mode=mode):
+                counter[0] += 1
+                job = {"algorithm": algorithm, "params": params, "dtype": _dtype,
+                       "mode": _mode, "bytes": nbytes, "seed": counter[0]}
+                broadcast_object(job, ctx.cpu_group)
+                return execute(job, on_round=report)
+
+            def show(point, _dtype=dtype, _mode=mode):
+                from .builder import config_label
+
+                best = "none" if point.best is None else (
+                    f"{config_label(*point.best)} {point.best_latency_us:.1f} us")
+                print(f"# ws{ctx.world_size} {_dtype} {_mode} {format_size(point.nbytes):>5}: "
+                      f"{point.measured:3d} measured ({point.pruned} pruned) of "
+                      f"{point.grid} configurations; best {best}", flush=True)
+
+            results = search_group(storage, group, cfg.sizes, space, available, measure,
+                                   options, on_point=show)
+            summary["groups"].append({
+                "dtype": dtype, "mode": mode,
+                "points": [dataclasses.asdict(r) for r in results],
+                "measured": sum(r.measured for r in results),
+                "grid": sum(r.grid for r in results)})
+    summary["measured"] = sum(g["measured"] for g in summary["groups"])
+    summary["grid"] = sum(g["grid"] for g in summary["groups"])
+    summary["fraction"] = summary["measured"] / summary["grid"] if summary["grid"] else None
+    data = {g: v for g, v in measurements(storage).items() if g in groups}
+    thresholds, fits = fit_tables(data, workload=opts.workload, max_rules=opts.max_rules,
+                                  memory_budget=opts.memory_budget, source="live",
+                                  command=opts.command)
+    print_fits(fits)
+    thresholds.save(opts.output)
+    if opts.pareto:
+        from .cli import write_pareto
+
+        write_pareto(opts.pareto, fits)
+    path = Path(opts.output)
+    live_json = path.with_name(path.stem + ".live.json")
+    live_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"# {summary['measured']} configurations measured of {summary['grid']} in the grid "
+          f"({100 * (summary['fraction'] or 0):.0f}%); tables -> {opts.output}; study -> "
+          f"{opts.study_db}; summary -> {live_json}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, opts = parse_live(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return live_worker(cfg, opts)  # already one rank of the user's torchrun
+    from bench.cli import launch
+
+    return launch(cfg, live_worker, (cfg, opts))
