@@ -13,8 +13,8 @@ Three parts, each usable when the others fail:
   exact sum.
 
 Exit code 0 when the ranks agree, 1 when they differ or a rank failed, 2 on bad flags.
-`ALLREDUCE_AUTOTUNE_DOCTOR_FAKE` (a JSON object merged into a rank's fingerprint) exists for the
-tests that check the difference report; never set it otherwise.
+`ALLREDUCE_AUTOTUNE_DOCTOR_FAKE` exists for the tests of the difference report, never set it
+otherwise: a JSON object merged into every rank's fingerprint, or {"<rank>": {...}} per rank.
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def node_report(master_addr: str | None = None, master_port: int | None = None,
 
 
 # ---------------------------------------------------------------------------- the ranks
-def rank_fingerprint(device) -> dict[str, Any]:
+def rank_fingerprint(device, rank: int = 0) -> dict[str, Any]:
     """What must agree across the ranks of one sweep, as this rank sees it."""
     import platform
 
@@ -176,9 +176,10 @@ def rank_fingerprint(device) -> dict[str, Any]:
         fp["driver"] = gpu.get("driver")
         props = torch.cuda.get_device_properties(device)
         fp["gpu"], fp["cc"] = props.name, f"{props.major}.{props.minor}"
-    fake = os.environ.get(FAKE_ENV)
-    if fake:
-        fp.update(json.loads(fake))
+    fake = json.loads(os.environ.get(FAKE_ENV) or "{}")
+    if all(key.isdigit() for key in fake):
+        fake = fake.get(str(rank), {})
+    fp.update(fake)
     return fp
 
 
@@ -246,7 +247,7 @@ def _ranks_report(cfg) -> dict[str, Any]:
     try:
         ctx = _make_context(cfg, layout, run_tag=_shared_tag(layout["rank"]))
         fps: list = [None] * ctx.world_size
-        dist.all_gather_object(fps, rank_fingerprint(ctx.device), group=ctx.cpu_group)
+        dist.all_gather_object(fps, rank_fingerprint(ctx.device, ctx.rank), group=ctx.cpu_group)
         results = []
         for name in registry.known_names():
             watchdog.beat(f"doctor {name}")
