@@ -13,14 +13,17 @@ per call and replays correctly inside a CUDA graph. Every launch uses the whole 
 programs, even those with no tile), so all ranks' counters advance together.
 
 Barriers. Program b of rank r writes its epoch into slot (phase, b, r) of every peer's flag
-area (an atomic exchange, release, system scope, after a block-wide `debug_barrier` so the
-whole block's stores are ordered before it), then spins on slots (phase, b, p) of its own
-area (atomic add of 0, acquire, system scope) until every peer's value has reached the epoch
-(compared as a wrapping int32 difference). Only program b of each rank touches the tiles of
-program b, so per-program barriers are enough. A spin is bounded by `max_spins` reads; past
-it, the program stores one int64 word into `status` (a pinned host word: the host reads it
-without synchronising) naming the peer, barrier phase, program and epoch, and goes on; the
-Python side then raises `TimeoutError` instead of hanging.
+area (a scalar atomic exchange, release, system scope, after a block-wide `debug_barrier` so
+the whole block's stores are ordered before it), then spins on slots (phase, b, p) of its own
+area, one peer after the other (scalar atomic add of 0, acquire, system scope) until each
+peer's value has reached the epoch (compared as a wrapping int32 difference). Only program b
+of each rank touches the tiles of program b, so per-program barriers are enough. Each wait is
+bounded by `max_spins` reads; past it, the program stores one int64 word into `status` (a
+pinned host word: the host reads it without synchronising) naming the peer, barrier phase,
+program and epoch, and goes on; the Python side then raises `TimeoutError` instead of hanging.
+(A first version waited on all peers at once with an 8-lane atomic; its per-lane results are
+replicated across the block's threads by Triton, and once in a few thousand barriers under MPS
+a program missed a flag that was set: the scalar form leaves no such room.)
 
 Tiles. Tile t covers elements [t*TILE, (t+1)*TILE); program b takes tiles b, b+G, b+2G, ...
 In two-shot, tile t = b + G*k belongs to rank k mod W: rank r reduces its tiles from every
@@ -111,30 +114,27 @@ def reduce_n_kernel(x0, x1, x2, x3, x4, x5, x6, x7, out, n, N: tl.constexpr,
 def _barrier(flag_table, own_flags, status_addr, phase: tl.constexpr, b, rank, epoch,
              max_spins, W: tl.constexpr, MAXB: tl.constexpr):
     """Signal every peer that program b of this rank reached `phase` of `epoch`; wait for
-    all peers' program b. Bounded: on timeout, record the late peer in the status word."""
+    all peers' program b. Bounded: on timeout, record the late peer in the status word.
+
+    Scalar atomics only (one thread performs each, the value is broadcast to the block), so
+    every thread of the block sees the same flag value and leaves the spin together."""
     tl.debug_barrier()
-    peers = tl.arange(0, 8)
-    active = (peers < W) & (peers != rank)
     row = (phase * MAXB + b) * 8
-    bases = tl.load(flag_table + peers, mask=peers < W, other=0)
-    remote = bases.to(tl.pointer_type(tl.int32)) + row + rank
-    tl.atomic_xchg(remote, tl.zeros([8], tl.int32) + epoch, mask=active, sem="release",
-                   scope="sys")
-    mine = own_flags + row + peers
-    late = active
-    behind = tl.sum(late.to(tl.int32), axis=0)
-    spins = max_spins * 0
-    while (behind > 0) & (spins < max_spins):
-        seen = tl.atomic_add(mine, tl.zeros([8], tl.int32), mask=active, sem="acquire",
-                             scope="sys")
-        late = active & ((seen - epoch) < 0)
-        behind = tl.sum(late.to(tl.int32), axis=0)
-        spins += 1
-    if behind > 0:
-        peer = tl.min(tl.where(late, peers, 8), axis=0)
-        word = ((epoch.to(tl.int64) << 32) | (b.to(tl.int64) << 16) | (phase << 12)
-                | (peer.to(tl.int64) << 4) | 1)
-        tl.store(status_addr.to(tl.pointer_type(tl.int64)), word)
+    for p in tl.static_range(W):
+        if p != rank:
+            peer_flags = tl.load(flag_table + p).to(tl.pointer_type(tl.int32))
+            tl.atomic_xchg(peer_flags + row + rank, epoch, sem="release", scope="sys")
+    for p in tl.static_range(W):
+        if p != rank:
+            seen = tl.atomic_add(own_flags + row + p, 0, sem="acquire", scope="sys")
+            spins = max_spins * 0
+            while ((seen - epoch) < 0) & (spins < max_spins):
+                seen = tl.atomic_add(own_flags + row + p, 0, sem="acquire", scope="sys")
+                spins += 1
+            if (seen - epoch) < 0:
+                word = ((epoch.to(tl.int64) << 32) | (b.to(tl.int64) << 16) | (phase << 12)
+                        | (p << 4) | 1)
+                tl.store(status_addr.to(tl.pointer_type(tl.int64)), word)
     tl.debug_barrier()
 
 
