@@ -33,7 +33,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -180,10 +180,13 @@ class _TorchFloor:
         self._group = None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Route:
+class _Route(NamedTuple):
     bounds: list[int]  # finite max_bytes, increasing
-    chains: tuple[tuple[Any, ...], ...]  # per rule: backends to try, in order
+    chains: tuple[tuple[Any, ...], ...]  # per rule: (backend, max bytes) to try, in order
+
+
+_bisect = bisect.bisect_left
+_capturing = torch.cuda.is_current_stream_capturing
 
 
 class Dispatcher:
@@ -280,11 +283,10 @@ class Dispatcher:
     def decide(self, tensor: torch.Tensor):
         """The backend that will reduce `tensor` (rule lookup + gates), None: the floor
         refuses it too (a non-contiguous tensor)."""
-        routes = self._graph if (self._cuda and torch.cuda.is_current_stream_capturing()) \
-            else self._eager
-        route = routes.get(tensor.dtype) or self._fallback
-        nbytes = tensor.numel() * tensor.element_size()
-        for backend, max_bytes in route.chains[bisect.bisect_left(route.bounds, nbytes)]:
+        routes = self._graph if (self._cuda and _capturing()) else self._eager
+        bounds, chains = routes.get(tensor.dtype, self._fallback)
+        nbytes = tensor.nbytes
+        for backend, max_bytes in chains[_bisect(bounds, nbytes)]:
             if nbytes <= max_bytes and backend.can_take(tensor) is None:
                 return backend
         return None

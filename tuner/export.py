@@ -67,13 +67,10 @@ def _walk(table: Table) -> tuple[dict[str, int], list[str]]:
             bounds[name] = _bound(table, last)
     notes = []
     rest = table.rules[index:]
-    floor_seen = False
     low = table.rules[index - 1].max_bytes if index else 0
     for rule in rest:
         high = "inf" if rule.max_bytes is None else format_size(rule.max_bytes)
-        if rule.algorithm in FLOORS and not floor_seen:
-            floor_seen = True
-        else:
+        if rule.algorithm not in FLOORS:  # after the families everything goes to NCCL
             notes.append(f"not expressible: ({format_size(low) if low else '0'} .. {high}] "
                          f"{rule.algorithm} (vLLM's order: custom, symm mem, then NCCL)")
         low = rule.max_bytes
