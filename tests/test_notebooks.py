@@ -66,4 +66,5 @@ def test_notebook_executes(path: Path, fallback_runs: Path | None) -> None:
     client.execute()  # raises CellExecutionError naming the failing cell
     images = sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for out in c.outputs)
-    assert images >= 1, f"{path.name} drew no figure"
+    # 01: latency, busbw, status per machine; 02: winners, gain, Pareto per machine at least
+    assert images >= 3, f"{path.name} drew {images} figure(s), expected 3 or more"
