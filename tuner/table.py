@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,39 @@ def _knobs_of(algorithm: str) -> Mapping[str, Any] | None:
         return None
 
 
+def _node_device(hardware_key: str) -> str | None:
+    """cpu or cuda for keys `bench.hardware.hardware_key` writes; None for any other key."""
+    if hardware_key.startswith("cpu-"):
+        return "cpu"
+    if re.fullmatch(r"[a-z0-9-]+-x\d+-(nvlink|pcie|nop2p|single)", hardware_key):
+        return "cuda"
+    return None
+
+
+def _device_of(algorithm: str) -> str | None:
+    from bench.backends import get_spec
+
+    try:
+        return get_spec(algorithm).device
+    except KeyError:
+        return None
+
+
+def _check_hardware(table: Table, where: str) -> None:
+    """A table routes only to algorithms that run on the node its hardware_key names."""
+    node = _node_device(table.hardware_key)
+    if node is None:
+        return
+    if node == "cpu" and table.mode == "graph":
+        raise TableError(f"{where}.mode: graph needs CUDA, but hardware_key "
+                         f"{table.hardware_key!r} names a CPU node")
+    for i, rule in enumerate(table.rules):
+        device = _device_of(rule.algorithm)
+        if device is not None and device != node:
+            raise TableError(f"{where}.rules[{i}].algorithm: {rule.algorithm} runs on {device}, "
+                             f"but hardware_key {table.hardware_key!r} names a {node} node")
+
+
 def _rule(obj: Any, where: str, known: list[str]) -> Rule:
     _fields(obj, where, _RULE_REQUIRED, _RULE_OPTIONAL)
     max_bytes = obj["max_bytes"]
@@ -320,9 +354,11 @@ def _table(obj: Any, where: str, known: list[str]) -> Table:
                              f"{rule.max_bytes} (rules[{i}].max_bytes), got "
                              f"{max_size[rule.algorithm]}")
     evidence = _evidence(obj["evidence"], f"{where}.evidence")
-    return Table(hardware_key=obj["hardware_key"], world_size=obj["world_size"],
-                 dtype=obj["dtype"], mode=obj["mode"], rules=tuple(rules),
-                 max_size=dict(max_size), evidence=evidence)
+    table = Table(hardware_key=obj["hardware_key"], world_size=obj["world_size"],
+                  dtype=obj["dtype"], mode=obj["mode"], rules=tuple(rules),
+                  max_size=dict(max_size), evidence=evidence)
+    _check_hardware(table, where)
+    return table
 
 
 def from_json(obj: Any) -> Thresholds:
