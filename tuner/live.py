@@ -136,21 +136,27 @@ def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     watchdog = Watchdog(layout["rank"], cfg.timeout_s)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
     try:
-        return _live(cfg, opts, watchdog)
+        return _live(cfg, opts, watchdog, layout["local_rank"])
     finally:
         watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _live(cfg: SweepConfig, opts: LiveOptions, watchdog) -> int:
+def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int:
+    import torch
+
     from bench.backends import get_spec
     from bench.hardware import fingerprint
 
     from .context import broadcast_object, make_context
     from .measure import BackendCache, Outcome, TrialRunner
 
-    ctx = make_context(device=cfg.device, timeout_s=cfg.timeout_s)
+    device = torch.device("cpu")
+    if cfg.device == "cuda":  # one GPU per local rank, as the sweep's worker does
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    ctx = make_context(device=device, timeout_s=cfg.timeout_s)
     hardware_key = broadcast_object(
         fingerprint(cfg.device)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group)
     cache = BackendCache(ctx, max(cfg.sizes), opts.cache_backends)
