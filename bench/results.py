@@ -34,6 +34,10 @@ COLUMNS: tuple[str, ...] = (
     "mode", "iters", "latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps", "correct",
     "max_abs_err", "skipped_reason",
 )
+NUMERIC_COLUMNS: tuple[str, ...] = (
+    "world_size", "nnodes", "bytes", "count", "iters", "latency_us", "p10_us", "p90_us",
+    "algbw_gbps", "busbw_gbps", "max_abs_err",
+)
 # what identifies a point (a rerun with --resume skips keys already present)
 POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
 
@@ -146,11 +150,22 @@ def read_results(run_dir: str | os.PathLike):
         path = path / RESULTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
-    with open(path, newline="") as fh:
-        _check_header(next(csv.reader(fh), []), path)
-    frame = pd.read_csv(path, dtype={"skipped_reason": "string", "run_id": "string",
-                                     "hardware_key": "string", "backend": "string",
-                                     "dtype": "string", "mode": "string"})
+    try:
+        with open(path, newline="") as fh:
+            _check_header(next(csv.reader(fh), []), path)
+        frame = pd.read_csv(path, dtype={"skipped_reason": "string", "run_id": "string",
+                                         "hardware_key": "string", "backend": "string",
+                                         "dtype": "string", "mode": "string"})
+    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise SchemaError(f"{path}: not a results table ({str(exc).splitlines()[0]})") from None
+    for column in NUMERIC_COLUMNS:  # a cell that is not a number is named, not crashed on
+        numbers = pd.to_numeric(frame[column], errors="coerce")
+        bad = frame[column].notna() & numbers.isna()
+        if bad.any():
+            index = bad.to_numpy().nonzero()[0][0]
+            raise SchemaError(f"{path} line {index + 2}: {column}: expected a number, got "
+                              f"{frame[column].iloc[index]!r}")
+        frame[column] = numbers
     frame["correct"] = frame["correct"].map(
         {True: True, False: False, "True": True, "False": False}
     ).astype("boolean")
