@@ -1,0 +1,330 @@
+"""Bad input to `bench` and `tuner`: each case exits 2 with one line on stderr naming the problem,
+no traceback, and nothing written or lost (the whole scratch tree is compared before and after).
+
+Cases run in-process through each CLI's `main` (fast); a few also run as real processes to check
+the exit code and stderr a user sees. The last test prints how many distinct inputs are covered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.results import COLUMNS, ResultsWriter, write_meta
+
+Build = Callable[[Path], list[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    id: str
+    program: str  # bench or tuner
+    build: Build  # scratch dir -> argv (creating whatever files the case needs)
+    names: str  # text the one stderr line must contain (the flag, field or file)
+
+
+# ------------------------------------------------------------------------ scratch files
+ROW = {"run_id": "r1", "hardware_key": "cpu-test-2c", "backend": "gloo", "world_size": 2,
+       "nnodes": 1, "dtype": "float32", "bytes": 1024, "count": 256, "mode": "eager",
+       "iters": 5, "latency_us": 30.0, "p10_us": 29.0, "p90_us": 31.0, "algbw_gbps": 0.03,
+       "busbw_gbps": 0.03, "correct": True, "max_abs_err": 0.0, "skipped_reason": None}
+
+
+def run_dir(tmp: Path, name: str = "run") -> Path:
+    """A small, valid run directory (two gloo rows)."""
+    path = tmp / name
+    with ResultsWriter(path) as writer:
+        writer.append(ROW)
+        writer.append({**ROW, "bytes": 2048, "count": 512, "latency_us": 31.0})
+    write_meta(path, {"run_id": "r1", "hardware_key": "cpu-test-2c"})
+    return path
+
+
+def wrong_column_run(tmp: Path) -> Path:
+    path = tmp / "wrongcol"
+    path.mkdir()
+    header = ",".join("latency_ms" if c == "latency_us" else c for c in COLUMNS)
+    (path / "results.csv").write_text(header + "\n" + ",".join(["x"] * len(COLUMNS)) + "\n")
+    return path
+
+
+def _thresholds() -> dict:
+    return {"schema_version": 1, "generated_by": {"tool": "test"},
+            "tables": [{"hardware_key": "cpu-test-2c", "world_size": 2, "dtype": "float32",
+                        "mode": "eager",
+                        "rules": [{"max_bytes": 65536, "algorithm": "shm_one_shot"},
+                                  {"max_bytes": None, "algorithm": "gloo"}],
+                        "max_size": {"shm_one_shot": 65536},
+                        "evidence": {"run_id": "r1", "points": 4, "regret_vs_oracle": 0.0,
+                                     "gain_vs_nccl_geomean": 1.5}}]}
+
+
+def thresholds(tmp: Path, edit: Callable[[dict], None] | None = None, text: str | None = None,
+               raw: bytes | None = None) -> str:
+    path = tmp / "thresholds.json"
+    if raw is not None:
+        path.write_bytes(raw)
+    elif text is not None:
+        path.write_text(text)
+    else:
+        doc = _thresholds()
+        if edit:
+            edit(doc)
+        path.write_text(json.dumps(doc, indent=1))
+    return str(path)
+
+
+def _table(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    return lambda doc: edit(doc["tables"][0])
+
+
+SWEEP = ["sweep", "--world-size", "1", "--backends", "gloo", "-e", "1K", "-q"]
+
+
+def sweep(*flags: str) -> Build:
+    return lambda tmp: [*SWEEP, *flags]
+
+
+def fixed(*argv: str) -> Build:
+    return lambda tmp: list(argv)
+
+
+# ------------------------------------------------------------------------ the cases
+BENCH = [
+    Case("ws-zero", "bench", sweep("--world-size", "0"), "--world-size"),
+    Case("ws-word", "bench", sweep("--world-size", "two"), "--world-size"),
+    Case("ws-negative", "bench", sweep("--world-size", "-3"), "--world-size"),
+    Case("min-bytes-unit", "bench", sweep("-b", "1X"), "--min-bytes"),
+    Case("min-bytes-decimal", "bench", sweep("-b", "1.5K"), "--min-bytes"),
+    Case("max-bytes-zero", "bench", sweep("-e", "0"), "--max-bytes"),
+    Case("min-above-max", "bench", sweep("-b", "64M", "-e", "1K"), "--min-bytes"),
+    Case("factor-one", "bench", sweep("-f", "1"), "--factor"),
+    Case("backend-unknown", "bench", sweep("--backends", "gloo,magic_ar"), "magic_ar"),
+    Case("backend-empty", "bench", sweep("--backends", ","), "--backends"),
+    Case("dtype-unknown", "bench", sweep("--dtypes", "int8"), "--dtypes"),
+    Case("mode-unknown", "bench", sweep("--modes", "fast"), "--modes"),
+    Case("device-unknown", "bench", sweep("--device", "tpu"), "--device"),
+    Case("iters-zero", "bench", sweep("--iters", "0"), "--iters"),
+    Case("warmup-negative", "bench", sweep("--warmup", "-1"), "--warmup"),
+    Case("timeout-zero", "bench", sweep("--timeout", "0"), "--timeout"),
+    Case("timeout-word", "bench", sweep("--timeout", "soon"), "--timeout"),
+    Case("nnodes-no-port", "bench", sweep("--nnodes", "2", "--world-size", "2"),
+         "--master-port"),
+    Case("node-rank-too-big", "bench",
+         sweep("--nnodes", "2", "--node-rank", "2", "--world-size", "2", "--master-port",
+               "29500"), "--node-rank"),
+    Case("ws-not-split", "bench",
+         sweep("--world-size", "3", "--nnodes", "2", "--master-port", "29500"), "--world-size"),
+    Case("port-too-big", "bench", sweep("--master-port", "70000"), "--master-port"),
+    Case("param-syntax", "bench", sweep("--param", "chunk=4"), "--param"),
+    Case("param-backend", "bench", sweep("--param", "magic_ar.blocks=4"), "--param"),
+    Case("param-knob", "bench", sweep("--param", "gloo.blocks=4"), "blocks"),
+    Case("flag-unknown", "bench", sweep("--bogus-flag"), "--bogus-flag"),
+    Case("resume-no-table", "bench", lambda t: [*SWEEP, "--resume", str(t)], "--resume"),
+    Case("resume-and-out", "bench",
+         lambda t: [*SWEEP, "--resume", str(run_dir(t)), "--out", str(t / "other")],
+         "--resume"),
+    Case("resume-wrong-column", "bench",
+         lambda t: [*SWEEP, "--resume", str(wrong_column_run(t))], "latency_ms"),
+    Case("resume-corrupt-meta", "bench",
+         lambda t: (lambda r: (r / "meta.json").write_text("{\"run_id\": ") and
+                    [*SWEEP, "--resume", str(r)])(run_dir(t)), "--resume"),
+    Case("resume-binary-table", "bench",
+         lambda t: (lambda r: (r / "results.csv").write_bytes(b"\xff\xfe\x00garbage\n") and
+                    [*SWEEP, "--resume", str(r)])(run_dir(t)), "--resume"),
+    Case("out-is-file", "bench",
+         lambda t: (t / "afile").write_text("x") and [*SWEEP, "--out", str(t / "afile")],
+         "--out"),
+    Case("out-holds-a-run", "bench", lambda t: [*SWEEP, "--out", str(run_dir(t))],
+         "already holds a run"),
+    Case("out-table-is-a-dir", "bench",
+         lambda t: (t / "odd" / "results.csv").mkdir(parents=True) or
+         [*SWEEP, "--out", str(t / "odd")], "--out"),
+    Case("out-being-written", "bench", lambda t: [*SWEEP, "--resume", str(_held_run(t))],
+         "being written by another sweep"),
+    Case("report-missing-dir", "bench", lambda t: ["report", str(t / "nope")], "nope"),
+    Case("report-wrong-column", "bench", lambda t: ["report", str(wrong_column_run(t))],
+         "latency_ms"),
+    Case("report-empty-table", "bench",
+         lambda t: (t / "empty").mkdir() or (t / "empty" / "results.csv").write_text("") or
+         ["report", str(t / "empty")], "results.csv"),
+    Case("report-binary-table", "bench",
+         lambda t: (t / "bin").mkdir() or (t / "bin" / "results.csv").write_bytes(
+             b"\x00\xff\xfe" * 50) and ["report", str(t / "bin")], "results.csv"),
+    Case("report-bad-cell", "bench",
+         lambda t: (lambda r: (r / "results.csv").write_text(
+             (r / "results.csv").read_text().replace(",30,", ",fast,")) and
+                    ["report", str(r)])(run_dir(t)), "latency_us"),
+    Case("doctor-ws-zero", "bench", fixed("doctor", "--world-size", "0"), "--world-size"),
+    Case("doctor-port-word", "bench", fixed("doctor", "--master-port", "http"), "--master-port"),
+    Case("doctor-nnodes-no-port", "bench", fixed("doctor", "--world-size", "2", "--nnodes", "2"),
+         "--master-port"),
+    Case("doctor-device", "bench", fixed("doctor", "--device", "tpu"), "--device"),
+    Case("command-unknown", "bench", fixed("sweeep"), "sweeep"),
+    Case("report-no-dir", "bench", fixed("report"), "run_dir"),
+]
+if not torch.cuda.is_available():
+    BENCH.append(Case("device-cuda-absent", "bench", sweep("--device", "cuda"), "--device cuda"))
+
+
+def _drop_rules(t: dict) -> None:
+    del t["rules"]
+
+
+TUNER = [
+    Case("show-missing", "tuner", lambda t: ["show", str(t / "none.json")], "none.json"),
+    Case("show-not-json", "tuner", lambda t: ["show", thresholds(t, text="{tables: [")],
+         "not JSON"),
+    Case("show-truncated", "tuner",
+         lambda t: ["show", thresholds(t, text=json.dumps(_thresholds())[:150])], "not JSON"),
+    Case("show-binary", "tuner", lambda t: ["show", thresholds(t, raw=b"\xff\xfe\x00\x01")],
+         "thresholds.json"),
+    Case("show-a-directory", "tuner", lambda t: ["show", str(t)], "scratch"),
+    Case("show-schema-version", "tuner",
+         lambda t: ["show", thresholds(t, lambda d: d.update(schema_version=2))],
+         "schema_version"),
+    Case("show-missing-rules", "tuner", lambda t: ["show", thresholds(t, _table(_drop_rules))],
+         "rules"),
+    Case("show-no-catch-all", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"][-1].update(
+             max_bytes=1 << 30)))], "max_bytes"),
+    Case("show-rules-decrease", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"].insert(
+             1, {"max_bytes": 1024, "algorithm": "gloo"})))], "max_bytes"),
+    Case("show-unknown-algorithm", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"][-1].update(
+             algorithm="magic_ar")))], "algorithm"),
+    Case("show-wrong-type", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x.update(world_size="eight")))],
+         "world_size"),
+    Case("show-cpu-key-gpu-algorithm", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"][-1].update(
+             algorithm="nccl")))], "hardware_key"),
+    Case("show-gpu-key-cpu-algorithm", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x.update(
+             hardware_key="nvidia-h200-x8-nvlink")))], "hardware_key"),
+    Case("show-graph-on-cpu", "tuner",
+         lambda t: ["show", thresholds(t, _table(lambda x: x.update(mode="graph")))], "mode"),
+    Case("export-format", "tuner",
+         lambda t: ["export", thresholds(t), "--format", "nccl-tests"], "--format"),
+    Case("export-mode", "tuner",
+         lambda t: ["export", thresholds(t), "--format", "vllm", "--mode", "lazy"], "--mode"),
+    Case("fit-missing-dir", "tuner",
+         lambda t: ["fit", str(t / "nope"), "-o", str(t / "out.json")], "nope"),
+    Case("fit-wrong-column", "tuner",
+         lambda t: ["fit", str(wrong_column_run(t)), "-o", str(t / "out.json")], "latency_ms"),
+    Case("fit-no-results", "tuner",
+         lambda t: (t / "bare").mkdir() or ["fit", str(t / "bare"), "-o", str(t / "o.json")],
+         "results.csv"),
+    Case("fit-max-rules", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--max-rules", "0"],
+         "--max-rules"),
+    Case("fit-memory-budget", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--memory-budget", "12Q"],
+         "--memory-budget"),
+    Case("fit-workload-missing", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--workload",
+                    str(t / "hist.csv")], "--workload"),
+    Case("fit-workload-columns", "tuner",
+         lambda t: (t / "hist.csv").write_text("size,n\n1K,3\n") and
+         ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--workload", str(t / "hist.csv")],
+         "--workload"),
+    Case("fit-no-output", "tuner", lambda t: ["fit", str(run_dir(t))], "-o/--output"),
+    Case("command-unknown-tuner", "tuner", fixed("tune"), "tune"),
+]
+CASES = BENCH + TUNER
+# a process refused before it starts: a few cases again as a user sees them
+IN_PROCESS_ONLY = {"out-being-written"}  # the lock is held by this test process
+AS_PROCESSES = ["ws-zero", "resume-wrong-column", "doctor-nnodes-no-port", "show-truncated",
+                "fit-wrong-column"]
+
+
+_HELD: list[int] = []
+
+
+def _held_run(tmp: Path) -> Path:
+    """A run directory whose lock is held, as by a sweep that is writing it."""
+    path = run_dir(tmp, "held")
+    fd = os.open(path / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    _HELD.append(fd)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _release_locks():
+    yield
+    while _HELD:
+        os.close(_HELD.pop())
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under root with its content hash (or 'dir'), for 'nothing written or lost'."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _main(program: str):
+    if program == "bench":
+        from bench.cli import main
+    else:
+        from tuner.cli import main
+    return main
+
+
+def _check_refusal(case: Case, rc: int, stdout: str, stderr: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert rc == 2, f"exit code {rc}; stderr: {stderr[-1500:]}"
+    assert len(lines) == 1, f"expected one line, got: {stderr[-1500:]}"
+    assert lines[0].startswith(f"{case.program}: error: "), lines[0]
+    assert case.names in lines[0], f"{lines[0]!r} does not name {case.names!r}"
+    assert "Traceback" not in stderr and not stdout.strip()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_refused_with_one_line(case, tmp_path, monkeypatch, capsys):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    argv = case.build(scratch)
+    monkeypatch.chdir(scratch)  # a default output (results/...) would land here
+    before = snapshot(tmp_path)
+    rc = _main(case.program)(argv)
+    captured = capsys.readouterr()
+    _check_refusal(case, rc, captured.out, captured.err)
+    assert snapshot(tmp_path) == before, "the refused command wrote or removed a file"
+
+
+@pytest.mark.parametrize("case_id", AS_PROCESSES)
+def test_bad_input_as_a_process(case_id, tmp_path, run_cli):
+    case = next(c for c in CASES if c.id == case_id)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    argv = case.build(scratch)
+    before = snapshot(tmp_path)
+    proc = run_cli(case.program, *argv, cwd=scratch, timeout=120)
+    _check_refusal(case, proc.returncode, proc.stdout, proc.stderr)
+    assert snapshot(tmp_path) == before
+
+
+def test_bad_inputs_covered(request):
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 30
+    assert sum(c.program == "tuner" for c in CASES) >= 10
+    line = (f"bad inputs covered: {len(CASES)} ({len(BENCH)} bench, {len(TUNER)} tuner; "
+            f"{len(AS_PROCESSES)} also as processes)")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line("")
+        reporter.write_line(line)
+    print(line)
