@@ -36,8 +36,13 @@ _ALIGN_BYTES = 64  # two-shot parts start on cache lines
 _VIEW_CACHE_ENTRIES = 32
 
 # knobs: the first value is the default
-_CHUNK_BYTES = (1 << 20, 256 << 10, 4 << 20, 16 << 20)
-_THREADS = (1, 0, 2)  # torch intra-op threads inside the call; 0 leaves torch's setting
+# bytes per slot: a larger message goes through in pieces of this size (memory: 2 * world
+# size slots for one-shot, world size + 1 for two-shot)
+_CHUNK_BYTES = (4 << 20, 1 << 20, 16 << 20, 64 << 20, 256 << 10)
+# torch intra-op threads inside the call; -1: cores // local ranks (at least 1); 0: leave
+# torch's setting. Ranks sharing cores with OpenMP threads that spin starve each other: at 2
+# ranks x 2 threads on 2 cores a 64 MiB all-reduce took ~10x longer than with 1 thread.
+_THREADS = (-1, 0, 1, 2, 4)
 # flag checks before sleeping on a futex; -1: 1000 when every local rank has a core, else 20
 _SPIN = (-1, 0, 20, 1000)
 
@@ -55,6 +60,9 @@ class ShmAllReduce:
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.slot_bytes = round_up(max(min(max_bytes, chunk_bytes), 1))
         slots = 2 * ctx.world_size if algorithm == "one_shot" else ctx.world_size + 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        if threads < 0:
+            threads = max(1, cores // max(1, ctx.local_world_size))
         self.threads = threads
         self._broken: str | None = None
         self._views: dict[tuple[torch.dtype, int], Any] = {}
@@ -64,7 +72,6 @@ class ShmAllReduce:
         self._segment = Segment.open(ctx.cpu_group, ctx.rank, ctx.world_size,
                                      slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
         if spin < 0:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
             spin = 1000 if ctx.local_world_size <= cores else 20
         self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
                                     timeout_s=ctx.timeout_s, spin=spin, label=self.name)
