@@ -50,6 +50,18 @@ def _context(rank: int, world: int):
                        run_tag="check", same_host=True, visible_gpus=visible)
 
 
+def _meet() -> None:
+    """Finish this rank's GPU work and meet the others on the CPU before the next call, as
+    the sweep worker does between points: a rank still busy on the host (first use of a
+    kernel loads its module) must not be owed a barrier by peers already spinning on a GPU
+    they share with it."""
+    import torch
+    import torch.distributed as dist
+
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
 def _check_point(backend, dtype, nbytes: int, mode: str, seed: int, ctx) -> dict:
     import torch
 
@@ -62,15 +74,17 @@ def _check_point(backend, dtype, nbytes: int, mode: str, seed: int, ctx) -> dict
     if mode == "eager":
         for k in range(2):
             fill_input(tensor, ctx.rank, seed + k)
+            _meet()
             result = backend.all_reduce(tensor)
             torch.cuda.synchronize()
             errors.append(check_result(result, ctx.rank, ctx.world_size, seed + k))
     else:
         fill_input(tensor, ctx.rank, seed)
+        _meet()
         replay, _graph = capture_graph(lambda: backend.all_reduce(tensor), calls=1)
         for k in range(2):
             fill_input(tensor, ctx.rank, seed + k)
-            torch.cuda.synchronize()
+            _meet()
             replay()
             torch.cuda.synchronize()
             errors.append(check_result(tensor, ctx.rank, ctx.world_size, seed + k))
@@ -88,7 +102,7 @@ def _back_to_back(backend, dtype, ctx, seed: int) -> dict:
         t = torch.empty(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype,
                         device=ctx.device)
         tensors.append(fill_input(t, ctx.rank, seed + k))
-    torch.cuda.synchronize()
+    _meet()
     for t in tensors:
         backend.all_reduce(t)
     torch.cuda.synchronize()
@@ -102,6 +116,7 @@ def _round_us(backend, ctx) -> float:
     import torch.distributed as dist
 
     t = torch.ones(256, dtype=torch.float32, device=ctx.device)
+    _meet()
     for _ in range(20):
         backend.all_reduce(t)
     torch.cuda.synchronize()
@@ -121,8 +136,14 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
 
     from bench.backends.custom import CustomAllReduce, probe
     from bench.config import DTYPES as TORCH_DTYPES
+    from bench.inputs import check_result, fill_input
 
     rows = []
+    # load the kernels the checks use before any barrier kernel can spin
+    for dtype_name in dtypes:
+        warm = fill_input(torch.empty(4096, dtype=TORCH_DTYPES[dtype_name], device=ctx.device),
+                          ctx.rank, 0)
+        check_result(warm, ctx.rank, ctx.world_size, 0)
     reason = probe(ctx)
     if reason:
         return [{"backend": "custom", "ok": False, "error": f"probe: {reason}"}]
@@ -131,7 +152,7 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
         settings = [({}, sizes, dtypes)] + [
             (v, [s for s in VARIANT_SIZES if s <= max(sizes)], dtypes[:1]) for v in VARIANTS]
         for knobs, knob_sizes, knob_dtypes in settings:
-            if knobs and knobs["blocks"] * ctx.world_size > 192:
+            if knobs and knobs["blocks"] * ctx.world_size > 128:
                 continue  # every rank's programs must be resident at once on a shared GPU
             backend = CustomAllReduce(ctx, max(sizes), algorithm=algorithm,
                                       max_spins=SPINS, **knobs)
@@ -165,6 +186,7 @@ def _timeout_test(ctx) -> list[dict]:
     from bench.backends.custom import CustomAllReduce
 
     backend = CustomAllReduce(ctx, 1 << 16, algorithm="one_shot", max_spins=200_000)
+    dist.barrier()
     row = {"backend": backend.name, "mode": "timeout", "max_abs_err": 0.0}
     if ctx.rank == 0:
         t = torch.ones(1024, dtype=torch.float32, device=ctx.device)
@@ -245,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch.multiprocessing as mp
 
+    # every module loaded when the context starts: a lazy load in one rank while its peers'
+    # kernels spin on the same GPU was seen to stall it past the spin budget under MPS
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

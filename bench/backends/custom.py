@@ -14,6 +14,12 @@ makes the same calls in the same order on one stream. Spins are bounded (`max_sp
 timeout is stored in a pinned host word and raised as `TimeoutError` naming the peer, on the
 next call or by `check()`. World sizes 2..8, odd included; one GPU per rank (with P2P) or
 several ranks sharing a GPU (CUDA IPC between processes of one device).
+
+A barrier kernel needs every peer's kernel running at the same time. With one GPU per rank
+that holds when `blocks` is at most the GPU's multiprocessor count. With several ranks on one
+GPU (the tests, under MPS) all ranks' programs must be resident together, and a rank held on
+the host while its peers spin (a first-use module load was seen to be) can stall them past
+the spin budget: meet the peers on the CPU before the first calls, as the sweep worker does.
 """
 
 from __future__ import annotations
