@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """How close does `tuner live` get to the best of the full grid, and with how many trials?
 
-1. The grid: one `bench sweep` per knob setting of the shm backends (every value of every knob
-   in the registry; shm_one_shot and shm_two_shot share their knobs, so one sweep measures both
-   at that setting) plus one gloo sweep: every configuration at every size.
+1. The grid: `tuner live --grid` measures every configuration (every backend x every value
+   of every knob in the registry) at every size, with the same launched ranks and the same
+   measurement code as the search, into its own study.
 2. `tuner live` over the same backends, sizes and dtype, from an empty study.
 3. Per size: the configuration live found best, its latency *in the grid* over the grid's best
    (regret; both numbers from the grid run, so run-to-run drift does not count), and live's
@@ -17,7 +17,6 @@ latencies are kept as grid_latency.csv and live's summary as live.json in --out.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import subprocess
@@ -27,11 +26,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.backends import get_spec  # noqa: E402
 from bench.sizes import format_size  # noqa: E402
-from tuner.data import find_run_dirs, load_rows, params_key  # noqa: E402
+from tuner.data import params_key  # noqa: E402
+from tuner.study import measurements, storage_url  # noqa: E402
 
-SHM = ("shm_one_shot", "shm_two_shot")
+BACKENDS = ("gloo", "shm_one_shot", "shm_two_shot")
 
 
 def run(cmd: list[str]) -> None:
@@ -39,70 +38,55 @@ def run(cmd: list[str]) -> None:
     subprocess.run([sys.executable, "-m", *cmd], cwd=REPO, check=True)
 
 
-def common(args) -> list[str]:
-    return ["--world-size", str(args.world_size), "-b", args.min_bytes, "-e", args.max_bytes,
-            "-f", str(args.factor), "--dtypes", args.dtype, "--device", "cpu",
-            "-n", str(args.iters), "-w", str(args.warmup)]
-
-
-def grid(args, out: Path) -> None:
-    knobs = get_spec(SHM[0]).knobs
-    assert all(get_spec(n).knobs == knobs for n in SHM), "shm backends no longer share knobs"
-    combos = list(itertools.product(*knobs.values()))
-    if not (out / "gloo" / "results.csv").is_file():
-        run(["bench.cli", "sweep", *common(args), "--backends", "gloo", "--out",
-             str(out / "gloo"), "-q"])
-    for index, combo in enumerate(combos):
-        target = out / f"shm-{index:02d}"
-        if (target / "results.csv").is_file():
-            continue
-        params = [f"--param={name}.{knob}={value}" for name in SHM
-                  for knob, value in zip(knobs, combo, strict=True)]
-        run(["bench.cli", "sweep", *common(args), "--backends", ",".join(SHM), *params,
-             "--out", str(target), "-q"])
-
-
-def live(args, out: Path) -> None:
+def live(args, out: Path, grid: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    run(["tuner.cli", "live", *common(args), "--backends", ",".join(("gloo", *SHM)),
+    run(["tuner.cli", "live", "--world-size", str(args.world_size), "-b", args.min_bytes,
+         "-e", args.max_bytes, "-f", str(args.factor), "--dtypes", args.dtype, "--device",
+         "cpu", "-n", str(args.iters), "-w", str(args.warmup), "--backends", ",".join(BACKENDS),
          "-o", str(out / "thresholds.json"), "--study-db", str(out / "study.db"),
-         "--seed", str(args.seed)])
+         "--seed", str(args.seed), *(["--grid", "--cache-backends", "512"] if grid else [])])
 
 
 def compare(out: Path, grid_dir: Path, live_dir: Path) -> list[str]:
-    rows = load_rows(find_run_dirs([grid_dir]))
+    data = measurements(storage_url(str(grid_dir / "study.db")))
     latency: dict[int, dict[tuple[str, str], float]] = {}
-    for row in rows.itertuples(index=False):
-        latency.setdefault(int(row.bytes), {})[(row.backend, row.params)] = float(row.latency_us)
+    for by_size in data.values():
+        for nbytes, points in by_size.items():
+            for p in points:
+                latency.setdefault(nbytes, {})[(p.algorithm, params_key(p.params))] = p.latency_us
     with open(out / "grid_latency.csv", "w") as fh:
         fh.write("bytes,backend,params,latency_us\n")
         for nbytes in sorted(latency):
             for (backend, params), value in sorted(latency[nbytes].items()):
-                fh.write(f"{nbytes},{backend},\"{params.replace(chr(34), chr(34) * 2)}\","
-                         f"{value:.6g}\n")
+                quoted = params.replace('"', '""')
+                fh.write(f'{nbytes},{backend},"{quoted}",{value:.6g}\n')
     summary = json.loads((live_dir / "thresholds.live.json").read_text())
     (out / "live.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| size | grid best (us) | live's pick in the grid (us) | regret | measured / grid |",
-             "| --: | --: | --: | --: | --: |"]
+    lines = ["| size | grid best (us) | grid best config | live's pick, in the grid (us) | "
+             "live's pick | regret | measured / grid |",
+             "| --: | --: | --- | --: | --- | --: | --: |"]
+    from tuner.builder import config_label
+
     regrets, used, total = [], 0, 0
     for group in summary["groups"]:
         for point in group["points"]:
             nbytes, grid_here = point["nbytes"], latency.get(point["nbytes"], {})
             if not grid_here or point["best"] is None:
                 continue
-            best = min(grid_here.values())
+            (best_alg, best_key), best = min(grid_here.items(), key=lambda kv: kv[1])
             algorithm, params = point["best"]
-            picked = grid_here.get((algorithm, params_key(params)))
-            regret = picked / best - 1 if picked else float("nan")
+            picked = grid_here.get((algorithm, params_key(params)), float("nan"))
+            regret = picked / best - 1
             regrets.append(regret)
             used += point["measured"]
-            total += len(grid_here)
+            total += point["grid"]
             lines.append(f"| {format_size(nbytes)} | {best:.1f} | "
-                         f"{picked:.1f} | {100 * regret:.1f}% | "
-                         f"{point['measured']} / {len(grid_here)} |")
-    lines.append(f"| all | | | mean {100 * statistics.fmean(regrets):.1f}%, median "
-                 f"{100 * statistics.median(regrets):.1f}% | {used} / {total} "
-                 f"({100 * used / total:.0f}%) |")
+                         f"{config_label(best_alg, json.loads(best_key))} | {picked:.1f} | "
+                         f"{config_label(algorithm, params)} | {100 * regret:.1f}% | "
+                         f"{point['measured']} / {point['grid']} |")
+    lines.append(f"| all | | | | | mean {100 * statistics.fmean(regrets):.1f}%, median "
+                 f"{100 * statistics.median(regrets):.1f}%, worst {100 * max(regrets):.1f}% | "
+                 f"{used} / {total} ({100 * used / total:.0f}%) |")
     return lines
 
 
@@ -116,16 +100,16 @@ def main() -> int:
     p.add_argument("-n", "--iters", type=int, default=20)
     p.add_argument("-w", "--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="work directory (grid runs, live study)")
-    p.add_argument("--skip-grid", action="store_true", help="reuse the grid runs in --out")
+    p.add_argument("--out", required=True, help="work directory (grid and live studies); a "
+                   "finished step found there is not run again")
     p.add_argument("--markdown", default=None, help="also write the table here")
     args = p.parse_args()
     out = Path(args.out)
     grid_dir, live_dir = out / "grid", out / "live"
-    if not args.skip_grid:
-        grid(args, grid_dir)
+    if not (grid_dir / "thresholds.live.json").is_file():
+        live(args, grid_dir, grid=True)
     if not (live_dir / "thresholds.live.json").is_file():
-        live(args, live_dir)
+        live(args, live_dir, grid=False)
     lines = compare(out, grid_dir, live_dir)
     print("\n".join(lines))
     if args.markdown:

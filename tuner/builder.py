@@ -18,16 +18,17 @@ objective this way is the hysteresis the issue asks for: a configuration takes a
 neighbour only where it is faster by more than the measured spread, never on noise; with no
 spread (p10 = p90 = median) the result is the exact minimum of the weighted regret.
 
-Constraints: the rule limit; one knob setting per algorithm that needs a buffer (the table has
-one `max_size` per algorithm, so one buffer); and an optional budget of buffer memory, counted
-as max_size x world size summed over the algorithms that need a buffer, where an algorithm's
-max_size is the upper end of its largest range (the largest measured size for the catch-all).
+Constraints: the rule limit, and an optional budget of buffer memory. Memory is charged per
+rule: a rule whose algorithm needs a buffer costs its upper end (the largest measured size for
+the catch-all) x world size. The dispatcher builds one backend per (algorithm, knobs), its
+buffer the largest size its rules route to it, so rules sharing one only lower the real figure
+(reported as `buffer_bytes`); with each backend in one range (the usual table) the two agree.
 
-The DP runs from the largest size down. Its state is (sizes still to cover, rules used, the
-knob setting fixed so far for each buffered algorithm); an algorithm's buffer is paid when it
-first appears from the right, because that range's upper end is its max_size. Each state keeps
-the Pareto set of (objective, memory), so one pass yields the whole Pareto front of regret
-against buffer memory and the optimum for any budget.
+With memory charged per rule, the cost of a range depends only on the configuration and on
+whether it needs a buffer, so per range only the cheapest configuration of each of the two
+classes can be part of an optimum. The DP runs from the largest size down over (sizes still to
+cover, rules used); each state keeps the Pareto set of (objective, memory), so one pass yields
+the whole Pareto front of regret against buffer memory and the optimum for any budget.
 
 A configuration not measured at a size where another configuration of its algorithm was counts
 as that algorithm's slowest measured configuration there (sparse data from `tuner live`); one
@@ -175,12 +176,6 @@ def _prepare(sizes, curves):
     return lat, oracle, true_cost, clear_cost
 
 
-def _dominated(k: int, j: int, true_cost, clear_cost) -> bool:
-    """Curve j is at least as good as curve k everywhere (same algorithm assumed)."""
-    return all(true_cost[j][i] <= true_cost[k][i] and clear_cost[j][i] <= clear_cost[k][i]
-               for i in range(len(true_cost[k])))
-
-
 class _Entry:
     __slots__ = ("mem", "clear", "true", "parent", "config", "start", "stop")
 
@@ -223,51 +218,46 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
         missing = [sizes[i] for i in range(n) if oracle[i] == INF]
         raise BuildError(f"no configuration measured at {missing[0]} bytes")
 
-    # drop configurations dominated by another of the same algorithm (exact: same buffer)
-    keep: list[int] = []
-    for k in range(len(curves)):
-        rivals = [j for j in range(len(curves)) if j != k and
-                  curves[j].algorithm == curves[k].algorithm]
-        if any(_dominated(k, j, true_cost, clear_cost) and
-               (not _dominated(j, k, true_cost, clear_cost) or j < k) for j in rivals):
-            continue
-        keep.append(k)
-
     # prefix sums of the weighted costs (unmeasured points counted apart), per configuration
-    pre_clear, pre_true, pre_missing = {}, {}, {}
-    for k in keep:
+    pre_clear, pre_true, pre_missing = [], [], []
+    for k in range(len(curves)):
         pc, pt, pm = [0.0], [0.0], [0]
         for i in range(n):
             missing = true_cost[k][i] == INF
             pc.append(pc[-1] + (0.0 if missing else weights[i] * clear_cost[k][i]))
             pt.append(pt[-1] + (0.0 if missing else weights[i] * true_cost[k][i]))
             pm.append(pm[-1] + missing)
-        pre_clear[k], pre_true[k], pre_missing[k] = pc, pt, pm
+        pre_clear.append(pc)
+        pre_true.append(pt)
+        pre_missing.append(pm)
 
-    # states[j]: {(rules used, opened buffered (algorithm, config) pairs): [entries]}
-    states: list[dict[tuple, list[_Entry]]] = [dict() for _ in range(n + 1)]
-    states[n][(0, ())] = [_Entry(0, 0.0, 0.0, None, None, n, n)]
+    # per range and buffer class, only the cheapest configuration can be part of an optimum:
+    # any other of the same class costs the same memory and more regret
+    buffered = [c.algorithm not in BUFFERLESS for c in curves]
+    best_of: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
+    for start in range(n):
+        for stop in range(start + 1, n + 1):
+            options: dict[bool, tuple[float, float, int]] = {}
+            for k in range(len(curves)):
+                if pre_missing[k][stop] != pre_missing[k][start]:
+                    continue  # not measured (nor fillable) somewhere in the range
+                cost = (pre_clear[k][stop] - pre_clear[k][start],
+                        pre_true[k][stop] - pre_true[k][start], k)
+                if buffered[k] not in options or cost < options[buffered[k]]:
+                    options[buffered[k]] = cost
+            best_of[(start, stop)] = [(c, t, k) for c, t, k in options.values()]
+
+    # states[j][rules used]: Pareto entries covering sizes j..n-1
+    states: list[dict[int, list[_Entry]]] = [dict() for _ in range(n + 1)]
+    states[n][0] = [_Entry(0, 0.0, 0.0, None, None, n, n)]
     for stop in range(n, 0, -1):
-        for (used, opened), bucket in states[stop].items():
+        for used, bucket in states[stop].items():
             if used >= max_rules:
                 continue
-            fixed = dict(opened)
-            for k in keep:
-                alg = curves[k].algorithm
-                add_mem, now_opened = 0, opened
-                if alg not in BUFFERLESS:
-                    if alg in fixed:
-                        if fixed[alg] != k:
-                            continue
-                    else:
-                        add_mem = sizes[stop - 1] * world_size
-                        now_opened = tuple(sorted(opened + ((alg, k),)))
-                pc, pt, pm = pre_clear[k], pre_true[k], pre_missing[k]
-                for start in range(stop - 1, -1, -1):
-                    if pm[stop] != pm[start]:
-                        break  # an unmeasured size: no range of k can reach further left
-                    d_clear, d_true = pc[stop] - pc[start], pt[stop] - pt[start]
-                    target = states[start].setdefault((used + 1, now_opened), [])
+            for start in range(stop - 1, -1, -1):
+                for d_clear, d_true, k in best_of[(start, stop)]:
+                    add_mem = sizes[stop - 1] * world_size if buffered[k] else 0
+                    target = states[start].setdefault(used + 1, [])
                     for entry in bucket:
                         mem = entry.mem + add_mem
                         if memory_budget is not None and mem > memory_budget:
@@ -275,7 +265,7 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
                         _insert(target, _Entry(mem, entry.clear + d_clear, entry.true + d_true,
                                                entry, k, start, stop))
 
-    finals = [(entry, used) for (used, _), bucket in states[0].items() for entry in bucket]
+    finals = [(entry, used) for used, bucket in states[0].items() for entry in bucket]
     if not finals:
         budget = f" within {memory_budget} bytes of buffer" if memory_budget is not None else ""
         raise BuildError(f"no table with at most {max_rules} rules{budget} covers every "
@@ -288,7 +278,7 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
     finals.sort(key=objective)
     best_entry, _ = finals[0]
     ranges = _ranges(best_entry)
-    front = _front(finals, curves)
+    front = _front(finals, curves, sizes, world_size)
     return _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost,
                      best_entry, front)
 
@@ -301,7 +291,22 @@ def _ranges(entry: _Entry) -> list[tuple[int, int, int]]:
     return out  # ascending: the last range added (smallest sizes) is first
 
 
-def _front(finals, curves) -> list[FrontPoint]:
+def _memory(ranges, sizes, curves, world_size) -> tuple[int, dict[str, int]]:
+    """Buffer memory of a table: one backend per (algorithm, knobs), its buffer the largest size
+    its rules route to it, times the world size; and max_size per algorithm."""
+    per_instance: dict[tuple[str, str], int] = {}
+    max_size: dict[str, int] = {}
+    for _start, stop, k in ranges:
+        curve = curves[k]
+        if curve.algorithm in BUFFERLESS:
+            continue
+        key = (curve.algorithm, repr(sorted(curve.params.items())))
+        per_instance[key] = max(per_instance.get(key, 0), sizes[stop - 1])
+        max_size[curve.algorithm] = max(max_size.get(curve.algorithm, 0), sizes[stop - 1])
+    return sum(per_instance.values()) * world_size, max_size
+
+
+def _front(finals, curves, sizes, world_size) -> list[FrontPoint]:
     by_mem = sorted(finals, key=lambda item: (item[0].mem, round(item[0].clear, 12), item[1],
                                               item[0].true))
     front: list[FrontPoint] = []
@@ -311,10 +316,12 @@ def _front(finals, curves) -> list[FrontPoint]:
         if best is not None and key >= best:
             continue
         best = key
-        labels = tuple(curves[k].label for _, _, k in _ranges(entry))
-        point = FrontPoint(buffer_bytes=entry.mem, regret=entry.true, rules=used,
+        ranges = _ranges(entry)
+        labels = tuple(curves[k].label for _, _, k in ranges)
+        memory, _ = _memory(ranges, sizes, curves, world_size)
+        point = FrontPoint(buffer_bytes=memory, regret=entry.true, rules=used,
                            clear_regret=entry.clear, labels=labels)
-        if front and front[-1].buffer_bytes == point.buffer_bytes:
+        if front and front[-1].buffer_bytes >= point.buffer_bytes:
             front[-1] = point
         else:
             front.append(point)
@@ -331,17 +338,16 @@ def _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost
         else:
             merged.append([start, stop, k])
     n = len(sizes)
-    rules, max_size = [], {}
+    rules = []
     chosen = [0] * n
     for index, (start, stop, k) in enumerate(merged):
         last = index == len(merged) - 1
         curve = curves[k]
         rules.append(Rule(max_bytes=None if last else sizes[stop - 1],
                           algorithm=curve.algorithm, params=dict(curve.params)))
-        if curve.algorithm not in BUFFERLESS:
-            max_size[curve.algorithm] = max(max_size.get(curve.algorithm, 0), sizes[stop - 1])
         for i in range(start, stop):
             chosen[i] = k
+    memory, max_size = _memory(merged, sizes, curves, world_size)
     chosen_latency = [lat[chosen[i]][i] for i in range(n)]
     regrets = [true_cost[chosen[i]][i] for i in range(n)]
     total_w = sum(weights) or 1.0
@@ -349,7 +355,7 @@ def _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost
         rules=rules, max_size=max_size,
         regret=sum(w * r for w, r in zip(weights, regrets, strict=True)) / total_w,
         regret_max=max(regrets), clear_regret=entry.clear / total_w,
-        buffer_bytes=sum(v * world_size for v in max_size.values()),
+        buffer_bytes=memory,
         chosen=chosen, chosen_latency_us=chosen_latency, oracle_latency_us=list(oracle),
         front=front, sizes=list(sizes),
     )

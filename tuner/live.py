@@ -43,6 +43,7 @@ class LiveOptions:
     climb_algorithms: int = 2
     seed_algorithms: int = 2
     cache_backends: int = 6
+    grid: bool = False
     max_rules: int = 8
     memory_budget: int | None = None
     workload: dict | None = None
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-margin", dest="prune_margin", default="0.25",
                    help="prune a configuration this much slower than the best (0.25 = 25%%)")
     p.add_argument("--seed", default="0", help="sampler seed")
+    p.add_argument("--grid", action="store_true",
+                   help="no search: measure every configuration at every size (the reference "
+                        "a search is judged against)")
     p.add_argument("--cache-backends", dest="cache_backends", default="6",
                    help="built backends kept alive at once")
     from .cli import _add_table_flags
@@ -118,6 +122,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
         max_trials=_int("--max-trials", args.max_trials),
         rounds=_int("--rounds", args.rounds), seed=_int("--seed", args.seed, 0),
         prune_margin=margin, cache_backends=_int("--cache-backends", args.cache_backends),
+        grid=bool(args.grid),
         max_rules=table["max_rules"], memory_budget=table["memory_budget"],
         workload=table["workload"], pareto=args.pareto,
         run_id=datetime.datetime.now().strftime("live-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
@@ -217,7 +222,7 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     options = SearchOptions(patience=opts.patience, max_trials=opts.max_trials, seed=opts.seed,
                             prune_margin=opts.prune_margin, run_id=opts.run_id,
                             climb_algorithms=opts.climb_algorithms,
-                            seed_algorithms=opts.seed_algorithms)
+                            seed_algorithms=opts.seed_algorithms, exhaustive=opts.grid)
     counter = [0]
     summary: dict[str, Any] = {"run_id": opts.run_id, "hardware_key": hardware_key,
                                "world_size": ctx.world_size, "algorithms": available,

@@ -35,7 +35,8 @@ from .data import params_key
 from .measure import Outcome
 from .study import Space, config_of, open_study, study_name
 
-__all__ = ["MarginPruner", "SearchOptions", "PointResult", "search_point", "search_group", "best_configs"]
+__all__ = ["MarginPruner", "SearchOptions", "PointResult", "search_point", "grid_point",
+           "search_group", "best_configs"]
 
 # measure(algorithm, params, nbytes, report) -> Outcome; report(step, median_us) -> prune?
 Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
@@ -50,6 +51,7 @@ class SearchOptions:
     climb_algorithms: int = 2
     startup_trials: int = 4
     prune_margin: float = 0.25
+    exhaustive: bool = False  # measure the whole grid instead of searching
     seed: int = 0
     run_id: str = "live"
 
@@ -211,29 +213,53 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
             return _trial.should_prune()
 
         outcome = measure(algorithm, dict(params), nbytes, report)
-        _record(trial, outcome, options.run_id)
+        _tell(study, trial, outcome, options.run_id)
+        known[key] = outcome.latency_us if outcome.status == "ok" else None
+        measured += outcome.status in ("ok", "pruned", "wrong")
+        pruned += outcome.status == "pruned"
         improved = False
         if outcome.status == "ok":
-            measured += 1
-            study.tell(trial, outcome.latency_us)
-            known[key] = outcome.latency_us
             improved = best is None or outcome.latency_us < best * (1 - options.min_improvement)
             best = outcome.latency_us if best is None else min(best, outcome.latency_us)
-        elif outcome.status == "pruned":
-            measured += 1
-            pruned += 1
-            study.tell(trial, state=TrialState.PRUNED)
-            known[key] = None
-        else:  # cannot take this size, or a wrong sum: never a candidate
-            measured += outcome.status == "wrong"
-            study.tell(trial, state=TrialState.FAIL)
-            known[key] = None
         if exploring:
             streak = 0 if improved else streak + 1
     found = best_configs(study, available)
     return PointResult(nbytes=nbytes, grid=len(grid), measured=measured, pruned=pruned,
                        asked=asked, best=(found[0][0], found[0][1]) if found else None,
                        best_latency_us=found[0][2] if found else None)
+
+
+def grid_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
+               nbytes: int, options: SearchOptions) -> PointResult:
+    """Every configuration once, in order, never pruned (the grid the search is judged by)."""
+    known = _known(study)
+    measured = asked = 0
+    for algorithm, params in space.configs(available):
+        if (algorithm, params_key(params)) in known:
+            continue
+        study.enqueue_trial(space.trial_params(algorithm, params), skip_if_exists=True)
+        trial = study.ask()
+        asked += 1
+        algorithm, params = space.suggest(trial)
+        outcome = measure(algorithm, dict(params), nbytes, lambda step, median_us: False)
+        _tell(study, trial, outcome, options.run_id)
+        measured += outcome.status in ("ok", "wrong")
+    found = best_configs(study, available)
+    return PointResult(nbytes=nbytes, grid=len(space.configs(available)), measured=measured,
+                       pruned=0, asked=asked, best=(found[0][0], found[0][1]) if found else None,
+                       best_latency_us=found[0][2] if found else None)
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, run_id: str) -> None:
+    """Record the outcome on the trial and finish it: a value, pruned, or failed (cannot take
+    this size, or a wrong sum: never a candidate)."""
+    _record(trial, outcome, run_id)
+    if outcome.status == "ok":
+        study.tell(trial, outcome.latency_us)
+    elif outcome.status == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def _record(trial: optuna.Trial, outcome: Outcome, run_id: str) -> None:
@@ -258,7 +284,10 @@ def search_group(storage, group: tuple, sizes: Sequence[int], space: Space,
         study = open_study(storage, study_name(hardware_key, world_size, dtype, mode, nbytes),
                            sampler=options.sampler(space.fixed_params()),
                            pruner=options.pruner())
-        result = search_point(study, space, available, measure, nbytes, seeds, options)
+        if options.exhaustive:
+            result = grid_point(study, space, available, measure, nbytes, options)
+        else:
+            result = search_point(study, space, available, measure, nbytes, seeds, options)
         results.append(result)
         if on_point is not None:
             on_point(result)
