@@ -12,9 +12,10 @@ At start-up (collective over the group) `Dispatcher.from_file(path, group=...)`:
    ``max_bytes`` {algorithm: bytes}: that algorithm's (last) rule now ends at bytes, taking
                  sizes from the rules after it; an algorithm the table does not name takes every
                  size up to bytes (``ALLREDUCE_AUTOTUNE_MAX_BYTES=shm_one_shot=65536,...``);
-4. builds only the backends the tables use, each once per knob setting, with its max_size
-   buffer and the rule's params, agreed on by every rank (a backend one rank cannot build is
-   skipped on all, and named in the one warning).
+4. builds only the backends the tables use, each once per knob setting, with the rule's params
+   and a buffer of the largest size its rules route to it (the algorithm's max_size for the
+   catch-all), agreed on by every rank (a backend one rank cannot build is skipped on all, and
+   named in the one warning).
 
 Per call: the table of the tensor's dtype and mode (graph while a CUDA graph is being
 captured; a dtype without a table of its own uses another dtype's rules), a bisect over the
@@ -40,7 +41,7 @@ import torch.distributed as dist
 
 from .context import broadcast_object, build_backend, make_context
 from .data import params_key
-from .table import Rule, Table, Thresholds, load
+from .table import BUFFERLESS, Rule, Table, Thresholds, load
 
 __all__ = ["Dispatcher", "DispatchWarning", "OverrideError", "parse_overrides",
            "apply_max_bytes", "ENV_FORCE", "ENV_MAX_BYTES"]
@@ -150,8 +151,6 @@ def _dedupe(rules: list[Rule]) -> list[Rule]:
 
 
 def _max_sizes(rules: Sequence[Rule], sizes: Mapping[str, int]) -> dict[str, int]:
-    from .table import BUFFERLESS
-
     out = {}
     for rule in rules:
         if rule.algorithm in BUFFERLESS:
@@ -255,7 +254,7 @@ class Dispatcher:
         for table in tables:
             for rule in table.rules:
                 key = _backend_key(rule)
-                size = table.max_size.get(rule.algorithm) or _largest([table])
+                size = _instance_bytes(table, rule)
                 if key in wanted:
                     size = max(size, wanted[key][2])
                 wanted[key] = (rule.algorithm, dict(rule.params), size)
@@ -269,9 +268,10 @@ class Dispatcher:
                 notes.append(f"{key} unavailable here ({reason}); its sizes fall through")
             else:
                 backends[key] = backend
+        limits = {key: size for key, (_, _, size) in wanted.items()}
         routes = {}
         for table in tables:
-            routes[(_DTYPES[table.dtype], table.mode)] = _route(table, backends, floor)
+            routes[(_DTYPES[table.dtype], table.mode)] = _route(table, backends, limits, floor)
         _fill_missing_dtypes(routes)
         if notes and ctx.rank == 0:
             warnings.warn("allreduce-autotune dispatcher: " + "; ".join(notes), DispatchWarning,
@@ -336,7 +336,16 @@ def _largest(tables: Sequence[Table]) -> int:
     return max(sizes, default=0) or _DEFAULT_MAX_BYTES
 
 
-def _route(table: Table, backends: Mapping[str, Any], floor) -> _Route:
+def _instance_bytes(table: Table, rule: Rule) -> int:
+    """The buffer of a rule's backend: its upper end (the algorithm's max_size for the
+    catch-all); a backend serving several rules gets the largest (the builder's memory model)."""
+    if rule.algorithm in BUFFERLESS:
+        return _largest([table])
+    return rule.max_bytes or table.max_size.get(rule.algorithm) or _largest([table])
+
+
+def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int],
+           floor) -> _Route:
     """Per rule, (backend, largest bytes it may take) to try in order: the rule's own, those
     of the following rules, then the floor (no size limit)."""
     bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
@@ -347,7 +356,8 @@ def _route(table: Table, backends: Mapping[str, Any], floor) -> _Route:
             backend = backends.get(_backend_key(rule))
             if backend is not None and backend is not floor and all(
                     b is not backend for b, _ in chain):
-                chain.append((backend, table.max_size.get(rule.algorithm, _NO_LIMIT)))
+                limit = _NO_LIMIT if rule.algorithm in BUFFERLESS else limits[_backend_key(rule)]
+                chain.append((backend, limit))
         chain.append((floor, _NO_LIMIT))
         chains.append(tuple(chain))
     return _Route(bounds, tuple(chains))
