@@ -106,6 +106,9 @@ def _known(study: optuna.Study) -> dict[tuple[str, str], float | None]:
             continue
         if "algorithm" not in trial.params:
             continue
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("status") not in (
+                "skip", "wrong"):
+            continue  # not measured (unavailable here, or an interrupted run): try again
         algorithm, params = config_of(trial)
         key = (algorithm, params_key(params))
         value = trial.value if trial.state == TrialState.COMPLETE else None
@@ -171,7 +174,7 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
     best = min(values, default=None)
     for algorithm, params in seeds:
         if algorithm in available and (algorithm, params_key(params)) not in known:
-            study.enqueue_trial(space.trial_params(algorithm, params), skip_if_exists=True)
+            study.enqueue_trial(space.trial_params(algorithm, params))
     pending_seeds = len(seeds)
     grid = {(a, params_key(p)) for a, p in space.configs(available)}
     streak = measured = pruned = asked = 0
@@ -184,7 +187,7 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
         if pending_seeds <= 0:
             step = _next_neighbour(space, available, known, options.climb_algorithms)
             if step is not None:
-                study.enqueue_trial(space.trial_params(*step), skip_if_exists=True)
+                study.enqueue_trial(space.trial_params(*step))
             elif streak >= options.patience:
                 break
             else:
@@ -237,10 +240,14 @@ def grid_point(study: optuna.Study, space: Space, available: Sequence[str], meas
     for algorithm, params in space.configs(available):
         if (algorithm, params_key(params)) in known:
             continue
-        study.enqueue_trial(space.trial_params(algorithm, params), skip_if_exists=True)
+        study.enqueue_trial(space.trial_params(algorithm, params))
         trial = study.ask()
         asked += 1
         algorithm, params = space.suggest(trial)
+        if (algorithm, params_key(params)) in known:  # cannot happen with an enqueued trial
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        known[(algorithm, params_key(params))] = None
         outcome = measure(algorithm, dict(params), nbytes, lambda step, median_us: False)
         _tell(study, trial, outcome, options.run_id)
         measured += outcome.status in ("ok", "wrong")
@@ -284,6 +291,14 @@ def search_group(storage, group: tuple, sizes: Sequence[int], space: Space,
         study = open_study(storage, study_name(hardware_key, world_size, dtype, mode, nbytes),
                            sampler=options.sampler(space.fixed_params()),
                            pruner=options.pruner())
+        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
+                                                              TrialState.WAITING)):
+            # left by an interrupted run (this process is the study's only writer)
+            if stale.state == TrialState.WAITING:
+                stale_trial = study.ask()  # a waiting trial is handed out first: finish it
+                study.tell(stale_trial, state=TrialState.FAIL)
+            else:
+                study.tell(stale.number, state=TrialState.FAIL)
         if options.exhaustive:
             result = grid_point(study, space, available, measure, nbytes, options)
         else:
