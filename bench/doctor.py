@@ -63,11 +63,11 @@ def _multicast(gpu_count: int) -> dict[str, Any]:
         return out
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
-        value, device = ctypes.c_int(), ctypes.c_int()
-        if cuda.cuInit(0) != 0:
-            raise OSError("cuInit failed")
+        value, device, count = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            raise OSError("cuInit/cuDeviceGetCount failed")
         supported = []
-        for index in range(gpu_count):
+        for index in range(count.value):  # the devices this process sees (CUDA_VISIBLE_DEVICES)
             if cuda.cuDeviceGet(ctypes.byref(device), index) != 0:
                 raise OSError(f"cuDeviceGet({index}) failed")
             code = cuda.cuDeviceGetAttribute(ctypes.byref(value), 132, device)  # MULTICAST
@@ -211,8 +211,11 @@ def _check_backend(name: str, cfg, ctx) -> dict[str, Any]:
     try:
         tensor = fill_input(torch.empty(CHECK_BYTES // 4, dtype=torch.float32,
                                         device=ctx.device), ctx.rank, seed=7)
-        local = backend.can_take(tensor)
         error = float("inf")
+        try:
+            local = backend.can_take(tensor)
+        except Exception as exc:
+            local = f"can_take failed: {type(exc).__name__}: {exc}"
         if _first_reason(local, ctx.cpu_group) is None:
             try:
                 out = backend.all_reduce(tensor)
@@ -231,7 +234,11 @@ def _check_backend(name: str, cfg, ctx) -> dict[str, Any]:
                     "reason": f"4 KiB float32 sum off by {worst.item():g}"}
         return {"backend": name, "status": "ok", "reason": None}
     finally:
-        backend.release()
+        try:
+            backend.release()
+        except Exception as exc:  # reported, not fatal: the other backends still get checked
+            print(f"bench: doctor: {name}.release() failed: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
 
 
 def _ranks_report(cfg) -> dict[str, Any]:
