@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
 
 from .results import RESULTS_FILE, read_meta, read_results
 from .sizes import format_size
@@ -291,88 +291,93 @@ def rule_choice(rules: Sequence[Mapping[str, Any]], nbytes: int) -> str | None:
     return None
 
 
+def _cell_edges(sizes: Sequence[int]) -> list[float]:
+    """Edges of one cell per size on a log axis: geometric midpoints between neighbours."""
+    if len(sizes) == 1:
+        return [sizes[0] / math.sqrt(2), sizes[0] * math.sqrt(2)]
+    mids = [math.sqrt(a * b) for a, b in zip(sizes, sizes[1:], strict=False)]
+    return [sizes[0] ** 2 / mids[0]] + mids + [sizes[-1] ** 2 / mids[-1]]
+
+
 def _stripe(ax, y: float, sizes: Sequence[int], names: Sequence[str | None]) -> None:
     """Coloured cells, one per size, each contiguous range labelled with its backend."""
-    runs: list[list] = []  # [name, first size, last size]
-    for nbytes, name in zip(sizes, names, strict=True):
+    edges = _cell_edges(sizes)
+    runs: list[list] = []  # [name, left edge, right edge, cells]
+    for i, name in enumerate(names):
+        left, right = edges[i], edges[i + 1]
         if name is not None:
-            left, right = nbytes / math.sqrt(2), nbytes * math.sqrt(2)
             ax.barh(y, right - left, left=left, height=0.8, color=backend_color(name),
                     edgecolor="white", linewidth=0.5)
         if runs and runs[-1][0] == name:
-            runs[-1][2] = nbytes
+            runs[-1][2] = right
+            runs[-1][3] += 1
         else:
-            runs.append([name, nbytes, nbytes])
-    for name, first, last in runs:
-        if name is not None and (last > first or len(runs) == 1):  # one-cell runs: colour only
-            ax.text(math.sqrt(first * last), y, name, ha="center", va="center", fontsize=7,
+            runs.append([name, left, right, 1])
+    for name, left, right, cells in runs:
+        if name is not None and (cells > 1 or len(runs) == 1):  # one-cell runs: colour only
+            ax.text(math.sqrt(left * right), y, name, ha="center", va="center", fontsize=7,
                     color="white", clip_on=True)
 
 
 def plot_winners(frame, rules: Mapping[tuple, Sequence[Mapping[str, Any]]] | None = None
                  ) -> Figure:
-    """Per (world size, dtype, mode): a stripe of the measured winner per size and, below it,
-    the thresholds.json rules; under them every backend's latency relative to the winner, with
-    the crossovers marked."""
+    """Per (world size, mode): for each dtype a stripe of the measured winner per size and,
+    under it, the thresholds.json rules (a colour change is a crossover; black lines are the
+    rules' range edges); below, every backend's latency relative to that size's winner."""
     best = winners(frame)
     ok = _measured_ok(frame)
-    groups = _groups(best, GROUP)
-    fig = Figure(figsize=(11, 1.0 + 3.6 * max(1, len(groups))), layout="constrained")
-    if not groups:
+    panels = _groups(best, ["world_size", "mode"])
+    fig = Figure(figsize=(12, 1.0 + 4.2 * max(1, len(panels))), layout="constrained")
+    if not panels:
         ax = fig.subplots()
         ax.text(0.5, 0.5, "no correct measured point: no winner", ha="center")
         ax.set_axis_off()
         return fig
-    grid = fig.add_gridspec(2 * len(groups), 1, height_ratios=[1, 3] * len(groups))
-    cross = crossovers(frame)
-    seen: set[str] = set()
-    for i, (key, group) in enumerate(groups):
-        ws, dtype, mode = key
-        group = group.sort_values("bytes")
-        sizes = [int(b) for b in group["bytes"]]
+    grid = fig.add_gridspec(2 * len(panels), 1, height_ratios=[1.2, 3] * len(panels))
+    for i, ((ws, mode), panel) in enumerate(panels):
         stripe = fig.add_subplot(grid[2 * i])
         ratio = fig.add_subplot(grid[2 * i + 1], sharex=stripe)
-        _stripe(stripe, 1.0, sizes, list(group["backend"]))
-        labels = ["measured winner"]
-        table = (rules or {}).get(key)
-        if table:
-            _stripe(stripe, 0.0, sizes, [rule_choice(table, s) for s in sizes])
-            labels = ["thresholds.json", "measured winner"]
-            for rule in table:
-                if rule.get("max_bytes") is not None:
-                    stripe.axvline(int(rule["max_bytes"]) * math.sqrt(2), color="black",
-                                   linewidth=1)
-        stripe.set_yticks([1.0, 0.0][: len(labels)][::-1] if table else [1.0])
-        stripe.set_yticklabels(labels)
-        stripe.set_ylim(-0.6 if table else 0.4, 1.6)
-        stripe.set_title(f"world size {ws}, {dtype}, {mode}: winner per size"
-                         + ("" if table else " (no thresholds.json rules for this group)"))
+        rows: list[str] = []
+        missing: list[str] = []
+        for (dtype,), group in _groups(panel, ["dtype"]):
+            group = group.sort_values("bytes")
+            sizes = [int(b) for b in group["bytes"]]
+            table = (rules or {}).get((ws, dtype, mode))
+            if table:
+                y = -float(len(rows) + 1)
+                _stripe(stripe, y, sizes, [rule_choice(table, s) for s in sizes])
+                cells = _cell_edges(sizes)
+                edges = [cells[sum(1 for x in sizes if x <= int(r["max_bytes"]))]
+                         for r in table if r.get("max_bytes") is not None]
+                stripe.vlines(edges, y - 0.45, y + 0.45, color="black", linewidth=1.2)
+            _stripe(stripe, -float(len(rows)), sizes, list(group["backend"]))
+            rows.append(f"{dtype} measured")
+            if table:
+                rows.append(f"{dtype} thresholds.json")
+            elif rules is not None:
+                missing.append(dtype)
+            part = ok[(ok["world_size"] == ws) & (ok["dtype"] == dtype) & (ok["mode"] == mode)]
+            best_us = group.set_index("bytes")["latency_us"]
+            for (backend,), line in _groups(part, ["backend"]):
+                line = line.sort_values("bytes")
+                rel = line["latency_us"].to_numpy() / best_us.reindex(line["bytes"]).to_numpy()
+                ratio.plot(line["bytes"], rel, _DTYPE_STYLE.get(dtype, "-."), marker=".",
+                           color=backend_color(backend), label=f"{backend} {dtype}")
+        stripe.set_yticks([-float(k) for k in range(len(rows))])
+        stripe.set_yticklabels(rows, fontsize=8)
+        stripe.set_ylim(-len(rows) + 0.4, 0.6)
+        note = f" (no rules for {', '.join(missing)})" if missing else ""
+        stripe.set_title(f"world size {ws}, {mode}: winner per size{note}", fontsize=10)
         stripe.tick_params(labelbottom=False)
-        part = ok[(ok["world_size"] == ws) & (ok["dtype"] == dtype) & (ok["mode"] == mode)]
-        best_us = group.set_index("bytes")["latency_us"]
-        for backend, line in _groups(part, ["backend"]):
-            line = line.sort_values("bytes")
-            rel = line["latency_us"].to_numpy() / best_us.reindex(line["bytes"]).to_numpy()
-            ratio.plot(line["bytes"], rel, marker=".", color=backend_color(backend[0]),
-                       label=backend[0])
-            seen.add(backend[0])
-        here = cross[(cross["world_size"] == ws) & (cross["dtype"] == dtype) &
-                     (cross["mode"] == mode)]
-        for _, c in here.iterrows():
-            edge = math.sqrt(c.last_bytes * c.first_bytes)
-            ratio.axvline(edge, color="grey", linestyle=":")
-            ratio.annotate(f"{c.from_backend} -> {c.to_backend}", (edge, 1.0),
-                           textcoords="offset points", xytext=(3, 20), fontsize=7, rotation=90)
         ratio.axhline(1.0, color="black", linewidth=0.8)
-        ratio.set_yscale("log")
+        _ratio_axis(ratio)
         ratio.set_ylabel("latency / winner's")
         ratio.set_xlabel("message size (bytes)")
-        ratio.grid(True, which="both", alpha=0.3)
-        ratio.legend(fontsize=8, loc="upper left")
-        _size_axis(ratio, sizes)
-    fig.suptitle(f"winners and crossovers: {_title(frame)}\n"
-                 "(dotted: measured crossover; solid black: a thresholds.json range edge)",
-                 fontsize=10)
+        ratio.grid(True, which="major", alpha=0.3)
+        ratio.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        _size_axis(ratio, panel["bytes"])
+    fig.suptitle(f"winners and crossovers: {_title(frame)}\n(a colour change in a stripe is a "
+                 "crossover; black ticks: the range edges of thresholds.json)", fontsize=10)
     return fig
 
 
@@ -417,33 +422,63 @@ def geomean(values) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
+def _missing_groups(every, kept) -> list[str]:
+    """Groups of `every` absent from `kept`, a world size whose groups are all absent named once."""
+    have = {k for k, _ in _groups(kept, GROUP)}
+    out = []
+    for (ws,), part in _groups(every, ["world_size"]):
+        keys = [k for k, _ in _groups(part, GROUP)]
+        gone = [k for k in keys if k not in have]
+        if gone and len(gone) == len(keys):
+            out.append(f"ws{ws} (all)")
+        else:
+            out += [f"ws{ws} {dt} {mo}" for _, dt, mo in gone]
+    return out
+
+
+def _ratio_axis(ax) -> None:
+    """Log y axis for ratios, labelled 0.5, 1, 2 rather than in powers of ten."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # thinned on wide ranges
+
+
 def plot_gain(gains) -> Figure:
-    """`gain_table` output: per (world size, dtype, mode), gain over the baseline vs size per
-    choice, geometric means in the legend."""
-    groups = _groups(gains, GROUP)
-    fig = Figure(figsize=(10, 0.6 + 3.4 * max(1, len(groups))), layout="constrained")
-    axes = fig.subplots(max(1, len(groups)), 1, squeeze=False)[:, 0]
-    if not groups:
-        axes[0].text(0.5, 0.5, "no point to compare", ha="center")
+    """`gain_table` output: per (world size, mode), gain over the baseline vs size for each
+    choice (colour) and dtype (line style), geometric means in the legend. Groups where no
+    gain could be computed (the baseline or the picks were not measured there) get no panel;
+    the title names them."""
+    finite = gains[gains["gain"].notna()] if len(gains) else gains
+    panels = _groups(finite, ["world_size", "mode"])
+    empty = _missing_groups(gains, finite)
+    fig = Figure(figsize=(12, 0.9 + 3.6 * max(1, len(panels))), layout="constrained")
+    axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
+    if not panels:
+        axes[0].text(0.5, 0.5, "no point where both the baseline and a pick were measured",
+                     ha="center")
         axes[0].set_axis_off()
-    styles = {"oracle": dict(color="black", linestyle=":", marker="")}
-    for ax, ((ws, dtype, mode), group) in zip(axes, groups, strict=False):
-        for (label,), line in _groups(group, ["choice"]):
+    colors = {"oracle": "black"}
+    for ax, ((ws, mode), panel) in zip(axes, panels, strict=False):
+        for (label, dtype), line in _groups(panel, ["choice", "dtype"]):
             line = line.sort_values("bytes")
-            style = styles.get(label, dict(marker="o"))
-            ax.plot(line["bytes"], line["gain"], label=f"{label} (geomean x{geomean(line['gain']):.2f})",
-                    **style)
+            color = colors.setdefault(label, _PALETTE[len(colors) - 1])
+            ax.plot(line["bytes"], line["gain"], _DTYPE_STYLE.get(dtype, "-."), color=color,
+                    marker="" if label == "oracle" else "o", markersize=4,
+                    label=f"{label} {dtype} (geomean x{geomean(line['gain']):.2f})")
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_yscale("log")
-        _size_axis(ax, group["bytes"])
-        base = ", ".join(sorted(set(map(str, group["baseline"]))))
-        ax.set_title(f"world size {ws}, {dtype}, {mode}: speed-up over {base}")
+        _ratio_axis(ax)
+        _size_axis(ax, panel["bytes"])
+        base = ", ".join(sorted(set(map(str, panel["baseline"]))))
+        ax.set_title(f"world size {ws}, {mode}: speed-up over {base}", fontsize=10)
         ax.set_ylabel(f"{base} latency / chosen latency")
         ax.set_xlabel("message size (bytes)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("gain of each choice over the baseline (>1: faster); oracle = fastest measured",
-                 fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    title = "gain of each choice over the baseline (>1: faster); oracle = fastest measured"
+    if empty:
+        title += "\n" + textwrap.fill("no gain computable (baseline or pick not measured): "
+                                       + ", ".join(empty), 150)
+    fig.suptitle(title, fontsize=9)
     return fig
 
 
