@@ -13,6 +13,12 @@ in pieces of one slot. Per piece:
   barrier, every rank copies the whole result into its tensor. The two barriers already keep
   the next piece's writes behind every rank's reads, so no double buffering is needed.
 
+Waiting never holds a core a peer needs: a rank spins briefly only when every local rank has a
+core, then sleeps on the peer's flag (a futex), bounded by `ctx.timeout_s`; a timeout names the
+rank and epoch it waited for and leaves the backend unusable (its peers are out of step).
+Copies are memmoves between the caller's tensor and the segment (no per-call allocation);
+sums are torch ops on cached views of the segment, with torch limited to `threads` threads.
+
 The sum is written into the input (`in_place`, like torch.distributed). It is computed in rank
 order (x0 + x1) + x2 + ..., so every rank gets the same bits (at world size 2 each rank adds
 the other's input to its own, which is the same by commutativity).
@@ -43,8 +49,10 @@ _CHUNK_BYTES = (4 << 20, 1 << 20, 16 << 20, 64 << 20, 256 << 10)
 # torch's setting. Ranks sharing cores with OpenMP threads that spin starve each other: at 2
 # ranks x 2 threads on 2 cores a 64 MiB all-reduce took ~10x longer than with 1 thread.
 _THREADS = (-1, 0, 1, 2, 4)
-# flag checks before sleeping on a futex; -1: 1000 when every local rank has a core, else 20
-_SPIN = (-1, 0, 20, 1000)
+# flag checks before sleeping on a futex; -1: 50 when every local rank has a core, else 0.
+# Long spins lose as soon as anything else wants the cores: at world size 2 on 2 busy cores,
+# 1000 checks made a 64 KiB call ~3x slower than sleeping at once.
+_SPIN = (-1, 0, 50, 1000)
 
 
 class ShmAllReduce:
@@ -72,7 +80,7 @@ class ShmAllReduce:
         self._segment = Segment.open(ctx.cpu_group, ctx.rank, ctx.world_size,
                                      slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
         if spin < 0:
-            spin = 1000 if ctx.local_world_size <= cores else 20
+            spin = 50 if ctx.local_world_size <= cores else 0
         self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
                                     timeout_s=ctx.timeout_s, spin=spin, label=self.name)
 
