@@ -14,13 +14,19 @@ from the adjacent-line prefetcher's pair). A rank only ever writes its own flag,
 larger epoch, so a flag never needs resetting; a barrier at epoch e is "set mine to e, wait
 until every flag is >= e".
 
-Waiting: a rank that has a core to itself spins briefly; then (or at once when ranks outnumber
-cores) it sleeps in the kernel on the peer's flag with FUTEX_WAIT (Linux; the futex of a shared
+Waiting: a rank that has a core to itself spins briefly on the flags; then (or at once when
+ranks outnumber cores) it sleeps in the kernel with FUTEX_WAIT (Linux; a futex in a shared
 mapping works across processes), so its core goes idle and the scheduler can run a peer there.
-Before sleeping a rank sets the `sleeping` word of its line; a rank that publishes an epoch calls
-FUTEX_WAKE only when some peer says it sleeps, so the fast path makes no system call. x86 lets
-that check pass the flag store, so a wake-up can be missed: each sleep is therefore capped at
-`nap_s` (1 ms), after which the waiter looks again. Without futexes it naps with time.sleep.
+All sleepers of a barrier sleep on one `generation` word, on a line of its own: the rank that
+sees every flag at the epoch (normally the last to arrive) writes the epoch there and wakes them
+all with one FUTEX_WAKE, so a barrier costs one wake-up per sleeper, not a chain of them. The
+generation only grows: a later epoch is written only after its writer saw every flag at that
+epoch, and each rank's earlier generation store precedes its flag store.
+Before sleeping a rank sets the `sleeping` word of its line; the waker makes the system call
+only when some peer sleeps, so the fast path makes none. x86 lets that check pass the
+generation store (the store-load pair of Dekker's algorithm), so a wake-up can be missed:
+each sleep is therefore capped at `nap_s` (1 ms), after which the waiter looks again.
+Without futexes it naps with time.sleep.
 
 Memory ordering: the data a rank writes (a memmove or a torch op that has returned) precedes
 its flag store in program order. x86-64 is TSO: stores become visible to other cores in program
@@ -96,7 +102,7 @@ class Segment:
     def __init__(self, mm: mmap.mmap, world_size: int, data_offset: int, name: str) -> None:
         self.name = name
         self._mm: mmap.mmap | None = mm
-        words = world_size * FLAG_STRIDE_BYTES // 8
+        words = (world_size + 1) * FLAG_STRIDE_BYTES // 8  # a line per rank + generation
         self.flags = (ctypes.c_int64 * words).from_buffer(mm, 0)
         self.data = torch.frombuffer(mm, dtype=torch.uint8, offset=data_offset)
         self.data_ptr = self.data.data_ptr()
@@ -106,7 +112,7 @@ class Segment:
         """Collective over `group`: rank 0 creates, all attach, the name is unlinked at once."""
         import _posixshmem
 
-        data_offset = round_up(world_size * FLAG_STRIDE_BYTES)
+        data_offset = round_up((world_size + 1) * FLAG_STRIDE_BYTES)
         total = data_offset + round_up(max(data_bytes, 1))
         name, error = None, None
         if rank == 0:
@@ -222,18 +228,22 @@ def _futex() -> _Futex | None:
 class FlagBarrier:
     """Epoch barrier over a segment's flags; waiting spins `spin` checks, then sleeps.
 
-    Every wait is bounded by `timeout_s` and raises TimeoutError naming the flag and epoch.
+    Words: rank r's epoch at r * stride, its `sleeping` word next to it, and the generation
+    at world_size * stride. Every wait is bounded by `timeout_s` and raises TimeoutError
+    naming the first rank whose flag had not reached the epoch.
     """
 
     def __init__(self, flags, rank: int, world_size: int, *, timeout_s: float, spin: int,
                  label: str, nap_s: float = 1e-3) -> None:
         self._flags = flags
-        self._base = ctypes.addressof(flags)
+        stride = FLAG_STRIDE_BYTES // 8
+        self._stride = stride
         self.rank, self.world_size = rank, world_size
-        self._stride = FLAG_STRIDE_BYTES // 8
-        self._mine = rank * self._stride
-        self._others = [j * self._stride for j in range(world_size) if j != rank]
-        self._sleeping = [w + 1 for w in self._others]  # the word after each epoch
+        self._mine = rank * stride
+        self._others = [j * stride for j in range(world_size) if j != rank]
+        self._sleeping = [w + 1 for w in self._others]
+        self._generation = world_size * stride
+        self._generation_address = ctypes.addressof(flags) + self._generation * 8
         self.timeout_s, self.spin, self.nap_s = timeout_s, spin, nap_s
         self.label = label
         self.epoch = 0
@@ -245,36 +255,64 @@ class FlagBarrier:
         target = self.epoch
         flags = self._flags
         flags[self._mine] = target
+        for word in self._others:
+            if flags[word] < target:
+                self._wait(target)
+                return
+        self._release(target)
+
+    def _all_arrived(self, target: int) -> bool:
+        flags = self._flags
+        for word in self._others:
+            if flags[word] < target:
+                return False
+        return True
+
+    def _release(self, target: int) -> None:
+        """Every flag is at `target`: advance the generation and wake whoever sleeps."""
+        flags = self._flags
+        if flags[self._generation] >= target:
+            return  # another rank saw it first
+        flags[self._generation] = target
         if self._futex is not None:
             for word in self._sleeping:
                 if flags[word]:
-                    self._futex.wake(self._base + self._mine * 8)
-                    break
-        for word in self._others:
-            if flags[word] < target:
-                self._wait(word, target)
+                    self._futex.wake(self._generation_address)
+                    return
 
-    def _wait(self, word: int, target: int) -> None:
+    def _wait(self, target: int) -> None:
         flags = self._flags
         for _ in range(self.spin):
-            if flags[word] >= target:
+            if self._all_arrived(target):
+                self._release(target)
                 return
         deadline = time.monotonic() + self.timeout_s
         nap_ns = int(self.nap_s * 1e9)
         sleep_s = 20e-6
         flags[self._mine + 1] = 1
         try:
-            while (seen := flags[word]) < target:
+            while True:
+                seen = flags[self._generation]
+                if seen >= target:
+                    return
+                if self._all_arrived(target):
+                    self._release(target)
+                    return
                 if time.monotonic() > deadline:
-                    peer = word // self._stride
-                    raise TimeoutError(
-                        f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank "
-                        f"{peer}'s flag to reach epoch {target} (it is at {seen}); "
-                        f"did rank {peer} die or stop calling all_reduce?")
+                    self._timeout(target)
                 if self._futex is not None:
-                    self._futex.wait(self._base + word * 8, seen, nap_ns)
+                    self._futex.wait(self._generation_address, seen, nap_ns)
                 else:
                     time.sleep(sleep_s)
                     sleep_s = min(sleep_s * 2, self.nap_s)
         finally:
             flags[self._mine + 1] = 0
+
+    def _timeout(self, target: int) -> None:
+        flags = self._flags
+        late = [(w // self._stride, flags[w]) for w in self._others if flags[w] < target]
+        peer, seen = late[0] if late else (self.rank, flags[self._mine])
+        raise TimeoutError(
+            f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank {peer}'s "
+            f"flag to reach epoch {target} (it is at {seen}); did rank {peer} die or stop "
+            f"calling all_reduce?")
