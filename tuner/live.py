@@ -286,3 +286,46 @@ def main(argv: list[str] | None = None) -> int:
     from bench.cli import launch
 
     return launch(cfg, live_worker, (cfg, opts))
+
+
+def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int = 7) -> int:
+    """One rank of a side-by-side re-measurement: for each job {"bytes", "configs":
+    {label: [algorithm, params]}}, every configuration `repeats` times, interleaved (A B A B
+    ...), so that drift hits all alike. Rank 0 writes {label: [latency_us, ...]} per job to
+    `path` (JSON). Used to judge a search against a grid without the grid's winner's curse."""
+    import torch.distributed as dist
+
+    from bench.worker import Watchdog, dist_env
+
+    from .context import make_context
+    from .measure import BackendCache, TrialRunner
+
+    layout = dist_env()
+    watchdog = Watchdog(layout["rank"], cfg.timeout_s)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    try:
+        ctx = make_context(device="cpu", timeout_s=cfg.timeout_s)
+        cache = BackendCache(ctx, max(cfg.sizes), capacity=8)
+        runner = TrialRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=1)
+        dtype = DTYPES[cfg.dtypes[0]]
+        out = []
+        for job in jobs:
+            times: dict[str, list[float]] = {label: [] for label in job["configs"]}
+            for rep in range(repeats):
+                for label, (algorithm, params) in job["configs"].items():
+                    watchdog.beat(f"confirm {algorithm} {job['bytes']}B")
+                    backend, reason = cache.get(algorithm, params)
+                    if backend is None:
+                        continue
+                    outcome = runner.run(backend, dtype, "eager", job["bytes"], seed=rep + 1)
+                    if outcome.status == "ok":
+                        times[label].append(outcome.latency_us)
+            out.append({"bytes": job["bytes"], "configs": job["configs"], "latency_us": times})
+        cache.release()
+        if ctx.rank == 0:
+            Path(path).write_text(json.dumps(out, indent=1) + "\n")
+        return 0
+    finally:
+        watchdog.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
