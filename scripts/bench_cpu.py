@@ -2,7 +2,10 @@
 """The CPU benchmark of issue 3: shm_one_shot, shm_two_shot and gloo side by side.
 
 One `bench sweep` per world size (2 and 4 by default) over 1 KiB..64 MiB, each into its own run
-directory under results/<hardware_key>/, then the ratios the issue sets targets for:
+directory under results/<hardware_key>/, then the ratios the issue sets targets for. With
+`--repeats R` the sweeps run R times, alternating world sizes, and each point keeps its fastest
+repeat (on a shared machine other jobs come and go; the minimum over full side-by-side sweeps is
+the least disturbed figure, and the spread is printed beside it):
 
 - latency shm / gloo per size (target <= 0.1 up to 64 KiB),
 - algbw shm / gloo at the largest size (target >= 2 at 64 MiB).
@@ -45,22 +48,32 @@ def sweep(world_size: int, out: Path, args: argparse.Namespace) -> None:
 
 
 def ratios(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (world size, bytes): latency of each backend and shm/gloo ratios."""
+    """One row per (world size, bytes): latency of each backend (fastest repeat) and
+    shm/gloo ratios."""
     ok = frame[frame["latency_us"].notna() & (frame["correct"] == True)]  # noqa: E712
     wide = ok.pivot_table(index=["world_size", "bytes"], columns="backend",
-                          values="latency_us").reset_index()
+                          values="latency_us", aggfunc="min").reset_index()
+    worst = ok.pivot_table(index=["world_size", "bytes"], columns="backend",
+                           values="latency_us", aggfunc="max").reset_index()
+    for name in BACKENDS:
+        wide[f"{name}_max"] = worst[name]
     for name in SHM:
         wide[f"{name}/gloo"] = wide[name] / wide["gloo"]
     wide["best_shm/gloo"] = wide[list(SHM)].min(axis=1) / wide["gloo"]
     return wide
 
 
-def table(wide: pd.DataFrame) -> list[str]:
+def table(wide: pd.DataFrame, repeats: int) -> list[str]:
+    """Latency per backend (the slowest repeat in brackets when there are several)."""
+    def cell(r, name: str) -> str:
+        text = f"{r[name]:.1f}"
+        return text + (f" ({r[name + '_max']:.0f})" if repeats > 1 else "")
+
     lines = ["| ws | size | gloo (us) | one-shot (us) | two-shot (us) | one/gloo | two/gloo |",
              "| --: | --: | --: | --: | --: | --: | --: |"]
     for _, r in wide.iterrows():
-        lines.append(f"| {int(r.world_size)} | {format_size(int(r.bytes))} | {r.gloo:.1f} | "
-                     f"{r.shm_one_shot:.1f} | {r.shm_two_shot:.1f} | "
+        lines.append(f"| {int(r.world_size)} | {format_size(int(r.bytes))} | {cell(r, 'gloo')} | "
+                     f"{cell(r, 'shm_one_shot')} | {cell(r, 'shm_two_shot')} | "
                      f"{r['shm_one_shot/gloo']:.3f} | {r['shm_two_shot/gloo']:.3f} |")
     return lines
 
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("-n", "--iters", type=int, default=20)
     p.add_argument("-w", "--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1, help="full sweeps per world size")
     p.add_argument("--runs", nargs="*", default=None,
                    help="report existing run directories instead of measuring")
     p.add_argument("--markdown", default=None, help="also write the figures to this file")
@@ -105,10 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         runs = []
-        for ws in (int(w) for w in args.world_sizes.split(",")):
-            out = REPO / "results" / fp["hardware_key"] / f"{stamp}-shm-vs-gloo-ws{ws}"
-            sweep(ws, out, args)
-            runs.append(out)
+        for repeat in range(args.repeats):
+            for ws in (int(w) for w in args.world_sizes.split(",")):
+                name = f"{stamp}-shm-vs-gloo-ws{ws}" + (f"-r{repeat}" if args.repeats > 1 else "")
+                out = REPO / "results" / fp["hardware_key"] / name
+                sweep(ws, out, args)
+                runs.append(out)
     frame = pd.concat([read_results(r) for r in runs], ignore_index=True)
     wide = ratios(frame)
     cores = os.cpu_count()
@@ -118,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{versions.get('torch')}, Python {versions.get('python')}; dtype {args.dtype}",
             "runs: " + ", ".join(str(Path(r).relative_to(REPO)) if Path(r).is_absolute()
                                   and REPO in Path(r).parents else str(r) for r in runs), ""]
-    lines = head + table(wide) + [""] + verdicts(wide)
+    repeats = max(1, len(runs) // max(1, frame["world_size"].nunique()))
+    if repeats > 1:
+        head.append(f"fastest of {repeats} full sweeps per world size (slowest in brackets)")
+    lines = head + table(wide, repeats) + [""] + verdicts(wide)
     text = "\n".join(lines)
     print(text)
     if args.markdown:
