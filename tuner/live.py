@@ -39,7 +39,7 @@ class LiveOptions:
     max_trials: int | None = None
     rounds: int = 4
     seed: int = 0
-    prune_margin: float = 0.25
+    prune_margin: float = 0.5
     climb_algorithms: int = 2
     seed_algorithms: int = 2
     cache_backends: int = 6
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", default="4",
                    help="the timed iterations come in this many rounds; the pruner may stop a "
                         "configuration after any but the last")
-    p.add_argument("--prune-margin", dest="prune_margin", default="0.25",
-                   help="prune a configuration this much slower than the best (0.25 = 25%%)")
+    p.add_argument("--prune-margin", dest="prune_margin", default="0.5",
+                   help="prune a configuration this much slower than the best (0.5 = 50%%)")
     p.add_argument("--seed", default="0", help="sampler seed")
     p.add_argument("--grid", action="store_true",
                    help="no search: measure every configuration at every size (the reference "

@@ -17,7 +17,8 @@ loop drives real ranks (`tuner live`) and synthetic objectives (tests). Per size
    again. Also stops when every configuration was tried, or at `max_trials` measurements.
 
 Pruning: after each round of iterations the median so far is reported; `MarginPruner` stops a
-configuration more than `prune_margin` slower than the best completed one at that step.
+configuration more than `prune_margin` slower than the best completed one at that step, from
+the second round on.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class SearchOptions:
     seed_algorithms: int = 2
     climb_algorithms: int = 2
     startup_trials: int = 4
-    prune_margin: float = 0.25
+    prune_margin: float = 0.5
     exhaustive: bool = False  # measure the whole grid instead of searching
     seed: int = 0
     run_id: str = "live"
@@ -69,14 +70,15 @@ class SearchOptions:
 class MarginPruner(optuna.pruners.BasePruner):
     """Prunes a trial whose median so far is more than `margin` slower than the best completed
     trial's at the same step ("clearly slower"; the median pruner would also stop a
-    configuration 1 % behind, which the table builder may still want as a neighbour)."""
+    configuration 1 % behind, which the table builder may still want as a neighbour). Never
+    on the first `warmup_steps` rounds: on a busy CPU one round's median is too noisy."""
 
-    def __init__(self, margin: float = 0.25) -> None:
-        self.margin = margin
+    def __init__(self, margin: float = 0.5, warmup_steps: int = 1) -> None:
+        self.margin, self.warmup_steps = margin, warmup_steps
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        if step is None:
+        if step is None or step < self.warmup_steps:
             return False
         value = trial.intermediate_values[step]
         best = None

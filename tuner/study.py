@@ -241,6 +241,8 @@ def measurements(storage, group: tuple | None = None) -> dict[tuple, dict[int, l
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         by_config: dict[tuple[str, str], list] = {}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if "repeat_of" in trial.user_attrs:
+                continue  # a proposal answered from an earlier trial: not a measurement
             algorithm, params = config_of(trial)
             by_config.setdefault((algorithm, params_key(params)), []).append(trial)
         points = []
