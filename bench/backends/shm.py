@@ -14,8 +14,9 @@ in pieces of one slot. Per piece:
   the next piece's writes behind every rank's reads, so no double buffering is needed.
 
 Waiting never holds a core a peer needs: a rank spins briefly only when every local rank has a
-core, then sleeps on the peer's flag (a futex), bounded by `ctx.timeout_s`; a timeout names the
-rank and epoch it waited for and leaves the backend unusable (its peers are out of step).
+core, then sleeps on the barrier's futex until the last rank to arrive wakes it, bounded by
+`ctx.timeout_s`; a timeout names the rank and epoch it waited for and leaves the backend
+unusable (its peers are out of step).
 Copies are memmoves between the caller's tensor and the segment (no per-call allocation);
 sums are torch ops on cached views of the segment, with torch limited to `threads` threads.
 
