@@ -34,7 +34,7 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -179,9 +179,23 @@ class _TorchFloor:
         self._group = None
 
 
-class _Route(NamedTuple):
-    bounds: list[int]  # finite max_bytes, increasing
-    chains: tuple[tuple[Any, ...], ...]  # per rule: (backend, max bytes) to try, in order
+class _Route:
+    """One table's rules, ready for the per-call lookup: the finite bounds (increasing), per
+    rule the (backend, max bytes) chain to try, and a cache of the chain per exact size (the
+    sizes a model all-reduces repeat: a dict hit is cheaper than the bisect)."""
+
+    __slots__ = ("bounds", "chains", "by_size")
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, bounds: list[int], chains: tuple[tuple[Any, ...], ...]) -> None:
+        self.bounds, self.chains = bounds, chains
+        self.by_size: dict[int, tuple] = {}
+
+    def chain_for(self, nbytes: int) -> tuple:
+        chain = self.chains[_bisect(self.bounds, nbytes)]
+        if len(self.by_size) < self._CACHE_LIMIT:
+            self.by_size[nbytes] = chain
+        return chain
 
 
 _bisect = bisect.bisect_left
@@ -284,9 +298,10 @@ class Dispatcher:
         """The backend that will reduce `tensor` (rule lookup + gates), None: the floor
         refuses it too (a non-contiguous tensor)."""
         routes = self._graph if (self._cuda and _capturing()) else self._eager
-        bounds, chains = routes.get(tensor.dtype, self._fallback)
+        route = routes.get(tensor.dtype, self._fallback)
         nbytes = tensor.nbytes
-        for backend, max_bytes in chains[_bisect(bounds, nbytes)]:
+        chain = route.by_size.get(nbytes) or route.chain_for(nbytes)
+        for backend, max_bytes in chain:
             if nbytes <= max_bytes and backend.can_take(tensor) is None:
                 return backend
         return None
