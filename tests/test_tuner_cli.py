@@ -12,11 +12,15 @@ from tuner.table import load
 
 @pytest.mark.slow
 def test_live_on_cpu_with_a_small_grid(run_cli, tmp_path):
+    from bench.backends import get_spec
+
+    knobs = get_spec("shm_one_shot").knobs  # every knob but chunk_bytes fixed at its default
+    fixed = {k: v[0] for k, v in knobs.items() if k != "chunk_bytes"}
     out = tmp_path / "T.json"
+    params = [f"--param=shm_one_shot.{k}={v}" for k, v in fixed.items()]
     result = run_cli("tuner", "live", "--world-size", "2", "--backends", "gloo,shm_one_shot",
                      "-b", "1K", "-e", "16K", "-f", "4", "--dtypes", "float32", "-n", "4",
-                     "-w", "1", "--rounds", "2", "--param", "shm_one_shot.threads=1",
-                     "--param", "shm_one_shot.spin=0", "-o", out, "--patience", "2")
+                     "-w", "1", "--rounds", "2", *params, "-o", out, "--patience", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     thresholds = load(out)
     (table,) = thresholds.tables
@@ -26,13 +30,14 @@ def test_live_on_cpu_with_a_small_grid(run_cli, tmp_path):
     assert (tmp_path / "T.study.db").is_file()
     (group,) = summary["groups"]
     assert [p["nbytes"] for p in group["points"]] == [1024, 4096, 16384]
+    grid = 1 + len(knobs["chunk_bytes"])  # gloo + shm_one_shot x chunk sizes
     for point in group["points"]:
-        assert point["grid"] == 5  # gloo + shm_one_shot x 4 chunk sizes (threads, spin fixed)
+        assert point["grid"] == grid
         assert 1 <= point["measured"] <= point["grid"]
         assert point["best"] is not None
         if point["best"][0] == "shm_one_shot":
-            assert point["best"][1]["threads"] == 1 and point["best"][1]["spin"] == 0
-    assert "configurations measured of 15 in the grid" in result.stdout
+            assert all(point["best"][1][k] == v for k, v in fixed.items())
+    assert f"configurations measured of {3 * grid} in the grid" in result.stdout
 
 
 def _tuner(capsys, *args) -> tuple[int, str, str]:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.backends import get_spec
 from bench.hardware import fingerprint
 from tuner.dispatch import (
     Dispatcher,
@@ -25,10 +26,12 @@ from tuner.dispatch import (
 from tuner.table import Rule, Table, Thresholds, load
 
 K = 1024
+# a knob setting other than the default, from the registry (the values move with tuning)
+CHUNK = get_spec("shm_one_shot").knobs["chunk_bytes"][1]
 
 
 def _table(hardware_key: str, world_size: int = 2) -> Thresholds:
-    rules = (Rule(4 * K, "shm_one_shot", {"chunk_bytes": 256 * K}),
+    rules = (Rule(4 * K, "shm_one_shot", {"chunk_bytes": CHUNK}),
              Rule(64 * K, "shm_two_shot", {}), Rule(None, "gloo", {}))
     evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
                 "gain_vs_nccl_geomean": None, "sizes": [K, 256 * K]}
@@ -108,7 +111,7 @@ def test_dispatcher_routes_sizes_to_the_backends_the_table_names(tmp_path):
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())
         # only what the table names was built (the floor is gloo)
-        assert results["backends"] == ['gloo', 'shm_one_shot{"chunk_bytes": 262144}',
+        assert results["backends"] == ["gloo", f'shm_one_shot{{"chunk_bytes": {CHUNK}}}',
                                        "shm_two_shot"]
         table = {(r["dtype"], r["bytes"]): r for r in results["table"]}
         for dtype in ("torch.float32", "torch.bfloat16"):  # bfloat16 uses float32's rules
