@@ -84,7 +84,9 @@ def build_backend(name: str, params: Mapping[str, Any], max_bytes: int,
     if spec is not None and spec.device != ctx.device.type:
         reason = f"{spec.device} backend; this group runs on {ctx.device.type}"
     if spec is not None and reason is None:
-        reason = spec.check_params(params)
+        unknown = [k for k in params if k not in spec.knobs]
+        if unknown:  # values are the backend's to judge when it is built
+            reason = f"{name} has no knob {unknown[0]!r} (knobs: {', '.join(spec.knobs) or 'none'})"
     if spec is not None and reason is None:
         try:
             reason = spec.probe(ctx)
