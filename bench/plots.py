@@ -115,12 +115,27 @@ def _groups(frame, keys: Sequence[str]) -> list[tuple[tuple, Any]]:
             for k, g in frame.groupby(list(keys), sort=True)]
 
 
-def _line_label(frame, backend: str, dtype: str, run_id: str) -> str:
+def _merge_repeats(measured):
+    """One line per (backend, dtype) even when several runs measured the same points: the
+    median latency and bandwidth over the runs, the band from the lowest p10 to the highest p90,
+    the number of runs in `runs` and every row's correctness kept (a wrong row stays wrong)."""
+    if measured.empty:
+        return measured.assign(runs=[])
+    keys = ["backend", "world_size", "dtype", "mode", "bytes"]
+    ok = measured["correct"].fillna(False).astype(bool)
+    merged = (measured.assign(ok=ok).groupby(keys, as_index=False)
+              .agg(latency_us=("latency_us", "median"), p10_us=("p10_us", "min"),
+                   p90_us=("p90_us", "max"), busbw_gbps=("busbw_gbps", "median"),
+                   correct=("ok", "all"), runs=("run_id", "nunique")))
+    return merged
+
+
+def _line_label(part, backend: str, dtype: str, runs: int) -> str:
     label = backend
-    if frame["dtype"].nunique() > 1:
+    if part["dtype"].nunique() > 1:
         label += f" {dtype}"
-    if frame["run_id"].nunique() > 1:
-        label += f" [{run_id}]"
+    if runs > 1:
+        label += f" (median of {runs} runs)"
     return label
 
 
@@ -159,16 +174,18 @@ def _figure_legend(fig: Figure, axes: Iterable[Any]) -> None:
 
 def plot_latency(frame) -> Figure:
     """Latency vs message size per backend (log-log), p10-p90 band, one panel per world size
-    and mode; incorrect rows are marked with a red cross."""
+    and mode; incorrect rows are marked with a red cross. Runs repeating the same points are
+    drawn as one line, their median (the band spans all of them)."""
     measured = frame[frame["latency_us"].notna()]
     fig, panels = _panel_grid(measured if len(measured) else frame)
     for (ws, mode), ax in panels.items():
-        part = measured[(measured["world_size"] == ws) & (measured["mode"] == mode)]
-        for (backend, dtype, run_id), line in _groups(part, ["backend", "dtype", "run_id"]):
+        part = _merge_repeats(measured[(measured["world_size"] == ws) &
+                                       (measured["mode"] == mode)])
+        for (backend, dtype), line in _groups(part, ["backend", "dtype"]):
             line = line.sort_values("bytes")
             color = backend_color(backend)
             ax.plot(line["bytes"], line["latency_us"], _DTYPE_STYLE.get(dtype, "-."), marker=".",
-                    color=color, label=_line_label(part, backend, dtype, run_id))
+                    color=color, label=_line_label(part, backend, dtype, line["runs"].max()))
             ax.fill_between(line["bytes"], line["p10_us"], line["p90_us"], color=color,
                             alpha=0.15, linewidth=0)
             bad = line[~line["correct"].fillna(False).astype(bool)]
@@ -212,12 +229,13 @@ def plot_busbw(frame, meta: Mapping[str, Any] | None = None) -> Figure:
     limit, why = hardware_limit(meta or {})
     fig, panels = _panel_grid(measured if len(measured) else frame)
     for (ws, mode), ax in panels.items():
-        part = measured[(measured["world_size"] == ws) & (measured["mode"] == mode)]
-        for (backend, dtype, run_id), line in _groups(part, ["backend", "dtype", "run_id"]):
+        part = _merge_repeats(measured[(measured["world_size"] == ws) &
+                                       (measured["mode"] == mode)])
+        for (backend, dtype), line in _groups(part, ["backend", "dtype"]):
             line = line.sort_values("bytes")
             ax.plot(line["bytes"], line["busbw_gbps"], _DTYPE_STYLE.get(dtype, "-."),
                     marker=".", color=backend_color(backend),
-                    label=_line_label(part, backend, dtype, run_id))
+                    label=_line_label(part, backend, dtype, line["runs"].max()))
         if limit is not None:
             ax.axhline(limit, color="black", linestyle="--", linewidth=1,
                        label=f"limit {limit:g} GB/s")
