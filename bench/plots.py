@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, MaxNLocator, NullLocator
 
 from .results import RESULTS_FILE, read_meta, read_results
 from .sizes import format_size
@@ -537,7 +537,8 @@ def plot_convergence(trials, relative: bool = False, max_legend: int = 12) -> Fi
     else:
         ax.legend(fontsize=8, loc="upper right")
     if relative:
-        ax.set_yscale("log")
+        _ratio_axis(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("completed trial (in order)")
     ax.set_ylabel("objective / study's best" if relative else "objective (lower is better)")
     ax.set_title("Optuna study: each trial (dots) and the best so far (line)")
