@@ -35,8 +35,11 @@ __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
 class LiveOptions:
     output: str
     study_db: str
-    patience: int = 3
+    patience: int = 8
     max_trials: int | None = None
+    budget_fraction: float | None = 0.25
+    confirm_top: int = 3
+    confirm_rounds: int = 3
     rounds: int = 4
     seed: int = 0
     prune_margin: float = 0.5
@@ -64,10 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="thresholds.json to write")
     p.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
                    help="SQLite file of the studies (default: <output>.study.db; resumable)")
-    p.add_argument("--patience", default="3",
+    p.add_argument("--patience", default="8",
                    help="explored trials in a row without a better best before a size stops")
     p.add_argument("--max-trials", dest="max_trials", default=None,
-                   help="at most this many measurements per size")
+                   help="at most this many measurements per size (confirmation included)")
+    p.add_argument("--budget-fraction", dest="budget_fraction", default="0.25",
+                   help="at most this fraction of a size's grid is measured, confirmation "
+                        "included (0.25 = 25%%; 'none': no limit)")
+    p.add_argument("--confirm-top", dest="confirm_top", default="3",
+                   help="the fastest N distinct configurations of a size are re-measured side "
+                        "by side before its best is chosen (1: no confirmation)")
+    p.add_argument("--confirm-rounds", dest="confirm_rounds", default="3",
+                   help="interleaved rounds of that re-measurement; the best median wins")
     p.add_argument("--rounds", default="4",
                    help="the timed iterations come in this many rounds; the pruner may stop a "
                         "configuration after any but the last")
@@ -110,6 +121,15 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
         margin = -1.0
     if not margin >= 0:
         raise UsageError(f"--prune-margin: expected a number >= 0, got {args.prune_margin!r}")
+    fraction: float | None = None
+    if str(args.budget_fraction).lower() != "none":
+        try:
+            fraction = float(args.budget_fraction)
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            raise UsageError("--budget-fraction: expected a number in (0, 1] or 'none', got "
+                             f"{args.budget_fraction!r}")
     output = Path(args.output)
     if output.parent and not output.parent.exists():
         raise UsageError(f"-o: folder {output.parent} does not exist")
@@ -119,7 +139,9 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
     opts = LiveOptions(
         output=str(output), study_db=study_db, patience=_int("--patience", args.patience),
-        max_trials=_int("--max-trials", args.max_trials),
+        max_trials=_int("--max-trials", args.max_trials), budget_fraction=fraction,
+        confirm_top=_int("--confirm-top", args.confirm_top),
+        confirm_rounds=_int("--confirm-rounds", args.confirm_rounds),
         rounds=_int("--rounds", args.rounds), seed=_int("--seed", args.seed, 0),
         prune_margin=margin, cache_backends=_int("--cache-backends", args.cache_backends),
         grid=bool(args.grid),
@@ -222,7 +244,9 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     options = SearchOptions(patience=opts.patience, max_trials=opts.max_trials, seed=opts.seed,
                             prune_margin=opts.prune_margin, run_id=opts.run_id,
                             climb_algorithms=opts.climb_algorithms,
-                            seed_algorithms=opts.seed_algorithms, exhaustive=opts.grid)
+                            seed_algorithms=opts.seed_algorithms, exhaustive=opts.grid,
+                            budget_fraction=opts.budget_fraction, confirm_top=opts.confirm_top,
+                            confirm_rounds=opts.confirm_rounds)
     counter = [0]
     summary: dict[str, Any] = {"run_id": opts.run_id, "hardware_key": hardware_key,
                                "world_size": ctx.world_size, "algorithms": available,
@@ -246,7 +270,8 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
                 best = "none" if point.best is None else (
                     f"{config_label(*point.best)} {point.best_latency_us:.1f} us")
                 print(f"# ws{ctx.world_size} {_dtype} {_mode} {format_size(point.nbytes):>5}: "
-                      f"{point.measured:3d} measured ({point.pruned} pruned) of "
+                      f"{point.measured:3d} measured ({point.pruned} pruned, "
+                      f"{point.confirmed} confirming) of "
                       f"{point.grid} configurations; best {best}", flush=True)
 
             results = search_group(storage, group, cfg.sizes, space, available, measure,

@@ -14,7 +14,19 @@ loop drives real ranks (`tuner live`) and synthetic objectives (tests). Per size
 3. Exploration: then Optuna's TPE sampler (multivariate, grouped by the conditional space)
    proposes, until `patience` explored trials in a row do not beat the best by
    `min_improvement`; a proposal already measured is answered from the study, never measured
-   again. Also stops when every configuration was tried, or at `max_trials` measurements.
+   again. Also stops when every configuration was tried, or when the budget is spent.
+4. Confirmation: a single measurement is noisy and the fastest of many single measurements is
+   flattered by its own luck, so the size's best is not the minimum. The `confirm_top`
+   fastest distinct configurations (always including the best of the second-fastest
+   algorithm) are measured again side by side, interleaved (A B C A B C ...), `confirm_rounds`
+   rounds, never pruned, and the one with the lowest median of those rounds is the size's
+   best. These re-measurements are trials of the study (user attribute `confirm`) and count
+   as measurements.
+
+Budget per size: at most `budget_fraction` of the configurations that exist at that size
+(and at most `max_trials`), confirmation included: the search stops early enough to leave
+room for it (on a grid too small for that, the search still measures at least one
+configuration and the confirmation may take the total over the fraction).
 
 Pruning: after each round of iterations the median so far is reported; `MarginPruner` stops a
 configuration more than `prune_margin` slower than the best completed one at that step, from
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +50,7 @@ from .measure import Outcome
 from .study import Space, config_of, open_study, study_name
 
 __all__ = ["MarginPruner", "SearchOptions", "PointResult", "search_point", "grid_point",
-           "search_group", "best_configs"]
+           "search_group", "best_configs", "confirm_point", "confirmation_candidates"]
 
 # measure(algorithm, params, nbytes, report) -> Outcome; report(step, median_us) -> prune?
 Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
@@ -45,9 +58,12 @@ Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
 
 @dataclasses.dataclass
 class SearchOptions:
-    patience: int = 3
+    patience: int = 8
     min_improvement: float = 0.01
-    max_trials: int | None = None  # measurements per size
+    max_trials: int | None = None  # measurements per size, confirmation included
+    budget_fraction: float | None = 0.25  # of the size's grid, confirmation included
+    confirm_top: int = 3  # distinct configurations re-measured side by side (<= 1: none)
+    confirm_rounds: int = 3
     seed_algorithms: int = 2
     climb_algorithms: int = 2
     startup_trials: int = 4
@@ -65,6 +81,17 @@ class SearchOptions:
 
     def pruner(self) -> optuna.pruners.BasePruner:
         return MarginPruner(self.prune_margin)
+
+    def budget(self, grid: int) -> int | None:
+        """Measurements allowed at a size with `grid` configurations (None: no limit)."""
+        limits = [self.max_trials] if self.max_trials is not None else []
+        if self.budget_fraction is not None:
+            limits.append(int(self.budget_fraction * grid))
+        return min(limits) if limits else None
+
+    def reserve(self) -> int:
+        """Measurements kept for the confirmation."""
+        return self.confirm_top * self.confirm_rounds if self.confirm_top > 1 else 0
 
 
 class MarginPruner(optuna.pruners.BasePruner):
@@ -93,11 +120,13 @@ class MarginPruner(optuna.pruners.BasePruner):
 class PointResult:
     nbytes: int
     grid: int  # configurations that exist at this size
-    measured: int  # new measurements (completed or pruned)
+    measured: int  # new measurements (completed or pruned), confirmation included
     pruned: int
     asked: int
     best: tuple[str, dict] | None
     best_latency_us: float | None
+    confirmed: int = 0  # of `measured`: side-by-side re-measurements of the leaders
+    candidates: list | None = None  # [[algorithm, params, median_us, [latency_us...]], ...]
 
 
 def _known(study: optuna.Study) -> dict[tuple[str, str], float | None]:
@@ -120,15 +149,48 @@ def _known(study: optuna.Study) -> dict[tuple[str, str], float | None]:
 
 
 def best_configs(study: optuna.Study, available: Sequence[str]) -> list[tuple[str, dict, float]]:
-    """Each available algorithm's best completed configuration, fastest algorithm first."""
+    """Each available algorithm's best completed configuration, fastest algorithm first (a
+    configuration measured more than once counts with the median of its measurements)."""
     best: dict[str, tuple[str, dict, float]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        algorithm, params = config_of(trial)
-        if algorithm not in available:
-            continue
-        if algorithm not in best or trial.value < best[algorithm][2]:
-            best[algorithm] = (algorithm, params, trial.value)
+    for (algorithm, key), value in _medians(study).items():
+        if algorithm in available and (algorithm not in best or value < best[algorithm][2]):
+            best[algorithm] = (algorithm, json.loads(key), value)
     return sorted(best.values(), key=lambda b: b[2])
+
+
+def _medians(study: optuna.Study) -> dict[tuple[str, str], float]:
+    """Median latency per configuration over its completed measurements."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "repeat_of" in trial.user_attrs or "algorithm" not in trial.params:
+            continue
+        algorithm, params = config_of(trial)
+        values.setdefault((algorithm, params_key(params)), []).append(trial.value)
+    return {key: statistics.median(v) for key, v in values.items()}
+
+
+def confirmation_candidates(study: optuna.Study, available: Sequence[str],
+                            top: int) -> list[tuple[str, dict]]:
+    """The `top` fastest distinct configurations by their first measurement (a confirmation
+    must not feed on itself), with the best of the second-fastest algorithm always among them
+    (the leaders are often near-identical variants of one algorithm)."""
+    first: dict[tuple[str, str], float] = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if "repeat_of" in trial.user_attrs or "confirm" in trial.user_attrs:
+            continue
+        if "algorithm" not in trial.params:
+            continue
+        algorithm, params = config_of(trial)
+        key = (algorithm, params_key(params))
+        if algorithm in available and key not in first:
+            first[key] = trial.value
+    ranked = sorted(first, key=lambda k: first[k])
+    chosen = ranked[:top]
+    algorithms = list(dict.fromkeys(alg for alg, _ in ranked))
+    if top > 1 and len(algorithms) > 1 and algorithms[1] not in {a for a, _ in chosen}:
+        runner_up = next(k for k in ranked if k[0] == algorithms[1])
+        chosen = chosen[:top - 1] + [runner_up]
+    return [(alg, json.loads(key)) for alg, key in chosen]
 
 
 def neighbours(space: Space, available: Sequence[str], algorithm: str,
@@ -179,9 +241,11 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
             study.enqueue_trial(space.trial_params(algorithm, params))
     pending_seeds = len(seeds)
     grid = {(a, params_key(p)) for a, p in space.configs(available)}
+    budget = options.budget(len(grid))
+    search_limit = None if budget is None else max(1, budget - options.reserve())
     streak = measured = pruned = asked = 0
     while asked < 4 * len(grid) + 10:
-        if options.max_trials is not None and measured >= options.max_trials:
+        if search_limit is not None and measured >= search_limit:
             break
         if grid <= set(known):
             break
@@ -228,10 +292,61 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
             best = outcome.latency_us if best is None else min(best, outcome.latency_us)
         if exploring:
             streak = 0 if improved else streak + 1
+    confirmed, candidates = confirm_point(study, space, available, measure, nbytes, options)
+    measured += confirmed
+    if candidates:
+        algorithm, params, median_us, _ = candidates[0]
+        return PointResult(nbytes=nbytes, grid=len(grid), measured=measured, pruned=pruned,
+                           asked=asked, best=(algorithm, params), best_latency_us=median_us,
+                           confirmed=confirmed, candidates=candidates)
     found = best_configs(study, available)
     return PointResult(nbytes=nbytes, grid=len(grid), measured=measured, pruned=pruned,
                        asked=asked, best=(found[0][0], found[0][1]) if found else None,
                        best_latency_us=found[0][2] if found else None)
+
+
+def _label(algorithm: str, params: dict) -> tuple[str, str]:
+    return algorithm, params_key(params)
+
+
+def confirm_point(study: optuna.Study, space: Space, available: Sequence[str],
+                  measure: Measure, nbytes: int,
+                  options: SearchOptions) -> tuple[int, list | None]:
+    """Re-measure the leaders side by side, interleaved, `confirm_rounds` rounds; returns
+    (new measurements, [[algorithm, params, median_us, latencies], ...] fastest first) or
+    (0, None) when there is nothing to choose between. The result is kept on the study
+    (user attribute `confirmed`), so a resumed run with the same leaders measures nothing."""
+    if options.confirm_top <= 1 or options.confirm_rounds < 1:
+        return 0, None
+    chosen = confirmation_candidates(study, available, options.confirm_top)
+    if len(chosen) < 2:
+        return 0, None
+    labels = [[alg, params_key(params)] for alg, params in chosen]
+    previous = study.user_attrs.get("confirmed")
+    if previous and sorted(previous["labels"]) == sorted(labels):
+        return 0, previous["candidates"]
+    times: dict[int, list[float]] = {i: [] for i in range(len(chosen))}
+    measured = 0
+    for round_ in range(options.confirm_rounds):
+        for index, (algorithm, params) in enumerate(chosen):
+            study.enqueue_trial(space.trial_params(algorithm, params))
+            trial = study.ask()
+            while _label(*space.suggest(trial)) != _label(algorithm, params):
+                # a seed enqueued before the budget ran out: not measured
+                trial.set_user_attr("reason", "not measured (the budget was spent)")
+                study.tell(trial, state=TrialState.FAIL)
+                trial = study.ask()
+            trial.set_user_attr("confirm", round_)
+            outcome = measure(algorithm, dict(params), nbytes, lambda step, median_us: False)
+            _tell(study, trial, outcome, options.run_id)
+            measured += outcome.status in ("ok", "pruned", "wrong")
+            if outcome.status == "ok":
+                times[index].append(outcome.latency_us)
+    candidates = sorted(
+        ([alg, params, statistics.median(times[i]), times[i]]
+         for i, (alg, params) in enumerate(chosen) if times[i]), key=lambda c: c[2])
+    study.set_user_attr("confirmed", {"labels": labels, "candidates": candidates})
+    return measured, candidates or None
 
 
 def grid_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
@@ -308,6 +423,9 @@ def search_group(storage, group: tuple, sizes: Sequence[int], space: Space,
         results.append(result)
         if on_point is not None:
             on_point(result)
-        ranked = best_configs(study, available)[:max(1, options.seed_algorithms)]
-        seeds = [(alg, params) for alg, params, _ in ranked] or seeds
+        ranked = [(alg, params) for alg, params, _ in
+                  best_configs(study, available)[:max(1, options.seed_algorithms)]]
+        if result.best is not None:  # the confirmed best first
+            ranked = [result.best] + [c for c in ranked if c != result.best]
+        seeds = ranked or seeds
     return results
