@@ -134,12 +134,12 @@ def node_report(master_addr: str | None = None, master_port: int | None = None,
     import torch
 
     from . import __version__
-    from .hardware import _cpu_model, gpu_fingerprint, host_id, versions
+    from .group import host_identity
+    from .hardware import _cpu_model, gpu_fingerprint, versions
 
     gpu = gpu_fingerprint()
     report: dict[str, Any] = {
-        "host": socket.gethostname(), "host_id": os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID",
-                                                                host_id()),
+        "host": socket.gethostname(), "host_id": host_identity(),
         "cpu": {"model": _cpu_model(), "cores": os.cpu_count()},
         "versions": {**versions(), "bench": __version__, "driver": gpu.get("driver"),
                      "cuda_driver": gpu.get("cuda_driver")},
@@ -162,11 +162,12 @@ def rank_fingerprint(device, rank: int = 0) -> dict[str, Any]:
     import torch
 
     from . import __version__
-    from .hardware import gpu_fingerprint, host_id, versions
+    from .group import host_identity
+    from .hardware import gpu_fingerprint, versions
 
     v = versions()
     fp: dict[str, Any] = {
-        "host": os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id()),
+        "host": host_identity(),
         "python": v["python"], "torch": v["torch"], "cuda": v["cuda"], "nccl": v["nccl"],
         "triton": v["triton"], "arch": platform.machine(), "bench": __version__,
         "libnccl": _nccl_library().get("version"), "driver": None, "gpu": None, "cc": None,
@@ -202,8 +203,9 @@ def _check_backend(name: str, cfg, ctx) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
+    from .group import agreed_reason
     from .inputs import check_result, fill_input
-    from .worker import _first_reason, create_backend
+    from .worker import create_backend
 
     backend, reason = create_backend(name, cfg, ctx)
     if backend is None:
@@ -216,7 +218,7 @@ def _check_backend(name: str, cfg, ctx) -> dict[str, Any]:
             local = backend.can_take(tensor)
         except Exception as exc:
             local = f"can_take failed: {type(exc).__name__}: {exc}"
-        if _first_reason(local, ctx.cpu_group) is None:
+        if agreed_reason(local, ctx) is None:
             try:
                 out = backend.all_reduce(tensor)
                 if ctx.device.type == "cuda":
@@ -224,7 +226,7 @@ def _check_backend(name: str, cfg, ctx) -> dict[str, Any]:
                 error = check_result(out, ctx.rank, ctx.world_size, seed=7)
             except Exception as exc:
                 local = f"all_reduce failed: {type(exc).__name__}: {exc}"
-        reason = _first_reason(local, ctx.cpu_group)
+        reason = agreed_reason(local, ctx)
         if reason:
             return {"backend": name, "status": "unavailable", "reason": reason}
         worst = torch.tensor([error], dtype=torch.float64)

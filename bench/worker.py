@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import backends as registry
 from .backends import CommContext
 from .config import DTYPES, SweepConfig
-from .hardware import fingerprint, host_id
+from .group import agreed_reason, build_backend, host_identity, make_context
+from .hardware import fingerprint
 from .inputs import check_result, fill_input
 from .results import ResultsWriter, RunDirLocked, completed_points, read_meta, write_meta
 from .timing import CpuClock, CudaEventClock, capture_graph, flush_l2, measure, slowest_rank
@@ -90,7 +90,7 @@ class Watchdog:
         self._store = dist.PrefixStore(f"bench-heartbeat/{tag}", store)
         self._world_size = world_size
         self._store.set(f"at/{self.rank}", self.where)
-        self._store.set(f"pid/{self.rank}", f"{_host()}|{os.getpid()}")
+        self._store.set(f"pid/{self.rank}", f"{host_identity()}|{os.getpid()}")
         threading.Thread(target=self._heartbeat, daemon=True,
                          name=f"bench-hb-r{self.rank}").start()
 
@@ -155,10 +155,6 @@ class Watchdog:
         self._stop.set()
 
 
-def _host() -> str:
-    return os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id())
-
-
 def _describe(silent: dict[int, tuple[str, str]]) -> str:
     return ", ".join(f"rank {r} (last at {where})" for r, (where, _) in sorted(silent.items()))
 
@@ -166,7 +162,7 @@ def _describe(silent: dict[int, tuple[str, str]]) -> str:
 def _kill_local(peers) -> None:
     """SIGKILL silent peers on this host: a stopped rank ignores the launcher's SIGTERM, and
     torch's process context would wait 30 s before its own SIGKILL."""
-    here = _host()
+    here = host_identity()
     for _, ident in peers:
         host, _, pid = ident.rpartition("|")
         if host == here and pid.isdigit():
@@ -196,33 +192,14 @@ def _agree(value, group, what: str):
     return gathered
 
 
-def _first_reason(reason: str | None, group) -> str | None:
-    """Every rank's reason gathered: the point is skipped if any rank has one."""
-    world = dist.get_world_size(group)
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, reason, group=group)
-    for rank, r in enumerate(gathered):
-        if r:
-            return r if world == 1 or all(g == r for g in gathered) else f"rank {rank}: {r}"
-    return None
-
-
 def _make_context(cfg: SweepConfig, layout: dict[str, int], run_tag: str) -> CommContext:
+    device = torch.device("cpu")
     if cfg.device == "cuda":
-        visible = torch.cuda.device_count()
-        device = torch.device("cuda", layout["local_rank"] % max(visible, 1))
+        device = torch.device("cuda", layout["local_rank"] % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
-    else:
-        visible, device = 0, torch.device("cpu")
-    hosts: list = [None] * layout["world_size"]
-    dist.all_gather_object(hosts, _host())
-    return CommContext(
-        rank=layout["rank"], world_size=layout["world_size"], local_rank=layout["local_rank"],
-        local_world_size=layout["local_world_size"], nnodes=len(set(hosts)), device=device,
-        cpu_group=dist.group.WORLD, timeout_s=cfg.timeout_s, run_tag=run_tag,
-        same_host=len(set(hosts)) == 1, visible_gpus=visible,
-        extra={"hosts": hosts, "launch_nnodes": cfg.nnodes},
-    )
+    ctx = make_context(dist.group.WORLD, device, cfg.timeout_s, run_tag=run_tag)
+    ctx.extra["launch_nnodes"] = cfg.nnodes
+    return ctx
 
 
 def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
@@ -275,7 +252,7 @@ class PointRunner:
         reason = backend.can_take(tensor)
         if mode == "graph" and not self.is_cuda:
             reason = reason or "graph mode needs a CUDA device"
-        reason = _first_reason(reason, ctx.cpu_group)
+        reason = agreed_reason(reason, ctx)
         if reason:
             return reason, None, None, None
 
@@ -292,7 +269,7 @@ class PointRunner:
                 check_step, _check_graph = capture_graph(_once, calls=1)
             except Exception as exc:
                 local = f"graph capture failed: {type(exc).__name__}: {exc}"
-            reason = _first_reason(local, ctx.cpu_group)
+            reason = agreed_reason(local, ctx)
             if reason:
                 return reason, None, None, None
         fill_input(tensor, ctx.rank, seed)
@@ -303,7 +280,7 @@ class PointRunner:
             self._sync()
         except Exception as exc:  # a backend that raises is a skipped point, not a dead sweep
             local = f"all_reduce failed: {type(exc).__name__}: {exc}"
-        reason = _first_reason(local, ctx.cpu_group)
+        reason = agreed_reason(local, ctx)
         if reason:
             return reason, None, None, None
         result = out_holder[0]
@@ -327,30 +304,7 @@ class PointRunner:
 
 def create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
     """Probe and build on every rank; any rank's reason skips the backend everywhere."""
-    backend, reason = None, None
-    try:
-        spec = registry.get_spec(name)
-    except KeyError as exc:
-        reason = str(exc.args[0])
-        spec = None
-    if spec is not None and spec.device != ctx.device.type:
-        reason = f"{spec.device} backend; this sweep runs on {ctx.device.type}"
-    if spec is not None and reason is None:
-        try:
-            reason = spec.probe(ctx)
-        except Exception as exc:
-            reason = f"probe failed: {type(exc).__name__}: {exc}"
-    reason = _first_reason(reason, ctx.cpu_group)
-    if reason is None:
-        try:
-            backend = spec.create(ctx, max(cfg.sizes), **cfg.params.get(name, {}))
-        except Exception as exc:
-            reason = f"create failed: {type(exc).__name__}: {exc}"
-        reason = _first_reason(reason, ctx.cpu_group)
-        if reason and backend is not None:
-            backend.release()
-            backend = None
-    return backend, reason
+    return build_backend(name, cfg.params.get(name, {}), max(cfg.sizes), ctx)
 
 
 def run_worker(cfg: SweepConfig) -> int:

@@ -144,6 +144,8 @@ SKEW = textwrap.dedent("""
 def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
     script = tmp_path / "skew.py"
     script.write_text(SKEW)
+    # children other tests left to this pytest process (multiprocessing's resource tracker)
+    earlier = {pid for pid in descendants(os.getpid()) if alive(pid)}
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(script), "sweep", "--world-size", "2",
                            "--backends", "gloo", "-b", "1K", "-e", "4K", "--dtypes", "float32",
@@ -156,4 +158,4 @@ def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
     assert "rank 1: ('gloo', 'float32', 'eager', 2048)" in lines[0]
     assert "Traceback" not in proc.stderr
     assert data_rows(out / "results.csv") == 0
-    assert not [pid for pid in descendants(os.getpid()) if alive(pid)]
+    assert not [pid for pid in descendants(os.getpid()) - earlier if alive(pid)]
