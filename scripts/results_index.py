@@ -128,6 +128,18 @@ def main(argv: list[str]) -> int:
         lines += ["## thresholds.json", ""]
         for path in tables:
             lines += thresholds_index(path, base)
+    runs_set = {r.resolve() for r in runs}
+    others = [p for p in sorted(root.glob("*/**/*")) if p.is_file()
+              and not any(parent.resolve() in runs_set for parent in p.parents)
+              and p.name not in ("thresholds.json", ".lock")]
+    if others:
+        lines += ["## Other committed evidence", "",
+                  "Files beside the runs (logs, studies, kernel figures), described in the "
+                  "write-ups:", ""]
+        for folder in sorted({p.parent for p in others}):
+            names = ", ".join(f"[{p.name}]({_rel(p, base)})" for p in others if p.parent == folder)
+            lines.append(f"- `{_rel(folder, base)}/`: {names}")
+        lines.append("")
     text = "\n".join(lines)
     if write:
         write_into(write, text)
