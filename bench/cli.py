@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -68,6 +70,7 @@ def _free_port(host: str) -> int:
 def launch(cfg: SweepConfig, entrypoint=None, args: tuple | None = None) -> int:
     """Start cfg.world_size / nnodes local ranks through torchrun's launcher API, each running
     `entrypoint(*args)` (default: the sweep worker on cfg)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -80,12 +83,16 @@ def launch(cfg: SweepConfig, entrypoint=None, args: tuple | None = None) -> int:
         # a stopped (SIGSTOP) rank ignores SIGTERM: SIGKILL it after 5 s, not torch's 30 s
         # (the field is new in torch 2.12; torch 2.11's launcher has no such argument)
         extra["shutdown_timeout"] = 5
+    # the agent's per-rank error files go here and are removed after the launch (its default,
+    # a fresh /tmp/torchelastic_* directory per launch, is never cleaned up)
+    log_dir = tempfile.mkdtemp(prefix="bench-launch-")
     config = LaunchConfig(
         min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=nproc,
         run_id=f"bench-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else "bench-sweep",
         rdzv_backend="c10d", rdzv_endpoint=f"{cfg.master_addr}:{port}",
         rdzv_configs={"is_host": cfg.node_rank == 0, "join_timeout": cfg.timeout_s},
-        max_restarts=0, monitor_interval=0.5, start_method="spawn", **extra,
+        max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir), **extra,
     )
     try:
         results = elastic_launch(config, entrypoint or run_worker)(*(args or (cfg,)))
@@ -99,6 +106,8 @@ def launch(cfg: SweepConfig, entrypoint=None, args: tuple | None = None) -> int:
             print(f"bench: rank {rank} failed ({why}); finished rows are kept"
                   + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
         return 1
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
     codes = [c for c in (results or {}).values() if c]
     return max(codes) if codes else 0
 
