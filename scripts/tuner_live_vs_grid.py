@@ -47,7 +47,8 @@ def live(args, out: Path, grid: bool) -> None:
          "-e", args.max_bytes, "-f", str(args.factor), "--dtypes", args.dtype, "--device",
          "cpu", "-n", str(args.iters), "-w", str(args.warmup), "--backends", ",".join(BACKENDS),
          "-o", str(out / "thresholds.json"), "--study-db", str(out / "study.db"),
-         "--seed", str(args.seed), *(["--grid", "--cache-backends", "512"] if grid else [])])
+         "--seed", str(args.seed),
+         *(["--grid", "--cache-backends", "512"] if grid else (args.live_args or []))])
 
 
 def grid_latency(out: Path, grid_dir: Path) -> dict[int, dict[tuple[str, str], float]]:
@@ -144,6 +145,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=7,
                    help="side-by-side re-measurements of the grid's best and live's pick")
+    p.add_argument("--live-arg", dest="live_args", action="append", metavar="ARG",
+                   help="passed on to the search's `tuner live` (not the grid's), e.g. "
+                        "--live-arg=--patience --live-arg=20; repeatable")
     p.add_argument("--out", required=True, help="work directory (grid and live studies); a "
                    "finished step found there is not run again")
     p.add_argument("--markdown", default=None, help="also write the table here")
