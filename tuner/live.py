@@ -35,7 +35,7 @@ __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
 class LiveOptions:
     output: str
     study_db: str
-    patience: int = 8
+    patience: int = 20
     max_trials: int | None = None
     budget_fraction: float | None = 0.25
     confirm_top: int = 3
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="thresholds.json to write")
     p.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
                    help="SQLite file of the studies (default: <output>.study.db; resumable)")
-    p.add_argument("--patience", default="8",
+    p.add_argument("--patience", default="20",
                    help="explored trials in a row without a better best before a size stops")
     p.add_argument("--max-trials", dest="max_trials", default=None,
                    help="at most this many measurements per size (confirmation included)")

@@ -58,7 +58,7 @@ Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
 
 @dataclasses.dataclass
 class SearchOptions:
-    patience: int = 8
+    patience: int = 20
     min_improvement: float = 0.01
     max_trials: int | None = None  # measurements per size, confirmation included
     budget_fraction: float | None = 0.25  # of the size's grid, confirmation included
