@@ -18,12 +18,10 @@ import torch.distributed as dist
 
 from .backends import CommContext
 from .config import DTYPES, SweepConfig
-from .group import agreed_reason, build_backend, make_context
+from .group import build_backend, make_context
 from .hardware import fingerprint
-from .inputs import check_result, fill_input
+from .point import PointRunner
 from .results import ResultsWriter, RunDirLocked, completed_points, read_meta, write_meta
-from .timing import CpuClock, CudaEventClock, capture_graph, flush_l2, measure, slowest_rank
-from .timing import summarize as summarize_times
 from .watchdog import Watchdog
 
 __all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend"]
@@ -105,82 +103,6 @@ def _skip_row(base: dict, nbytes: int, itemsize: int, reason: str) -> dict:
             "skipped_reason": reason.replace("\n", " ")[:300]}
 
 
-class PointRunner:
-    """Measures one (backend, dtype, mode, size) point on this rank."""
-
-    def __init__(self, cfg: SweepConfig, ctx: CommContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
-        self.is_cuda = ctx.device.type == "cuda"
-        between = flush_l2(ctx.device) if (cfg.l2_flush and self.is_cuda) else None
-        self.clock = CudaEventClock(between) if self.is_cuda else CpuClock()
-
-    def _sync(self) -> None:
-        if self.is_cuda:
-            torch.cuda.synchronize()
-
-    def _barrier(self) -> None:
-        self._sync()
-        dist.barrier(group=self.ctx.cpu_group)
-
-    def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int):
-        """Returns (skip reason, stats, correct, max_abs_err); one of the first two is None."""
-        ctx = self.ctx
-        count = nbytes // torch.empty((), dtype=dtype).element_size()
-        tensor = torch.empty(count, dtype=dtype, device=ctx.device)
-        fill_input(tensor, ctx.rank, seed)
-        reason = backend.can_take(tensor)
-        if mode == "graph" and not self.is_cuda:
-            reason = reason or "graph mode needs a CUDA device"
-        reason = agreed_reason(reason, ctx)
-        if reason:
-            return reason, None, None, None
-
-        # correctness on fresh inputs, the way the mode runs it (inside a graph in graph mode)
-        out_holder: list = [None]
-
-        def _once() -> None:
-            out_holder[0] = backend.all_reduce(tensor)
-
-        check_step = _once
-        if mode == "graph":
-            local = None
-            try:
-                check_step, _check_graph = capture_graph(_once, calls=1)
-            except Exception as exc:
-                local = f"graph capture failed: {type(exc).__name__}: {exc}"
-            reason = agreed_reason(local, ctx)
-            if reason:
-                return reason, None, None, None
-        fill_input(tensor, ctx.rank, seed)
-        self._barrier()
-        local = None
-        try:
-            check_step()
-            self._sync()
-        except Exception as exc:  # a backend that raises is a skipped point, not a dead sweep
-            local = f"all_reduce failed: {type(exc).__name__}: {exc}"
-        reason = agreed_reason(local, ctx)
-        if reason:
-            return reason, None, None, None
-        result = out_holder[0]
-        max_abs_err = check_result(result, ctx.rank, ctx.world_size, seed)
-        err_all = torch.tensor([max_abs_err], dtype=torch.float64)
-        dist.all_reduce(err_all, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
-        max_abs_err = float(err_all.item())
-        correct = max_abs_err == 0.0
-
-        if mode == "graph":
-            step, _graph = capture_graph(_once, calls=self.cfg.graph_calls)
-            calls = self.cfg.graph_calls
-        else:
-            step, calls = _once, 1
-        warmup = self.cfg.warmup if mode == "eager" else max(1, self.cfg.warmup // calls)
-        per_call = measure(self.clock, step, iters=self.cfg.iters, warmup=warmup,
-                           calls_per_step=calls, before=self._barrier)
-        per_call = slowest_rank(per_call, ctx.cpu_group)
-        return None, summarize_times(per_call, nbytes, ctx.world_size), correct, max_abs_err
-
-
 def create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
     """Probe and build on every rank; any rank's reason skips the backend everywhere."""
     return build_backend(name, cfg.params.get(name, {}), max(cfg.sizes), ctx)
@@ -242,7 +164,8 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
 
         progress = tqdm(total=len(plan), unit="pt", desc=f"sweep ws={ctx.world_size}",
                         dynamic_ncols=True, file=sys.stderr)
-    runner = PointRunner(cfg, ctx)
+    runner = PointRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, graph_calls=cfg.graph_calls,
+                         l2_flush=cfg.l2_flush)
     try:
         current, backend, backend_reason = None, None, None
         for index, (name, dtype_name, mode, nbytes) in enumerate(plan):

@@ -1,8 +1,8 @@
 """One live trial on every rank: the sweep's measurement, in rounds that can be cut short.
 
-Same steps as the sweep's `bench.worker.PointRunner` (the same inputs, correctness check on
-fresh inputs, warm-up, per-iteration slowest-rank times, CUDA-graph replay in graph mode), with
-the timed iterations split into rounds: after each round rank 0 reports the median so far to
+The sweep's `bench.point.prepare_point` (the same gates, inputs, correctness check on fresh
+inputs, CUDA-graph capture in graph mode) and its timers, with the timed iterations split into
+rounds: after each round rank 0 reports the median so far to
 the Optuna trial and every rank learns whether the pruner stops it.
 """
 
@@ -15,12 +15,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 
-from bench.inputs import check_result, fill_input
-from bench.timing import CpuClock, CudaEventClock, capture_graph, measure, slowest_rank, summarize
+from bench.point import barrier, prepare_point
+from bench.timing import CpuClock, CudaEventClock, measure, slowest_rank, summarize
 
-from .context import agreed_reason, broadcast_object, build_backend
+from .context import broadcast_object, build_backend
 from .data import params_key
 
 __all__ = ["Outcome", "TrialRunner", "BackendCache"]
@@ -84,9 +83,7 @@ class TrialRunner:
         self.clock = CudaEventClock() if self.is_cuda else CpuClock()
 
     def _barrier(self) -> None:
-        if self.is_cuda:
-            torch.cuda.synchronize()
-        dist.barrier(group=self.ctx.cpu_group)
+        barrier(self.ctx)
 
     def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int,
             prunable: bool = False,
@@ -94,50 +91,17 @@ class TrialRunner:
         """Collective. With `prunable` (the same on every rank), rank 0 calls
         `on_round(step, median_us)` after each round but the last; True prunes everywhere."""
         ctx = self.ctx
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        reason = None if nbytes % itemsize == 0 else f"{nbytes} bytes is not whole elements"
-        tensor = torch.empty(max(nbytes // itemsize, 1), dtype=dtype, device=ctx.device)
-        if reason is None:
-            reason = backend.can_take(tensor)
-        if reason is None and mode == "graph" and not self.is_cuda:
-            reason = "graph mode needs a CUDA device"
-        reason = agreed_reason(reason, ctx)
-        if reason:
-            return Outcome("skip", reason=reason)
-
-        holder: list = [None]
-
-        def once() -> None:
-            holder[0] = backend.all_reduce(tensor)
-
-        step, calls = once, 1
-        if mode == "graph":
-            local = None
-            try:
-                step, _graph = capture_graph(once, calls=1)
-            except Exception as exc:
-                local = f"graph capture failed: {type(exc).__name__}: {exc}"
-            reason = agreed_reason(local, ctx)
-            if reason:
-                return Outcome("skip", reason=reason)
-        fill_input(tensor, ctx.rank, seed)
-        self._barrier()
-        step()
-        if self.is_cuda:
-            torch.cuda.synchronize()
-        err = torch.tensor([check_result(holder[0], ctx.rank, ctx.world_size, seed)],
-                           dtype=torch.float64)
-        dist.all_reduce(err, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
-        if float(err.item()) != 0.0:
-            return Outcome("wrong", reason="wrong sum", max_abs_err=float(err.item()))
-        if mode == "graph":
-            step, _graph = capture_graph(once, calls=self.graph_calls)
-            calls = self.graph_calls
+        point = prepare_point(backend, ctx, dtype, mode, nbytes, seed,
+                              graph_calls=self.graph_calls, warmup=self.warmup)
+        if point.reason:
+            return Outcome("skip", reason=point.reason)
+        if not point.correct:
+            return Outcome("wrong", reason="wrong sum", max_abs_err=point.max_abs_err)
+        step, calls = point.step, point.calls_per_step
         per_round = math.ceil(self.iters / self.rounds)
         times: list[float] = []
         for index in range(self.rounds):
-            warm = (self.warmup if mode == "eager" else max(1, self.warmup // calls)) \
-                if index == 0 else 0
+            warm = point.warmup if index == 0 else 0
             part = measure(self.clock, step, iters=per_round, warmup=warm, calls_per_step=calls,
                            before=self._barrier)
             times += slowest_rank(part, ctx.cpu_group)

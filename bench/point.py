@@ -1,0 +1,133 @@
+"""One measured point, the same way for the sweep and for the tuner's live trials.
+
+`prepare_point` gates the tensor, checks one call on fresh known inputs (inside a CUDA graph in
+graph mode) against the exact sum, and returns the step to time: one call in eager mode, a
+graph of `graph_calls` calls in graph mode. Every step is collective and every rank gets the
+same answer. `PointRunner` times that step at once (the sweep); the tuner times it in prunable
+rounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .backends import CommContext
+from .group import agreed_reason
+from .inputs import check_result, fill_input
+from .timing import (
+    CpuClock,
+    CudaEventClock,
+    Stats,
+    capture_graph,
+    flush_l2,
+    measure,
+    slowest_rank,
+    summarize,
+)
+
+__all__ = ["PreparedPoint", "prepare_point", "PointRunner", "barrier"]
+
+
+@dataclasses.dataclass
+class PreparedPoint:
+    reason: str | None = None  # the point is skipped (agreed on every rank)
+    max_abs_err: float | None = None  # of the checked call, the worst rank's
+    step: Callable[[], object] | None = None  # what to time
+    calls_per_step: int = 1
+    warmup: int = 0  # warm-up steps for `warmup` calls
+
+    @property
+    def correct(self) -> bool:
+        return self.max_abs_err == 0.0
+
+
+def barrier(ctx: CommContext) -> None:
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier(group=ctx.cpu_group)
+
+
+def prepare_point(backend, ctx: CommContext, dtype: torch.dtype, mode: str, nbytes: int,
+                  seed: int, *, graph_calls: int = 10, warmup: int = 5) -> PreparedPoint:
+    """Collective: gate, check one call, build the timing step (see the module doc)."""
+    is_cuda = ctx.device.type == "cuda"
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    reason = None
+    if nbytes % itemsize:
+        reason = f"{nbytes} bytes is not a whole number of {str(dtype).removeprefix('torch.')} " \
+                 "elements"
+    tensor = torch.empty(max(nbytes // itemsize, 1), dtype=dtype, device=ctx.device)
+    fill_input(tensor, ctx.rank, seed)
+    if reason is None:
+        reason = backend.can_take(tensor)
+    if reason is None and mode == "graph" and not is_cuda:
+        reason = "graph mode needs a CUDA device"
+    reason = agreed_reason(reason, ctx)
+    if reason:
+        return PreparedPoint(reason=reason)
+
+    out_holder: list = [None]
+
+    def once() -> None:
+        out_holder[0] = backend.all_reduce(tensor)
+
+    check_step = once
+    if mode == "graph":
+        local = None
+        try:
+            check_step, _check_graph = capture_graph(once, calls=1)
+        except Exception as exc:
+            local = f"graph capture failed: {type(exc).__name__}: {exc}"
+        reason = agreed_reason(local, ctx)
+        if reason:
+            return PreparedPoint(reason=reason)
+    fill_input(tensor, ctx.rank, seed)
+    barrier(ctx)
+    local = None
+    try:
+        check_step()
+        if is_cuda:
+            torch.cuda.synchronize()
+    except Exception as exc:  # a backend that raises is a skipped point, not a dead sweep
+        local = f"all_reduce failed: {type(exc).__name__}: {exc}"
+    reason = agreed_reason(local, ctx)
+    if reason:
+        return PreparedPoint(reason=reason)
+    err = torch.tensor([check_result(out_holder[0], ctx.rank, ctx.world_size, seed)],
+                       dtype=torch.float64)
+    dist.all_reduce(err, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+
+    if mode == "graph":
+        step, _graph = capture_graph(once, calls=graph_calls)
+        return PreparedPoint(max_abs_err=float(err.item()), step=step,
+                             calls_per_step=graph_calls, warmup=max(1, warmup // graph_calls))
+    return PreparedPoint(max_abs_err=float(err.item()), step=once, warmup=warmup)
+
+
+class PointRunner:
+    """The sweep's measurement of one (backend, dtype, mode, size) point on this rank."""
+
+    def __init__(self, ctx: CommContext, *, iters: int, warmup: int, graph_calls: int = 10,
+                 l2_flush: bool = False) -> None:
+        self.ctx, self.iters, self.warmup, self.graph_calls = ctx, iters, warmup, graph_calls
+        is_cuda = ctx.device.type == "cuda"
+        between = flush_l2(ctx.device) if (l2_flush and is_cuda) else None
+        self.clock = CudaEventClock(between) if is_cuda else CpuClock()
+
+    def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int
+            ) -> tuple[str | None, Stats | None, bool | None, float | None]:
+        """(skip reason, stats, correct, max_abs_err); one of the first two is None."""
+        point = prepare_point(backend, self.ctx, dtype, mode, nbytes, seed,
+                              graph_calls=self.graph_calls, warmup=self.warmup)
+        if point.reason:
+            return point.reason, None, None, None
+        per_call = measure(self.clock, point.step, iters=self.iters, warmup=point.warmup,
+                           calls_per_step=point.calls_per_step,
+                           before=lambda: barrier(self.ctx))
+        per_call = slowest_rank(per_call, self.ctx.cpu_group)
+        stats = summarize(per_call, nbytes, self.ctx.world_size)
+        return None, stats, point.correct, point.max_abs_err
