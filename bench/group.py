@@ -89,7 +89,8 @@ def build_backend(name: str, params: Mapping[str, Any], max_bytes: int,
     except KeyError as exc:
         reason = str(exc.args[0])
     if spec is not None and spec.device != ctx.device.type:
-        reason = f"{spec.device} backend; this group runs on {ctx.device.type}"
+        hint = "--device cuda on a GPU node" if spec.device == "cuda" else "--device cpu"
+        reason = f"needs {spec.device} tensors; these ranks run on {ctx.device.type} ({hint})"
     if spec is not None and reason is None:
         unknown = [k for k in params if k not in spec.knobs]
         if unknown:  # values are the backend's to judge when it is built
