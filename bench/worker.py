@@ -6,6 +6,7 @@ own `torchrun ... -m bench.worker <sweep flags>`, or under SLURM `srun python -m
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -24,7 +25,8 @@ from .point import PointRunner
 from .results import ResultsWriter, RunDirLocked, completed_points, read_meta, write_meta
 from .watchdog import Watchdog
 
-__all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend"]
+__all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend",
+           "rank_session"]
 
 
 class RankMismatch(RuntimeError):
@@ -108,28 +110,37 @@ def create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
     return build_backend(name, cfg.params.get(name, {}), max(cfg.sizes), ctx)
 
 
-def run_worker(cfg: SweepConfig) -> int:
+@contextlib.contextmanager
+def rank_session(timeout_s: float) -> Iterator[tuple[dict[str, int], Watchdog]]:
+    """This rank's layout and a running watchdog, inside the gloo world group; torn down on
+    exit. gloo's own timeout is set past the watchdog's, so that the watchdog, which names the
+    silent peers, acts first."""
     layout = dist_env()
-    watchdog = Watchdog(layout["rank"], cfg.timeout_s)
-    # the watchdog (which names silent peers) must act before gloo's own timeout does
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s + 30))
+    watchdog = Watchdog(layout["rank"], timeout_s)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s + 30))
     try:
-        return _sweep(cfg, layout, watchdog)
-    except RankMismatch as exc:
-        # every rank saw the same gathered values; one line, from rank 0
-        if layout["rank"] == 0:
-            print(f"bench: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    except RunDirLocked as exc:  # another sweep took the directory between check and start
-        print(f"bench: error: --out: {exc}", file=sys.stderr, flush=True)
-        os._exit(2)  # the launcher ends the other ranks, which wait for this one
-    except Exception:
-        watchdog.end_silent_peers()  # a peer-side timeout: name (and end) the stopped peers
-        raise
+        yield layout, watchdog
     finally:
         watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_worker(cfg: SweepConfig) -> int:
+    with rank_session(cfg.timeout_s) as (layout, watchdog):
+        try:
+            return _sweep(cfg, layout, watchdog)
+        except RankMismatch as exc:
+            # every rank saw the same gathered values; one line, from rank 0
+            if layout["rank"] == 0:
+                print(f"bench: error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        except RunDirLocked as exc:  # another sweep took the directory between check and start
+            print(f"bench: error: --out: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)  # the launcher ends the other ranks, which wait for this one
+        except Exception:
+            watchdog.end_silent_peers()  # a peer-side timeout: name (and end) the stopped peers
+            raise
 
 
 def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:

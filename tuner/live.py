@@ -155,19 +155,11 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
 
 def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     """One rank (under the launcher, torchrun or srun)."""
-    import torch.distributed as dist
 
-    from bench.worker import Watchdog, dist_env
+    from bench.worker import rank_session
 
-    layout = dist_env()
-    watchdog = Watchdog(layout["rank"], cfg.timeout_s)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    try:
+    with rank_session(cfg.timeout_s) as (layout, watchdog):
         return _live(cfg, opts, watchdog, layout["local_rank"])
-    finally:
-        watchdog.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int:
@@ -318,17 +310,13 @@ def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int =
     {label: [algorithm, params]}}, every configuration `repeats` times, interleaved (A B A B
     ...), so that drift hits all alike. Rank 0 writes {label: [latency_us, ...]} per job to
     `path` (JSON). Used to judge a search against a grid without the grid's winner's curse."""
-    import torch.distributed as dist
 
-    from bench.worker import Watchdog, dist_env
+    from bench.worker import rank_session
 
     from .context import make_context
     from .measure import BackendCache, TrialRunner
 
-    layout = dist_env()
-    watchdog = Watchdog(layout["rank"], cfg.timeout_s)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=cfg.timeout_s))
-    try:
+    with rank_session(cfg.timeout_s) as (_layout, watchdog):
         ctx = make_context(device="cpu", timeout_s=cfg.timeout_s)
         cache = BackendCache(ctx, max(cfg.sizes), capacity=8)
         runner = TrialRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=1)
@@ -350,7 +338,3 @@ def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int =
         if ctx.rank == 0:
             Path(path).write_text(json.dumps(out, indent=1) + "\n")
         return 0
-    finally:
-        watchdog.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
