@@ -17,11 +17,11 @@ import uuid
 from pathlib import Path
 
 from .config import SweepConfig, UsageError, add_sweep_arguments, config_from_args
+from .watchdog import EXIT_WATCHDOG
 
 __all__ = ["main", "parse_sweep_config", "launch"]
 
 EXIT_USAGE = 2
-EXIT_WATCHDOG = 3  # bench.worker.EXIT_WATCHDOG (not imported: the worker pulls in torch)
 
 
 class _Parser(argparse.ArgumentParser):
