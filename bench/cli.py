@@ -16,8 +16,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .config import SweepConfig, UsageError, add_sweep_arguments, config_from_args
-from .watchdog import EXIT_WATCHDOG
+from bench.launch.config import SweepConfig, UsageError, add_sweep_arguments, config_from_args
+from bench.launch.watchdog import EXIT_WATCHDOG
 
 __all__ = ["main", "parse_sweep_config", "launch"]
 
@@ -74,7 +74,7 @@ def launch(cfg: SweepConfig, entrypoint=None, args: tuple | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .worker import run_worker
+    from bench.run.worker import run_worker
 
     nproc = cfg.world_size // cfg.nnodes
     port = cfg.master_port or _free_port(cfg.master_addr)
@@ -115,11 +115,11 @@ def launch(cfg: SweepConfig, entrypoint=None, args: tuple | None = None) -> int:
 def _cmd_sweep(argv: list[str]) -> int:
     cfg = parse_sweep_config(argv)
     if cfg.out is not None and cfg.node_rank == 0:  # only node 0's rank 0 writes (shared FS)
-        from .results import LOCK_FILE
+        from bench.analysis.results import LOCK_FILE
 
         _refuse_if_locked(Path(cfg.out) / LOCK_FILE)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        from .worker import run_worker  # already one rank of the user's torchrun
+        from bench.run.worker import run_worker  # already one rank of the user's torchrun
 
         return run_worker(cfg)
     return launch(cfg)
@@ -141,8 +141,8 @@ def _refuse_if_locked(lock: Path) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import print_summary
-    from .results import SchemaError
+    from bench.analysis.report import print_summary
+    from bench.analysis.results import SchemaError
 
     run = Path(args.run_dir)
     if not run.is_dir():
@@ -150,7 +150,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     try:
         wrong = print_summary(run)
         if args.plots:
-            from .plots import write_run_plots
+            from bench.analysis.plots import write_run_plots
 
             for path in write_run_plots(run):
                 print(f"# figure: {path}")
@@ -168,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "doctor":
-            from .doctor import run_doctor
+            from bench.doctor.checks import run_doctor
 
             return run_doctor(args)
         if args.command == "kernels":
-            from .kernels_bench import run_kernels
+            from bench.kernels.benchmark import run_kernels
 
             return run_kernels(args)
         build_parser().print_help()

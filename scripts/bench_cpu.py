@@ -28,8 +28,8 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.hardware import fingerprint  # noqa: E402
-from bench.results import read_results  # noqa: E402
+from bench.analysis.results import read_results  # noqa: E402
+from bench.run.hardware import fingerprint  # noqa: E402
 from bench.sizes import format_size, parse_size  # noqa: E402
 
 SHM = ("shm_one_shot", "shm_two_shot")

@@ -65,8 +65,8 @@ def _meet() -> None:
 def _check_point(backend, dtype, nbytes: int, mode: str, seed: int, ctx) -> dict:
     import torch
 
-    from bench.inputs import check_result, fill_input
-    from bench.timing import capture_graph
+    from bench.run.inputs import check_result, fill_input
+    from bench.run.timing import capture_graph
 
     count = nbytes // torch.empty((), dtype=dtype).element_size()
     tensor = torch.empty(count, dtype=dtype, device=ctx.device)
@@ -94,7 +94,7 @@ def _check_point(backend, dtype, nbytes: int, mode: str, seed: int, ctx) -> dict
 def _back_to_back(backend, dtype, ctx, seed: int) -> dict:
     import torch
 
-    from bench.inputs import check_result, fill_input
+    from bench.run.inputs import check_result, fill_input
 
     sizes = [(4096 + 16 * k) if k % 3 else (1 << 20) for k in range(24)]
     tensors = []
@@ -135,8 +135,8 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
     import torch
 
     from bench.backends.custom import CustomAllReduce, probe
-    from bench.config import DTYPES as TORCH_DTYPES
-    from bench.inputs import check_result, fill_input
+    from bench.launch.config import DTYPES as TORCH_DTYPES
+    from bench.run.inputs import check_result, fill_input
 
     rows = []
     # load the kernels the checks use before any barrier kernel can spin

@@ -24,9 +24,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.hardware import fingerprint  # noqa: E402
-from tuner.dispatch import Dispatcher  # noqa: E402
-from tuner.table import Rule, Table, Thresholds  # noqa: E402
+from bench.run.hardware import fingerprint  # noqa: E402
+from tuner.runtime.dispatch import Dispatcher  # noqa: E402
+from tuner.runtime.schema import Rule, Table, Thresholds  # noqa: E402
 
 
 def per_call_ns(fn, batches: int, calls: int = 1000) -> float:

@@ -30,11 +30,11 @@ import sys
 
 import torch
 
-from bench.hardware import fingerprint
+from bench.run.hardware import fingerprint
 
 print("torch", torch.__version__, "cuda", torch.version.cuda)
 try:
-    from bench.backends._libnccl import load_library
+    from bench.backends.libnccl import load_library
 
     lib = load_library()
     print("libnccl", lib.path, lib.version, "symmetric:", lib.symmetric_support() or "yes")

@@ -56,7 +56,7 @@ if has ncu; then
   echo "== ncu (clock control off)"
   timeout 45 ncu --clock-control none -k 'regex:reduce_n_kernel|reduce_kernel' -c 4 \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__cycles_elapsed.avg.per_second,dram__cycles_elapsed.avg.per_second \
-    "$PY" -c "from bench.kernels_bench import profile_once; profile_once(8, 64 << 20)" \
+    "$PY" -c "from bench.kernels.benchmark import profile_once; profile_once(8, 64 << 20)" \
     >"$OUT/ncu.txt" 2>&1 || echo "ncu exit $?" >>"$OUT/ncu.txt"
   grep -E "reduce_n_kernel|reduce_kernel|dram__|gpu__time" "$OUT/ncu.txt" | head -40
 fi

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench import plots
+from bench.analysis import plots
 from bench.sizes import format_size
 
 

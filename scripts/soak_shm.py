@@ -38,7 +38,7 @@ def rss_kib() -> int:
 
 
 def shm_entries() -> int:
-    from bench.backends._shm_segment import NAME_PREFIX
+    from bench.backends.shm_segment import NAME_PREFIX
 
     return sum(name.startswith(NAME_PREFIX) for name in os.listdir("/dev/shm"))
 
@@ -47,8 +47,8 @@ def _cases(rank: int, world_size: int):
     """(dtype, input, expected) per (size, dtype, seed), built once: the loop only copies."""
     import torch
 
-    from bench.config import DTYPES as TORCH_DTYPES
-    from bench.inputs import fill_input, reference_sum
+    from bench.launch.config import DTYPES as TORCH_DTYPES
+    from bench.run.inputs import fill_input, reference_sum
 
     cases = []
     for nbytes in SIZES_BYTES:
@@ -66,7 +66,7 @@ def soak_rank(cfg, iters: int, out: str | None) -> int:
     import torch
     import torch.distributed as dist
 
-    from bench.worker import _make_context, create_backend, dist_env
+    from bench.run.worker import _make_context, create_backend, dist_env
 
     layout = dist_env()
     # the verification's own torch ops get this rank's share of the cores: with torch's default
@@ -140,7 +140,7 @@ def soak_rank(cfg, iters: int, out: str | None) -> int:
 def report(ranks: list[dict], iters: int, world_size: int) -> str:
     import torch
 
-    from bench.hardware import _cpu_model
+    from bench.run.hardware import _cpu_model
 
     elapsed = max(r["elapsed_s"] for r in ranks)
     total_errors = sum(sum(r["errors"].values()) for r in ranks)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("need --iters >= 1 and --world-size >= 2")
 
     from bench.cli import launch
-    from bench.config import SweepConfig
+    from bench.launch.config import SweepConfig
 
     cfg = SweepConfig(world_size=args.world_size, backends=list(ALGORITHMS),
                       sizes=[max(SIZES_BYTES)], dtypes=list(DTYPES), modes=["eager"],

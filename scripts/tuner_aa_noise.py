@@ -2,7 +2,7 @@
 """A/A noise floor of scripts/tuner_live_vs_grid.py's side-by-side regret.
 
 Per size, the grid's best configuration is measured against itself (the same backend under two
-labels, interleaved, `repeats` rounds, `tuner.live.confirm_worker`) and the ratio of the two
+labels, interleaved, `repeats` rounds, `tuner.search.live.confirm_worker`) and the ratio of the two
 medians is printed: a regret smaller than this cannot be resolved on the machine.
     python scripts/tuner_aa_noise.py WORLD_SIZE GRID_LATENCY_CSV OUT_JSON [REPEATS]
 """
@@ -21,8 +21,8 @@ sys.path.insert(0, str(REPO))
 
 def main() -> int:
     from bench.cli import launch
-    from bench.config import SweepConfig
-    from tuner.live import confirm_worker
+    from bench.launch.config import SweepConfig
+    from tuner.search.live import confirm_worker
 
     world_size, latency_csv, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     repeats = int(sys.argv[4]) if len(sys.argv) > 4 else 7

@@ -9,7 +9,7 @@
    (regret in the grid), and live's measurements against the grid's size.
 4. The grid's best is the minimum of ~200 noisy measurements, so it is flattered by its own
    luck (the winner's curse); where the two picks differ, both are re-measured side by side,
-   interleaved, `--repeats` times each (`tuner.live.confirm_worker`), and the regret is the
+   interleaved, `--repeats` times each (`tuner.search.live.confirm_worker`), and the regret is the
    ratio of those medians.
 
 Nothing asserts; the figures are printed and, with --markdown, written to a file. The grid's
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.sizes import format_size  # noqa: E402
-from tuner.data import params_key  # noqa: E402
-from tuner.study import measurements, storage_url  # noqa: E402
+from tuner.search.study import measurements, storage_url  # noqa: E402
+from tuner.table.data import params_key  # noqa: E402
 
 BACKENDS = ("gloo", "shm_one_shot", "shm_two_shot")
 
@@ -72,8 +72,8 @@ def confirm(args, out: Path, jobs: list[dict]) -> list[dict]:
     path = out / "confirm.json"
     if not path.is_file() and jobs:
         from bench.cli import launch
-        from bench.config import SweepConfig
-        from tuner.live import confirm_worker
+        from bench.launch.config import SweepConfig
+        from tuner.search.live import confirm_worker
 
         cfg = SweepConfig(world_size=args.world_size, backends=list(BACKENDS),
                           sizes=sorted(j["bytes"] for j in jobs), dtypes=[args.dtype],
@@ -84,7 +84,7 @@ def confirm(args, out: Path, jobs: list[dict]) -> list[dict]:
 
 
 def compare(args, out: Path, grid_dir: Path, live_dir: Path) -> list[str]:
-    from tuner.builder import config_label
+    from tuner.table.builder import config_label
 
     latency = grid_latency(out, grid_dir)
     summary = json.loads((live_dir / "thresholds.live.json").read_text())

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHM_PREFIX = "aat-"  # bench.backends._shm_segment.NAME_PREFIX
+SHM_PREFIX = "aat-"  # bench.backends.shm_segment.NAME_PREFIX
 
 
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.results import COLUMNS, ResultsWriter, write_meta
+from bench.analysis.results import COLUMNS, ResultsWriter, write_meta
 
 Build = Callable[[Path], list[str]]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench.hardware import fingerprint
-from tuner.dispatch import Dispatcher
-from tuner.table import Rule, Table, Thresholds
+from bench.run.hardware import fingerprint
+from tuner.runtime.dispatch import Dispatcher
+from tuner.runtime.schema import Rule, Table, Thresholds
 
 
 @pytest.fixture(scope="module")

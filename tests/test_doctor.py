@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from bench.cli import main
-from bench.doctor import check_rendezvous, compare_fingerprints
+from bench.doctor.checks import check_rendezvous, compare_fingerprints
 
 
 def test_doctor_reports_the_node_and_every_backend(capsys):

@@ -43,7 +43,7 @@ POINTS = 2 * 9
 def reference() -> set[tuple]:
     """The point keys an uninterrupted sweep with SWEEP writes: one row per planned point."""
     from bench.cli import parse_sweep_config
-    from bench.worker import point_plan
+    from bench.run.worker import point_plan
 
     cfg = parse_sweep_config(SWEEP)
     keys = {(b, str(cfg.world_size), d, str(n), m) for b, d, m, n in point_plan(cfg)}
@@ -124,7 +124,7 @@ SKEW = textwrap.dedent("""
     import os
     import sys
 
-    import bench.worker as worker
+    import bench.run.worker as worker
 
     _plan = worker.point_plan
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from bench import backends as registry
-from bench.backends import _libnccl
+from bench.backends import libnccl
 from bench.backends.base import CommContext
 
 GPU_NAMES = ("nccl", "pynccl", "pynccl_symm", "symm_mem_one_shot", "symm_mem_two_shot",
@@ -72,32 +72,32 @@ def test_multimem_skips_when_multicast_is_disabled(monkeypatch):
 
 def test_libnccl_override_that_is_missing_names_path_and_platform(monkeypatch, tmp_path):
     missing = tmp_path / "libnccl.so.2"
-    monkeypatch.setenv(_libnccl.ENV_PATH, str(missing))
-    assert _libnccl.candidate_paths() == [str(missing)]
-    with pytest.raises(_libnccl.NcclLoadError) as err:
-        _libnccl.load_library()
+    monkeypatch.setenv(libnccl.ENV_PATH, str(missing))
+    assert libnccl.candidate_paths() == [str(missing)]
+    with pytest.raises(libnccl.NcclLoadError) as err:
+        libnccl.load_library()
     text = str(err.value)
     assert str(missing) in text and "missing" in text
     assert f"platform {sys.platform}" in text
     if not torch.cuda.is_available():
         assert "expected" in text and "no NVIDIA GPU" in text
     else:
-        assert "unexpected" in text and _libnccl.ENV_PATH in text
+        assert "unexpected" in text and libnccl.ENV_PATH in text
 
 
 def test_libnccl_override_that_is_not_a_library(monkeypatch, tmp_path):
     junk = tmp_path / "libnccl.so.2"
     junk.write_bytes(b"not an ELF file")
-    monkeypatch.setenv(_libnccl.ENV_PATH, str(junk))
-    with pytest.raises(_libnccl.NcclLoadError, match="cannot load libnccl: tried .*libnccl.so.2"):
-        _libnccl.load_library()
+    monkeypatch.setenv(libnccl.ENV_PATH, str(junk))
+    with pytest.raises(libnccl.NcclLoadError, match="cannot load libnccl: tried .*libnccl.so.2"):
+        libnccl.load_library()
     reason = registry.get_spec("pynccl").probe(_ctx("cuda:0", visible_gpus=1))
     assert reason  # no CUDA here, or the junk library: either way a reason, never a crash
 
 
 def test_libnccl_search_order(monkeypatch):
-    monkeypatch.delenv(_libnccl.ENV_PATH, raising=False)
-    paths = _libnccl.candidate_paths()
+    monkeypatch.delenv(libnccl.ENV_PATH, raising=False)
+    paths = libnccl.candidate_paths()
     wheel = [i for i, p in enumerate(paths) if p.endswith("nvidia/nccl/lib/libnccl.so.2")]
     assert wheel and paths[-1].startswith(("libnccl", "/")) and wheel[0] < len(paths) - 1
 
@@ -105,13 +105,13 @@ def test_libnccl_search_order(monkeypatch):
 def test_nccl_config_prefix_matches_nccl_h():
     """size_t size; unsigned magic, version; int blocking, cgaClusterSize, minCTAs, maxCTAs;
     const char* netName (nccl.h, unchanged since 2.17)."""
-    config = _libnccl._Config
+    config = libnccl.NcclConfig
     if ctypes.sizeof(ctypes.c_void_p) != 8:
         pytest.skip("layout checked for 64-bit platforms")
     assert [getattr(config, f).offset for f in ("magic", "version", "blocking", "minCTAs",
                                                 "maxCTAs", "netName")] == [8, 12, 16, 24, 28, 32]
     assert ctypes.sizeof(config) == 40
-    assert ctypes.sizeof(_libnccl._UniqueId) == 128
+    assert ctypes.sizeof(libnccl.NcclUniqueId) == 128
 
 
 def test_cpu_sweep_records_gpu_backends_as_skipped(run_cli, tmp_path):
@@ -163,7 +163,7 @@ def _check_sum(backend, ctx: CommContext, count: int = 4096) -> None:
 
 def _graph_sum(backend, ctx: CommContext, calls: int = 3) -> None:
     """Captured in one CUDA graph, replayed on fresh inputs: the sum is right (in place)."""
-    from bench.timing import capture_graph
+    from bench.run.timing import capture_graph
 
     x = torch.ones(8192, dtype=torch.bfloat16, device=ctx.device)
     replay, _graph = capture_graph(lambda: backend.all_reduce(x), calls=calls)
@@ -250,9 +250,9 @@ def test_pynccl_refuses_tensors_of_another_device(gpu_ctx):
 @pytest.mark.gpu
 @needs_cuda
 def test_pynccl_symm_runs_or_gives_the_reason(gpu_ctx):
-    lib = _libnccl.load_library()
+    lib = libnccl.load_library()
     backend, reason = _create("pynccl_symm", gpu_ctx)
-    if lib.version_code < _libnccl.SYMMETRIC_MIN_VERSION:
+    if lib.version_code < libnccl.SYMMETRIC_MIN_VERSION:
         assert reason and "needs >= 2.27" in reason
         return
     assert reason is None, reason  # 2.27+: the probe passes; creation may still refuse
@@ -292,7 +292,7 @@ def test_symm_mem_multimem_skips_without_multicast(gpu_ctx, monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 def test_fingerprint_names_the_gpu():
-    from bench.hardware import fingerprint
+    from bench.run.hardware import fingerprint
 
     fp = fingerprint("cuda")
     gpu = fp["gpu"]

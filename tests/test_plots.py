@@ -1,4 +1,4 @@
-"""bench.plots on small synthetic runs: the numbers behind the figures, and the PNG files."""
+"""bench.analysis.plots on small synthetic runs: the numbers behind the figures, and the PNG files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from bench import plots
+from bench.analysis import plots
+from bench.analysis.results import ResultsWriter, busbw_factor, read_results, write_meta
 from bench.cli import main
-from bench.results import ResultsWriter, busbw_factor, read_results, write_meta
 
 KEY = "cpu-test-2c"
 SIZES = [1024 * 4 ** i for i in range(6)]  # 1K .. 1M

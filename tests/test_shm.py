@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from bench.backends import CommContext, get_spec
-from bench.backends._shm_segment import NAME_PREFIX, SHM_DIR, supported_isa
-from bench.inputs import check_result, fill_input
+from bench.backends.shm_segment import NAME_PREFIX, SHM_DIR, supported_isa
+from bench.run.inputs import check_result, fill_input
 
 pytestmark = pytest.mark.skipif(not supported_isa() or not os.path.isdir(SHM_DIR),
                                 reason="shm backends need x86-64 and /dev/shm")
@@ -197,7 +197,7 @@ def test_nothing_left_in_dev_shm_after_sigkill(tmp_path):
 def test_segment_is_private_to_the_user():
     import _posixshmem
 
-    from bench.backends._shm_segment import _create
+    from bench.backends.shm_segment import _create
 
     name = f"/{NAME_PREFIX}mode-{uuid.uuid4().hex[:8]}"
     assert _create(name, 8192) is None

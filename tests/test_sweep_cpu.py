@@ -11,7 +11,7 @@ import textwrap
 import pandas as pd
 import pytest
 
-from bench.results import COLUMNS, POINT_KEY, read_results
+from bench.analysis.results import COLUMNS, POINT_KEY, read_results
 
 FAST = ["--iters", "3", "--warmup", "1", "--timeout", "60", "-q"]
 
@@ -79,7 +79,7 @@ def test_resume_measures_only_missing_points(run_cli, tmp_path):
 def test_worker_under_users_own_torchrun(tmp_path, subprocess_env):
     out = tmp_path / "trun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "bench.worker", "--world-size", "2", "--backends", "gloo", "-b", "1K",
+           "2", "-m", "bench.run.worker", "--world-size", "2", "--backends", "gloo", "-b", "1K",
            "-e", "2K", "--dtypes", "float32", "--out", str(out), *FAST]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -8,8 +8,14 @@ import random
 
 import pytest
 
-from tuner.builder import BuildError, Curve, build_table, log_uniform_weights, workload_weights
-from tuner.table import BUFFERLESS
+from tuner.runtime.schema import BUFFERLESS
+from tuner.table.builder import (
+    BuildError,
+    Curve,
+    build_table,
+    log_uniform_weights,
+    workload_weights,
+)
 
 SIZES = [1 << k for k in range(10, 20)]  # 1K .. 512K
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tuner.table import load
+from tuner.runtime.schema import load
 
 
 @pytest.mark.slow

@@ -15,15 +15,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.backends import get_spec
-from bench.hardware import fingerprint
-from tuner.dispatch import (
+from bench.run.hardware import fingerprint
+from tuner.runtime.dispatch import (
     Dispatcher,
     DispatchWarning,
     OverrideError,
     apply_max_bytes,
     parse_overrides,
 )
-from tuner.table import Rule, Table, Thresholds, load
+from tuner.runtime.schema import Rule, Table, Thresholds, load
 
 K = 1024
 # a knob setting other than the default, from the registry (the values move with tuning)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from tuner.export import capability_of, format_vllm, vllm_dicts
-from tuner.table import Rule, Table, Thresholds
-from tuner.vllm import MiB, reenact, static_choice
+from tuner.runtime.schema import Rule, Table, Thresholds
+from tuner.table.export import capability_of, format_vllm, vllm_dicts
+from tuner.table.vllm import MiB, reenact, static_choice
 
 EVIDENCE = {"run_id": "r", "points": 1, "regret_vs_oracle": 0.0, "gain_vs_nccl_geomean": None}
 

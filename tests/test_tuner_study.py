@@ -9,9 +9,9 @@ import math
 import optuna
 import pandas as pd
 
-from tuner.measure import Outcome
-from tuner.search import SearchOptions, search_group
-from tuner.study import Space, enter_rows, measurements
+from tuner.search.measure import Outcome
+from tuner.search.search import SearchOptions, search_group
+from tuner.search.study import Space, enter_rows, measurements
 
 SIZES = [1 << k for k in range(10, 22, 2)]  # 1K .. 1M, six sizes
 SPACE = Space(

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tuner.table import Rule, Table, TableError, Thresholds, load, loads
+from tuner.runtime.schema import Rule, Table, TableError, Thresholds, load, loads
 
 
 def _doc() -> dict:

@@ -7,8 +7,7 @@ import csv
 import pytest
 import torch
 
-from bench.inputs import check_result, fill_input, reference_sum
-from bench.results import (
+from bench.analysis.results import (
     COLUMNS,
     ResultsWriter,
     RunDirLocked,
@@ -16,8 +15,9 @@ from bench.results import (
     completed_points,
     read_results,
 )
+from bench.run.inputs import check_result, fill_input, reference_sum
+from bench.run.timing import bandwidths_gbps, summarize
 from bench.sizes import format_size, parse_size, size_range
-from bench.timing import bandwidths_gbps, summarize
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.config import UsageError
+from bench.launch.config import UsageError
 from bench.sizes import parse_size
 
 __all__ = ["main", "build_parser", "read_workload"]
@@ -116,7 +116,7 @@ def _table_options(args) -> dict:
 
 
 def write_pareto(path: str, fits) -> None:
-    from .fit import pareto_rows
+    from tuner.table.fit import pareto_rows
 
     rows = pareto_rows(fits)
     out = Path(path)
@@ -128,10 +128,10 @@ def write_pareto(path: str, fits) -> None:
 
 
 def _cmd_fit(args, argv: list[str]) -> int:
-    from .builder import BuildError
-    from .data import RunsError, device_of, find_run_dirs, load_rows
-    from .fit import fit_tables, print_fits
-    from .study import Space, StudyError, enter_rows, measurements, storage_url
+    from tuner.search.study import Space, StudyError, enter_rows, measurements, storage_url
+    from tuner.table.builder import BuildError
+    from tuner.table.data import RunsError, device_of, find_run_dirs, load_rows
+    from tuner.table.fit import fit_tables, print_fits
 
     options = _table_options(args)
     try:
@@ -179,8 +179,8 @@ def _cmd_fit(args, argv: list[str]) -> int:
 
 
 def _cmd_show(args) -> int:
-    from .export import table_lines
-    from .table import TableError, load
+    from tuner.runtime.schema import TableError, load
+    from tuner.table.export import table_lines
 
     try:
         thresholds = load(args.path)
@@ -191,8 +191,8 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import format_vllm
-    from .table import TableError, load
+    from tuner.runtime.schema import TableError, load
+    from tuner.table.export import format_vllm
 
     if args.format != "vllm":
         raise UsageError(f"--format: expected vllm, got {args.format!r}")
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["live"]:
-            from .live import main as live_main
+            from tuner.search.live import main as live_main
 
             return live_main(argv[1:])
         args = build_parser().parse_args(argv)

@@ -13,7 +13,7 @@ import importlib
 import os
 from importlib.metadata import entry_points
 
-from .base import Backend, BackendSpec, CommContext, basic_gate
+from bench.backends.base import Backend, BackendSpec, CommContext, basic_gate
 
 __all__ = [
     "Backend",

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import register
-from .base import BackendSpec, CommContext, basic_gate
+from bench.backends import register
+from bench.backends.base import BackendSpec, CommContext, basic_gate
 
 __all__ = ["CustomAllReduce", "KNOBS", "probe", "check_knobs"]
 
@@ -107,8 +107,8 @@ class CustomAllReduce:
             raise ValueError(reason)
         if max_spins < 1:
             raise ValueError(f"max_spins: expected an integer >= 1, got {max_spins}")
-        from ..kernels import reduce as kernels
-        from ..kernels.ipc import IpcBuffer
+        from bench.kernels import reduce as kernels
+        from bench.kernels.ipc import IpcBuffer
 
         self.name = f"custom_{algorithm}"
         self.algorithm = algorithm

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import register
-from .base import BackendSpec, CommContext, basic_gate
+from bench.backends import register
+from bench.backends.base import BackendSpec, CommContext, basic_gate
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

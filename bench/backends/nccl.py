@@ -13,9 +13,9 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from . import register
-from ._gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
-from .base import BackendSpec, CommContext, basic_gate
+from bench.backends import register
+from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CTAS = (0, 1, 2, 4, 8, 16, 32)

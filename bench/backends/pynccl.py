@@ -24,16 +24,16 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from . import register
-from ._gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
-from ._libnccl import (
+from bench.backends import register
+from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
+from bench.backends.libnccl import (
     WIN_COLL_SYMMETRIC,
     NcclLibrary,
     NcclLoadError,
     load_library,
     nccl_dtype,
 )
-from .base import BackendSpec, CommContext, basic_gate
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CTAS = (0, 1, 2, 4, 8, 16, 32)

@@ -1,6 +1,6 @@
 """`shm_one_shot`, `shm_two_shot`: the project's own all-reduce for CPU ranks on one host.
 
-All ranks map one POSIX shared-memory segment (see `_shm_segment`): a slot per rank, plus a
+All ranks map one POSIX shared-memory segment (see `shm_segment`): a slot per rank, plus a
 result area for two-shot, each `chunk_bytes` long; a message larger than a slot goes through
 in pieces of one slot. Per piece:
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from . import register
-from ._shm_segment import FlagBarrier, Segment, round_up, shm_dir_reason, supported_isa
-from .base import BackendSpec, CommContext, basic_gate
+from bench.backends import register
+from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.shm_segment import FlagBarrier, Segment, round_up, shm_dir_reason, supported_isa
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 64  # two-shot parts start on cache lines

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .backends import CommContext
-from .group import agreed_reason
-from .inputs import check_result, fill_input
-from .timing import (
+from bench.backends import CommContext
+from bench.run.context import agreed_reason
+from bench.run.inputs import check_result, fill_input
+from bench.run.timing import (
     CpuClock,
     CudaEventClock,
     Stats,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import CommContext
+from bench.backends.base import CommContext
 
 __all__ = ["cuda_reason", "one_gpu_per_rank_reason", "device_mismatch"]
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.results import RESULTS_FILE, SchemaError, read_meta, read_results
+from bench.analysis.results import RESULTS_FILE, SchemaError, read_meta, read_results
 
 __all__ = ["RunsError", "find_run_dirs", "load_rows", "params_key", "config_params",
            "GROUP", "device_of"]

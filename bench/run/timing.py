@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from .results import busbw_factor
+from bench.analysis.results import busbw_factor
 
 __all__ = [
     "Clock",

@@ -1,7 +1,7 @@
 """One rank's sweep loop. Rank 0 gathers, writes the table and shows progress.
 
 Runs under `bench sweep` (which launches it through torchrun's launcher API), under the user's
-own `torchrun ... -m bench.worker <sweep flags>`, or under SLURM `srun python -m bench.worker`.
+own `torchrun ... -m bench.run.worker <sweep flags>`, or under SLURM `srun python -m bench.run.worker`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .backends import CommContext
-from .config import DTYPES, SweepConfig
-from .group import build_backend, make_context
-from .hardware import fingerprint
-from .point import PointRunner
-from .results import ResultsWriter, RunDirLocked, completed_points, read_meta, write_meta
-from .watchdog import Watchdog
+from bench.analysis.results import (
+    ResultsWriter,
+    RunDirLocked,
+    completed_points,
+    read_meta,
+    write_meta,
+)
+from bench.backends import CommContext
+from bench.launch.config import DTYPES, SweepConfig
+from bench.launch.watchdog import Watchdog
+from bench.run.context import build_backend, make_context
+from bench.run.hardware import fingerprint
+from bench.run.point import PointRunner
 
 __all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend",
            "rank_session"]
@@ -225,7 +231,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
         meta = read_meta(out)
         meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         write_meta(out, meta)
-        from .report import print_summary
+        from bench.analysis.report import print_summary
 
         if print_summary(out):
             return 1  # wrong sums: the summary said so loudly, the exit code says so too
@@ -233,8 +239,8 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bench.worker <bench sweep flags>` under torchrun or srun."""
-    from .cli import parse_sweep_config
+    """`python -m bench.run.worker <bench sweep flags>` under torchrun or srun."""
+    from bench.cli import parse_sweep_config
 
     cfg = parse_sweep_config(argv)
     return run_worker(cfg)

@@ -1,6 +1,6 @@
 """One live trial on every rank: the sweep's measurement, in rounds that can be cut short.
 
-The sweep's `bench.point.prepare_point` (the same gates, inputs, correctness check on fresh
+The sweep's `bench.run.point.prepare_point` (the same gates, inputs, correctness check on fresh
 inputs, CUDA-graph capture in graph mode) and its timers, with the timed iterations split into
 rounds: after each round rank 0 reports the median so far to
 the Optuna trial and every rank learns whether the pruner stops it.
@@ -16,11 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from bench.point import barrier, prepare_point
-from bench.timing import CpuClock, CudaEventClock, measure, slowest_rank, summarize
-
-from .context import broadcast_object, build_backend
-from .data import params_key
+from bench.run.context import broadcast_object, build_backend
+from bench.run.point import barrier, prepare_point
+from bench.run.timing import CpuClock, CudaEventClock, measure, slowest_rank, summarize
+from tuner.table.data import params_key
 
 __all__ = ["Outcome", "TrialRunner", "BackendCache"]
 

@@ -42,7 +42,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .table import BUFFERLESS, Rule
+from tuner.runtime.schema import BUFFERLESS, Rule
 
 __all__ = ["config_label", "Curve", "FrontPoint", "Build", "BuildError", "build_table",
            "log_uniform_weights", "workload_weights"]

@@ -2,7 +2,7 @@
 
 vLLM routes an all-reduce by fixed order and one strict upper bound per communicator
 (`bytes < max_size`): custom all-reduce first, then torch symmetric memory, then NCCL (see
-tuner/vllm.py for the facts). Our rules are ordered ranges, so the export walks them from the
+tuner/table/vllm.py for the facts). Our rules are ordered ranges, so the export walks them from the
 smallest size: the leading rules served by the custom kernels give
 ``CUSTOM_ALL_REDUCE_MAX_SIZES``, the rules right after them served by symmetric memory give
 ``SYMM_MEM_ALL_REDUCE_MAX_SIZES``; the bound is the last such rule's max_bytes + 1 (so every
@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bench.sizes import format_size
-
-from .builder import config_label
-from .table import Table, Thresholds
+from tuner.runtime.schema import Table, Thresholds
+from tuner.table.builder import config_label
 
 __all__ = ["FAMILIES", "capability_of", "vllm_dicts", "format_vllm"]
 

@@ -3,7 +3,7 @@
 At start-up (collective over the group) `Dispatcher.from_file(path, group=...)`:
 
 1. reads the file (a bad file raises `TableError`, naming the field);
-2. computes the running hardware key (rank 0, `bench.hardware.fingerprint`) and takes the
+2. computes the running hardware key (rank 0, `bench.run.hardware.fingerprint`) and takes the
    tables of exactly that key and the group's world size; where there is none it warns once,
    naming what it looked for and what the file has, and every size goes to the floor (nccl on
    GPU, gloo on CPU);
@@ -39,9 +39,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .context import broadcast_object, build_backend, make_context
-from .data import params_key
-from .table import BUFFERLESS, Rule, Table, Thresholds, load
+from bench.run.context import broadcast_object, build_backend, make_context
+from tuner.runtime.schema import BUFFERLESS, Rule, Table, Thresholds, load
+from tuner.table.data import params_key
 
 __all__ = ["Dispatcher", "DispatchWarning", "OverrideError", "parse_overrides",
            "apply_max_bytes", "ENV_FORCE", "ENV_MAX_BYTES"]
@@ -232,7 +232,7 @@ class Dispatcher:
     def from_thresholds(cls, thresholds: Thresholds, group=None, device=None,
                         overrides: Mapping[str, Any] | None = None, timeout_s: float = 60.0,
                         source: str = "thresholds") -> Dispatcher:
-        from bench.hardware import fingerprint
+        from bench.run.hardware import fingerprint
 
         options = parse_overrides(overrides)
         ctx = make_context(group, device, timeout_s)

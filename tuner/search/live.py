@@ -25,7 +25,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.config import DTYPES, SweepConfig, UsageError, add_sweep_arguments, config_from_args
+from bench.launch.config import (
+    DTYPES,
+    SweepConfig,
+    UsageError,
+    add_sweep_arguments,
+    config_from_args,
+)
 from bench.sizes import format_size
 
 __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
@@ -90,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a search is judged against)")
     p.add_argument("--cache-backends", dest="cache_backends", default="6",
                    help="built backends kept alive at once")
-    from .cli import _add_table_flags
+    from tuner.cli import _add_table_flags
 
     _add_table_flags(p)
     return p
@@ -133,7 +139,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     output = Path(args.output)
     if output.parent and not output.parent.exists():
         raise UsageError(f"-o: folder {output.parent} does not exist")
-    from .cli import _table_options
+    from tuner.cli import _table_options
 
     table = _table_options(args)
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
@@ -156,7 +162,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
 def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     """One rank (under the launcher, torchrun or srun)."""
 
-    from bench.worker import rank_session
+    from bench.run.worker import rank_session
 
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         return _live(cfg, opts, watchdog, layout["local_rank"])
@@ -166,10 +172,9 @@ def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int
     import torch
 
     from bench.backends import get_spec
-    from bench.hardware import fingerprint
-
-    from .context import broadcast_object, make_context
-    from .measure import BackendCache, Outcome, TrialRunner
+    from bench.run.context import broadcast_object, make_context
+    from bench.run.hardware import fingerprint
+    from tuner.search.measure import BackendCache, Outcome, TrialRunner
 
     device = torch.device("cpu")
     if cfg.device == "cuda":  # one GPU per local rank, as the sweep's worker does
@@ -221,10 +226,10 @@ def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int
 def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int:
     import optuna
 
-    from .context import broadcast_object
-    from .fit import fit_tables, print_fits
-    from .search import SearchOptions, search_group
-    from .study import Space, measurements, storage_url
+    from bench.run.context import broadcast_object
+    from tuner.search.search import SearchOptions, search_group
+    from tuner.search.study import Space, measurements, storage_url
+    from tuner.table.fit import fit_tables, print_fits
 
     for name, reason in unavailable.items():
         print(f"# {name}: not searched ({reason})", flush=True)
@@ -257,7 +262,7 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
                 return execute(job, on_round=report)
 
             def show(point, _dtype=dtype, _mode=mode):
-                from .builder import config_label
+                from tuner.table.builder import config_label
 
                 best = "none" if point.best is None else (
                     f"{config_label(*point.best)} {point.best_latency_us:.1f} us")
@@ -283,7 +288,7 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     print_fits(fits)
     thresholds.save(opts.output)
     if opts.pareto:
-        from .cli import write_pareto
+        from tuner.cli import write_pareto
 
         write_pareto(opts.pareto, fits)
     path = Path(opts.output)
@@ -311,10 +316,9 @@ def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int =
     ...), so that drift hits all alike. Rank 0 writes {label: [latency_us, ...]} per job to
     `path` (JSON). Used to judge a search against a grid without the grid's winner's curse."""
 
-    from bench.worker import rank_session
-
-    from .context import make_context
-    from .measure import BackendCache, TrialRunner
+    from bench.run.context import make_context
+    from bench.run.worker import rank_session
+    from tuner.search.measure import BackendCache, TrialRunner
 
     with rank_session(cfg.timeout_s) as (_layout, watchdog):
         ctx = make_context(device="cpu", timeout_s=cfg.timeout_s)

@@ -9,7 +9,7 @@ Three parts, each usable when the others fail:
   (torchrun's c10d rendezvous); every rank's fingerprint is gathered and any difference between
   ranks (torch, NCCL, driver, GPU model, ...) is flagged before a sweep would start;
 - the backends: each is probed and created in that group exactly as a sweep does it
-  (`bench.worker.create_backend`), then one 4 KiB float32 all-reduce is checked against the
+  (`bench.run.worker.create_backend`), then one 4 KiB float32 all-reduce is checked against the
   exact sum.
 
 Exit code 0 when the ranks agree, 1 when they differ or a rank failed, 2 on bad flags.
@@ -30,7 +30,7 @@ import socket
 import sys
 from typing import Any
 
-from .config import UsageError
+from bench.launch.config import UsageError
 
 __all__ = ["run_doctor", "node_report", "rank_fingerprint", "compare_fingerprints"]
 
@@ -46,7 +46,7 @@ MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHME
 # ---------------------------------------------------------------------------- the node
 def _nccl_library() -> dict[str, Any]:
     try:
-        from .backends._libnccl import load_library
+        from bench.backends.libnccl import load_library
 
         lib = load_library()
         return {"path": lib.path, "version": lib.version}
@@ -133,9 +133,9 @@ def node_report(master_addr: str | None = None, master_port: int | None = None,
     """Everything this process can tell about the node, without any process group."""
     import torch
 
-    from . import __version__
-    from .group import host_identity
-    from .hardware import _cpu_model, gpu_fingerprint, versions
+    from bench import __version__
+    from bench.run.context import host_identity
+    from bench.run.hardware import _cpu_model, gpu_fingerprint, versions
 
     gpu = gpu_fingerprint()
     report: dict[str, Any] = {
@@ -161,9 +161,9 @@ def rank_fingerprint(device, rank: int = 0) -> dict[str, Any]:
 
     import torch
 
-    from . import __version__
-    from .group import host_identity
-    from .hardware import gpu_fingerprint, versions
+    from bench import __version__
+    from bench.run.context import host_identity
+    from bench.run.hardware import gpu_fingerprint, versions
 
     v = versions()
     fp: dict[str, Any] = {
@@ -203,9 +203,9 @@ def _check_backend(name: str, cfg, ctx) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from .group import agreed_reason
-    from .inputs import check_result, fill_input
-    from .worker import create_backend
+    from bench.run.context import agreed_reason
+    from bench.run.inputs import check_result, fill_input
+    from bench.run.worker import create_backend
 
     backend, reason = create_backend(name, cfg, ctx)
     if backend is None:
@@ -248,8 +248,8 @@ def _ranks_report(cfg) -> dict[str, Any]:
     (fingerprints are all-gathered, backend verdicts agreed), so every node can print it."""
     import torch.distributed as dist
 
-    from . import backends as registry
-    from .worker import Watchdog, _make_context, dist_env
+    from bench import backends as registry
+    from bench.run.worker import Watchdog, _make_context, dist_env
 
     layout = dist_env()
     watchdog = Watchdog(layout["rank"], cfg.timeout_s)
@@ -317,7 +317,7 @@ def _launched(cfg) -> tuple[dict[str, Any] | None, str | None]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from .cli import _free_port
+    from bench.cli import _free_port
 
     port = cfg.master_port or _free_port(cfg.master_addr)
     extra = {}
@@ -359,8 +359,8 @@ def _int_flag(flag: str, value: str, minimum: int, maximum: int | None = None) -
 
 
 def _config(args: argparse.Namespace):
-    from . import backends as registry
-    from .config import SweepConfig, resolve_device
+    from bench import backends as registry
+    from bench.launch.config import SweepConfig, resolve_device
 
     world_size = _int_flag("--world-size", args.world_size, 1)
     nnodes = _int_flag("--nnodes", args.nnodes, 1)

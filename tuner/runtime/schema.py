@@ -225,7 +225,7 @@ def _knobs_of(algorithm: str) -> Mapping[str, Any] | None:
 
 
 def _node_device(hardware_key: str) -> str | None:
-    """cpu or cuda for keys `bench.hardware.hardware_key` writes; None for any other key."""
+    """cpu or cuda for keys `bench.run.hardware.hardware_key` writes; None for any other key."""
     if hardware_key.startswith("cpu-"):
         return "cpu"
     if re.fullmatch(r"[a-z0-9-]+-x\d+-(nvlink|pcie|nop2p|single)", hardware_key):

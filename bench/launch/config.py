@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .sizes import parse_size, size_range
+from bench.sizes import parse_size, size_range
 
 __all__ = ["SweepConfig", "UsageError", "add_sweep_arguments", "config_from_args", "DTYPES"]
 
@@ -132,7 +132,7 @@ def _parse_param(text: str, known: list[str]) -> tuple[str, str, object]:
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """Check every flag and their combination; raise UsageError naming the first bad one."""
-    from . import backends as registry
+    from bench import backends as registry
 
     world_size = _positive_int("--world-size", args.world_size)
     nnodes = _positive_int("--nnodes", args.nnodes)
@@ -238,7 +238,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 def _check_run_dir(path: Path, flag: str) -> None:
     """A run directory we would append to must hold this project's table and meta.json."""
-    from .results import completed_points, read_meta
+    from bench.analysis.results import completed_points, read_meta
 
     if not path.is_dir():
         return

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .backends import CommContext, get_spec
-from .hardware import host_id
+from bench.backends import CommContext, get_spec
+from bench.run.hardware import host_id
 
 __all__ = ["host_identity", "make_context", "agreed_reason", "build_backend",
            "broadcast_object"]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPE_ALIASES, DTYPES, UsageError
-from .sizes import format_size, parse_size
+from bench.launch.config import DTYPE_ALIASES, DTYPES, UsageError
+from bench.sizes import format_size, parse_size
 
 __all__ = ["run_kernels", "parse_kernels_args", "CONFIGS", "profile_once"]
 
@@ -128,7 +128,7 @@ def _reduction_rows(n: int, nbytes: int, dtype_name: str, device: torch.device, 
                     copy_tbps: float, best_config: dict) -> list[dict]:
     """Our kernel (every config at the first size seen, then the best and the default) and
     PyTorch's variants, N inputs of `nbytes` each."""
-    from .kernels.reduce import reduce_n
+    from bench.kernels.reduce import reduce_n
 
     dtype = DTYPES[dtype_name]
     count = nbytes // torch.empty((), dtype=dtype).element_size()
@@ -196,7 +196,7 @@ def _print_table(rows: list[dict]) -> None:
 def profile_once(n_inputs: int = 8, nbytes: int = 64 << 20, dtype_name: str = "bfloat16",
                  block: int = 4096, num_warps: int = 8, evict: str = "") -> None:
     """One launch each of our kernel, xs.sum(0) and a copy, for Nsight Compute to read."""
-    from .kernels.reduce import reduce_n
+    from bench.kernels.reduce import reduce_n
 
     dtype = DTYPES[dtype_name]
     count = nbytes // torch.empty((), dtype=dtype).element_size()

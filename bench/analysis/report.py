@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from .results import read_results
-from .sizes import format_size
+from bench.analysis.results import read_results
+from bench.sizes import format_size
 
 __all__ = ["format_run", "print_summary", "best_per_size"]
 

@@ -15,11 +15,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from bench.sizes import format_size
-
-from .builder import Build, Curve, build_table, config_label, log_uniform_weights, workload_weights
-from .data import config_params, device_of, params_key
-from .study import Point
-from .table import Table, Thresholds
+from tuner.runtime.schema import Table, Thresholds
+from tuner.search.study import Point
+from tuner.table.builder import (
+    Build,
+    Curve,
+    build_table,
+    config_label,
+    log_uniform_weights,
+    workload_weights,
+)
+from tuner.table.data import config_params, device_of, params_key
 
 __all__ = ["GroupFit", "fit_group", "fit_tables", "baseline_for", "format_fit", "geomean"]
 
@@ -118,7 +124,7 @@ def fit_tables(data: Mapping[tuple, Mapping[int, list[Point]]], *,
                command: str | None = None) -> tuple[Thresholds, list[GroupFit]]:
     fits = [fit_group(group, data[group], workload=workload, max_rules=max_rules,
                       memory_budget=memory_budget, source=source) for group in sorted(data)]
-    from . import __version__
+    from tuner import __version__
 
     generated_by = {"tool": f"tuner {source}", "version": __version__,
                     "created": datetime.datetime.now().isoformat(timespec="seconds")}

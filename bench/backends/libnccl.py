@@ -58,11 +58,11 @@ class NcclError(RuntimeError):
     """A NCCL call returned an error; one line: the call, the code, NCCL's words."""
 
 
-class _UniqueId(ctypes.Structure):
+class NcclUniqueId(ctypes.Structure):
     _fields_ = [("internal", ctypes.c_byte * 128)]
 
 
-class _Config(ctypes.Structure):
+class NcclConfig(ctypes.Structure):
     """The ncclConfig_t prefix this project sets (see the module docstring)."""
 
     _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint),
@@ -162,15 +162,15 @@ class NcclLibrary:
         vp, cp, i, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t
         self._get_version = _fn(lib, "ncclGetVersion", [ctypes.POINTER(i)])
         self._error_string = _fn(lib, "ncclGetErrorString", [i], cp)
-        self._unique_id = _fn(lib, "ncclGetUniqueId", [ctypes.POINTER(_UniqueId)])
-        self._init_rank = _fn(lib, "ncclCommInitRank", [ctypes.POINTER(vp), i, _UniqueId, i])
+        self._unique_id = _fn(lib, "ncclGetUniqueId", [ctypes.POINTER(NcclUniqueId)])
+        self._init_rank = _fn(lib, "ncclCommInitRank", [ctypes.POINTER(vp), i, NcclUniqueId, i])
         self._all_reduce = _fn(lib, "ncclAllReduce", [vp, vp, sz, i, i, vp, vp])
         self._destroy = _fn(lib, "ncclCommDestroy", [vp])
         self._abort = _fn(lib, "ncclCommAbort", [vp])
         self._async_error = _fn(lib, "ncclCommGetAsyncError", [vp, ctypes.POINTER(i)])
         self._init_config = self._optional("ncclCommInitRankConfig",
-                                           [ctypes.POINTER(vp), i, _UniqueId, i,
-                                            ctypes.POINTER(_Config)])
+                                           [ctypes.POINTER(vp), i, NcclUniqueId, i,
+                                            ctypes.POINTER(NcclConfig)])
         self._last_error = self._optional("ncclGetLastError", [vp], cp)
         self._mem_alloc = self._optional("ncclMemAlloc", [ctypes.POINTER(vp), sz])
         self._mem_free = self._optional("ncclMemFree", [vp])
@@ -211,7 +211,7 @@ class NcclLibrary:
 
     # -- communicator --------------------------------------------------------------------------
     def unique_id(self) -> bytes:
-        uid = _UniqueId()
+        uid = NcclUniqueId()
         self._check("ncclGetUniqueId", self._unique_id(ctypes.byref(uid)))
         return ctypes.string_at(ctypes.addressof(uid), ctypes.sizeof(uid))
 
@@ -220,14 +220,14 @@ class NcclLibrary:
         """A communicator on the current CUDA device; CTA bounds through ncclConfig_t."""
         if len(unique_id) != 128:
             raise ValueError(f"ncclUniqueId must be 128 bytes, got {len(unique_id)}")
-        uid = _UniqueId()
+        uid = NcclUniqueId()
         ctypes.memmove(uid.internal, unique_id, 128)
         comm = ctypes.c_void_p()
         if min_ctas or max_ctas:
             if self._init_config is None or self.version_code < _CONFIG_VERSION:
                 raise NcclError(f"NCCL {self.version} cannot bound CTAs per communicator "
                                 "(ncclCommInitRankConfig with minCTAs/maxCTAs needs >= 2.17)")
-            config = _Config(ctypes.sizeof(_Config), _CONFIG_MAGIC, _CONFIG_VERSION, _UNDEF_INT,
+            config = NcclConfig(ctypes.sizeof(NcclConfig), _CONFIG_MAGIC, _CONFIG_VERSION, _UNDEF_INT,
                              _UNDEF_INT, min_ctas or _UNDEF_INT, max_ctas or _UNDEF_INT, None)
             self._check("ncclCommInitRankConfig", self._init_config(
                 ctypes.byref(comm), nranks, uid, rank, ctypes.byref(config)))

@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from .group import host_identity
+from bench.run.context import host_identity
 
 __all__ = ["Watchdog", "EXIT_WATCHDOG"]
 

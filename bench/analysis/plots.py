@@ -1,6 +1,6 @@
 """Figures of a run, importable: the notebooks and `bench report DIR --plots` draw the same ones.
 
-Every function takes a results frame (`bench.results.read_results`, or `load_runs` for several
+Every function takes a results frame (`bench.analysis.results.read_results`, or `load_runs` for several
 runs) and returns a `matplotlib.figure.Figure` built without pyplot, so a script, a notebook and
 a headless CI machine all behave alike. Inputs the tuner produces (thresholds.json rules, a study's
 trials, a Pareto front) come in as plain data: nothing here imports `tuner/`.
@@ -23,8 +23,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, MaxNLocator, NullLocator
 
-from .results import RESULTS_FILE, read_meta, read_results
-from .sizes import format_size
+from bench.analysis.results import RESULTS_FILE, read_meta, read_results
+from bench.sizes import format_size
 
 __all__ = [
     "LINK_LIMITS", "find_runs", "load_runs", "hardware_limit", "plot_latency", "plot_busbw",
@@ -220,7 +220,7 @@ def hardware_limit(meta: Mapping[str, Any]) -> tuple[float | None, str]:
             return gbps, f"{name}: {what}"
     if link in ("single", "nop2p"):
         return None, f"{name}, link '{link}': ranks do not cross a GPU link, no limit drawn"
-    return None, f"{name}, link '{link}': not in bench.plots.LINK_LIMITS, no limit drawn"
+    return None, f"{name}, link '{link}': not in bench.analysis.plots.LINK_LIMITS, no limit drawn"
 
 
 def plot_busbw(frame, meta: Mapping[str, Any] | None = None) -> Figure:
@@ -289,7 +289,7 @@ def crossovers(frame):
 def rules_by_group(thresholds: Mapping[str, Any] | str | Path,
                    hardware_key: str | None = None) -> dict[tuple, list[dict]]:
     """{(world_size, dtype, mode): rules} from a thresholds.json (path or parsed), keeping the
-    tables of one hardware key when given. Plain reading; `tuner.table` validates."""
+    tables of one hardware key when given. Plain reading; `tuner.runtime.schema` validates."""
     doc = json.loads(Path(thresholds).read_text()) if isinstance(thresholds, (str, Path)) \
         else thresholds
     out: dict[tuple, list[dict]] = {}
