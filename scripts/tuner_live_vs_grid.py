@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.backends import params_key  # noqa: E402
 from bench.sizes import format_size  # noqa: E402
 from tuner.search.study import measurements, storage_url  # noqa: E402
-from tuner.table.data import params_key  # noqa: E402
 
 BACKENDS = ("gloo", "shm_one_shot", "shm_two_shot")
 

@@ -12,7 +12,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,3 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         return {}
     return json.loads(path.read_text())
-
-
-def rows_to_keys(rows: Iterable[Mapping[str, Any]]) -> set[tuple]:
-    return {tuple(r[k] for k in POINT_KEY) for r in rows}

@@ -13,7 +13,7 @@ import importlib
 import os
 from importlib.metadata import entry_points
 
-from bench.backends.base import Backend, BackendSpec, CommContext, basic_gate
+from bench.backends.base import Backend, BackendSpec, CommContext, basic_gate, params_key
 
 __all__ = [
     "Backend",
@@ -25,6 +25,9 @@ __all__ = [
     "all_specs",
     "known_names",
     "family_errors",
+    "floor_name",
+    "needs_buffer",
+    "params_key",
 ]
 
 # family module -> the names it registers (known up front so that `--backends` can be
@@ -105,8 +108,18 @@ def family_errors() -> dict[str, str]:
     return dict(_FAMILY_ERRORS)
 
 
-def family_of(name: str) -> str | None:
-    for family, names in FAMILIES.items():
-        if name in names:
-            return family
-    return None
+def floor_name(device_type: str) -> str:
+    """The backend that always works on `device_type` ("cpu" or "cuda"): the spec marked
+    `is_floor` (gloo, nccl)."""
+    for spec in all_specs():
+        if spec.is_floor and spec.device == device_type:
+            return spec.name
+    raise KeyError(f"no floor backend registered for {device_type!r}")
+
+
+def needs_buffer(name: str) -> bool:
+    """Whether `name` holds a buffer of its max_size (True for a name whose family does not
+    import here: the safe side of a memory budget)."""
+    _load()
+    spec = _REGISTRY.get(name)
+    return True if spec is None else spec.needs_buffer

@@ -8,13 +8,14 @@ string, or None), and whose `create` builds it with a buffer of `max_bytes` and 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate"]
+__all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate", "params_key"]
 
 
 @dataclasses.dataclass
@@ -90,7 +91,10 @@ class BackendSpec:
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     # bytes a tensor's size must be a multiple of
     alignment: int = 4
-    description: str = ""
+    # holds a buffer of max_bytes (False: reduces in the caller's tensor, costs no memory)
+    needs_buffer: bool = True
+    # the device's default that always works: the dispatcher's last resort, the gains' baseline
+    is_floor: bool = False
 
     def default_params(self) -> dict[str, Any]:
         return {k: v[0] for k, v in self.knobs.items()}
@@ -104,6 +108,11 @@ class BackendSpec:
             if value not in self.knobs[key]:
                 return f"{self.name}.{key}={value!r} not in {list(self.knobs[key])}"
         return None
+
+
+def params_key(params: Mapping[str, Any]) -> str:
+    """Canonical text of a knob setting (the identity of a configuration)."""
+    return json.dumps(dict(sorted(params.items())), sort_keys=True)
 
 
 def basic_gate(

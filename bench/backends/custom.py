@@ -224,15 +224,15 @@ class CustomAllReduce:
         raise TimeoutError(self._failure)
 
 
-def _spec(algorithm: str, text: str) -> BackendSpec:
+def _spec(algorithm: str) -> BackendSpec:
     return BackendSpec(
         name=f"custom_{algorithm}", device="cuda", probe=probe,
         create=lambda ctx, max_bytes, **params: CustomAllReduce(
             ctx, max_bytes, algorithm=algorithm, **params),
-        knobs=KNOBS, dtypes=_DTYPES, alignment=_ALIGNMENT, description=text)
+        knobs=KNOBS, dtypes=_DTYPES, alignment=_ALIGNMENT)
 
 
-register(_spec("one_shot", "own Triton all-reduce over CUDA IPC: copy in, one flag barrier, "
-                           "every rank reads all buffers"))
-register(_spec("two_shot", "own Triton all-reduce over CUDA IPC: reduce-scatter and "
-                           "all-gather between two flag barriers"))
+# one_shot: copy in, one flag barrier, every rank reads all buffers;
+# two_shot: reduce-scatter and all-gather between two flag barriers
+register(_spec("one_shot"))
+register(_spec("two_shot"))

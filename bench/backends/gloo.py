@@ -40,6 +40,5 @@ def _probe(ctx: CommContext) -> str | None:
 register(BackendSpec(
     name="gloo", device="cpu", probe=_probe,
     create=lambda ctx, max_bytes, **params: GlooAllReduce(ctx, max_bytes, **params),
-    dtypes=_DTYPES, alignment=1,
-    description="torch.distributed with the Gloo process group",
+    dtypes=_DTYPES, alignment=1, needs_buffer=False, is_floor=True,
 ))

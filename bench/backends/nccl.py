@@ -73,6 +73,6 @@ def _probe(ctx: CommContext) -> str | None:
 register(BackendSpec(
     name="nccl", device="cuda", probe=_probe,
     create=lambda ctx, max_bytes, **params: NcclAllReduce(ctx, max_bytes, **params),
-    knobs={"ctas": _CTAS}, dtypes=_DTYPES, alignment=1,
-    description="torch.distributed with the NCCL process group",
+    knobs={"ctas": _CTAS}, dtypes=_DTYPES, alignment=1, needs_buffer=False,
+    is_floor=True,
 ))

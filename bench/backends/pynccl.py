@@ -231,12 +231,10 @@ register(BackendSpec(
     name="pynccl", device="cuda", probe=_probe,
     create=lambda ctx, max_bytes, **params: PyNcclAllReduce(ctx, max_bytes, **params),
     knobs={"ctas": _CTAS, "algo": tuple(_ALGOS), "proto": tuple(_PROTOS)},
-    dtypes=_DTYPES, alignment=1,
-    description="own ctypes binding of libnccl; runs on the current stream (CUDA graphs)",
+    dtypes=_DTYPES, alignment=1, needs_buffer=False,
 ))
 register(BackendSpec(
     name="pynccl_symm", device="cuda", probe=_probe_symm,
     create=lambda ctx, max_bytes, **params: PyNcclSymmAllReduce(ctx, max_bytes, **params),
     knobs={"ctas": _CTAS}, dtypes=_DTYPES, alignment=PyNcclSymmAllReduce.alignment_bytes,
-    description="pynccl on ncclMemAlloc buffers registered as NCCL symmetric windows (>= 2.27)",
 ))

@@ -220,10 +220,8 @@ _KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN}
 register(BackendSpec(
     name="shm_one_shot", device="cpu", probe=_probe, create=_creator("one_shot"),
     knobs=_KNOBS, dtypes=_DTYPES, alignment=1,
-    description="own shared-memory all-reduce: every rank reads all inputs and reduces",
 ))
 register(BackendSpec(
     name="shm_two_shot", device="cpu", probe=_probe, create=_creator("two_shot"),
     knobs=_KNOBS, dtypes=_DTYPES, alignment=1,
-    description="own shared-memory all-reduce: reduce-scatter then all-gather over the segment",
 ))

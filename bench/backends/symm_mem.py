@@ -163,11 +163,10 @@ def _create(algorithm: str):
     return create
 
 
-for _algorithm, _what in (("one_shot", "every rank reads all peers' buffers and sums"),
-                          ("two_shot", "reduce-scatter then all-gather over peer buffers"),
-                          ("multimem", "NVLink multicast loads/stores (needs NVLS)")):
+# one_shot: every rank reads all peers' buffers and sums; two_shot: reduce-scatter then
+# all-gather over peer buffers; multimem: NVLink multicast loads/stores (needs NVLS)
+for _algorithm in ("one_shot", "two_shot", "multimem"):
     register(BackendSpec(
         name=f"symm_mem_{_algorithm}", device="cuda", probe=_probe(_algorithm),
         create=_create(_algorithm), dtypes=_DTYPES, alignment=_ALIGNMENT,
-        description=f"PyTorch symmetric memory, {_what}",
     ))

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from bench.backends import params_key
 from bench.run.context import broadcast_object, build_backend, make_context
 from tuner.runtime.schema import BUFFERLESS, Rule, Table, Thresholds, load
-from tuner.table.data import params_key
 
 __all__ = ["Dispatcher", "DispatchWarning", "OverrideError", "parse_overrides",
            "apply_max_bytes", "ENV_FORCE", "ENV_MAX_BYTES"]

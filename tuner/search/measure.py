@@ -16,10 +16,10 @@ from collections.abc import Callable
 
 import torch
 
+from bench.backends import params_key
 from bench.run.context import broadcast_object, build_backend
 from bench.run.point import barrier, prepare_point
 from bench.run.timing import CpuClock, CudaEventClock, measure, slowest_rank, summarize
-from tuner.table.data import params_key
 
 __all__ = ["Outcome", "TrialRunner", "BackendCache"]
 

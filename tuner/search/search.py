@@ -45,9 +45,9 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from bench.backends import params_key
 from tuner.search.measure import Outcome
 from tuner.search.study import Space, config_of, open_study, study_name
-from tuner.table.data import params_key
 
 __all__ = ["MarginPruner", "SearchOptions", "PointResult", "search_point", "grid_point",
            "search_group", "best_configs", "confirm_point", "confirmation_candidates"]

@@ -26,7 +26,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from tuner.table.data import params_key
+from bench.backends import params_key
 
 __all__ = ["Space", "study_name", "parse_study_name", "open_study", "enter_rows",
            "measurements", "storage_url", "StudyError"]

@@ -8,15 +8,15 @@ with that run's `--param` values for it. Only measured, correct rows count.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from bench.analysis.results import RESULTS_FILE, SchemaError, read_meta, read_results
+from bench.backends import params_key
 
-__all__ = ["RunsError", "find_run_dirs", "load_rows", "params_key", "config_params",
+__all__ = ["RunsError", "find_run_dirs", "load_rows", "config_params",
            "GROUP", "device_of"]
 
 # one table per group
@@ -25,11 +25,6 @@ GROUP = ("hardware_key", "world_size", "dtype", "mode")
 
 class RunsError(ValueError):
     """A run directory that cannot be used (one line, names it)."""
-
-
-def params_key(params: Mapping[str, Any]) -> str:
-    """Canonical text of a knob setting (the identity of a configuration)."""
-    return json.dumps(dict(sorted(params.items())), sort_keys=True)
 
 
 def _spec(name: str):

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from bench.backends import params_key
 from bench.sizes import format_size
 from tuner.runtime.schema import Table, Thresholds
 from tuner.search.study import Point
@@ -25,7 +26,7 @@ from tuner.table.builder import (
     log_uniform_weights,
     workload_weights,
 )
-from tuner.table.data import config_params, device_of, params_key
+from tuner.table.data import config_params, device_of
 
 __all__ = ["GroupFit", "fit_group", "fit_tables", "baseline_for", "format_fit", "geomean"]
 
