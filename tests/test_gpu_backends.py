@@ -232,15 +232,13 @@ def test_pynccl_refuses_tensors_of_another_device(gpu_ctx):
     backend, reason = _create("pynccl", gpu_ctx)
     assert reason is None, reason
     try:
+        # the gate is the only check (all_reduce's precondition, taken once per call by the
+        # dispatcher and the sweep): it must refuse what NCCL must never be handed
         host = torch.ones(16)
         assert "cpu" in backend.can_take(host)
-        with pytest.raises(ValueError, match="cpu"):
-            backend.all_reduce(host)
         if torch.cuda.device_count() > 1:
             other = torch.ones(16, device="cuda:1")
             assert "communicator on cuda:0" in backend.can_take(other)
-            with pytest.raises(ValueError, match="communicator on cuda:0"):
-                backend.all_reduce(other)
         assert "not supported" in backend.can_take(torch.ones(4, dtype=torch.int16,
                                                               device=gpu_ctx.device))
     finally:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from tuner.runtime.schema import BUFFERLESS
+from bench.backends import needs_buffer
 from tuner.table.builder import (
     BuildError,
     Curve,
@@ -49,7 +49,7 @@ def _brute_force(sizes, curves, world_size, weights, max_rules, budget):
                     lo, hi = bounds[r], bounds[r + 1]
                     for i in range(lo, hi):
                         regret += weights[i] * (lat[k][i] / oracle[i] - 1)
-                    if curves[k].algorithm not in BUFFERLESS:  # charged per rule
+                    if needs_buffer(curves[k].algorithm):  # charged per rule
                         memory += sizes[hi - 1] * world_size
                 if budget is not None and memory > budget:
                     continue

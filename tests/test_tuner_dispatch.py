@@ -16,13 +16,8 @@ import torch.multiprocessing as mp
 
 from bench.backends import get_spec
 from bench.run.hardware import fingerprint
-from tuner.runtime.dispatch import (
-    Dispatcher,
-    DispatchWarning,
-    OverrideError,
-    apply_max_bytes,
-    parse_overrides,
-)
+from tuner.runtime.dispatch import Dispatcher, DispatchWarning
+from tuner.runtime.overrides import OverrideError, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import Rule, Table, Thresholds, load
 
 K = 1024
@@ -87,13 +82,14 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         results = {}
-        with Dispatcher.from_file(table_path) as d:
+        with Dispatcher.from_file(table_path, count_calls=True) as d:
             results["table"] = _exercise(d, rank, world)
             results["backends"] = sorted(d.backends)
-        with Dispatcher.from_file(table_path, overrides={"force": "shm_two_shot"}) as d:
+        with Dispatcher.from_file(table_path, overrides={"force": "shm_two_shot"},
+                                  count_calls=True) as d:
             results["force"] = _exercise(d, rank, world)
         os.environ["ALLREDUCE_AUTOTUNE_MAX_BYTES"] = "shm_one_shot=16K"
-        with Dispatcher.from_file(table_path) as d:
+        with Dispatcher.from_file(table_path, count_calls=True) as d:
             results["env_max_bytes"] = _exercise(d, rank, world)
         del os.environ["ALLREDUCE_AUTOTUNE_MAX_BYTES"]
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
@@ -144,7 +140,7 @@ def test_mismatch_warns_once_and_uses_gloo(tmp_path):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            d = Dispatcher.from_file(path)
+            d = Dispatcher.from_file(path, count_calls=True)
             for nbytes in SIZES:
                 d.all_reduce(torch.ones(nbytes // 4))
         mine = [w for w in caught if issubclass(w.category, DispatchWarning)]
@@ -202,3 +198,43 @@ def test_override_parsing_and_rule_surgery(tmp_path):
     for name, nbytes in [("shm_one_shot", 16 * K), ("shm_two_shot", 2 * K), ("gloo", 8 * K),
                          ("shm_two_shot", 1 << 30)]:
         Thresholds(tables=(apply_max_bytes(table, name, nbytes),)).save(tmp_path / "u.json")
+
+
+def test_describe_follows_dispatch_order_and_reused_rules_are_said(tmp_path):
+    path = tmp_path / "thresholds.json"
+    _table(fingerprint("cpu")["hardware_key"], world_size=1).save(path)  # float32 eager only
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = Dispatcher.from_file(path)
+        text = " ".join(str(w.message) for w in caught if issubclass(w.category, DispatchWarning))
+        assert "bfloat16 eager <- float32 eager" in text
+        assert "float16 eager <- float32 eager" in text
+        lines = d.describe()
+        assert lines[0].startswith(f"dispatcher for {d.hardware_key} world_size 1")
+        f32 = next(line for line in lines if line.strip().startswith("float32 eager:"))
+        assert f32.split(": ", 1)[1] == (
+            "1..4096: shm_one_shot > shm_two_shot > gloo; 4097..65536: shm_two_shot > gloo; "
+            "> 65536: gloo"), f32
+        assert any(line.strip().startswith("bfloat16 eager (rules of float32 eager):")
+                   for line in lines)
+        # no bookkeeping unless asked
+        d.all_reduce(torch.ones(8))
+        assert d.last_backend is None and d.calls == {}
+        d.release()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_runtime_imports_no_tuner_or_analysis_dependencies():
+    """A serving process imports the dispatcher with torch and the backends only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tuner.runtime.dispatch, tuner.runtime.schema; "
+            "print(sorted(m for m in ('optuna', 'pandas', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

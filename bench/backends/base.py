@@ -122,16 +122,20 @@ def basic_gate(
     device_type: str,
     alignment: int,
     max_bytes: int | None,
+    device_index: int | None = None,
 ) -> str | None:
     """The cheap checks every backend applies first, as vLLM's communicators do.
 
-    Cheap means attribute reads only: `tensor.is_cuda` / `is_cpu` and `tensor.nbytes` cost
-    ~0.1 us each, where `tensor.device.type` builds a device object (~0.5 us) and the
-    dispatcher's whole decision should stay under 1 us."""
+    Cheap means attribute reads only: `tensor.is_cuda` / `is_cpu`, `tensor.get_device()` and
+    `tensor.nbytes` cost ~0.1 us each, where `tensor.device` builds a device object (~0.5 us)
+    and the dispatcher's whole decision should stay under 1 us. `device_index`: the GPU a
+    communicator serves (a tensor of another GPU is refused: never launch on it)."""
     on_device = (tensor.is_cuda if device_type == "cuda" else tensor.is_cpu
                  if device_type == "cpu" else tensor.device.type == device_type)
     if not on_device:
         return f"tensor on {tensor.device.type}, backend needs {device_type}"
+    if device_index is not None and tensor.get_device() != device_index:
+        return f"tensor on cuda:{tensor.get_device()}, communicator on cuda:{device_index}"
     if tensor.dtype not in dtypes:
         names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
         return f"dtype {str(tensor.dtype).removeprefix('torch.')} not supported (takes {names})"

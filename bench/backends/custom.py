@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.gpu_gate import device_index
 
 __all__ = ["CustomAllReduce", "KNOBS", "probe", "check_knobs"]
 
@@ -114,6 +115,7 @@ class CustomAllReduce:
         self.algorithm = algorithm
         self.rank, self.world_size = ctx.rank, ctx.world_size
         self.device = ctx.device
+        self._index = device_index(ctx.device)
         self.blocks, self.num_warps = blocks, num_warps
         self.vec_bytes, self.chunk, self.max_spins = vec_bytes, chunk, max_spins
         self.max_bytes = max(int(max_bytes), _ALIGNMENT)
@@ -145,13 +147,8 @@ class CustomAllReduce:
     def can_take(self, tensor: torch.Tensor) -> str | None:
         if self._failure:
             return self._failure
-        reason = basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=_ALIGNMENT,
-                            max_bytes=self.max_bytes)
-        if reason:
-            return reason
-        if tensor.device != self.device:
-            return f"tensor on {tensor.device}, this communicator serves {self.device}"
-        return None
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=_ALIGNMENT,
+                          max_bytes=self.max_bytes, device_index=self._index)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`. Stream-ordered: every rank

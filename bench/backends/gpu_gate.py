@@ -6,7 +6,7 @@ import torch
 
 from bench.backends.base import CommContext
 
-__all__ = ["cuda_reason", "one_gpu_per_rank_reason", "device_mismatch"]
+__all__ = ["cuda_reason", "one_gpu_per_rank_reason", "device_index"]
 
 
 def cuda_reason(ctx: CommContext, name: str) -> str | None:
@@ -25,8 +25,6 @@ def one_gpu_per_rank_reason(ctx: CommContext, library: str) -> str | None:
     return None
 
 
-def device_mismatch(tensor: torch.Tensor, device: torch.device) -> str | None:
-    """A reason when `tensor` is not on the communicator's device (never launch on it)."""
-    if tensor.device.type == "cuda" and tensor.device != device:
-        return f"tensor on {tensor.device}, communicator on {device}"
-    return None
+def device_index(device: torch.device) -> int:
+    """The GPU index a communicator serves (`basic_gate`'s `device_index`)."""
+    return device.index if device.index is not None else torch.cuda.current_device()

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
-from bench.backends.gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
+from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CTAS = (0, 1, 2, 4, 8, 16, 32)
@@ -27,6 +27,7 @@ class NcclAllReduce:
 
     def __init__(self, ctx: CommContext, max_bytes: int | None = None, ctas: int = 0) -> None:
         self.device = ctx.device
+        self._index = device_index(ctx.device)
         options = None
         if ctas:
             options = dist.ProcessGroupNCCL.Options()
@@ -43,14 +44,10 @@ class NcclAllReduce:
                                f"expected {ctx.world_size}")
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return (basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=1,
-                           max_bytes=None)
-                or device_mismatch(tensor, self.device))
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=1,
+                          max_bytes=None, device_index=self._index)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        reason = device_mismatch(tensor, self.device)
-        if reason:
-            raise ValueError(f"nccl: {reason}")
         dist.all_reduce(tensor, group=self._group)
         return tensor
 

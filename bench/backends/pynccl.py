@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
-from bench.backends.gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
+from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 from bench.backends.libnccl import (
     WIN_COLL_SYMMETRIC,
     NcclLibrary,
@@ -77,6 +77,7 @@ class PyNcclAllReduce:
     def __init__(self, ctx: CommContext, max_bytes: int | None = None, *, ctas: int = 0,
                  algo: str = "default", proto: str = "default") -> None:
         self.device = ctx.device
+        self._index = device_index(ctx.device)
         self.lib: NcclLibrary = load_library()
         self.comm = 0
         self._max_bytes: int | None = None
@@ -100,16 +101,12 @@ class PyNcclAllReduce:
                                f"expected {world_size}")
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return (basic_gate(tensor, dtypes=_DTYPES, device_type="cuda",
-                           alignment=self.alignment_bytes, max_bytes=self._max_bytes)
-                or device_mismatch(tensor, self.device))
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cuda",
+                          alignment=self.alignment_bytes, max_bytes=self._max_bytes,
+                          device_index=self._index)
 
     def _launch(self, send: torch.Tensor, recv: torch.Tensor) -> None:
-        for t in (send, recv):
-            reason = device_mismatch(t, self.device) or (
-                None if t.device.type == "cuda" else f"tensor on {t.device}, needs CUDA")
-            if reason:  # never hand NCCL a pointer of another device
-                raise ValueError(f"{self.name}: {reason}")
+        # no per-call checks: the caller took `can_take` (device, dtype, size) first
         stream = torch.cuda.current_stream(self.device).cuda_stream
         self.lib.all_reduce(send.data_ptr(), recv.data_ptr(), send.numel(),
                             nccl_dtype(send.dtype), self.comm, stream)
@@ -117,8 +114,6 @@ class PyNcclAllReduce:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.comm:
             raise RuntimeError(f"{self.name}: communicator released")
-        if nccl_dtype(tensor.dtype) is None:
-            raise ValueError(f"{self.name}: dtype {tensor.dtype} has no NCCL type")
         self._launch(tensor, tensor)
         return tensor
 
@@ -178,11 +173,7 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
                                f"expected {ctx.world_size}")
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._max_bytes is not None and nbytes > self._max_bytes:
-            raise ValueError(f"pynccl_symm: {nbytes} bytes exceeds its window {self._max_bytes}")
-        if nccl_dtype(tensor.dtype) is None:
-            raise ValueError(f"{self.name}: dtype {tensor.dtype} has no NCCL type")
+        nbytes = tensor.nbytes  # within the window: the caller took `can_take` first
         window = self._buffer[:nbytes].view(tensor.dtype)
         window.copy_(tensor.reshape(-1))
         self._launch(window, window)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
-from bench.backends.gpu_gate import cuda_reason, device_mismatch, one_gpu_per_rank_reason
+from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _ALIGNMENT = 16  # the ops load and store 16-byte vectors
@@ -65,6 +65,7 @@ class SymmMemAllReduce:
         self.name = f"symm_mem_{algorithm}"
         self.algorithm = algorithm
         self.device = ctx.device
+        self._index = device_index(ctx.device)
         self._op = getattr(torch.ops.symm_mem, _OPS[algorithm])
         symm_mem = _symm_module()
         self._group = dist.new_group(backend="nccl",
@@ -99,14 +100,10 @@ class SymmMemAllReduce:
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
         return (basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=_ALIGNMENT,
-                           max_bytes=self._max_bytes)
-                or device_mismatch(tensor, self.device))
+                           max_bytes=self._max_bytes, device_index=self._index))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        reason = self.can_take(tensor)
-        if reason:
-            raise ValueError(f"{self.name}: {reason}")
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.nbytes  # no second gate: the caller took `can_take` first
         staged = self._buffer[:nbytes].view(tensor.dtype)
         staged.copy_(tensor.reshape(-1))
         if self.algorithm == "one_shot":

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["fingerprint", "hardware_key", "host_id", "slug", "versions", "gpu_fingerprint"]
+__all__ = ["fingerprint", "hardware_key", "host_id", "slug", "versions", "gpu_fingerprint",
+           "KEY_PATTERN", "device_of_key"]
 
 
 def slug(text: str) -> str:
@@ -195,6 +196,15 @@ def hardware_key(fp: dict[str, Any], device_type: str) -> str:
     if device_type == "cuda" and fp.get("cuda_name"):  # CUDA without NVML: link unknown
         return f"{slug(fp['cuda_name'])}-x{fp.get('visible_gpus', 1)}-unknown"
     return f"cpu-{slug(fp['cpu']['model'])}-{fp['cpu']['cores']}c"
+
+
+# the shapes `hardware_key` writes: cpu-<model>-<cores>c, <gpu>-x<count>-<link>
+KEY_PATTERN = re.compile(r"cpu-[a-z0-9-]+-\d+c|[a-z0-9-]+-x\d+-(nvlink|pcie|nop2p|single|unknown)")
+
+
+def device_of_key(key: str) -> str:
+    """The device ("cpu" or "cuda") of the node a hardware key names."""
+    return "cpu" if key.startswith("cpu-") else "cuda"
 
 
 def fingerprint(device_type: str = "cpu") -> dict[str, Any]:

@@ -42,7 +42,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tuner.runtime.schema import BUFFERLESS, Rule
+from bench.backends import needs_buffer
+from tuner.runtime.schema import Rule
 
 __all__ = ["config_label", "Curve", "FrontPoint", "Build", "BuildError", "build_table",
            "log_uniform_weights", "workload_weights"]
@@ -234,7 +235,7 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
 
     # per range and buffer class, only the cheapest configuration can be part of an optimum:
     # any other of the same class costs the same memory and more regret
-    buffered = [c.algorithm not in BUFFERLESS for c in curves]
+    buffered = [needs_buffer(c.algorithm) for c in curves]
     best_of: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
     for start in range(n):
         for stop in range(start + 1, n + 1):
@@ -299,7 +300,7 @@ def _memory(ranges, sizes, curves, world_size) -> tuple[int, dict[str, int]]:
     max_size: dict[str, int] = {}
     for _start, stop, k in ranges:
         curve = curves[k]
-        if curve.algorithm in BUFFERLESS:
+        if not needs_buffer(curve.algorithm):
             continue
         key = (curve.algorithm, repr(sorted(curve.params.items())))
         per_instance[key] = max(per_instance.get(key, 0), sizes[stop - 1])

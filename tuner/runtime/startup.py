@@ -1,0 +1,219 @@
+"""The dispatcher's start-up: from a thresholds table to ready routes (collective over a group).
+
+1. the running hardware key (rank 0's fingerprint) picks the tables of exactly that key and the
+   group's world size; none: every size goes to the floor (nccl on GPU, gloo on CPU), said once;
+2. overrides (argument, else environment: `overrides`) reshape those tables;
+3. the backends the tables use are built once per knob setting, each with a buffer of the
+   largest size its rules route to it, agreed on by every rank (one that a rank cannot build is
+   skipped on all, and named);
+4. each (dtype, mode) gets a route: per rule, the chain of backends to try. A dtype or mode
+   without a table of its own reuses another's rules, and the notes say which.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bench.backends import floor_name, needs_buffer, params_key
+from bench.run.context import broadcast_object, build_backend, make_context
+from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
+from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
+
+__all__ = ["Route", "Plan", "plan", "backend_key", "NO_LIMIT"]
+
+NO_LIMIT = 1 << 62
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
+
+
+class Route:
+    """One table's rules, ready for the per-call lookup: the finite bounds (increasing), per
+    rule the (backend, max bytes) chain to try, and a cache of the chain per exact size (the
+    sizes a model all-reduces repeat: a dict hit is cheaper than the bisect)."""
+
+    __slots__ = ("bounds", "chains", "by_size", "source")
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, bounds: list[int], chains: tuple[tuple[Any, ...], ...],
+                 source: str = "") -> None:
+        self.bounds, self.chains, self.source = bounds, chains, source
+        self.by_size: dict[int, tuple] = {}
+
+    def chain_for(self, nbytes: int) -> tuple:
+        chain = self.chains[bisect.bisect_left(self.bounds, nbytes)]
+        if len(self.by_size) < self._CACHE_LIMIT:
+            self.by_size[nbytes] = chain
+        return chain
+
+
+class TorchFloor:
+    """torch.distributed on the caller's group: the floor when the registry's cannot be built."""
+
+    in_place = True
+
+    def __init__(self, name: str, group) -> None:
+        self.name, self._group = name, group
+
+    def can_take(self, tensor: torch.Tensor) -> str | None:
+        return None if tensor.is_contiguous() else "tensor is not contiguous"
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor, group=self._group)
+        return tensor
+
+    def release(self) -> None:
+        self._group = None
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the dispatcher is built from."""
+
+    ctx: Any
+    floor: Any
+    routes: dict[tuple[torch.dtype, str], Route]
+    backends: dict[str, Any]  # "name" or "name{params}" -> backend
+    hardware_key: str
+    tables: tuple[Table, ...]
+    notes: list[str]
+
+
+def backend_key(rule: Rule) -> str:
+    return rule.algorithm if not rule.params else f"{rule.algorithm}{params_key(rule.params)}"
+
+
+def plan(thresholds: Thresholds, group=None, device=None,
+         overrides: Mapping[str, Any] | None = None, timeout_s: float = 60.0,
+         source: str = "thresholds") -> Plan:
+    """Collective over `group`: every rank returns the same plan (see the module docstring)."""
+    options = parse_overrides(overrides)
+    ctx = make_context(group, device, timeout_s)
+    from bench.run.hardware import fingerprint
+
+    hardware_key = broadcast_object(
+        fingerprint(ctx.device.type)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group)
+    floor_of = floor_name(ctx.device.type)
+    notes: list[str] = []
+    tables = _select(thresholds, hardware_key, ctx.world_size, floor_of, source, notes)
+    tables = _apply(tables, options, hardware_key, ctx.world_size, floor_of)
+    floor, reason = build_backend(floor_of, {}, _largest(tables), ctx, instance="floor")
+    if floor is None:
+        notes.append(f"floor {floor_of} unavailable ({reason}); using torch.distributed")
+        floor = TorchFloor(floor_of, group or dist.group.WORLD)
+    backends, limits = _build(tables, ctx, floor, floor_of, notes)
+    routes = {(_TORCH_DTYPES[t.dtype], t.mode): _route(t, backends, limits, floor)
+              for t in tables}
+    modes = MODES if ctx.device.type == "cuda" else ("eager",)
+    if routes:
+        _reuse_for_missing(routes, modes, notes)
+    return Plan(ctx, floor, routes, backends, hardware_key, tuple(tables), notes)
+
+
+def _select(thresholds: Thresholds, hardware_key: str, world_size: int, floor_of: str,
+            source: str, notes: list[str]) -> list[Table]:
+    tables = [t for t in thresholds.tables
+              if t.hardware_key == hardware_key and t.world_size == world_size]
+    if not tables:
+        has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in thresholds.tables})
+        notes.append(f"no table for {hardware_key} world_size {world_size} in {source} "
+                     f"(it has: {', '.join(has) or 'no tables'}); using {floor_of} for every size")
+    return tables
+
+
+def _apply(tables: list[Table], options: Mapping[str, Any], hardware_key: str,
+           world_size: int, floor_of: str) -> list[Table]:
+    for name, nbytes in options["max_bytes"].items():
+        tables = [apply_max_bytes(t, name, nbytes) for t in tables]
+    forced = options["force"]
+    if not forced:
+        return tables
+    if not tables:
+        tables = [Table(hardware_key, world_size, "float32", "eager", (Rule(None, floor_of),),
+                        {}, {})]
+    size = max([t.max_size.get(forced, 0) for t in tables] +
+               [r.max_bytes or 0 for t in tables for r in t.rules]) or DEFAULT_MAX_BYTES
+    return [dataclasses.replace(t, rules=(Rule(None, forced, {}),), max_size={forced: size})
+            for t in tables]
+
+
+def _build(tables: Sequence[Table], ctx, floor, floor_of: str,
+           notes: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every backend the rules name, once per knob setting, with the largest buffer any of its
+    rules needs (the builder's memory model)."""
+    wanted: dict[str, tuple[str, dict, int]] = {}
+    for table in tables:
+        for rule in table.rules:
+            key = backend_key(rule)
+            size = max(_instance_bytes(table, rule), wanted.get(key, ("", {}, 0))[2])
+            wanted[key] = (rule.algorithm, dict(rule.params), size)
+    backends: dict[str, Any] = {}
+    for index, key in enumerate(sorted(wanted)):
+        name, params, size = wanted[key]
+        if name == floor_of and not params:
+            backends[key] = floor
+            continue
+        backend, reason = build_backend(name, params, size, ctx, instance=str(index))
+        if backend is None:
+            notes.append(f"{key} unavailable here ({reason}); its sizes fall through")
+        else:
+            backends[key] = backend
+    return backends, {key: size for key, (_, _, size) in wanted.items()}
+
+
+def _largest(tables: Sequence[Table]) -> int:
+    sizes = [t.evidence.get("sizes", [0, 0])[1] for t in tables if t.evidence.get("sizes")]
+    sizes += [v for t in tables for v in t.max_size.values()]
+    return max(sizes, default=0) or DEFAULT_MAX_BYTES
+
+
+def _instance_bytes(table: Table, rule: Rule) -> int:
+    """The buffer of a rule's backend: its upper end (the algorithm's max_size for the
+    catch-all)."""
+    if not needs_buffer(rule.algorithm):
+        return _largest([table])
+    return rule.max_bytes or table.max_size.get(rule.algorithm) or _largest([table])
+
+
+def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int],
+           floor) -> Route:
+    """Per rule, (backend, largest bytes it may take) to try in order: the rule's own, those
+    of the following rules, then the floor (no size limit)."""
+    bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
+    chains = []
+    for i in range(len(table.rules)):
+        chain: list[tuple[Any, int]] = []
+        for rule in table.rules[i:]:
+            backend = backends.get(backend_key(rule))
+            if backend is not None and backend is not floor and all(
+                    b is not backend for b, _ in chain):
+                limit = limits[backend_key(rule)] if needs_buffer(rule.algorithm) else NO_LIMIT
+                chain.append((backend, limit))
+        chain.append((floor, NO_LIMIT))
+        chains.append(tuple(chain))
+    return Route(bounds, tuple(chains), source=f"{table.dtype} {table.mode}")
+
+
+def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str],
+                       notes: list[str]) -> None:
+    """A (dtype, mode) without a table takes the rules of another dtype in the same mode
+    (bfloat16, float32, float16 in that order), else of the same dtype in the other mode, else
+    any; said in one note (the backends' gates still apply)."""
+    order = [_TORCH_DTYPES[d] for d in ("bfloat16", "float32", "float16")]
+    reused = []
+    for mode in modes:
+        for dtype_name in DTYPES:
+            dtype = _TORCH_DTYPES[dtype_name]
+            if (dtype, mode) in routes:
+                continue
+            donor = (next(((d, mode) for d in order if (d, mode) in routes), None)
+                     or next((k for k in routes if k[0] == dtype), None) or next(iter(routes)))
+            routes[(dtype, mode)] = routes[donor]
+            reused.append(f"{dtype_name} {mode} <- {routes[donor].source}")
+    if reused:
+        notes.append("no table of their own, reusing another's rules: " + ", ".join(reused))

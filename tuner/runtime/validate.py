@@ -1,0 +1,262 @@
+"""Validation of a decoded thresholds.json document (schema version 1, see `schema`).
+
+Works on the decoded JSON (dicts and lists) so that `schema` builds its objects only from a
+document that passed; every error is one line naming the field and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["SCHEMA_VERSION", "DTYPES", "MODES", "TableError", "check_document"]
+
+SCHEMA_VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("eager", "graph")
+_TOP_FIELDS = ("schema_version", "generated_by", "tables")
+_TABLE_FIELDS = ("hardware_key", "world_size", "dtype", "mode", "rules", "max_size", "evidence")
+_RULE_REQUIRED = ("max_bytes", "algorithm")
+_RULE_OPTIONAL = ("params",)
+_EVIDENCE_REQUIRED = ("run_id", "points", "regret_vs_oracle", "gain_vs_nccl_geomean")
+_EVIDENCE_OPTIONAL = ("baseline", "run_ids", "buffer_bytes", "regret_max", "sizes", "weights",
+                      "rules_limit", "memory_budget", "source")
+
+
+class TableError(ValueError):
+    """A thresholds file that is not valid: one line naming the field."""
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else _kind(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _fail(where: str, expected: str, value: Any = dataclasses.MISSING) -> TableError:
+    got = "" if value is dataclasses.MISSING else f", got {_shown(value)}"
+    return TableError(f"{where}: expected {expected}{got}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _fields(obj: Any, where: str, required: Iterable[str], optional: Iterable[str] = ()) -> None:
+    if not isinstance(obj, dict):
+        raise _fail(where or "file", "an object", obj)
+    required, optional = tuple(required), tuple(optional)
+    for name in required:
+        if name not in obj:
+            raise TableError(f"{_join(where, name)}: missing (required field)")
+    for name in obj:
+        if name not in required and name not in optional:
+            allowed = ", ".join(required + optional)
+            raise TableError(f"{_join(where, name)}: unexpected field (allowed: {allowed})")
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _knobs_of(algorithm: str) -> Mapping[str, Any] | None:
+    """The algorithm's knob table, or None where its family does not import here."""
+    from bench.backends import get_spec
+
+    try:
+        return get_spec(algorithm).knobs
+    except KeyError:
+        return None
+
+
+def _node_device(hardware_key: str) -> str | None:
+    """cpu or cuda for keys `bench.run.hardware.hardware_key` writes; None for any other key."""
+    from bench.run.hardware import KEY_PATTERN, device_of_key
+
+    known = hardware_key.startswith("cpu-") or KEY_PATTERN.fullmatch(hardware_key)
+    return device_of_key(hardware_key) if known else None
+
+
+def _device_of(algorithm: str) -> str | None:
+    from bench.backends import get_spec
+
+    try:
+        return get_spec(algorithm).device
+    except KeyError:
+        return None
+
+
+def _check_hardware(table: dict, where: str) -> None:
+    """A table routes only to algorithms that run on the node its hardware_key names."""
+    node = _node_device(table["hardware_key"])
+    if node is None:
+        return
+    if node == "cpu" and table["mode"] == "graph":
+        raise TableError(f"{where}.mode: graph needs CUDA, but hardware_key "
+                         f"{table['hardware_key']!r} names a CPU node")
+    for i, rule in enumerate(table["rules"]):
+        device = _device_of(rule["algorithm"])
+        if device is not None and device != node:
+            raise TableError(f"{where}.rules[{i}].algorithm: {rule['algorithm']} runs on "
+                             f"{device}, but hardware_key {table['hardware_key']!r} names a "
+                             f"{node} node")
+
+
+def _rule(obj: Any, where: str, known: list[str]) -> None:
+    _fields(obj, where, _RULE_REQUIRED, _RULE_OPTIONAL)
+    max_bytes = obj["max_bytes"]
+    if max_bytes is not None and not (_is_int(max_bytes) and max_bytes > 0):
+        raise _fail(f"{where}.max_bytes", "an integer > 0 or null", max_bytes)
+    algorithm = obj["algorithm"]
+    if not isinstance(algorithm, str):
+        raise _fail(f"{where}.algorithm", "a string", algorithm)
+    if algorithm not in known:
+        raise _fail(f"{where}.algorithm", f"a known algorithm ({', '.join(known)})", algorithm)
+    params = obj.get("params", {})
+    if not isinstance(params, dict):
+        raise _fail(f"{where}.params", "an object of knob values", params)
+    knobs = _knobs_of(algorithm)
+    for knob, value in params.items():
+        if not isinstance(value, (str, int, float, bool)) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise _fail(f"{where}.params.{knob}", "a string, number or boolean", value)
+        if knobs is not None and knob not in knobs:
+            raise _fail(f"{where}.params.{knob}",
+                        f"a knob of {algorithm} ({', '.join(knobs) or 'it has none'})")
+
+
+def _evidence(obj: Any, where: str) -> None:
+    _fields(obj, where, _EVIDENCE_REQUIRED, _EVIDENCE_OPTIONAL)
+    checks = {
+        "run_id": (lambda v: isinstance(v, str), "a string"),
+        "points": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "regret_vs_oracle": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "gain_vs_nccl_geomean": (lambda v: v is None or (_is_number(v) and v > 0),
+                                 "a number > 0 or null"),
+        "baseline": (lambda v: isinstance(v, str), "a string"),
+        "run_ids": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+                    "a list of strings"),
+        "buffer_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "regret_max": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "sizes": (lambda v: isinstance(v, list) and len(v) == 2 and all(
+            _is_int(x) and x > 0 for x in v), "[smallest, largest] bytes"),
+        "weights": (lambda v: isinstance(v, str), "a string"),
+        "rules_limit": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+        "memory_budget": (lambda v: v is None or (_is_int(v) and v >= 0),
+                          "an integer >= 0 or null"),
+        "source": (lambda v: v in ("fit", "live"), '"fit" or "live"'),
+    }
+    for name, value in obj.items():
+        ok, expected = checks[name]
+        if not ok(value):
+            raise _fail(f"{where}.{name}", expected, value)
+
+
+def _table(obj: Any, where: str, known: list[str]) -> None:
+    _fields(obj, where, _TABLE_FIELDS)
+    if not isinstance(obj["hardware_key"], str) or not obj["hardware_key"]:
+        raise _fail(f"{where}.hardware_key", "a non-empty string", obj["hardware_key"])
+    if not (_is_int(obj["world_size"]) and obj["world_size"] >= 1):
+        raise _fail(f"{where}.world_size", "an integer >= 1", obj["world_size"])
+    if obj["dtype"] not in DTYPES:
+        raise _fail(f"{where}.dtype", f"one of {', '.join(DTYPES)}", obj["dtype"])
+    if obj["mode"] not in MODES:
+        raise _fail(f"{where}.mode", f"one of {', '.join(MODES)}", obj["mode"])
+    _rules(obj["rules"], where, known)
+    _max_size(obj["max_size"], obj["rules"], where)
+    _evidence(obj["evidence"], f"{where}.evidence")
+    _check_hardware(obj, where)
+
+
+def _rules(rules: Any, where: str, known: list[str]) -> None:
+    if not isinstance(rules, list) or not rules:
+        raise _fail(f"{where}.rules", "a non-empty list of rules", rules)
+    for i, rule in enumerate(rules):
+        _rule(rule, f"{where}.rules[{i}]", known)
+    for i, rule in enumerate(rules[:-1]):
+        if rule["max_bytes"] is None:
+            raise TableError(f"{where}.rules[{i}].max_bytes: null is only allowed in the last "
+                             "rule (the catch-all)")
+        after = rules[i + 1]["max_bytes"]
+        if after is not None and after <= rule["max_bytes"]:
+            raise TableError(f"{where}.rules[{i + 1}].max_bytes: expected more than "
+                             f"{rule['max_bytes']} (rules increase), got {after}")
+    if rules[-1]["max_bytes"] is not None:
+        raise TableError(f"{where}.rules[{len(rules) - 1}].max_bytes: expected null (the last "
+                         f"rule is the catch-all), got {rules[-1]['max_bytes']}")
+
+
+def _max_size(max_size: Any, rules: list[dict], where: str) -> None:
+    """An entry for every algorithm of the rules that holds a buffer, at least as large as the
+    largest size its rules route to it; none for algorithms the rules do not use."""
+    from bench.backends import needs_buffer
+
+    if not isinstance(max_size, dict):
+        raise _fail(f"{where}.max_size", "an object of algorithm: bytes", max_size)
+    used = {r["algorithm"] for r in rules}
+    for name, value in max_size.items():
+        if name not in used:
+            raise TableError(f"{where}.max_size.{name}: unexpected (no rule uses {name})")
+        if not (_is_int(value) and value > 0):
+            raise _fail(f"{where}.max_size.{name}", "an integer > 0", value)
+    for i, rule in enumerate(rules):
+        name, upper = rule["algorithm"], rule["max_bytes"]
+        if not needs_buffer(name):
+            continue
+        if name not in max_size:
+            raise TableError(f"{where}.max_size.{name}: missing (rules[{i}] uses {name}, which "
+                             "needs a buffer)")
+        if upper is not None and max_size[name] < upper:
+            raise TableError(f"{where}.max_size.{name}: expected >= {upper} "
+                             f"(rules[{i}].max_bytes), got {max_size[name]}")
+
+
+def check_document(obj: Any) -> None:
+    """Validate a decoded thresholds document; raises TableError naming the field."""
+    if not isinstance(obj, dict):
+        raise _fail("file", "a JSON object at the top level", obj)
+    if "schema_version" in obj and obj["schema_version"] != SCHEMA_VERSION:
+        raise _fail("schema_version", f"{SCHEMA_VERSION} (the only version this tuner reads)",
+                    obj["schema_version"])
+    _fields(obj, "", _TOP_FIELDS)
+    if not isinstance(obj["generated_by"], dict):
+        raise _fail("generated_by", "an object", obj["generated_by"])
+    if not isinstance(obj["tables"], list):
+        raise _fail("tables", "a list", obj["tables"])
+    from bench.backends import known_names
+
+    known = known_names()
+    seen: dict[tuple, int] = {}
+    for i, table in enumerate(obj["tables"]):
+        _table(table, f"tables[{i}]", known)
+        key = (table["hardware_key"], table["world_size"], table["dtype"], table["mode"])
+        if key in seen:
+            hw, ws, dtype, mode = key
+            raise TableError(f"tables[{i}]: duplicate of tables[{seen[key]}] "
+                             f"({hw}, world_size {ws}, {dtype}, {mode})")
+        seen[key] = i
