@@ -10,7 +10,8 @@ import optuna
 import pandas as pd
 
 from tuner.search.measure import Outcome
-from tuner.search.search import SearchOptions, search_group
+from tuner.search.options import SearchOptions
+from tuner.search.search import search_group
 from tuner.search.study import Space, enter_rows, measurements
 
 SIZES = [1 << k for k in range(10, 22, 2)]  # 1K .. 1M, six sizes

@@ -96,9 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "a search is judged against)")
     p.add_argument("--cache-backends", dest="cache_backends", default="6",
                    help="built backends kept alive at once")
-    from tuner.cli import _add_table_flags
+    from tuner.table.options import add_table_flags
 
-    _add_table_flags(p)
+    add_table_flags(p)
     return p
 
 
@@ -139,9 +139,9 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     output = Path(args.output)
     if output.parent and not output.parent.exists():
         raise UsageError(f"-o: folder {output.parent} does not exist")
-    from tuner.cli import _table_options
+    from tuner.table.options import table_options
 
-    table = _table_options(args)
+    table = table_options(args)
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
     opts = LiveOptions(
         output=str(output), study_db=study_db, patience=_int("--patience", args.patience),
@@ -227,7 +227,8 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     import optuna
 
     from bench.run.context import broadcast_object
-    from tuner.search.search import SearchOptions, search_group
+    from tuner.search.options import SearchOptions
+    from tuner.search.search import search_group
     from tuner.search.study import Space, measurements, storage_url
     from tuner.table.fit import fit_tables, print_fits
 
@@ -288,7 +289,7 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     print_fits(fits)
     thresholds.save(opts.output)
     if opts.pareto:
-        from tuner.cli import write_pareto
+        from tuner.table.options import write_pareto
 
         write_pareto(opts.pareto, fits)
     path = Path(opts.output)

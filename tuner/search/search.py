@@ -35,10 +35,7 @@ the second round on.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import statistics
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,186 +43,15 @@ import optuna
 from optuna.trial import TrialState
 
 from bench.backends import params_key
+from tuner.search.leaders import best_configs, confirmation_candidates, known_values, next_neighbour
 from tuner.search.measure import Outcome
-from tuner.search.study import Space, config_of, open_study, study_name
+from tuner.search.options import PointResult, SearchOptions
+from tuner.search.study import Space, open_study, study_name
 
-__all__ = ["MarginPruner", "SearchOptions", "PointResult", "search_point", "grid_point",
-           "search_group", "best_configs", "confirm_point", "confirmation_candidates"]
+__all__ = ["search_point", "grid_point", "confirm_point", "search_group", "Measure"]
 
 # measure(algorithm, params, nbytes, report) -> Outcome; report(step, median_us) -> prune?
 Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
-
-
-@dataclasses.dataclass
-class SearchOptions:
-    patience: int = 20
-    min_improvement: float = 0.01
-    max_trials: int | None = None  # measurements per size, confirmation included
-    budget_fraction: float | None = 0.25  # of the size's grid, confirmation included
-    confirm_top: int = 3  # distinct configurations re-measured side by side (<= 1: none)
-    confirm_rounds: int = 3
-    seed_algorithms: int = 2
-    climb_algorithms: int = 2
-    startup_trials: int = 4
-    prune_margin: float = 0.5
-    exhaustive: bool = False  # measure the whole grid instead of searching
-    seed: int = 0
-    run_id: str = "live"
-
-    def sampler(self, fixed: dict | None = None) -> optuna.samplers.BaseSampler:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            tpe = optuna.samplers.TPESampler(n_startup_trials=self.startup_trials,
-                                             seed=self.seed, multivariate=True, group=True)
-        return optuna.samplers.PartialFixedSampler(fixed, tpe) if fixed else tpe
-
-    def pruner(self) -> optuna.pruners.BasePruner:
-        return MarginPruner(self.prune_margin)
-
-    def budget(self, grid: int) -> int | None:
-        """Measurements allowed at a size with `grid` configurations (None: no limit)."""
-        limits = [self.max_trials] if self.max_trials is not None else []
-        if self.budget_fraction is not None:
-            limits.append(int(self.budget_fraction * grid))
-        return min(limits) if limits else None
-
-    def reserve(self) -> int:
-        """Measurements kept for the confirmation."""
-        return self.confirm_top * self.confirm_rounds if self.confirm_top > 1 else 0
-
-
-class MarginPruner(optuna.pruners.BasePruner):
-    """Prunes a trial whose median so far is more than `margin` slower than the best completed
-    trial's at the same step ("clearly slower"; the median pruner would also stop a
-    configuration 1 % behind, which the table builder may still want as a neighbour). Never
-    on the first `warmup_steps` rounds: on a busy CPU one round's median is too noisy."""
-
-    def __init__(self, margin: float = 0.5, warmup_steps: int = 1) -> None:
-        self.margin, self.warmup_steps = margin, warmup_steps
-
-    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step = trial.last_step
-        if step is None or step < self.warmup_steps:
-            return False
-        value = trial.intermediate_values[step]
-        best = None
-        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            ref = done.intermediate_values.get(step, done.value)
-            if ref is not None and (best is None or ref < best):
-                best = ref
-        return best is not None and value > best * (1 + self.margin)
-
-
-@dataclasses.dataclass
-class PointResult:
-    nbytes: int
-    grid: int  # configurations that exist at this size
-    measured: int  # new measurements (completed or pruned), confirmation included
-    pruned: int
-    asked: int
-    best: tuple[str, dict] | None
-    best_latency_us: float | None
-    confirmed: int = 0  # of `measured`: side-by-side re-measurements of the leaders
-    candidates: list | None = None  # [[algorithm, params, median_us, [latency_us...]], ...]
-
-
-def _known(study: optuna.Study) -> dict[tuple[str, str], float | None]:
-    """Configurations already tried in the study: value (completed) or None (pruned/failed)."""
-    known: dict[tuple[str, str], float | None] = {}
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
-            continue
-        if "algorithm" not in trial.params:
-            continue
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("status") not in (
-                "skip", "wrong"):
-            continue  # not measured (unavailable here, or an interrupted run): try again
-        algorithm, params = config_of(trial)
-        key = (algorithm, params_key(params))
-        value = trial.value if trial.state == TrialState.COMPLETE else None
-        if key not in known or (value is not None and (known[key] is None or value < known[key])):
-            known[key] = value
-    return known
-
-
-def best_configs(study: optuna.Study, available: Sequence[str]) -> list[tuple[str, dict, float]]:
-    """Each available algorithm's best completed configuration, fastest algorithm first (a
-    configuration measured more than once counts with the median of its measurements)."""
-    best: dict[str, tuple[str, dict, float]] = {}
-    for (algorithm, key), value in _medians(study).items():
-        if algorithm in available and (algorithm not in best or value < best[algorithm][2]):
-            best[algorithm] = (algorithm, json.loads(key), value)
-    return sorted(best.values(), key=lambda b: b[2])
-
-
-def _medians(study: optuna.Study) -> dict[tuple[str, str], float]:
-    """Median latency per configuration over its completed measurements."""
-    values: dict[tuple[str, str], list[float]] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "repeat_of" in trial.user_attrs or "algorithm" not in trial.params:
-            continue
-        algorithm, params = config_of(trial)
-        values.setdefault((algorithm, params_key(params)), []).append(trial.value)
-    return {key: statistics.median(v) for key, v in values.items()}
-
-
-def confirmation_candidates(study: optuna.Study, available: Sequence[str],
-                            top: int) -> list[tuple[str, dict]]:
-    """The `top` fastest distinct configurations by their first measurement (a confirmation
-    must not feed on itself), with the best of the second-fastest algorithm always among them
-    (the leaders are often near-identical variants of one algorithm)."""
-    first: dict[tuple[str, str], float] = {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if "repeat_of" in trial.user_attrs or "confirm" in trial.user_attrs:
-            continue
-        if "algorithm" not in trial.params:
-            continue
-        algorithm, params = config_of(trial)
-        key = (algorithm, params_key(params))
-        if algorithm in available and key not in first:
-            first[key] = trial.value
-    ranked = sorted(first, key=lambda k: first[k])
-    chosen = ranked[:top]
-    algorithms = list(dict.fromkeys(alg for alg, _ in ranked))
-    if top > 1 and len(algorithms) > 1 and algorithms[1] not in {a for a, _ in chosen}:
-        runner_up = next(k for k in ranked if k[0] == algorithms[1])
-        chosen = chosen[:top - 1] + [runner_up]
-    return [(alg, json.loads(key)) for alg, key in chosen]
-
-
-def neighbours(space: Space, available: Sequence[str], algorithm: str,
-               params: dict) -> list[tuple[str, dict]]:
-    """One step away: one knob moved to an adjacent value (knob values are ordered), or
-    another algorithm with the same knobs at the same values."""
-    out = []
-    for knob, values in space.knobs[algorithm].items():
-        if knob in space.fixed.get(algorithm, {}) or params.get(knob) not in values:
-            continue
-        index = values.index(params[knob])
-        for other in (index - 1, index + 1):
-            if 0 <= other < len(values):
-                out.append((algorithm, {**params, knob: values[other]}))
-    for other in available:
-        knobs = space.knobs.get(other, {})
-        if other != algorithm and set(knobs) == set(params) and all(
-                params[k] in v for k, v in knobs.items()):
-            out.append((other, dict(params)))
-    return out
-
-
-def _next_neighbour(space, available, known, climb: int) -> tuple[str, dict] | None:
-    """An unmeasured neighbour of the best configuration of each of the `climb` fastest
-    algorithms (a hill climb over the ordered knobs, proposed to the study by enqueueing)."""
-    best: dict[str, tuple[float, str]] = {}
-    for (algorithm, key), value in known.items():
-        if value is not None and algorithm in available and (
-                algorithm not in best or value < best[algorithm][0]):
-            best[algorithm] = (value, key)
-    for algorithm, (_, key) in sorted(best.items(), key=lambda b: b[1][0])[:climb]:
-        for candidate in neighbours(space, available, algorithm, json.loads(key)):
-            if (candidate[0], params_key(candidate[1])) not in known:
-                return candidate
-    return None
 
 
 def search_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
@@ -233,9 +59,9 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
                  options: SearchOptions) -> PointResult:
     """Seeds first, then a hill climb around the incumbents, then TPE exploration until
     `patience` explored trials bring no improvement."""
-    known = _known(study)
-    values = [v for (alg, _), v in known.items() if v is not None and alg in available]
-    best = min(values, default=None)
+    known = known_values(study)
+    best = min((v for (alg, _), v in known.items() if v is not None and alg in available),
+               default=None)
     for algorithm, params in seeds:
         if algorithm in available and (algorithm, params_key(params)) not in known:
             study.enqueue_trial(space.trial_params(algorithm, params))
@@ -244,14 +70,12 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
     budget = options.budget(len(grid))
     search_limit = None if budget is None else max(1, budget - options.reserve())
     streak = measured = pruned = asked = 0
-    while asked < 4 * len(grid) + 10:
+    while asked < 4 * len(grid) + 10 and not grid <= set(known):
         if search_limit is not None and measured >= search_limit:
-            break
-        if grid <= set(known):
             break
         exploring = False
         if pending_seeds <= 0:
-            step = _next_neighbour(space, available, known, options.climb_algorithms)
+            step = next_neighbour(space, available, known, options.climb_algorithms)
             if step is not None:
                 study.enqueue_trial(space.trial_params(*step))
             elif streak >= options.patience:
@@ -262,46 +86,66 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
         trial = study.ask()
         asked += 1
         algorithm, params = space.suggest(trial)
-        key = (algorithm, params_key(params))
-        if algorithm not in available:
-            trial.set_user_attr("reason", f"{algorithm} is not available here")
-            study.tell(trial, state=TrialState.FAIL)
+        if _answered(study, trial, algorithm, params, known, available):
             streak += exploring
             continue
-        if key in known:  # measured before: answer from the study, do not measure twice
-            trial.set_user_attr("repeat_of", params_key(params))
-            if known[key] is None:
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, known[key])
-            streak += exploring
-            continue
-
-        def report(step: int, median_us: float, _trial=trial) -> bool:
-            _trial.report(median_us, step)
-            return _trial.should_prune()
-
-        outcome = measure(algorithm, dict(params), nbytes, report)
-        _tell(study, trial, outcome, options.run_id)
-        known[key] = outcome.latency_us if outcome.status == "ok" else None
+        outcome = _measure_trial(study, trial, algorithm, params, nbytes, measure, options)
+        known[(algorithm, params_key(params))] = (
+            outcome.latency_us if outcome.status == "ok" else None)
         measured += outcome.status in ("ok", "pruned", "wrong")
         pruned += outcome.status == "pruned"
-        improved = False
+        improved = outcome.status == "ok" and (
+            best is None or outcome.latency_us < best * (1 - options.min_improvement))
         if outcome.status == "ok":
-            improved = best is None or outcome.latency_us < best * (1 - options.min_improvement)
             best = outcome.latency_us if best is None else min(best, outcome.latency_us)
         if exploring:
             streak = 0 if improved else streak + 1
     confirmed, candidates = confirm_point(study, space, available, measure, nbytes, options)
-    measured += confirmed
+    counts = {"grid": len(grid), "measured": measured + confirmed, "pruned": pruned,
+              "asked": asked}
+    return _point_result(study, available, nbytes, counts, confirmed, candidates)
+
+
+def _answered(study: optuna.Study, trial: optuna.Trial, algorithm: str, params: dict,
+              known: dict, available: Sequence[str]) -> bool:
+    """Finish a trial that needs no measurement: its algorithm cannot run here, or it was
+    measured before (answered from the study, never measured twice)."""
+    key = (algorithm, params_key(params))
+    if algorithm not in available:
+        trial.set_user_attr("reason", f"{algorithm} is not available here")
+        study.tell(trial, state=TrialState.FAIL)
+        return True
+    if key not in known:
+        return False
+    trial.set_user_attr("repeat_of", params_key(params))
+    if known[key] is None:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, known[key])
+    return True
+
+
+def _measure_trial(study: optuna.Study, trial: optuna.Trial, algorithm: str, params: dict,
+                   nbytes: int, measure: Measure, options: SearchOptions) -> Outcome:
+    def report(step: int, median_us: float) -> bool:
+        trial.report(median_us, step)
+        return trial.should_prune()
+
+    outcome = measure(algorithm, dict(params), nbytes, report)
+    _tell(study, trial, outcome, options.run_id)
+    return outcome
+
+
+def _point_result(study: optuna.Study, available: Sequence[str], nbytes: int, counts: dict,
+                  confirmed: int = 0, candidates: list | None = None) -> PointResult:
+    """The confirmed leader when there was a confirmation, else the study's best."""
     if candidates:
         algorithm, params, median_us, _ = candidates[0]
-        return PointResult(nbytes=nbytes, grid=len(grid), measured=measured, pruned=pruned,
-                           asked=asked, best=(algorithm, params), best_latency_us=median_us,
-                           confirmed=confirmed, candidates=candidates)
+        return PointResult(nbytes=nbytes, **counts, best=(algorithm, params),
+                           best_latency_us=median_us, confirmed=confirmed,
+                           candidates=candidates)
     found = best_configs(study, available)
-    return PointResult(nbytes=nbytes, grid=len(grid), measured=measured, pruned=pruned,
-                       asked=asked, best=(found[0][0], found[0][1]) if found else None,
+    return PointResult(nbytes=nbytes, **counts, best=(found[0][0], found[0][1]) if found else None,
                        best_latency_us=found[0][2] if found else None)
 
 
@@ -352,7 +196,7 @@ def confirm_point(study: optuna.Study, space: Space, available: Sequence[str],
 def grid_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
                nbytes: int, options: SearchOptions) -> PointResult:
     """Every configuration once, in order, never pruned (the grid the search is judged by)."""
-    known = _known(study)
+    known = known_values(study)
     measured = asked = 0
     for algorithm, params in space.configs(available):
         if (algorithm, params_key(params)) in known:
@@ -368,10 +212,9 @@ def grid_point(study: optuna.Study, space: Space, available: Sequence[str], meas
         outcome = measure(algorithm, dict(params), nbytes, lambda step, median_us: False)
         _tell(study, trial, outcome, options.run_id)
         measured += outcome.status in ("ok", "wrong")
-    found = best_configs(study, available)
-    return PointResult(nbytes=nbytes, grid=len(space.configs(available)), measured=measured,
-                       pruned=0, asked=asked, best=(found[0][0], found[0][1]) if found else None,
-                       best_latency_us=found[0][2] if found else None)
+    counts = {"grid": len(space.configs(available)), "measured": measured, "pruned": 0,
+              "asked": asked}
+    return _point_result(study, available, nbytes, counts)
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, run_id: str) -> None:

@@ -1,0 +1,94 @@
+"""The table-building flags shared by `tuner fit` and `tuner live`: the workload histogram,
+the rule limit and the memory budget, and the Pareto front they print."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from bench.launch.config import UsageError
+from bench.sizes import parse_size
+
+__all__ = ["add_table_flags", "table_options", "read_workload", "write_pareto"]
+
+
+def add_table_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", default=None, metavar="HIST.csv",
+                   help="message-size histogram (columns bytes,count) to weight the regret; "
+                        "default: uniform in log size")
+    p.add_argument("--max-rules", dest="max_rules", default="8", help="rules per table (>= 1)")
+    p.add_argument("--memory-budget", dest="memory_budget", default=None, metavar="BYTES",
+                   help="buffer memory a table may use (max_size x world size summed), e.g. 256M")
+    p.add_argument("--pareto", default=None, metavar="CSV",
+                   help="also write every table's Pareto front (memory vs regret) here")
+
+
+def _positive(flag: str, text: str) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _bytes_flag(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    if str(text).strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def read_workload(path: str) -> dict[int, float]:
+    """A histogram CSV with a header: bytes (1024, 4K, ...) and count (or weight)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--workload: {path} is not a file")
+    with open(file, newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        weight = "count" if "count" in fields else "weight" if "weight" in fields else None
+        if "bytes" not in fields or weight is None:
+            raise UsageError(f"--workload: {path}: expected columns bytes,count "
+                             f"(got {','.join(fields) or 'no header'})")
+        histogram: dict[int, float] = {}
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            try:
+                nbytes = parse_size(row["bytes"])
+                count = float(row[weight])
+            except (ValueError, KeyError):
+                raise UsageError(f"--workload: {path} line {line}: expected bytes,count, got "
+                                 f"{row.get('bytes')!r},{row.get(weight)!r}") from None
+            if count < 0 or count != count:
+                raise UsageError(f"--workload: {path} line {line}: count must be >= 0")
+            histogram[nbytes] = histogram.get(nbytes, 0.0) + count
+    if not histogram or sum(histogram.values()) <= 0:
+        raise UsageError(f"--workload: {path}: no positive count")
+    return histogram
+
+
+def table_options(args) -> dict:
+    return {"workload": read_workload(args.workload) if args.workload else None,
+            "max_rules": _positive("--max-rules", args.max_rules),
+            "memory_budget": _bytes_flag("--memory-budget", args.memory_budget)}
+
+
+def write_pareto(path: str, fits) -> None:
+    from tuner.table.fit import pareto_rows
+
+    rows = pareto_rows(fits)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["label"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
