@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench.extras import missing_dependency
 from bench.launch.config import UsageError
 from tuner.table.options import add_table_flags, table_options, write_pareto
 
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except UsageError as exc:
         print(f"tuner: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        hint = missing_dependency(exc)
+        if hint is None:
+            raise
+        print(f"tuner: error: {hint}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("tuner: interrupted", file=sys.stderr)

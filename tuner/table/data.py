@@ -15,6 +15,7 @@ from typing import Any
 
 from bench.analysis.results import RESULTS_FILE, SchemaError, read_meta, read_results
 from bench.backends import params_key
+from bench.run.hardware import device_of_key
 
 __all__ = ["RunsError", "find_run_dirs", "load_rows", "config_params",
            "GROUP", "device_of"]
@@ -49,7 +50,7 @@ def device_of(backend: str, hardware_key: str) -> str:
     spec = _spec(backend)
     if spec is not None:
         return spec.device
-    return "cpu" if hardware_key.startswith("cpu-") else "cuda"
+    return device_of_key(hardware_key)
 
 
 def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[Path]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bench.run.hardware import device_of_key
 from bench.sizes import format_size
 from tuner.runtime.schema import Table, Thresholds
 from tuner.table.builder import config_label
@@ -39,7 +40,7 @@ _CAPABILITY = (("gh200", "9.0"), ("h100", "9.0"), ("h200", "9.0"), ("h800", "9.0
 
 def capability_of(hardware_key: str) -> str:
     """'9.0' for an H100/H200 key; the hardware key itself for CPU or an unknown model."""
-    if hardware_key.startswith("cpu-"):
+    if device_of_key(hardware_key) == "cpu":
         return hardware_key
     for word, capability in _CAPABILITY:
         if word in hardware_key:

@@ -14,7 +14,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from bench.backends import params_key
+from bench.backends import floor_name, params_key
+from bench.run.hardware import device_of_key
 from bench.sizes import format_size
 from tuner.runtime.schema import Table, Thresholds
 from tuner.search.study import Point
@@ -50,11 +51,9 @@ def geomean(values: Sequence[float]) -> float | None:
 
 
 def baseline_for(hardware_key: str, algorithms: Sequence[str]) -> str:
-    """The plain default the gain is measured against: nccl on GPU, gloo on CPU."""
-    device = "cpu" if hardware_key.startswith("cpu-") else "cuda"
-    if algorithms:
-        device = device_of(algorithms[0], hardware_key)
-    return "gloo" if device == "cpu" else "nccl"
+    """The plain default the gain is measured against: the device's floor (nccl, gloo)."""
+    device = device_of(algorithms[0], hardware_key) if algorithms else device_of_key(hardware_key)
+    return floor_name(device)
 
 
 def _curves(sizes: list[int], by_size: Mapping[int, list[Point]]) -> list[Curve]:
