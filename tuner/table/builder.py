@@ -201,6 +201,35 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
                 memory_budget: int | None = None) -> Build:
     """The exact optimum (see the module docstring) and the Pareto front."""
     sizes = [int(s) for s in sizes]
+    weights = _checked_weights(sizes, curves, weights, max_rules)
+    n = len(sizes)
+    lat, oracle, true_cost, clear_cost = _prepare(sizes, curves)
+    if any(o == INF for o in oracle):
+        missing = [sizes[i] for i in range(n) if oracle[i] == INF]
+        raise BuildError(f"no configuration measured at {missing[0]} bytes")
+    buffered = [needs_buffer(c.algorithm) for c in curves]
+    best_of = _best_per_range(n, weights, true_cost, clear_cost, buffered)
+    finals = _pareto_states(sizes, world_size, best_of, buffered, max_rules, memory_budget)
+    if not finals:
+        budget = f" within {memory_budget} bytes of buffer" if memory_budget is not None else ""
+        raise BuildError(f"no table with at most {max_rules} rules{budget} covers every "
+                         "measured size (raise --max-rules or --memory-budget)")
+
+    def objective(item):
+        entry, used = item
+        return (round(entry.clear, 12), used, entry.true, entry.mem)
+
+    finals.sort(key=objective)
+    best_entry, _ = finals[0]
+    ranges = _ranges(best_entry)
+    front = _front(finals, curves, sizes, world_size)
+    return _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost,
+                     best_entry, front)
+
+
+def _checked_weights(sizes: list[int], curves: Sequence[Curve],
+                     weights: Sequence[float] | None, max_rules: int) -> list[float]:
+    """The inputs checked (one line each), and the weights normalised to sum 1."""
     if sorted(set(sizes)) != sizes:
         raise BuildError("sizes must be strictly increasing")
     if not sizes or not curves:
@@ -214,15 +243,15 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
     weights = list(weights) if weights is not None else log_uniform_weights(sizes)
     if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise BuildError(f"weights: expected {n} values >= 0 with a positive sum")
-    weights = [w / sum(weights) for w in weights]
-    lat, oracle, true_cost, clear_cost = _prepare(sizes, curves)
-    if any(o == INF for o in oracle):
-        missing = [sizes[i] for i in range(n) if oracle[i] == INF]
-        raise BuildError(f"no configuration measured at {missing[0]} bytes")
+    return [w / sum(weights) for w in weights]
 
-    # prefix sums of the weighted costs (unmeasured points counted apart), per configuration
-    pre_clear, pre_true, pre_missing = [], [], []
-    for k in range(len(curves)):
+
+def _best_per_range(n: int, weights: list[float], true_cost, clear_cost,
+                    buffered: list[bool]) -> dict[tuple[int, int], list[tuple[float, float, int]]]:
+    """Per range [start, stop) and buffer class, the cheapest configuration (clear cost, true
+    cost, index): any other of the same class costs the same memory and more regret."""
+    pre_clear, pre_true, pre_missing = [], [], []  # prefix sums; unmeasured points apart
+    for k in range(len(buffered)):
         pc, pt, pm = [0.0], [0.0], [0]
         for i in range(n):
             missing = true_cost[k][i] == INF
@@ -232,24 +261,26 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
         pre_clear.append(pc)
         pre_true.append(pt)
         pre_missing.append(pm)
-
-    # per range and buffer class, only the cheapest configuration can be part of an optimum:
-    # any other of the same class costs the same memory and more regret
-    buffered = [needs_buffer(c.algorithm) for c in curves]
     best_of: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
     for start in range(n):
         for stop in range(start + 1, n + 1):
             options: dict[bool, tuple[float, float, int]] = {}
-            for k in range(len(curves)):
+            for k in range(len(buffered)):
                 if pre_missing[k][stop] != pre_missing[k][start]:
                     continue  # not measured (nor fillable) somewhere in the range
                 cost = (pre_clear[k][stop] - pre_clear[k][start],
                         pre_true[k][stop] - pre_true[k][start], k)
                 if buffered[k] not in options or cost < options[buffered[k]]:
                     options[buffered[k]] = cost
-            best_of[(start, stop)] = [(c, t, k) for c, t, k in options.values()]
+            best_of[(start, stop)] = list(options.values())
+    return best_of
 
-    # states[j][rules used]: Pareto entries covering sizes j..n-1
+
+def _pareto_states(sizes: list[int], world_size: int, best_of, buffered: list[bool],
+                   max_rules: int, memory_budget: int | None) -> list[tuple[_Entry, int]]:
+    """The dynamic programme from the largest size down: states[j][rules used] holds the
+    Pareto entries covering sizes j..n-1; returns those covering every size."""
+    n = len(sizes)
     states: list[dict[int, list[_Entry]]] = [dict() for _ in range(n + 1)]
     states[n][0] = [_Entry(0, 0.0, 0.0, None, None, n, n)]
     for stop in range(n, 0, -1):
@@ -266,23 +297,7 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
                             continue
                         _insert(target, _Entry(mem, entry.clear + d_clear, entry.true + d_true,
                                                entry, k, start, stop))
-
-    finals = [(entry, used) for used, bucket in states[0].items() for entry in bucket]
-    if not finals:
-        budget = f" within {memory_budget} bytes of buffer" if memory_budget is not None else ""
-        raise BuildError(f"no table with at most {max_rules} rules{budget} covers every "
-                         "measured size (raise --max-rules or --memory-budget)")
-
-    def objective(item):
-        entry, used = item
-        return (round(entry.clear, 12), used, entry.true, entry.mem)
-
-    finals.sort(key=objective)
-    best_entry, _ = finals[0]
-    ranges = _ranges(best_entry)
-    front = _front(finals, curves, sizes, world_size)
-    return _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost,
-                     best_entry, front)
+    return [(entry, used) for used, bucket in states[0].items() for entry in bucket]
 
 
 def _ranges(entry: _Entry) -> list[tuple[int, int, int]]:
