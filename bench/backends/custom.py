@@ -171,21 +171,25 @@ class CustomAllReduce:
         return tensor
 
     def release(self) -> None:
-        """Wait for this rank's kernels, meet the peers (so no one still reads a buffer being
-        freed), drop the mappings. Idempotent; skips the meeting after a timeout."""
+        """Wait for this rank's kernels, close the peers' mappings, meet the peers (no one
+        still reads a buffer, no one still maps one), then free this rank's own buffer: owners
+        free last, so a normal run leaves no shared CUDA tensor behind. Idempotent; after a
+        timeout (a peer may be gone) the meeting is skipped."""
         if self._buffer is None:
             return
         try:
             torch.cuda.synchronize(self.device)
         except RuntimeError:
             pass
+        self._views.clear()
+        self._buffer.close_peers()
         if self._failure is None and self._status_np[0] == 0:
             try:
                 dist.barrier(group=self._cpu_group)
             except Exception:  # a peer is gone: nothing left to protect
                 pass
-        self._views.clear()
-        self._buffer.release()
+        self._own_flags = None  # a view of the own buffer: it would keep it alive
+        self._buffer.free_local()
         self._buffer = None
 
     # -- helpers --------------------------------------------------------------------------

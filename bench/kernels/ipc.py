@@ -52,8 +52,21 @@ class IpcBuffer:
         """Each rank's buffer address as seen from this process."""
         return [t.data_ptr() for t in self.tensors]
 
-    def release(self) -> None:
-        """Drop the peer mappings and this rank's buffer (the caller synchronises first)."""
+    def close_peers(self) -> None:
+        """Drop the mappings of the peers' buffers (first step of a release; the caller
+        synchronises first). Torch counts the mappings of an exported block: dropping ours
+        lets each owner free its buffer without "Producer process has been terminated before
+        all shared CUDA tensors released"."""
+        self.tensors = [self.local] if self.local is not None else []
+
+    def free_local(self) -> None:
+        """Free this rank's own buffer (second step: after every peer closed its mapping, a
+        barrier in between) and collect what torch kept for the handles it exported."""
         self.tensors = []
         self.local = None  # type: ignore[assignment]
         torch.cuda.ipc_collect()
+
+    def release(self) -> None:
+        """Both steps at once (no peer to wait for: a crashed group, or world size 1)."""
+        self.close_peers()
+        self.free_local()
