@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from bench.launch.config import UsageError
+from bench.launch.flags import int_flag
 from bench.sizes import parse_size
 
 __all__ = ["main", "build_parser", "read_workload"]
@@ -59,16 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(flag: str, text: str) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _bytes_flag(flag: str, text: str | None) -> int | None:
     if text is None:
         return None
@@ -111,7 +102,7 @@ def read_workload(path: str) -> dict[int, float]:
 
 def _table_options(args) -> dict:
     return {"workload": read_workload(args.workload) if args.workload else None,
-            "max_rules": _positive("--max-rules", args.max_rules),
+            "max_rules": int_flag("--max-rules", args.max_rules),
             "memory_budget": _bytes_flag("--memory-budget", args.memory_budget)}
 
 

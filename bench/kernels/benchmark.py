@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from bench.launch.config import DTYPE_ALIASES, DTYPES, UsageError
+from bench.launch.config import DTYPE_ALIASES, DTYPES
+from bench.launch.flags import UsageError, UsageParser
 from bench.sizes import format_size, parse_size
 
-__all__ = ["run_kernels", "parse_kernels_args", "CONFIGS", "profile_once"]
+__all__ = ["main", "run_kernels", "parse_kernels_args", "CONFIGS", "profile_once"]
 
 # (BLOCK elements per program, num_warps, eviction policy of the input loads)
 CONFIGS: tuple[tuple[int, int, str], ...] = (
@@ -31,6 +32,17 @@ CONFIGS: tuple[tuple[int, int, str], ...] = (
 CSV_COLUMNS = ("n_inputs", "bytes", "dtype", "variant", "config", "time_us",
                "counted_bytes", "effective_tbps", "ratio_to_copy", "copy_tbps", "max_abs_err")
 MIN_BYTES = 1 << 20
+
+
+def main(argv: list[str]) -> int:
+    """`bench kernels [--max-bytes 64M] [--inputs 2,4,8] [--dtype bfloat16] [--out CSV]`."""
+    p = UsageParser(prog="bench kernels",
+                    description="Own reduction kernels vs copy bandwidth (one GPU).")
+    p.add_argument("--max-bytes", "-e", dest="max_bytes", default="64M")
+    p.add_argument("--inputs", default="2,4,8", help="comma list of input counts")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=None, help="write a CSV of the figures here")
+    return run_kernels(p.parse_args(argv))
 
 
 def parse_kernels_args(args) -> tuple[int, list[int], str, Path | None]:

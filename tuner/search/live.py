@@ -1,6 +1,6 @@
 """`tuner live`: search the configuration space with real measurements, then write the tables.
 
-The ranks are launched once, through torchrun's launcher API (`bench.cli.launch`, or run under
+The ranks are launched once, through torchrun's launcher API (`bench.launch.launcher.launch`, or run under
 the user's own torchrun / srun). Rank 0 runs the Optuna studies (ask/tell, SQLite storage
 beside the output, default ``<output>.study.db``) and broadcasts each trial over the gloo group:
 (algorithm, knobs, dtype, mode, bytes, seed). Every rank builds that backend with those knobs
@@ -162,7 +162,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
 def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     """One rank (under the launcher, torchrun or srun)."""
 
-    from bench.run.worker import rank_session
+    from bench.run.session import rank_session
 
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         return _live(cfg, opts, watchdog, layout["local_rank"])
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, opts = parse_live(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return live_worker(cfg, opts)  # already one rank of the user's torchrun
-    from bench.cli import launch
+    from bench.launch.launcher import launch
 
     return launch(cfg, live_worker, (cfg, opts))
 
@@ -317,7 +317,7 @@ def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int =
     `path` (JSON). Used to judge a search against a grid without the grid's winner's curse."""
 
     from bench.run.context import make_context
-    from bench.run.worker import rank_session
+    from bench.run.session import rank_session
     from tuner.search.measure import BackendCache, TrialRunner
 
     with rank_session(cfg.timeout_s) as (_layout, watchdog):
