@@ -15,11 +15,11 @@ from bench.launch.flags import EXIT_USAGE, UsageError, UsageParser, run_command
 
 __all__ = ["main", "COMMANDS"]
 
-# name: (what it does, the module whose `main(argv)` runs it); `report` is below (its room,
-# bench/analysis, has no command module of its own yet)
-COMMANDS = {
+# name: (what it does, the module whose `main(argv)` runs it); `report` runs `_report` below,
+# as its room, bench/analysis, has no command module yet
+COMMANDS: dict[str, tuple[str, str | None]] = {
     "sweep": ("measure backends x sizes x dtypes x modes", "bench.launch.sweep"),
-    "report": ("nccl-tests-style table of a run", "bench.cli"),
+    "report": ("nccl-tests-style table of a run", None),
     "doctor": ("what this node offers, and why a backend cannot run", "bench.doctor.command"),
     "kernels": ("own reduction kernels vs copy bandwidth (one GPU)", "bench.kernels.benchmark"),
     "soak": ("soak the shm all-reduce: many verified calls, memory before and after",
@@ -61,10 +61,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in COMMANDS:
-        name, rest = argv[0], argv[1:]
-        if name == "report":
-            return _report(rest)
-        return importlib.import_module(COMMANDS[name][1]).main(rest)
+        module = COMMANDS[argv[0]][1]
+        run = importlib.import_module(module).main if module else _report
+        return run(argv[1:])
     parser = _parser()
     parser.parse_args(argv)  # --help prints the table; a bad name or flag raises UsageError
     parser.print_help()

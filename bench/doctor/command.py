@@ -21,7 +21,7 @@ from bench.doctor.ranks import (
 from bench.launch.config import SweepConfig, layout_from_args, resolve_device
 from bench.launch.flags import UsageParser
 
-__all__ = ["main", "doctor_config"]
+__all__ = ["main"]
 
 TIMEOUT_S = 120.0
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def doctor_config(args: argparse.Namespace) -> SweepConfig:
+def _config(args: argparse.Namespace) -> SweepConfig:
     """The doctor's flags as the config of a one-point sweep of every backend."""
     from bench import backends as registry
 
@@ -54,7 +54,7 @@ def doctor_config(args: argparse.Namespace) -> SweepConfig:
 def main(argv: list[str], fingerprint: Fingerprint = rank_fingerprint) -> int:
     """`fingerprint` is what each rank reports about itself (tests pass one that differs)."""
     args = _parser().parse_args(argv)
-    cfg = doctor_config(args)
+    cfg = _config(args)
     node = node_report(args.master_addr, cfg.master_port, cfg.node_rank)
     failure = None
     if cfg.world_size == 1 and cfg.nnodes == 1:

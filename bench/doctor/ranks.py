@@ -12,8 +12,8 @@ from typing import Any
 from bench.backends import CommContext
 from bench.launch.config import SweepConfig
 
-__all__ = ["rank_fingerprint", "compare_fingerprints", "check_backend", "ranks_report",
-           "ranks_in_process", "ranks_launched", "COMPARED", "CHECK_BYTES", "Fingerprint"]
+__all__ = ["rank_fingerprint", "compare_fingerprints", "ranks_in_process", "ranks_launched",
+           "COMPARED", "CHECK_BYTES", "Fingerprint"]
 
 CHECK_BYTES = 4096
 # fingerprint fields that must be equal on every rank of one sweep
@@ -61,7 +61,7 @@ def compare_fingerprints(fps: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def check_backend(name: str, cfg: SweepConfig, ctx: CommContext) -> dict[str, Any]:
+def _check_backend(name: str, cfg: SweepConfig, ctx: CommContext) -> dict[str, Any]:
     """Probe and create as a sweep does, then one verified all-reduce; agreed on all ranks."""
     from bench.run.session import create_backend
 
@@ -112,7 +112,7 @@ def _checked_sum(backend, ctx: CommContext) -> tuple[str, str | None]:
     return "ok", None
 
 
-def ranks_report(cfg: SweepConfig, layout: dict[str, int], watchdog,
+def _ranks_report(cfg: SweepConfig, layout: dict[str, int], watchdog,
                  fingerprint: Fingerprint = rank_fingerprint) -> dict[str, Any]:
     """Runs on every rank inside an initialised gloo world group: fingerprints all-gathered
     and compared, every backend's verdict agreed."""
@@ -127,7 +127,7 @@ def ranks_report(cfg: SweepConfig, layout: dict[str, int], watchdog,
     results = []
     for name in registry.known_names():
         watchdog.beat(f"doctor {name}")
-        results.append(check_backend(name, cfg, ctx))
+        results.append(_check_backend(name, cfg, ctx))
     return {"world_size": ctx.world_size, "hosts": ctx.nnodes, "device": str(ctx.device),
             "fingerprints": fps, "differences": compare_fingerprints(fps), "backends": results}
 
@@ -138,7 +138,7 @@ def _rank_main(cfg: SweepConfig, fingerprint: Fingerprint, alone: bool = False
     from bench.run.session import rank_session
 
     with rank_session(cfg.timeout_s, alone=alone) as (layout, watchdog):
-        return ranks_report(cfg, layout, watchdog, fingerprint)
+        return _ranks_report(cfg, layout, watchdog, fingerprint)
 
 
 def ranks_in_process(cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint

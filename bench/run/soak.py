@@ -17,7 +17,7 @@ import platform
 import time
 from pathlib import Path
 
-__all__ = ["main", "soak_rank", "soak_report"]
+__all__ = ["main"]
 
 ALGORITHMS = ("shm_one_shot", "shm_two_shot")
 SIZES_BYTES = (4, 252, 4096, 4100, 32768, 131072, 1 << 20)
@@ -93,7 +93,7 @@ class _Soak:
                                     f"{expected.numel()} elements")
 
 
-def soak_rank(cfg, iters: int, out: str | None) -> int:
+def _soak_rank(cfg, iters: int, out: str | None) -> int:
     """One launched rank: set up, warm up, soak, then rank 0 prints (and writes) the report."""
     import torch
     import torch.distributed as dist
@@ -132,7 +132,7 @@ def soak_rank(cfg, iters: int, out: str | None) -> int:
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, mine)
         if ctx.rank == 0:
-            text = soak_report(gathered, iters, ctx.world_size)
+            text = _report(gathered, iters, ctx.world_size)
             print(text)
             if out:
                 Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def soak_rank(cfg, iters: int, out: str | None) -> int:
         return 1 if sum(sum(r["errors"].values()) for r in gathered) else 0
 
 
-def soak_report(ranks: list[dict], iters: int, world_size: int) -> str:
+def _report(ranks: list[dict], iters: int, world_size: int) -> str:
     """The markdown report of every rank's figures."""
     import torch
 
@@ -197,4 +197,4 @@ def main(argv: list[str]) -> int:
                       modes=["eager"], device="cpu",
                       timeout_s=seconds_flag("--timeout", args.timeout), quiet=True)
     iters = int_flag("--iters", args.iters)
-    return launch(cfg, soak_rank, (cfg, iters, args.out))
+    return launch(cfg, _soak_rank, (cfg, iters, args.out))
