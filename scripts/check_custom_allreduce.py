@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -270,9 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     # every module loaded when the context starts: a lazy load in one rank while its peers'
     # kernels spin on the same GPU was seen to stall it past the spin budget under MPS
     os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from bench.launch.launcher import free_port
+
+    port = free_port("127.0.0.1")
     if args.out is None:
         args.out = f"/tmp/check-custom-ws{args.world_size}.json"
     ctx = mp.get_context("spawn")

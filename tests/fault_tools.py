@@ -23,12 +23,43 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+# a process of its own host: its own hostname (UTS namespace), and a private /etc/hosts (mount
+# namespace) where the simulated hosts resolve to loopback, as a cluster's DNS would resolve them
+OWN_HOST = """f=$(mktemp) && cat /etc/hosts > "$f" && echo "127.0.0.1 $1" >> "$f" &&
+mount --bind "$f" /etc/hosts && rm -f "$f" && hostname "$0" && shift && exec "$@" """
+
+
 def start(program: str, *args: object, extra_env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> subprocess.Popen:
+          cwd: Path | None = None, hostname: str | None = None,
+          known_hosts: tuple[str, ...] = ()) -> subprocess.Popen:
+    """The CLI in a process of its own; with `hostname`, on a simulated host of that name where
+    `known_hosts` resolve to loopback (see `own_host_reason`)."""
     module = {"bench": "bench.cli", "tuner": "tuner.cli"}[program]
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], env=env(extra_env),
-                            cwd=cwd or REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    if hostname is not None:
+        cmd = own_host_command(hostname, known_hosts, cmd)
+    return subprocess.Popen(cmd, env=env(extra_env), cwd=cwd or REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def own_host_command(hostname: str, known_hosts: tuple[str, ...], cmd: list[str]) -> list[str]:
+    return ["unshare", "--uts", "--mount", "sh", "-c", OWN_HOST, hostname,
+            " ".join((hostname, *known_hosts)), *cmd]
+
+
+def own_host_reason() -> str | None:
+    """None when `unshare --uts --mount` can give a process its own hostname and /etc/hosts
+    here (it needs root), else why not."""
+    probe = own_host_command("aat-probe", ("aat-peer",),
+                             ["sh", "-c", "hostname && getent hosts aat-peer"])
+    try:
+        proc = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unshare --uts --mount cannot run: {exc}"
+    if proc.returncode != 0 or not proc.stdout.startswith("aat-probe\n127.0.0.1"):
+        return ("unshare --uts --mount cannot give a process its own hostname and /etc/hosts "
+                f"here: {(proc.stderr or proc.stdout).strip()[:200]}")
+    return None
 
 
 def _ppid(pid: int) -> int | None:

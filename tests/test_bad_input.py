@@ -169,6 +169,9 @@ BENCH = [
          "--master-port"),
     Case("doctor-device", "bench", fixed("doctor", "--device", "tpu"), "--device"),
     Case("command-unknown", "bench", fixed("sweeep"), "sweeep"),
+    Case("soak-iters-zero", "bench", fixed("soak", "--iters", "0"), "--iters"),
+    Case("soak-one-rank", "bench", fixed("soak", "--world-size", "1"), "--world-size"),
+    Case("soak-timeout-word", "bench", fixed("soak", "--timeout", "soon"), "--timeout"),
     Case("report-no-dir", "bench", fixed("report"), "run_dir"),
 ]
 if not torch.cuda.is_available():

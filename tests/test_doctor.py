@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bench.cli import main
-from bench.doctor.checks import check_rendezvous, compare_fingerprints
+from bench.doctor import check_rendezvous, compare_fingerprints
 
 
 def test_doctor_reports_the_node_and_every_backend(capsys):
@@ -62,10 +65,12 @@ def test_fingerprint_differences_name_field_values_and_ranks():
 
 
 @pytest.mark.slow
-def test_doctor_across_ranks_flags_a_rank_that_differs(run_cli):
-    fake = json.dumps({"1": {"torch": "0.0.0-other", "driver": "999.1"}})
-    proc = run_cli("bench", "doctor", "--world-size", "2", "--device", "cpu",
-                   env={"ALLREDUCE_AUTOTUNE_DOCTOR_FAKE": fake}, timeout=180)
+def test_doctor_across_ranks_flags_a_rank_that_differs(subprocess_env):
+    # the doctor's command, its ranks launched as `bench doctor --world-size 2` does, with
+    # rank 1's fingerprint made to differ through the command's `fingerprint` argument
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("doctor_differ.py")),
+                           "--world-size", "2", "--device", "cpu"], capture_output=True,
+                          text=True, timeout=180, env=subprocess_env())
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "## ranks: 2 on 1 host(s)" in proc.stdout
     assert "RANKS DIFFER" in proc.stdout
@@ -73,3 +78,11 @@ def test_doctor_across_ranks_flags_a_rank_that_differs(run_cli):
         in proc.stdout
     shm = next(line for line in proc.stdout.splitlines() if line.startswith("  shm_one_shot"))
     assert " ok" in shm  # probed, created and checked with both ranks
+
+
+@pytest.mark.slow
+def test_doctor_across_ranks_that_agree_exits_0(run_cli):
+    proc = run_cli("bench", "doctor", "--world-size", "2", "--device", "cpu", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "## ranks: 2 on 1 host(s)" in proc.stdout and "every rank agrees on" in proc.stdout
+    assert "RANKS DIFFER" not in proc.stdout

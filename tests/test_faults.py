@@ -42,7 +42,7 @@ POINTS = 2 * 9
 @pytest.fixture(scope="module")
 def reference() -> set[tuple]:
     """The point keys an uninterrupted sweep with SWEEP writes: one row per planned point."""
-    from bench.cli import parse_sweep_config
+    from bench.launch.config import parse_sweep_config
     from bench.run.worker import point_plan
 
     cfg = parse_sweep_config(SWEEP)

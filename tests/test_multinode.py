@@ -1,7 +1,9 @@
 """Two `bench sweep` launches on loopback acting as two nodes (torchrun's c10d rendezvous).
 
-`ALLREDUCE_AUTOTUNE_HOST_ID` gives each launch its own host identity, so the ranks span two
-"hosts": the table records nnodes 2 and the one-host backends (shm) skip with that reason.
+Each launch runs on a simulated host of its own (`unshare --uts --mount`: its own hostname, and
+an /etc/hosts where both names resolve to loopback), so its ranks have their own host id
+(hostname and boot id) and the ranks span two "hosts": the table records nnodes 2 and the
+one-host backends (shm) skip with that reason.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import json
 import socket
 
 import pytest
-from fault_tools import start
+from fault_tools import own_host_reason, start
 
-pytestmark = pytest.mark.slow
+OWN_HOST_REASON = own_host_reason()
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(OWN_HOST_REASON is not None, reason=str(OWN_HOST_REASON))]
 
 
 def _free_port() -> int:
@@ -28,8 +32,8 @@ def test_two_nodes_on_loopback_make_one_table(tmp_path):
     common = ["sweep", "--world-size", "4", "--nnodes", "2", "--master-addr", "127.0.0.1",
               "--master-port", port, "--backends", "gloo,shm_one_shot", "-b", "1K", "-e", "4K",
               "--dtypes", "float32", "-n", "3", "-w", "1", "--timeout", "60", "--out", out, "-q"]
-    nodes = [start("bench", *common, "--node-rank", rank,
-                   extra_env={"ALLREDUCE_AUTOTUNE_HOST_ID": f"loopback-node-{rank}"})
+    hosts = ("loopback-node-0", "loopback-node-1")
+    nodes = [start("bench", *common, "--node-rank", rank, hostname=hosts[rank], known_hosts=hosts)
              for rank in (0, 1)]
     finished = [node.communicate(timeout=240) for node in nodes]
     for node, (_, stderr) in zip(nodes, finished, strict=True):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from bench.backends import CommContext, get_spec
-from bench.backends.shm_segment import NAME_PREFIX, SHM_DIR, supported_isa
+from bench.backends.shm_segment import NAME_PREFIX, SHM_DIR, Segment, supported_isa
 from bench.run.inputs import check_result, fill_input
 
 pytestmark = pytest.mark.skipif(not supported_isa() or not os.path.isdir(SHM_DIR),
@@ -195,16 +195,19 @@ def test_nothing_left_in_dev_shm_after_sigkill(tmp_path):
 
 
 def test_segment_is_private_to_the_user():
-    import _posixshmem
-
-    from bench.backends.shm_segment import _create
-
-    name = f"/{NAME_PREFIX}mode-{uuid.uuid4().hex[:8]}"
-    assert _create(name, 8192) is None
+    """The segment's file is created 0600; its name is unlinked as soon as every rank has
+    attached, so the mode is read through this process's own mapping of it."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        mode = os.stat(os.path.join(SHM_DIR, name[1:])).st_mode & 0o777
+        segment = Segment.open(dist.group.WORLD, 0, 1, 8192, label=f"mode-{uuid.uuid4().hex[:8]}")
+        try:
+            (span,) = [line.split()[0] for line in Path("/proc/self/maps").read_text().splitlines()
+                       if segment.name[1:] in line]
+            mode = os.stat(f"/proc/self/map_files/{span}").st_mode & 0o777
+        finally:
+            segment.close()
     finally:
-        _posixshmem.shm_unlink(name)
+        dist.destroy_process_group()
     assert mode == 0o600
 
 

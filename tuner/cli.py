@@ -10,23 +10,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.extras import missing_dependency
-from bench.launch.config import UsageError
+from bench.launch.flags import EXIT_USAGE, UsageError, UsageParser, run_command
 from tuner.table.options import add_table_flags, table_options, write_pareto
 
 __all__ = ["main", "build_parser"]
 
-EXIT_USAGE = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tuner", description="Decide: thresholds.json from measurements.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = UsageParser(prog="tuner", description="Decide: thresholds.json from measurements.")
+    sub = parser.add_subparsers(dest="command", parser_class=UsageParser)
     fit = sub.add_parser("fit", help="fit tables from sweep runs (rows enter an Optuna study)")
     fit.add_argument("runs", nargs="+", metavar="RUN_DIR",
                      help="run directories, or folders holding them")
@@ -135,35 +128,27 @@ def _cmd_export(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        if argv[:1] == ["live"]:
-            from tuner.search.live import main as live_main
+    return run_command("tuner", lambda: _dispatch(argv))
 
-            return live_main(argv[1:])
-        args = build_parser().parse_args(argv)
+
+def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ["live"]:
+        from tuner.search.live import main as live_main
+
+        return live_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
         if args.command == "fit":
             return _cmd_fit(args, argv)
         if args.command == "show":
             return _cmd_show(args)
         if args.command == "export":
             return _cmd_export(args)
-        build_parser().print_help()
-        return EXIT_USAGE
-    except UsageError as exc:
-        print(f"tuner: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModuleNotFoundError as exc:
-        hint = missing_dependency(exc)
-        if hint is None:
-            raise
-        print(f"tuner: error: {hint}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("tuner: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # `tuner show T.json | head`
         sys.stderr.close()
         return 0
+    build_parser().print_help()
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

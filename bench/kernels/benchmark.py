@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from bench.launch.config import DTYPE_ALIASES, DTYPES, UsageError
+from bench.launch.config import DTYPE_ALIASES, DTYPES
+from bench.launch.flags import UsageError, UsageParser
 from bench.sizes import format_size, parse_size
 
-__all__ = ["run_kernels", "parse_kernels_args", "CONFIGS", "profile_once"]
+__all__ = ["main", "CONFIGS", "profile_once"]
 
 # (BLOCK elements per program, num_warps, eviction policy of the input loads)
 CONFIGS: tuple[tuple[int, int, str], ...] = (
@@ -33,7 +34,18 @@ CSV_COLUMNS = ("n_inputs", "bytes", "dtype", "variant", "config", "time_us",
 MIN_BYTES = 1 << 20
 
 
-def parse_kernels_args(args) -> tuple[int, list[int], str, Path | None]:
+def main(argv: list[str]) -> int:
+    """`bench kernels [--max-bytes 64M] [--inputs 2,4,8] [--dtype bfloat16] [--out CSV]`."""
+    p = UsageParser(prog="bench kernels",
+                    description="Own reduction kernels vs copy bandwidth (one GPU).")
+    p.add_argument("--max-bytes", "-e", dest="max_bytes", default="64M")
+    p.add_argument("--inputs", default="2,4,8", help="comma list of input counts")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--out", default=None, help="write a CSV of the figures here")
+    return _run(p.parse_args(argv))
+
+
+def _parse_args(args) -> tuple[int, list[int], str, Path | None]:
     """(max_bytes, input counts, dtype name, csv path); UsageError naming the flag."""
     try:
         max_bytes = parse_size(args.max_bytes)
@@ -87,8 +99,8 @@ def _torch_variants(xs: torch.Tensor, parts: list[torch.Tensor], out: torch.Tens
     return {"torch_sum0": sum0, "torch_add_": chained_add, "torch_stack_sum": stack_sum}
 
 
-def run_kernels(args) -> int:
-    max_bytes, inputs, dtype_name, out_path = parse_kernels_args(args)
+def _run(args) -> int:
+    max_bytes, inputs, dtype_name, out_path = _parse_args(args)
     if not torch.cuda.is_available():
         raise UsageError("kernels: needs a CUDA device (none is visible here)")
     device = torch.device("cuda", torch.cuda.current_device())

@@ -1,5 +1,6 @@
 """`bench sweep` arguments: one table of flags, parsed and checked against each other
-before any rank starts. Bad input raises `UsageError` with one line naming the flag."""
+before any rank starts. Bad input raises `UsageError` with one line naming the flag.
+`UsageError` is defined in `bench.launch.flags`, with the other command-line plumbing."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from bench.launch.flags import UsageError, UsageParser, int_flag, seconds_flag
 from bench.sizes import parse_size, size_range
 
-__all__ = ["SweepConfig", "UsageError", "add_sweep_arguments", "config_from_args", "DTYPES"]
+__all__ = ["SweepConfig", "UsageError", "add_sweep_arguments", "config_from_args",
+           "parse_sweep_config", "layout_from_args", "resolve_device", "DTYPES", "DTYPE_ALIASES"]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -22,10 +25,6 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
                  "float": "float32"}
 MODES = ("eager", "graph")
-
-
-class UsageError(ValueError):
-    """Bad command-line input: one line, names the flag; the CLI exits 2."""
 
 
 @dataclasses.dataclass
@@ -57,16 +56,6 @@ class SweepConfig:
     @classmethod
     def from_json(cls, data: dict) -> SweepConfig:
         return cls(**data)
-
-
-def _positive_int(flag: str, value: str, minimum: int = 1) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {value!r}") from None
-    if number < minimum:
-        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {value!r}")
-    return number
 
 
 def _split(value: str) -> list[str]:
@@ -130,13 +119,53 @@ def _parse_param(text: str, known: list[str]) -> tuple[str, str, object]:
     return backend, knob, value
 
 
+def parse_sweep_config(argv: list[str] | None = None) -> SweepConfig:
+    """`bench sweep` flags (also `python -m bench.run.worker`'s) -> a checked SweepConfig."""
+    parser = UsageParser(prog="bench sweep")
+    add_sweep_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """Check every flag and their combination; raise UsageError naming the first bad one."""
     from bench import backends as registry
 
-    world_size = _positive_int("--world-size", args.world_size)
-    nnodes = _positive_int("--nnodes", args.nnodes)
-    node_rank = _positive_int("--node-rank", args.node_rank, minimum=0)
+    world_size, nnodes, node_rank, master_port = layout_from_args(args)
+    known = registry.known_names()
+    backends = _backends(args.backends, known)
+    sizes = _sizes(args)
+    dtypes = [DTYPE_ALIASES.get(d, d) for d in _split(args.dtypes)]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad or not dtypes:
+        raise UsageError(f"--dtypes: unknown {','.join(bad) or '(empty)'} "
+                         f"(accepted: {', '.join(DTYPES)})")
+    device = resolve_device(args.device)
+    modes = _split(args.modes) if args.modes else (["eager", "graph"] if device == "cuda"
+                                                   else ["eager"])
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UsageError(f"--modes: unknown {','.join(bad) or '(empty)'} (accepted: eager, graph)")
+    iters = int_flag("--iters", args.iters)
+    warmup = int_flag("--warmup", args.warmup, minimum=0)
+    graph_calls = int_flag("--graph-calls", args.graph_calls)
+    timeout_s = seconds_flag("--timeout", args.timeout)
+    params = _params(args.param, known)
+    out, resume = _run_dir(args, node_rank)
+    return SweepConfig(
+        world_size=world_size, backends=backends, sizes=sizes, dtypes=dtypes, modes=modes,
+        device=device, iters=iters, warmup=warmup, timeout_s=timeout_s, out=out, resume=resume,
+        graph_calls=graph_calls, l2_flush=bool(args.l2_flush), nnodes=nnodes,
+        node_rank=node_rank, master_addr=args.master_addr, master_port=master_port,
+        params=params, quiet=bool(args.quiet),
+    )
+
+
+def layout_from_args(args: argparse.Namespace) -> tuple[int, int, int, int | None]:
+    """(world size, nnodes, node rank, master port or None) from the flags of that name,
+    checked against each other (`bench sweep` and `bench doctor` share them)."""
+    world_size = int_flag("--world-size", args.world_size)
+    nnodes = int_flag("--nnodes", args.nnodes)
+    node_rank = int_flag("--node-rank", args.node_rank, minimum=0)
     if node_rank >= nnodes:
         raise UsageError(f"--node-rank: expected 0..{nnodes - 1} for --nnodes {nnodes}, "
                          f"got {node_rank}")
@@ -145,22 +174,24 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
                          f"--nnodes {nnodes}")
     master_port = None
     if args.master_port is not None:
-        master_port = _positive_int("--master-port", args.master_port)
-        if master_port > 65535:
-            raise UsageError(f"--master-port: expected 1..65535, got {args.master_port}")
+        master_port = int_flag("--master-port", args.master_port, 1, 65535)
     if nnodes > 1 and master_port is None:
         raise UsageError("--master-port: required with --nnodes > 1")
+    return world_size, nnodes, node_rank, master_port
 
-    known = registry.known_names()
-    if args.backends.strip() == "all":
-        backends = known
-    else:
-        backends = _split(args.backends)
-        unknown = [b for b in backends if b not in known]
-        if unknown or not backends:
-            raise UsageError(f"--backends: unknown {','.join(unknown) or '(empty)'} "
-                             f"(known: all, {', '.join(known)})")
 
+def _backends(text: str, known: list[str]) -> list[str]:
+    if text.strip() == "all":
+        return known
+    backends = _split(text)
+    unknown = [b for b in backends if b not in known]
+    if unknown or not backends:
+        raise UsageError(f"--backends: unknown {','.join(unknown) or '(empty)'} "
+                         f"(known: all, {', '.join(known)})")
+    return backends
+
+
+def _sizes(args: argparse.Namespace) -> list[int]:
     try:
         min_bytes = parse_size(args.min_bytes)
     except ValueError as exc:
@@ -169,36 +200,19 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         max_bytes = parse_size(args.max_bytes)
     except ValueError as exc:
         raise UsageError(f"--max-bytes: {exc}") from None
-    factor = _positive_int("--factor", args.factor, minimum=2)
+    factor = int_flag("--factor", args.factor, minimum=2)
     if min_bytes > max_bytes:
         raise UsageError(f"--min-bytes: {args.min_bytes} is larger than --max-bytes "
                          f"{args.max_bytes}")
+    return size_range(min_bytes, max_bytes, factor)
 
-    dtypes = [DTYPE_ALIASES.get(d, d) for d in _split(args.dtypes)]
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad or not dtypes:
-        raise UsageError(f"--dtypes: unknown {','.join(bad) or '(empty)'} "
-                         f"(accepted: {', '.join(DTYPES)})")
 
-    device = resolve_device(args.device)
-    modes = _split(args.modes) if args.modes else (["eager", "graph"] if device == "cuda"
-                                                   else ["eager"])
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
-        raise UsageError(f"--modes: unknown {','.join(bad) or '(empty)'} (accepted: eager, graph)")
-
-    iters = _positive_int("--iters", args.iters)
-    warmup = _positive_int("--warmup", args.warmup, minimum=0)
-    graph_calls = _positive_int("--graph-calls", args.graph_calls)
-    try:
-        timeout_s = float(args.timeout)
-    except ValueError:
-        raise UsageError(f"--timeout: expected seconds > 0, got {args.timeout!r}") from None
-    if not timeout_s > 0:
-        raise UsageError(f"--timeout: expected seconds > 0, got {args.timeout!r}")
+def _params(texts: list[str], known: list[str]) -> dict[str, dict]:
+    """--param BACKEND.KNOB=VALUE flags -> {backend: {knob: value}}, checked by each spec."""
+    from bench import backends as registry
 
     params: dict[str, dict] = {}
-    for text in args.param:
+    for text in texts:
         backend, knob, value = _parse_param(text, known)
         params.setdefault(backend, {})[knob] = value
     for backend, values in params.items():
@@ -209,7 +223,11 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         reason = spec.check_params(values)
         if reason:
             raise UsageError(f"--param: {reason}")
+    return params
 
+
+def _run_dir(args: argparse.Namespace, node_rank: int) -> tuple[str | None, bool]:
+    """(--out or --resume directory, resume?) once it is known to be usable."""
     out, resume = args.out, False
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
@@ -225,15 +243,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
                 (Path(out) / "results.csv").stat().st_size > 0:
             raise UsageError(f"--out: {out} already holds a run (results.csv); continue it "
                              f"with --resume {out}, or pick another --out")
-
-    return SweepConfig(
-        world_size=world_size, backends=backends, sizes=size_range(min_bytes, max_bytes, factor),
-        dtypes=dtypes, modes=modes, device=device, iters=iters, warmup=warmup,
-        timeout_s=timeout_s, out=out, resume=resume, graph_calls=graph_calls,
-        l2_flush=bool(args.l2_flush), nnodes=nnodes, node_rank=node_rank,
-        master_addr=args.master_addr, master_port=master_port, params=params,
-        quiet=bool(args.quiet),
-    )
+    return out, resume
 
 
 def _check_run_dir(path: Path, flag: str) -> None:

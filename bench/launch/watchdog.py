@@ -12,7 +12,7 @@ import time
 
 import torch.distributed as dist
 
-from bench.run.context import host_identity
+from bench.run.hardware import host_id
 
 __all__ = ["Watchdog", "EXIT_WATCHDOG"]
 
@@ -53,7 +53,7 @@ class Watchdog:
         self._store = dist.PrefixStore(f"bench-heartbeat/{tag}", store)
         self._world_size = world_size
         self._store.set(f"at/{self.rank}", self.where)
-        self._store.set(f"pid/{self.rank}", f"{host_identity()}|{os.getpid()}")
+        self._store.set(f"pid/{self.rank}", f"{host_id()}|{os.getpid()}")
         threading.Thread(target=self._heartbeat, daemon=True,
                          name=f"bench-hb-r{self.rank}").start()
 
@@ -125,7 +125,7 @@ def _describe(silent: dict[int, tuple[str, str]]) -> str:
 def _kill_local(peers) -> None:
     """SIGKILL silent peers on this host: a stopped rank ignores the launcher's SIGTERM, and
     torch's process context would wait 30 s before its own SIGKILL."""
-    here = host_identity()
+    here = host_id()
     for _, ident in peers:
         host, _, pid = ident.rpartition("|")
         if host == here and pid.isdigit():

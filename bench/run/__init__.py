@@ -1,5 +1,6 @@
-"""One rank's side of a sweep: the group context and backend building (`context`), the
-fingerprint (`hardware`), known inputs and their check (`inputs`), the clocks (`timing`), one
-checked and timed point (`point`) and the sweep loop (`worker`)."""
+"""One rank's side of a sweep: its set-up (`session`: layout, watchdog, gloo group, context),
+the group context and backend building (`context`), the fingerprint (`hardware`), known inputs
+and their check (`inputs`), the clocks (`timing`), one checked and timed point (`point`), the
+sweep loop (`worker`), and `bench soak`, the shm all-reduce soak (`soak`)."""
 
-__all__ = ["context", "hardware", "inputs", "point", "timing", "worker"]
+__all__ = ["context", "hardware", "inputs", "point", "session", "soak", "timing", "worker"]

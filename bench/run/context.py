@@ -9,7 +9,6 @@ every rank (nodes are detected by hostname and boot id, never assumed).
 from __future__ import annotations
 
 import dataclasses
-import os
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -20,14 +19,7 @@ import torch.distributed as dist
 from bench.backends import CommContext, get_spec
 from bench.run.hardware import host_id
 
-__all__ = ["host_identity", "make_context", "agreed_reason", "build_backend",
-           "broadcast_object"]
-
-
-def host_identity() -> str:
-    """This rank's host; `ALLREDUCE_AUTOTUNE_HOST_ID` overrides it (tests simulate nodes)."""
-    return os.environ.get("ALLREDUCE_AUTOTUNE_HOST_ID", host_id())
-
+__all__ = ["make_context", "agreed_reason", "build_backend", "broadcast_object"]
 
 def broadcast_object(value: Any, group) -> Any:
     """Rank 0 of `group`'s value, on every rank."""
@@ -51,7 +43,7 @@ def make_context(group=None, device: torch.device | str | None = None,
     device = torch.device(device)
     rank, world = dist.get_rank(cpu_group), dist.get_world_size(cpu_group)
     hosts: list = [None] * world
-    dist.all_gather_object(hosts, host_identity(), group=cpu_group)
+    dist.all_gather_object(hosts, host_id(), group=cpu_group)
     local = [r for r in range(world) if hosts[r] == hosts[rank]]
     if run_tag is None:
         run_tag = "ar-" + broadcast_object(uuid.uuid4().hex[:10] if rank == 0 else None,

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["fingerprint", "hardware_key", "host_id", "slug", "versions", "gpu_fingerprint",
-           "KEY_PATTERN", "device_of_key"]
+__all__ = ["fingerprint", "hardware_key", "host_id", "cpu_model", "slug", "versions",
+           "gpu_fingerprint", "KEY_PATTERN", "device_of_key"]
 
 
 def slug(text: str) -> str:
@@ -41,7 +41,8 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model name, as /proc/cpuinfo gives it."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -210,7 +211,7 @@ def device_of_key(key: str) -> str:
 def fingerprint(device_type: str = "cpu") -> dict[str, Any]:
     """Everything a run's meta.json records about this node."""
     fp: dict[str, Any] = {
-        "cpu": {"model": _cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
+        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
                 "memory_gib": _mem_total_gib()},
         "host_hash": hashlib.sha256(host_id().encode()).hexdigest()[:12],
         "platform": sys.platform,

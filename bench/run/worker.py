@@ -6,7 +6,6 @@ own `torchrun ... -m bench.run.worker <sweep flags>`, or under SLURM `srun pytho
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import sys
@@ -25,36 +24,18 @@ from bench.analysis.results import (
     write_meta,
 )
 from bench.backends import CommContext
-from bench.launch.config import DTYPES, SweepConfig
+from bench.launch.config import DTYPES, SweepConfig, parse_sweep_config
+from bench.launch.flags import run_command
 from bench.launch.watchdog import Watchdog
-from bench.run.context import build_backend, make_context
 from bench.run.hardware import fingerprint
 from bench.run.point import PointRunner
+from bench.run.session import create_backend, rank_session, shared_tag, sweep_context
 
-__all__ = ["run_worker", "RankMismatch", "dist_env", "point_plan", "PointRunner", "create_backend",
-           "rank_session"]
+__all__ = ["run_worker", "RankMismatch", "point_plan", "main"]
 
 
 class RankMismatch(RuntimeError):
     """Ranks disagree on which point they are about to measure."""
-
-
-def dist_env() -> dict[str, int]:
-    """Rank layout from torchrun's variables, or SLURM's when started by srun."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0)),
-                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))}
-    if "SLURM_PROCID" in env:
-        layout = {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                  "local_rank": int(env.get("SLURM_LOCALID", 0)),
-                  "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
-        os.environ.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(layout["rank"]), str(layout["world_size"])
-        return layout
-    raise RuntimeError("no rank layout: run through `bench sweep`, torchrun or srun")
 
 
 def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
@@ -75,16 +56,6 @@ def _agree(value, group, what: str):
         detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(gathered))
         raise RankMismatch(f"ranks disagree on {what}: {detail}")
     return gathered
-
-
-def _make_context(cfg: SweepConfig, layout: dict[str, int], run_tag: str) -> CommContext:
-    device = torch.device("cpu")
-    if cfg.device == "cuda":
-        device = torch.device("cuda", layout["local_rank"] % max(torch.cuda.device_count(), 1))
-        torch.cuda.set_device(device)
-    ctx = make_context(dist.group.WORLD, device, cfg.timeout_s, run_tag=run_tag)
-    ctx.extra["launch_nnodes"] = cfg.nnodes
-    return ctx
 
 
 def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
@@ -111,27 +82,6 @@ def _skip_row(base: dict, nbytes: int, itemsize: int, reason: str) -> dict:
             "skipped_reason": reason.replace("\n", " ")[:300]}
 
 
-def create_backend(name: str, cfg: SweepConfig, ctx: CommContext):
-    """Probe and build on every rank; any rank's reason skips the backend everywhere."""
-    return build_backend(name, cfg.params.get(name, {}), max(cfg.sizes), ctx)
-
-
-@contextlib.contextmanager
-def rank_session(timeout_s: float) -> Iterator[tuple[dict[str, int], Watchdog]]:
-    """This rank's layout and a running watchdog, inside the gloo world group; torn down on
-    exit. gloo's own timeout is set past the watchdog's, so that the watchdog, which names the
-    silent peers, acts first."""
-    layout = dist_env()
-    watchdog = Watchdog(layout["rank"], timeout_s)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s + 30))
-    try:
-        yield layout, watchdog
-    finally:
-        watchdog.stop()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_worker(cfg: SweepConfig) -> int:
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         try:
@@ -152,24 +102,11 @@ def run_worker(cfg: SweepConfig) -> int:
 def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     rank = layout["rank"]
     fp = fingerprint(cfg.device) if rank == 0 else None
-    # a tag all ranks share, for shm segment and IPC names
-    tag = [uuid.uuid4().hex[:10] if rank == 0 else None]
-    dist.broadcast_object_list(tag, src=0)
-    watchdog.attach_heartbeat(layout["world_size"], tag[0])
-    ctx = _make_context(cfg, layout, tag[0])
+    tag = shared_tag()  # for shm segment and IPC names
+    watchdog.attach_heartbeat(layout["world_size"], tag)
+    ctx = sweep_context(cfg, layout, tag)
     out, run_id = _open_run(cfg, ctx, fp or {})
-    writer = None
-    done: set = set()
-    if rank == 0:
-        writer = ResultsWriter(out)
-        done = completed_points(out) if cfg.resume else set()
-        meta = read_meta(out) if cfg.resume else {}
-        meta.update({"run_id": run_id, "hardware_key": fp["hardware_key"], "fingerprint": fp,
-                     "arguments": cfg.to_json(), "nnodes": ctx.nnodes, "hosts": len(set(
-                         ctx.extra["hosts"])), "l2_flush": cfg.l2_flush,
-                     "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter"})
-        meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
-        write_meta(out, meta)
+    writer, done = _start_table(cfg, ctx, fp, out, run_id) if rank == 0 else (None, set())
     shared: list = [(fp or {}).get("hardware_key"), done]
     dist.broadcast_object_list(shared, src=0)
     hardware_key, done = shared
@@ -186,35 +123,18 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     try:
         current, backend, backend_reason = None, None, None
         for index, (name, dtype_name, mode, nbytes) in enumerate(plan):
-            key = (name, dtype_name, mode, nbytes)
             watchdog.beat(f"{name} {dtype_name} {mode} {nbytes}B")
-            _agree(key, ctx.cpu_group, "the next point (backend, dtype, mode, bytes)")
+            _agree((name, dtype_name, mode, nbytes), ctx.cpu_group,
+                   "the next point (backend, dtype, mode, bytes)")
             if name != current:
                 if backend is not None:
                     backend.release()
                 backend, backend_reason = create_backend(name, cfg, ctx)
                 current = name
-            dtype = DTYPES[dtype_name]
-            itemsize = torch.empty((), dtype=dtype).element_size()
             base = {"run_id": run_id, "hardware_key": hardware_key, "backend": name,
                     "world_size": ctx.world_size, "nnodes": ctx.nnodes, "dtype": dtype_name,
                     "mode": mode}
-            if backend_reason:
-                row = _skip_row(base, nbytes, itemsize, backend_reason)
-            elif nbytes % itemsize:
-                row = _skip_row(base, nbytes, itemsize, f"{nbytes} bytes is not a whole number "
-                                f"of {dtype_name} elements")
-            else:
-                reason, stats, correct, err = runner.run(backend, dtype, mode, nbytes,
-                                                         seed=1 + index)
-                if reason:
-                    row = _skip_row(base, nbytes, itemsize, reason)
-                else:
-                    row = {**base, "bytes": nbytes, "count": nbytes // itemsize,
-                           "iters": cfg.iters, "latency_us": stats.latency_us,
-                           "p10_us": stats.p10_us, "p90_us": stats.p90_us,
-                           "algbw_gbps": stats.algbw_gbps, "busbw_gbps": stats.busbw_gbps,
-                           "correct": correct, "max_abs_err": err, "skipped_reason": None}
+            row = _point_row(runner, backend, backend_reason, base, nbytes, seed=1 + index)
             if writer is not None:
                 writer.append(row)
             if progress is not None:
@@ -227,23 +147,59 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
             progress.close()
         if writer is not None:
             writer.close()
-    if rank == 0:
-        meta = read_meta(out)
-        meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-        write_meta(out, meta)
-        from bench.analysis.report import print_summary
+    return _finish(out) if rank == 0 else 0
 
-        if print_summary(out):
-            return 1  # wrong sums: the summary said so loudly, the exit code says so too
+
+def _start_table(cfg: SweepConfig, ctx: CommContext, fp: dict, out: str,
+                 run_id: str) -> tuple[ResultsWriter, set]:
+    """Rank 0: the table's writer, the points already done (on --resume), meta.json."""
+    writer = ResultsWriter(out)
+    done = completed_points(out) if cfg.resume else set()
+    meta = read_meta(out) if cfg.resume else {}
+    meta.update({"run_id": run_id, "hardware_key": fp["hardware_key"], "fingerprint": fp,
+                 "arguments": cfg.to_json(), "nnodes": ctx.nnodes,
+                 "hosts": len(set(ctx.extra["hosts"])), "l2_flush": cfg.l2_flush,
+                 "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter"})
+    meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
+    write_meta(out, meta)
+    return writer, done
+
+
+def _point_row(runner: PointRunner, backend, backend_reason: str | None, base: dict,
+               nbytes: int, seed: int) -> dict:
+    """One row of the table: measured and checked, or skipped with the reason."""
+    dtype_name = base["dtype"]
+    dtype = DTYPES[dtype_name]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if backend_reason:
+        return _skip_row(base, nbytes, itemsize, backend_reason)
+    if nbytes % itemsize:
+        return _skip_row(base, nbytes, itemsize, f"{nbytes} bytes is not a whole number "
+                         f"of {dtype_name} elements")
+    reason, stats, correct, err = runner.run(backend, dtype, base["mode"], nbytes, seed=seed)
+    if reason:
+        return _skip_row(base, nbytes, itemsize, reason)
+    return {**base, "bytes": nbytes, "count": nbytes // itemsize, "iters": runner.iters,
+            "latency_us": stats.latency_us, "p10_us": stats.p10_us, "p90_us": stats.p90_us,
+            "algbw_gbps": stats.algbw_gbps, "busbw_gbps": stats.busbw_gbps,
+            "correct": correct, "max_abs_err": err, "skipped_reason": None}
+
+
+def _finish(out: str) -> int:
+    """Rank 0: the finish time in meta.json, and the summary; 1 when a sum was wrong."""
+    meta = read_meta(out)
+    meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+    write_meta(out, meta)
+    from bench.analysis.report import print_summary
+
+    if print_summary(out):
+        return 1  # wrong sums: the summary said so loudly, the exit code says so too
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bench.run.worker <bench sweep flags>` under torchrun or srun."""
-    from bench.cli import parse_sweep_config
-
-    cfg = parse_sweep_config(argv)
-    return run_worker(cfg)
+    return run_command("bench", lambda: run_worker(parse_sweep_config(argv)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`tuner live`: search the configuration space with real measurements, then write the tables.
 
-The ranks are launched once, through torchrun's launcher API (`bench.cli.launch`, or run under
+The ranks are launched once, through torchrun's launcher API (`bench.launch.launcher.launch`, or run under
 the user's own torchrun / srun). Rank 0 runs the Optuna studies (ask/tell, SQLite storage
 beside the output, default ``<output>.study.db``) and broadcasts each trial over the gloo group:
 (algorithm, knobs, dtype, mode, bytes, seed). Every rank builds that backend with those knobs
@@ -25,13 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.launch.config import (
-    DTYPES,
-    SweepConfig,
-    UsageError,
-    add_sweep_arguments,
-    config_from_args,
-)
+from bench.launch.config import DTYPES, SweepConfig, add_sweep_arguments, config_from_args
+from bench.launch.flags import UsageError, UsageParser, int_flag
 from bench.sizes import format_size
 
 __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
@@ -61,13 +56,8 @@ class LiveOptions:
     command: str = ""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tuner live", description="Search algorithms x knobs with real "
+    p = UsageParser(prog="tuner live", description="Search algorithms x knobs with real "
                 "measurements (Optuna), then write thresholds.json.")
     add_sweep_arguments(p)
     p.add_argument("-o", "--output", required=True, help="thresholds.json to write")
@@ -103,15 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _int(flag: str, text: str | None, minimum: int = 1) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise UsageError(f"{flag}: expected an integer >= {minimum}, got {text!r}")
-    return value
+    """An optional integer flag (None when not given)."""
+    return None if text is None else int_flag(flag, text, minimum)
 
 
 def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
@@ -162,7 +145,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
 def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     """One rank (under the launcher, torchrun or srun)."""
 
-    from bench.run.worker import rank_session
+    from bench.run.session import rank_session
 
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         return _live(cfg, opts, watchdog, layout["local_rank"])
@@ -230,7 +213,6 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     from tuner.search.options import SearchOptions
     from tuner.search.search import search_group
     from tuner.search.study import Space, measurements, storage_url
-    from tuner.table.fit import fit_tables, print_fits
 
     for name, reason in unavailable.items():
         print(f"# {name}: not searched ({reason})", flush=True)
@@ -239,12 +221,8 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
         return 1
     space = Space.for_algorithms(available).restrict(cfg.params)
     storage = optuna.storages.RDBStorage(storage_url(opts.study_db))
-    options = SearchOptions(patience=opts.patience, max_trials=opts.max_trials, seed=opts.seed,
-                            prune_margin=opts.prune_margin, run_id=opts.run_id,
-                            climb_algorithms=opts.climb_algorithms,
-                            seed_algorithms=opts.seed_algorithms, exhaustive=opts.grid,
-                            budget_fraction=opts.budget_fraction, confirm_top=opts.confirm_top,
-                            confirm_rounds=opts.confirm_rounds)
+    options = SearchOptions(
+        **{f: getattr(opts, f) for f in _SEARCH_FIELDS}, exhaustive=opts.grid)
     counter = [0]
     summary: dict[str, Any] = {"run_id": opts.run_id, "hardware_key": hardware_key,
                                "world_size": ctx.world_size, "algorithms": available,
@@ -279,10 +257,23 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
                 "points": [dataclasses.asdict(r) for r in results],
                 "measured": sum(r.measured for r in results),
                 "grid": sum(r.grid for r in results)})
+    data = {g: v for g, v in measurements(storage).items() if g in groups}
+    _write_outputs(opts, data, summary)
+    return 0
+
+
+# the LiveOptions fields SearchOptions takes under the same name
+_SEARCH_FIELDS = ("patience", "max_trials", "seed", "prune_margin", "run_id", "climb_algorithms",
+                  "seed_algorithms", "budget_fraction", "confirm_top", "confirm_rounds")
+
+
+def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> None:
+    """The tables fitted from the study's measurements, the Pareto front, the summary."""
+    from tuner.table.fit import fit_tables, print_fits
+
     summary["measured"] = sum(g["measured"] for g in summary["groups"])
     summary["grid"] = sum(g["grid"] for g in summary["groups"])
     summary["fraction"] = summary["measured"] / summary["grid"] if summary["grid"] else None
-    data = {g: v for g, v in measurements(storage).items() if g in groups}
     thresholds, fits = fit_tables(data, workload=opts.workload, max_rules=opts.max_rules,
                                   memory_budget=opts.memory_budget, source="live",
                                   command=opts.command)
@@ -298,7 +289,6 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     print(f"# {summary['measured']} configurations measured of {summary['grid']} in the grid "
           f"({100 * (summary['fraction'] or 0):.0f}%); tables -> {opts.output}; study -> "
           f"{opts.study_db}; summary -> {live_json}", flush=True)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, opts = parse_live(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return live_worker(cfg, opts)  # already one rank of the user's torchrun
-    from bench.cli import launch
+    from bench.launch.launcher import launch
 
     return launch(cfg, live_worker, (cfg, opts))
 
@@ -318,7 +308,7 @@ def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int =
     `path` (JSON). Used to judge a search against a grid without the grid's winner's curse."""
 
     from bench.run.context import make_context
-    from bench.run.worker import rank_session
+    from bench.run.session import rank_session
     from tuner.search.measure import BackendCache, TrialRunner
 
     with rank_session(cfg.timeout_s) as (_layout, watchdog):

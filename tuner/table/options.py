@@ -7,7 +7,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from bench.launch.config import UsageError
+from bench.launch.flags import UsageError, int_flag
 from bench.sizes import parse_size
 
 __all__ = ["add_table_flags", "table_options", "read_workload", "write_pareto"]
@@ -22,16 +22,6 @@ def add_table_flags(p: argparse.ArgumentParser) -> None:
                    help="buffer memory a table may use (max_size x world size summed), e.g. 256M")
     p.add_argument("--pareto", default=None, metavar="CSV",
                    help="also write every table's Pareto front (memory vs regret) here")
-
-
-def _positive(flag: str, text: str) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise UsageError(f"{flag}: expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _bytes_flag(flag: str, text: str | None) -> int | None:
@@ -76,7 +66,7 @@ def read_workload(path: str) -> dict[int, float]:
 
 def table_options(args) -> dict:
     return {"workload": read_workload(args.workload) if args.workload else None,
-            "max_rules": _positive("--max-rules", args.max_rules),
+            "max_rules": int_flag("--max-rules", args.max_rules),
             "memory_budget": _bytes_flag("--memory-budget", args.memory_budget)}
 
 

@@ -1,0 +1,88 @@
+"""One rank's set-up, the same for the sweep, `bench doctor`, `bench soak` and `tuner live`:
+the rank layout (torchrun's variables or SLURM's), a watchdog, the gloo world group, a tag all
+ranks share, and the CommContext and backends built from a SweepConfig."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from bench.backends import CommContext
+from bench.launch.config import SweepConfig
+from bench.launch.watchdog import Watchdog
+from bench.run.context import broadcast_object, build_backend, make_context
+
+__all__ = ["dist_env", "rank_session", "shared_tag", "sweep_context", "create_backend"]
+
+# the layout of a one-rank group in this process (`rank_session(..., alone=True)`)
+_ALONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
+
+
+def dist_env() -> dict[str, int]:
+    """Rank layout from torchrun's variables, or SLURM's when started by srun."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0)),
+                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))}
+    if "SLURM_PROCID" in env:
+        layout = {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+                  "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                  "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
+        os.environ.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(layout["rank"]), str(layout["world_size"])
+        return layout
+    raise RuntimeError("no rank layout: run through `bench sweep`, torchrun or srun")
+
+
+@contextlib.contextmanager
+def rank_session(timeout_s: float, alone: bool = False
+                 ) -> Iterator[tuple[dict[str, int], Watchdog]]:
+    """This rank's layout and a running watchdog, inside the gloo world group; torn down on
+    exit. gloo's own timeout is set past the watchdog's, so that the watchdog, which names the
+    silent peers, acts first. `alone`: a one-rank group in this process, no launcher."""
+    layout = dict(_ALONE) if alone else dist_env()
+    watchdog = Watchdog(layout["rank"], timeout_s)
+    gloo_timeout = datetime.timedelta(seconds=timeout_s + 30)
+    if alone:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=gloo_timeout)
+    else:
+        dist.init_process_group("gloo", timeout=gloo_timeout)
+    try:
+        yield layout, watchdog
+    finally:
+        watchdog.stop()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def shared_tag(prefix: str = "") -> str:
+    """A fresh tag of 10 characters that every rank of the world group shares (rank 0's):
+    names of shm segments, IPC handles and heartbeat keys."""
+    mine = prefix + uuid.uuid4().hex[:10 - len(prefix)] if dist.get_rank() == 0 else None
+    return broadcast_object(mine, dist.group.WORLD)
+
+
+def sweep_context(cfg: SweepConfig, layout: dict[str, int], tag: str) -> CommContext:
+    """The world group's context on cfg.device: on CUDA, this rank's GPU is its local rank
+    (modulo the visible GPUs) and becomes the current device."""
+    device = torch.device("cpu")
+    if cfg.device == "cuda":
+        device = torch.device("cuda", layout["local_rank"] % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    return make_context(dist.group.WORLD, device, cfg.timeout_s, run_tag=tag)
+
+
+def create_backend(name: str, cfg: SweepConfig, ctx: CommContext) -> tuple[Any, str | None]:
+    """Probe and build on every rank with cfg's knobs, sized for its largest point; any
+    rank's reason skips the backend everywhere."""
+    return build_backend(name, cfg.params.get(name, {}), max(cfg.sizes), ctx)

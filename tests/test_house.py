@@ -1,0 +1,207 @@
+"""The house rules, read from the source with `ast` (every import, function-level ones too):
+no import circles among the modules of bench/ and tuner/; bench/ never imports tuner/; nobody
+reaches into another module's private names (`from X import _y`, `X._y`, `import X._y`),
+tests and scripts included; no module of bench/ or tuner/ over 400 lines.
+
+The checks run per room (bench/launch, tuner/search, tests, ...), so a failure names the room
+it is in, and each lists every offender it finds, not the first."""
+
+from __future__ import annotations
+
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("bench", "tuner")
+MAX_LINES = 400
+# private by name, public by documentation or by decision
+ALLOWED_PRIVATE = (
+    "os._exit",  # the documented way to end a process without cleanup
+    "torch.distributed._symmetric_memory",  # torch's own symmetric-memory API lives there
+)
+
+
+@functools.cache
+def _sources() -> dict[Path, ast.Module]:
+    skip = {".venv", ".git", "build", "node_modules"}
+    files = [p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts)]
+    return {p.relative_to(REPO): ast.parse(p.read_text(), str(p)) for p in sorted(files)}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _room(path: Path) -> str:
+    """bench/launch for bench/launch/config.py; bench for bench/cli.py; tests; scripts; ..."""
+    if path.parts[0] in PACKAGES:
+        return "/".join(path.parts[:2]) if len(path.parts) > 2 else path.parts[0]
+    return path.parts[0] if len(path.parts) > 1 else "."
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in _sources() if p.parts[0] in PACKAGES}
+
+
+def _imports(path: Path) -> list[tuple[int, str, str | None, str]]:
+    """(line, module, name imported from it or None, the local name bound) for every import in
+    the file; relative imports resolved."""
+    package = _module_name(path) if path.name == "__init__.py" else \
+        _module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(_sources()[path]):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, None, alias.asname or alias.name.split(".")[0])
+                      for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            found += [(node.lineno, base, alias.name, alias.asname or alias.name)
+                      for alias in node.names]
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (`from pkg import mod` is mod)."""
+    modules = _project_modules()
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = set()
+        for _, base, name, _local in _imports(path):
+            full = f"{base}.{name}" if name else base
+            target = resolve(full) if full in modules else resolve(base)
+            if target and target != module:
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _reach_ins(path: Path) -> list[str]:
+    """Every use of another module's private name in the file, as `file:line: dotted.name`."""
+    here = _module_name(path)
+    modules = _project_modules()
+    bound: dict[str, str] = {}  # local name -> the dotted name it stands for
+    used: list[tuple[int, str]] = []
+    for line, base, name, local in _imports(path):
+        dotted = f"{base}.{name}" if name else base
+        used.append((line, dotted))
+        # `import a.b` binds a; `import a.b as c` binds c to a.b
+        bound[local] = dotted if name or local != base.split(".")[0] else local
+    for node in ast.walk(_sources()[path]):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            chain, base = [node.attr], node.value
+            while isinstance(base, ast.Attribute):
+                chain.append(base.attr)
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in bound:
+                used.append((node.lineno, ".".join([bound[base.id], *reversed(chain)])))
+    found = []
+    for line, dotted in used:
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if not _private(part):
+                continue
+            owner = ".".join(parts[:i + 1])
+            # a private module is its own package's to use (Optuna's `_imports` style)
+            inside = owner in modules and (here == owner or here.startswith(owner + ".") or
+                                            here.startswith(".".join(parts[:i]) + "."))
+            if not inside and not any(dotted == a or dotted.startswith(a + ".")
+                                      for a in ALLOWED_PRIVATE):
+                found.append(f"{path}:{line}: {dotted}")
+            break
+    return found
+
+
+def _rooms(only_packages: bool) -> list[str]:
+    return sorted({_room(p) for p in _sources() if not only_packages or p.parts[0] in PACKAGES})
+
+
+@pytest.mark.parametrize("area", PACKAGES)
+def test_no_import_circles(area):
+    circles = [c for c in _cycles(_graph()) if any(m.split(".")[0] == area for m in c)]
+    assert not circles, "import circles: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_bench_never_imports_tuner():
+    edges = [f"{module} -> {target}" for module, targets in sorted(_graph().items())
+             for target in sorted(targets) if module.startswith("bench") and
+             target.startswith("tuner")]
+    assert not edges, "bench/ imports tuner/: " + "; ".join(edges)
+
+
+@pytest.mark.parametrize("room", _rooms(only_packages=False))
+def test_no_reach_into_private_names(room):
+    found = [hit for path in _sources() if _room(path) == room for hit in _reach_ins(path)]
+    assert not found, "private names of another module:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("room", _rooms(only_packages=True))
+def test_no_module_over_400_lines(room):
+    long = [f"{p}: {n} lines" for p in _sources() if _room(p) == room
+            for n in [len((REPO / p).read_text().splitlines())] if n > MAX_LINES]
+    assert not long, f"modules over {MAX_LINES} lines: " + "; ".join(long)
+
+
+def test_the_checks_see_a_circle_and_a_reach_in():
+    """The checker itself: a circle of three and a private import are found."""
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+    assert _private("_make_context") and not _private("__init__") and not _private("launch")
