@@ -1,0 +1,101 @@
+"""The registered op `allreduce_autotune::all_reduce` with real ranks on CPU: eager calls routed
+by the table, the caller's tensor left alone, and a `torch.compile(fullgraph=True)` function
+around it with no graph break (counted by `torch._dynamo.explain`) and the right sums."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bench.launch.launcher import free_port
+from bench.run.hardware import fingerprint
+from tuner.runtime import op
+from tuner.runtime.dispatch import Dispatcher
+from tuner.runtime.schema import Rule, Table, Thresholds
+
+K = 1024
+
+
+def _thresholds(world_size: int) -> Thresholds:
+    rules = (Rule(4 * K, "shm_one_shot"), Rule(64 * K, "shm_two_shot"), Rule(None, "gloo"))
+    evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
+                "gain_vs_nccl_geomean": None}
+    return Thresholds(tables=(Table(fingerprint("cpu")["hardware_key"], world_size, "float32",
+                                    "eager", rules, {"shm_one_shot": 4 * K,
+                                                     "shm_two_shot": 64 * K}, evidence),))
+
+
+def _model(x: torch.Tensor) -> torch.Tensor:
+    return op.all_reduce(x * 2) + 1
+
+
+def _rank_main(rank: int, world: int, port: int, path: str, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    dispatcher = Dispatcher.from_file(path, count_calls=True)
+    op.install(dispatcher)
+    try:
+        report: dict = {"eager": [], "compiled": []}
+        for nbytes in (1 * K, 16 * K, 256 * K):
+            x = torch.full((nbytes // 4,), float(rank + 1))
+            before = x.clone()
+            y = op.all_reduce(x)
+            report["eager"].append({
+                "bytes": nbytes, "backend": dispatcher.last_backend,
+                "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))),
+                "input_kept": bool(torch.equal(x, before))})
+        explain = torch._dynamo.explain(_model)(torch.ones(256))
+        report["graph_breaks"] = explain.graph_break_count
+        report["graphs"] = explain.graph_count
+        torch._dynamo.reset()
+        compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
+        for nbytes in (1 * K, 16 * K):
+            x = torch.full((nbytes // 4,), float(rank + 1))
+            y = compiled(x)
+            want = 2 * sum(range(1, world + 1)) + 1
+            report["compiled"].append({"bytes": nbytes, "backend": dispatcher.last_backend,
+                                       "sum_ok": bool(torch.equal(y, torch.full_like(x, want)))})
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(report, fh)
+    finally:
+        op.uninstall()
+        dispatcher.release()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_op_routes_by_table_and_compiles_without_graph_breaks(tmp_path):
+    world = 2
+    path = tmp_path / "thresholds.json"
+    _thresholds(world).save(path)
+    mp.start_processes(_rank_main, args=(world, free_port("127.0.0.1"), str(path), str(tmp_path)),
+                       nprocs=world, join=True, start_method="spawn")
+    for rank in range(world):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert [e["backend"] for e in report["eager"]] == ["shm_one_shot", "shm_two_shot",
+                                                            "gloo"]
+        assert all(e["sum_ok"] and e["input_kept"] for e in report["eager"])
+        assert report["graph_breaks"] == 0 and report["graphs"] == 1
+        assert [e["backend"] for e in report["compiled"]] == ["shm_one_shot", "shm_two_shot"]
+        assert all(e["sum_ok"] for e in report["compiled"])
+
+
+def test_op_without_an_installed_dispatcher_says_how_to_install():
+    with pytest.raises(RuntimeError, match="no dispatcher installed for group 'nobody'"):
+        op.all_reduce(torch.ones(4), "nobody")
+
+
+def test_op_fake_implementation_traces_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(3, 5, dtype=torch.bfloat16)
+        y = torch.ops.allreduce_autotune.all_reduce(x, "world")
+        assert y.shape == x.shape and y.dtype == x.dtype

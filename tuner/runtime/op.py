@@ -1,0 +1,61 @@
+"""`torch.ops.allreduce_autotune.all_reduce`: the dispatcher as a registered torch op.
+
+A model calls `all_reduce(tensor)` (or the op itself) instead of `torch.distributed.all_reduce`
+and the table decides, inside `torch.compile` graphs and CUDA graphs alike:
+
+- the op is functional (out-of-place, as vLLM's `torch.ops.vllm.all_reduce`) with a fake
+  implementation, so dynamo and AOT autograd trace it as one node: no graph break, no
+  recompilation per size;
+- the backend is chosen when the op runs: eagerly, once per call (a dict hit per byte size);
+  during CUDA-graph capture, once, with the table's graph rules; a replay runs the captured
+  kernels and does no host work at all;
+- a process installs one dispatcher per group name at start-up (`install`); every rank must
+  install the same table (the engines' plugins check that), or ranks would pick different
+  backends for one call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["install", "uninstall", "installed", "all_reduce", "OP_NAME", "DEFAULT_GROUP"]
+
+OP_NAME = "allreduce_autotune::all_reduce"
+DEFAULT_GROUP = "world"
+_DISPATCHERS: dict[str, object] = {}
+
+
+def install(dispatcher, group: str = DEFAULT_GROUP) -> None:
+    """Route the op's calls for `group` to `dispatcher` (a `tuner.runtime.Dispatcher`, or
+    anything with its `all_reduce`)."""
+    _DISPATCHERS[group] = dispatcher
+
+
+def uninstall(group: str = DEFAULT_GROUP):
+    """Forget `group`'s dispatcher and return it (the caller releases it)."""
+    return _DISPATCHERS.pop(group, None)
+
+
+def installed(group: str = DEFAULT_GROUP):
+    return _DISPATCHERS.get(group)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
+    dispatcher = _DISPATCHERS.get(group)
+    if dispatcher is None:
+        raise RuntimeError(f"{OP_NAME}: no dispatcher installed for group {group!r} (call "
+                           "tuner.runtime.op.install(dispatcher, group) at start-up; installed: "
+                           f"{', '.join(sorted(_DISPATCHERS)) or 'none'})")
+    out = tensor.clone()  # out-of-place: the caller's tensor stays as it was
+    return dispatcher.all_reduce(out)
+
+
+@_all_reduce.register_fake
+def _all_reduce_fake(tensor: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.empty_like(tensor)
+
+
+def all_reduce(tensor: torch.Tensor, group: str = DEFAULT_GROUP) -> torch.Tensor:
+    """The sum of `tensor` over `group`'s ranks, as a new tensor, through the registered op."""
+    return torch.ops.allreduce_autotune.all_reduce(tensor, group)
