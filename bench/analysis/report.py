@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bench.analysis.results import read_results
+from bench.analysis.results import correct_rows, read_results
 from bench.sizes import format_size
 
 __all__ = ["format_run", "print_summary", "best_per_size"]
@@ -14,7 +14,7 @@ __all__ = ["format_run", "print_summary", "best_per_size"]
 
 def best_per_size(frame):
     """Fastest correct measured backend per (world_size, dtype, mode, bytes)."""
-    ok = frame[frame["latency_us"].notna() & (frame["correct"] == True)]  # noqa: E712
+    ok = correct_rows(frame)
     if ok.empty:
         return ok
     idx = ok.groupby(["world_size", "dtype", "mode", "bytes"])["latency_us"].idxmin()
