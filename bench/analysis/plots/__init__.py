@@ -31,7 +31,7 @@ from bench.analysis.plots.performance import (
     plot_busbw,
     plot_latency,
 )
-from bench.analysis.plots.runs import write_run_plots
+from bench.analysis.plots.runs import figure_names, write_run_plots
 from bench.analysis.plots.status import plot_status, status_table
 from bench.analysis.plots.tuning import plot_convergence, plot_pareto
 from bench.analysis.stats import geomean
@@ -40,5 +40,5 @@ __all__ = [
     "LINK_LIMITS", "find_runs", "load_runs", "backend_color", "hardware_limit", "plot_latency",
     "plot_busbw", "winners", "crossovers", "tables_by_group", "table_chooser", "plot_winners",
     "gain_table", "default_baseline", "geomean", "plot_gain", "plot_convergence", "plot_pareto",
-    "status_table", "plot_status", "write_run_plots",
+    "status_table", "plot_status", "figure_names", "write_run_plots",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -12,7 +13,7 @@ from bench.analysis.plots.performance import plot_busbw, plot_latency
 from bench.analysis.plots.status import plot_status
 from bench.analysis.results import read_meta, read_results
 
-__all__ = ["FIGURES", "thresholds_near", "write_run_plots"]
+__all__ = ["FIGURES", "thresholds_near", "figure_names", "write_run_plots"]
 
 # every figure write_run_plots may draw, by file stem ("gain" only beside a thresholds.json)
 FIGURES = ("latency", "busbw", "winners", "status", "gain")
@@ -24,6 +25,21 @@ def thresholds_near(run_dir: Path) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def _tables(run_dir: Path, frame) -> dict[tuple, Any] | None:
+    """The rules of the thresholds.json near the run for the run's machine (None: no file)."""
+    key = str(frame["hardware_key"].dropna().iloc[0]) if frame["hardware_key"].notna().any() \
+        else None
+    thresholds = thresholds_near(run_dir)
+    return tables_by_group(thresholds, key) if thresholds else None
+
+
+def figure_names(run_dir: str | Path, frame=None) -> list[str]:
+    """The figures `write_run_plots` draws for this run (file stems), drawn or not yet."""
+    run_dir = Path(run_dir)
+    tables = _tables(run_dir, read_results(run_dir) if frame is None else frame)
+    return [name for name in FIGURES if name != "gain" or tables]
 
 
 def write_run_plots(run_dir: str | Path, dpi: int = 110) -> list[Path]:
@@ -38,10 +54,7 @@ def write_run_plots(run_dir: str | Path, dpi: int = 110) -> list[Path]:
     run_dir = Path(run_dir)
     frame = read_results(run_dir)
     meta = read_meta(run_dir)
-    key = str(frame["hardware_key"].dropna().iloc[0]) if frame["hardware_key"].notna().any() \
-        else None
-    thresholds = thresholds_near(run_dir)
-    tables = tables_by_group(thresholds, key) if thresholds else None
+    tables = _tables(run_dir, frame)
     figures: dict[str, Figure] = {
         "latency": plot_latency(frame),
         "busbw": plot_busbw(frame, meta),
