@@ -108,7 +108,8 @@ def _report_run(args: argparse.Namespace) -> int:
     if args.write is not None:
         raise UsageError("--write: goes with --index")
     if args.run_dir is None:
-        raise UsageError("report: give a run directory (or --index ROOT)")
+        raise UsageError("report: run_dir: give a run directory, or --index [ROOT] for a "
+                         "results folder")
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"report: {run_dir} is not a directory")
