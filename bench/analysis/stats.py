@@ -9,7 +9,7 @@ __all__ = ["geomean"]
 
 
 def geomean(values: Iterable[float], empty: float | None = float("nan")) -> float | None:
-    """Geometric mean of the positive values, NaN and values <= 0 left out; `empty` when none
-    is left (NaN by default; the tuner asks for None)."""
-    kept = [v for v in values if v == v and v > 0]
+    """Geometric mean of the finite values > 0 (NaN, infinities and values <= 0 are left out);
+    `empty` when none is left (NaN by default, for a frame's cell; the tuner asks for None)."""
+    kept = [v for v in values if math.isfinite(v) and v > 0]
     return math.exp(sum(map(math.log, kept)) / len(kept)) if kept else empty
