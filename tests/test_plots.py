@@ -50,10 +50,14 @@ def run_dir(tmp_path: Path) -> Path:
             writer.append(row)
     write_meta(run, {"fingerprint": {"hardware_key": KEY, "cpu": {"model": "test", "cores": 2}},
                      "arguments": {"device": "cpu"}})
-    (machine / "thresholds.json").write_text(json.dumps({"schema_version": 1, "tables": [
-        {"hardware_key": KEY, "world_size": 2, "dtype": "float32", "mode": "eager",
-         "rules": [{"max_bytes": 16384, "algorithm": "shm_one_shot"},
-                   {"max_bytes": None, "algorithm": "gloo"}]}]}))
+    (machine / "thresholds.json").write_text(json.dumps({
+        "schema_version": 1, "generated_by": {"tool": "test"}, "tables": [
+            {"hardware_key": KEY, "world_size": 2, "dtype": "float32", "mode": "eager",
+             "rules": [{"max_bytes": 16384, "algorithm": "shm_one_shot"},
+                       {"max_bytes": None, "algorithm": "gloo"}],
+             "max_size": {"shm_one_shot": 16384},
+             "evidence": {"run_id": "r1", "points": 18, "regret_vs_oracle": 0.0,
+                          "gain_vs_nccl_geomean": None}}]}))
     return run
 
 
@@ -74,14 +78,13 @@ def test_winners_and_crossovers(run_dir: Path) -> None:
 
 def test_rules_and_gain(run_dir: Path) -> None:
     frame = read_results(run_dir)
-    rules = plots.rules_by_group(run_dir.parent / "thresholds.json", KEY)
-    table = rules[(2, "float32", "eager")]
-    assert [plots.rule_choice(table, s) for s in (1, 16384, 16385)] == [
+    tables = plots.tables_by_group(run_dir.parent / "thresholds.json", KEY)
+    tuned = plots.table_chooser(tables)
+    assert [tuned(2, "float32", "eager", s) for s in (1, 16384, 16385)] == [
         "shm_one_shot", "shm_one_shot", "gloo"]
-    assert plots.rules_by_group(run_dir.parent / "thresholds.json", "other-machine") == {}
-
-    def tuned(ws: int, dtype: str, mode: str, nbytes: int) -> str | None:
-        return plots.rule_choice(rules[(ws, dtype, mode)], nbytes)
+    assert tuned(4, "float32", "eager", 1) is None  # no table: no opinion
+    assert plots.tables_by_group(run_dir.parent / "thresholds.json", "other-machine") == {}
+    assert plots.default_baseline(frame) == "gloo"
 
     gains = plots.gain_table(frame, {"tuned": tuned}, "gloo").set_index(["choice", "bytes"])
     assert gains.loc[("tuned", 1024), "gain"] == pytest.approx((100 + 1.024) / (10 + 5.12))

@@ -1,4 +1,6 @@
 """What a sweep leaves behind and how people read it: the results table (`results`), the
-nccl-tests-style report (`report`) and the figures (`plots`)."""
+nccl-tests-style report (`report`), the figures (`plots`), the index of a results folder
+(`index`, `bench report --index`), side-by-side sweeps with ratios (`compare`, `bench compare`)
+and summaries of ratios (`stats`)."""
 
-__all__ = ["results", "report", "plots"]
+__all__ = ["results", "report", "plots", "index", "compare", "stats"]

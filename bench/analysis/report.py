@@ -1,20 +1,22 @@
-"""nccl-tests-style tables of a run, and the best backend per size."""
+"""`bench report`: nccl-tests-style tables of a run and the best backend per size; with --plots
+its figures, with --index the index of a whole results folder (`bench.analysis.index`)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from bench.analysis.results import read_results
+from bench.analysis.results import correct_rows, read_results
 from bench.sizes import format_size
 
-__all__ = ["format_run", "print_summary", "best_per_size"]
+__all__ = ["format_run", "print_summary", "best_per_size", "add_arguments", "run"]
 
 
 def best_per_size(frame):
     """Fastest correct measured backend per (world_size, dtype, mode, bytes)."""
-    ok = frame[frame["latency_us"].notna() & (frame["correct"] == True)]  # noqa: E712
+    ok = correct_rows(frame)
     if ok.empty:
         return ok
     idx = ok.groupby(["world_size", "dtype", "mode", "bytes"])["latency_us"].idxmin()
@@ -88,3 +90,55 @@ def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
         print("!" * 72, file=stream)
     print(f"# results: {Path(run_dir) / 'results.csv'}", file=stream)
     return len(wrong)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`bench report RUN_DIR [--plots]` and `bench report --index [ROOT] [--write FILE] [--plots]`."""
+    from bench.analysis import index
+
+    parser.add_argument("run_dir", nargs="?", default=None)
+    parser.add_argument("--plots", action="store_true",
+                        help="also write PNG figures beside it (with --index: beside every run)")
+    index.add_arguments(parser)
+
+
+def _report_run(args: argparse.Namespace) -> int:
+    from bench.launch.config import UsageError
+
+    if args.write is not None:
+        raise UsageError("--write: goes with --index")
+    if args.run_dir is None:
+        raise UsageError("report: run_dir: give a run directory, or --index [ROOT] for a "
+                         "results folder")
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UsageError(f"report: {run_dir} is not a directory")
+    wrong = print_summary(run_dir)
+    if args.plots:
+        from bench.analysis.plots import write_run_plots
+
+        for path in write_run_plots(run_dir):
+            print(f"# figure: {path}")
+    return 1 if wrong else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """`bench report`: 1 when the run holds a wrong sum, 0 otherwise; bad input raises the
+    CLI's UsageError (exit 2), a bad results table or thresholds.json included."""
+    from bench.analysis import index
+    from bench.analysis.results import SchemaError
+    from bench.launch.config import UsageError
+
+    errors: tuple[type[Exception], ...] = (FileNotFoundError, SchemaError)
+    if args.plots or args.index is not None:  # rules are read: a bad thresholds.json is named
+        from tuner.runtime.schema import TableError
+
+        errors += (TableError,)
+    try:
+        if args.index is None:
+            return _report_run(args)
+        if args.run_dir is not None:
+            raise UsageError("report: give a run directory or --index ROOT, not both")
+        return index.run(args)
+    except errors as exc:
+        raise UsageError(f"report: {exc}") from None

@@ -27,6 +27,7 @@ __all__ = [
     "write_meta",
     "completed_points",
     "busbw_factor",
+    "correct_rows",
 ]
 
 COLUMNS: tuple[str, ...] = (
@@ -170,6 +171,12 @@ def read_results(run_dir: str | os.PathLike):
         {True: True, False: False, "True": True, "False": False}
     ).astype("boolean")
     return frame
+
+
+def correct_rows(frame):
+    """The rows measured with a correct sum (a latency, and `correct` true): the only rows a
+    winner, a ratio or a gain is computed from."""
+    return frame[frame["latency_us"].notna() & frame["correct"].fillna(False).astype(bool)]
 
 
 def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
