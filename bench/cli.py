@@ -1,7 +1,9 @@
-"""`bench sweep | report | doctor | kernels | soak`: the subcommand table and its dispatch.
+"""`bench sweep | report | compare | doctor | kernels | soak`: the subcommand table and its
+dispatch.
 
-Each subcommand is a `main(argv) -> exit code` in its room, imported only when it runs. Bad
-input exits 2 with one line naming the flag, before anything starts.
+Each subcommand lives in its room, imported only when it runs: a module with `main(argv) ->
+exit code`, or with `add_arguments(parser)` and `run(args) -> exit code`. Bad input exits 2
+with one line naming the flag, before anything starts.
 """
 
 from __future__ import annotations
@@ -9,45 +11,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from pathlib import Path
 
-from bench.launch.flags import EXIT_USAGE, UsageError, UsageParser, run_command
+from bench.launch.flags import EXIT_USAGE, UsageParser, run_command
 
 __all__ = ["main", "COMMANDS"]
 
-# name: (what it does, the module whose `main(argv)` runs it); `report` runs `_report` below,
-# as its room, bench/analysis, has no command module yet
-COMMANDS: dict[str, tuple[str, str | None]] = {
+# name: (what it does, the module that runs it)
+COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("measure backends x sizes x dtypes x modes", "bench.launch.sweep"),
-    "report": ("nccl-tests-style table of a run", None),
+    "report": ("nccl-tests-style table of a run, or (--index) the index of a results folder",
+               "bench.analysis.report"),
+    "compare": ("backends side by side over repeated sweeps, with ratios to a baseline",
+                "bench.analysis.compare"),
     "doctor": ("what this node offers, and why a backend cannot run", "bench.doctor.command"),
     "kernels": ("own reduction kernels vs copy bandwidth (one GPU)", "bench.kernels.benchmark"),
     "soak": ("soak the shm all-reduce: many verified calls, memory before and after",
              "bench.run.soak"),
 }
-
-
-def _report(argv: list[str]) -> int:
-    from bench.analysis.report import print_summary
-    from bench.analysis.results import SchemaError
-
-    parser = UsageParser(prog="bench report", description=COMMANDS["report"][0])
-    parser.add_argument("run_dir")
-    parser.add_argument("--plots", action="store_true", help="also write PNG figures beside it")
-    args = parser.parse_args(argv)
-    run = Path(args.run_dir)
-    if not run.is_dir():
-        raise UsageError(f"report: {run} is not a directory")
-    try:
-        wrong = print_summary(run)
-        if args.plots:
-            from bench.analysis.plots import write_run_plots
-
-            for path in write_run_plots(run):
-                print(f"# figure: {path}")
-    except (FileNotFoundError, SchemaError) as exc:
-        raise UsageError(f"report: {exc}") from None
-    return 1 if wrong else 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,11 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_room(name: str, argv: list[str]) -> int:
+    module = importlib.import_module(COMMANDS[name][1])
+    if hasattr(module, "main"):
+        return module.main(argv)
+    parser = UsageParser(prog=f"bench {name}", description=COMMANDS[name][0])
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] in COMMANDS:
-        module = COMMANDS[argv[0]][1]
-        run = importlib.import_module(module).main if module else _report
-        return run(argv[1:])
+        return _run_room(argv[0], argv[1:])
     parser = _parser()
     parser.parse_args(argv)  # --help prints the table; a bad name or flag raises UsageError
     parser.print_help()

@@ -11,7 +11,7 @@ import pytest
 
 from bench.analysis import compare, index, report
 from bench.analysis.stats import geomean
-from bench.launch.config import UsageError
+from bench.launch.flags import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 MACHINE = REPO / "results" / "cpu-intel-xeon-processor-2c"

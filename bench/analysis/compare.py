@@ -227,7 +227,7 @@ def _shown(path: Path) -> str:
 def _check(args) -> tuple[list[str], Baseline]:
     """Every flag checked before a sweep starts; raises the CLI's UsageError naming it."""
     from bench.backends import floor_name
-    from bench.launch.config import UsageError
+    from bench.launch.flags import UsageError
 
     for flag, value in (("-b/--min-bytes", args.min_bytes), ("-e/--max-bytes", args.max_bytes)):
         try:

@@ -170,7 +170,7 @@ def index_text(root: Path, base: Path) -> str:
 
 def write_into(readme: Path, text: str) -> None:
     """Replace what stands between the file's index markers with `text`."""
-    from bench.launch.config import UsageError
+    from bench.launch.flags import UsageError
 
     doc = readme.read_text() if readme.is_file() else ""
     start, stop = doc.find(BEGIN), doc.find(END)

@@ -103,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    from bench.launch.config import UsageError
+    from bench.launch.flags import UsageError
 
     if args.write is not None:
         raise UsageError("--write: goes with --index")
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     CLI's UsageError (exit 2), a bad results table or thresholds.json included."""
     from bench.analysis import index
     from bench.analysis.results import SchemaError
-    from bench.launch.config import UsageError
+    from bench.launch.flags import UsageError
 
     errors: tuple[type[Exception], ...] = (FileNotFoundError, SchemaError)
     if args.plots or args.index is not None:  # rules are read: a bad thresholds.json is named

@@ -13,7 +13,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.analysis.results import RESULTS_FILE, SchemaError, read_meta, read_results
+from bench.analysis.results import (
+    RESULTS_FILE,
+    SchemaError,
+    correct_rows,
+    read_meta,
+    read_results,
+)
 from bench.backends import params_key
 from bench.run.hardware import device_of_key
 
@@ -82,7 +88,7 @@ def load_rows(run_dirs: Iterable[str | os.PathLike]):
             raise RunsError(str(exc)) from None
         meta = read_meta(run_dir)
         given = (meta.get("arguments") or {}).get("params") or {}
-        ok = frame[frame["latency_us"].notna() & (frame["correct"] == True)].copy()  # noqa: E712
+        ok = correct_rows(frame).copy()
         if ok.empty:
             continue
         ok["params"] = [params_key(config_params(b, given.get(b))) for b in ok["backend"]]

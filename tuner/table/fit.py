@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from bench.analysis.stats import geomean
 from bench.backends import floor_name, params_key
 from bench.run.hardware import device_of_key
 from bench.sizes import format_size
@@ -29,7 +29,7 @@ from tuner.table.builder import (
 )
 from tuner.table.data import config_params, device_of
 
-__all__ = ["GroupFit", "fit_group", "fit_tables", "baseline_for", "format_fit", "geomean"]
+__all__ = ["GroupFit", "fit_group", "fit_tables", "baseline_for", "format_fit"]
 
 
 @dataclasses.dataclass
@@ -41,13 +41,6 @@ class GroupFit:
     points: int
     baseline: str
     gain_geomean: float | None
-
-
-def geomean(values: Sequence[float]) -> float | None:
-    values = [v for v in values if v and v > 0 and math.isfinite(v)]
-    if not values:
-        return None
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def baseline_for(hardware_key: str, algorithms: Sequence[str]) -> str:
@@ -92,7 +85,7 @@ def fit_group(group: tuple, by_size: Mapping[int, list[Point]], *,
                          default=None)
     gain = None
     if base_curve is not None:
-        gain = geomean([b / t for b, t in zip(base_curve.latency_us, build.chosen_latency_us,
+        gain = geomean(empty=None, values=[b / t for b, t in zip(base_curve.latency_us, build.chosen_latency_us,
                                               strict=True) if b == b])
     points = sum(p.trials for pts in by_size.values() for p in pts)
     run_ids = sorted({r for pts in by_size.values() for p in pts for r in p.run_ids if r})

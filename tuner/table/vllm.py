@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from bench.analysis.results import correct_rows
+
 __all__ = ["MiB", "CUSTOM_ALL_REDUCE_MAX_SIZES", "SYMM_MEM_ALL_REDUCE_MAX_SIZES",
            "CUSTOM_AR_DEFAULT_MAX_SIZE", "CUSTOM_AR_WORLD_SIZES", "SYMM_MEM_MULTIMEM_WORLD_SIZES",
            "static_choice", "reenact"]
@@ -85,7 +87,7 @@ def reenact(rows, capability: str, **options):
     several rows of one backend at a point give their median."""
     import pandas as pd
 
-    ok = rows[rows["latency_us"].notna() & (rows["correct"] == True)]  # noqa: E712
+    ok = correct_rows(rows)
     keys = ["hardware_key", "world_size", "dtype", "mode", "bytes"]
     latency = ok.groupby(keys + ["backend"])["latency_us"].median()
     out = []

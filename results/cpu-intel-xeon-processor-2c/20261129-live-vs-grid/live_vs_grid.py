@@ -139,11 +139,9 @@ def compare(args, out: Path, grid_dir: Path, live_dir: Path) -> list[str]:
 
 
 def launcher():
-    """The sweep's launcher: bench.launch.launcher.launch since the house redesign."""
-    try:
-        from bench.launch.launcher import launch
-    except ImportError:  # a checkout from before it
-        from bench.cli import launch
+    """The sweep's launcher."""
+    from bench.launch.launcher import launch
+
     return launch
 
 
