@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo import explain as dynamo_explain
 
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
@@ -51,10 +52,10 @@ def _rank_main(rank: int, world: int, port: int, path: str, out_dir: str) -> Non
                 "bytes": nbytes, "backend": dispatcher.last_backend,
                 "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))),
                 "input_kept": bool(torch.equal(x, before))})
-        explain = torch._dynamo.explain(_model)(torch.ones(256))
+        explain = dynamo_explain(_model)(torch.ones(256))
         report["graph_breaks"] = explain.graph_break_count
         report["graphs"] = explain.graph_count
-        torch._dynamo.reset()
+        torch.compiler.reset()
         compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
         for nbytes in (1 * K, 16 * K):
             x = torch.full((nbytes // 4,), float(rank + 1))
@@ -92,10 +93,20 @@ def test_op_without_an_installed_dispatcher_says_how_to_install():
         op.all_reduce(torch.ones(4), "nobody")
 
 
-def test_op_fake_implementation_traces_shapes():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        x = torch.empty(3, 5, dtype=torch.bfloat16)
-        y = torch.ops.allreduce_autotune.all_reduce(x, "world")
-        assert y.shape == x.shape and y.dtype == x.dtype
+def test_op_registration_passes_torch_opcheck(tmp_path):
+    """torch.library.opcheck: schema, fake implementation, autograd registration and
+    AOT-dispatch all agree with the real implementation (one rank, gloo)."""
+    path = tmp_path / "thresholds.json"
+    _thresholds(1).save(path)
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dispatcher = Dispatcher.from_file(path)
+    op.install(dispatcher, "opcheck")
+    try:
+        for x in (torch.arange(12.0).reshape(3, 4), torch.ones(5, dtype=torch.bfloat16)):
+            torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,
+                                  (x, "opcheck"))
+    finally:
+        op.uninstall("opcheck")
+        dispatcher.release()
+        dist.destroy_process_group()
