@@ -74,30 +74,29 @@ def decode_status(word: int) -> dict[str, int] | None:
 @triton.jit
 def _sum_tile(p0, p1, p2, p3, p4, p5, p6, p7, offs, mask, N: tl.constexpr,
               CACHE: tl.constexpr, EVICT: tl.constexpr):
-    """float32 sum of N inputs at `offs`, in input order."""
-    acc = tl.load(p0 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                  eviction_policy=EVICT).to(tl.float32)
-    acc += tl.load(p1 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                   eviction_policy=EVICT).to(tl.float32)
+    """float32 sum of N inputs at `offs`, in input order (Triton has no pointer arrays: the
+    unrolled chain is the loop)."""
+    acc = _load_f32(p0, offs, mask, CACHE, EVICT)
+    acc += _load_f32(p1, offs, mask, CACHE, EVICT)
     if N > 2:
-        acc += tl.load(p2 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                       eviction_policy=EVICT).to(tl.float32)
+        acc += _load_f32(p2, offs, mask, CACHE, EVICT)
     if N > 3:
-        acc += tl.load(p3 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                       eviction_policy=EVICT).to(tl.float32)
+        acc += _load_f32(p3, offs, mask, CACHE, EVICT)
     if N > 4:
-        acc += tl.load(p4 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                       eviction_policy=EVICT).to(tl.float32)
+        acc += _load_f32(p4, offs, mask, CACHE, EVICT)
     if N > 5:
-        acc += tl.load(p5 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                       eviction_policy=EVICT).to(tl.float32)
+        acc += _load_f32(p5, offs, mask, CACHE, EVICT)
     if N > 6:
-        acc += tl.load(p6 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                       eviction_policy=EVICT).to(tl.float32)
+        acc += _load_f32(p6, offs, mask, CACHE, EVICT)
     if N > 7:
-        acc += tl.load(p7 + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                       eviction_policy=EVICT).to(tl.float32)
+        acc += _load_f32(p7, offs, mask, CACHE, EVICT)
     return acc
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask, CACHE: tl.constexpr, EVICT: tl.constexpr):
+    return tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE,
+                   eviction_policy=EVICT).to(tl.float32)
 
 
 @triton.jit

@@ -30,22 +30,13 @@ class TableError(ValueError):
     """A thresholds file that is not valid: one line naming the field."""
 
 
+# JSON kinds by Python type, bool before int (a bool is an int)
+_KINDS = ((type(None), "null"), (bool, "a boolean"), (int, "an integer"), (float, "a number"),
+          (str, "a string"), (list, "a list"), (dict, "an object"))
+
+
 def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+    return next((name for kind, name in _KINDS if isinstance(value, kind)), type(value).__name__)
 
 
 def _shown(value: Any) -> str:
