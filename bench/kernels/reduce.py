@@ -74,22 +74,11 @@ def decode_status(word: int) -> dict[str, int] | None:
 @triton.jit
 def _sum_tile(p0, p1, p2, p3, p4, p5, p6, p7, offs, mask, N: tl.constexpr,
               CACHE: tl.constexpr, EVICT: tl.constexpr):
-    """float32 sum of N inputs at `offs`, in input order (Triton has no pointer arrays: the
-    unrolled chain is the loop)."""
+    """float32 sum of N inputs at `offs`, in input order (unrolled at compile time)."""
+    ptrs = (p0, p1, p2, p3, p4, p5, p6, p7)
     acc = _load_f32(p0, offs, mask, CACHE, EVICT)
-    acc += _load_f32(p1, offs, mask, CACHE, EVICT)
-    if N > 2:
-        acc += _load_f32(p2, offs, mask, CACHE, EVICT)
-    if N > 3:
-        acc += _load_f32(p3, offs, mask, CACHE, EVICT)
-    if N > 4:
-        acc += _load_f32(p4, offs, mask, CACHE, EVICT)
-    if N > 5:
-        acc += _load_f32(p5, offs, mask, CACHE, EVICT)
-    if N > 6:
-        acc += _load_f32(p6, offs, mask, CACHE, EVICT)
-    if N > 7:
-        acc += _load_f32(p7, offs, mask, CACHE, EVICT)
+    for i in tl.static_range(1, N):
+        acc += _load_f32(ptrs[i], offs, mask, CACHE, EVICT)
     return acc
 
 
@@ -159,24 +148,41 @@ def _gather_from(src, out, first, step, n, num_tiles, TILE: tl.constexpr):
 _RUNTIME_ONLY = ["num_tiles", "rank", "max_spins"]
 
 
+@triton.jit
+def _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles, half_elems,
+            rank, max_spins, W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
+    """This call's epoch and buffer half; the input copied into this rank's buffer; met."""
+    b = tl.program_id(0)
+    epoch = tl.load(counters + b) + 1
+    half = tl.multiple_of((epoch & 1) * half_elems, 16)
+    _copy_in(inp, own + half, b, tl.num_programs(0), n, num_tiles, TILE)
+    _barrier(flag_table, own_flags, status_addr, 0, b, rank, epoch, max_spins, W, MAXB)
+    return epoch, half
+
+
+@triton.jit
+def _reduce_tiles(d0, d1, d2, d3, d4, d5, d6, d7, half, dst, first, step, n, num_tiles,
+                  W: tl.constexpr, TILE: tl.constexpr):
+    """dst[tile] = the sum over ranks of tile, for tiles first, first + step, ..."""
+    lanes = tl.arange(0, TILE)
+    for t in range(first, num_tiles, step):
+        offs = t * TILE + lanes
+        mask = offs < n
+        acc = _sum_tile(d0 + half, d1 + half, d2 + half, d3 + half, d4 + half, d5 + half,
+                        d6 + half, d7 + half, offs, mask, W, ".cg", "")
+        tl.store(dst + offs, acc.to(dst.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_ONLY)
 def one_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
                     counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
                     W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
     """Copy the input into this rank's buffer, meet, then sum every rank's buffer."""
     b = tl.program_id(0)
-    G = tl.num_programs(0)
-    epoch = tl.load(counters + b) + 1
-    half = tl.multiple_of((epoch & 1) * half_elems, 16)
-    _copy_in(inp, own + half, b, G, n, num_tiles, TILE)
-    _barrier(flag_table, own_flags, status_addr, 0, b, rank, epoch, max_spins, W, MAXB)
-    lanes = tl.arange(0, TILE)
-    for t in range(b, num_tiles, G):
-        offs = t * TILE + lanes
-        mask = offs < n
-        acc = _sum_tile(d0 + half, d1 + half, d2 + half, d3 + half, d4 + half, d5 + half,
-                        d6 + half, d7 + half, offs, mask, W, ".cg", "")
-        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+    epoch, half = _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles,
+                          half_elems, rank, max_spins, W, TILE, MAXB)
+    _reduce_tiles(d0, d1, d2, d3, d4, d5, d6, d7, half, out, b, tl.num_programs(0), n,
+                  num_tiles, W, TILE)
     tl.store(counters + b, epoch)
 
 
@@ -187,33 +193,14 @@ def two_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, o
     """Copy in, meet, reduce the tiles this rank owns into its buffer, meet, gather."""
     b = tl.program_id(0)
     G = tl.num_programs(0)
-    epoch = tl.load(counters + b) + 1
-    half = tl.multiple_of((epoch & 1) * half_elems, 16)
-    _copy_in(inp, own + half, b, G, n, num_tiles, TILE)
-    _barrier(flag_table, own_flags, status_addr, 0, b, rank, epoch, max_spins, W, MAXB)
-    lanes = tl.arange(0, TILE)
-    for t in range(b + G * rank, num_tiles, G * W):
-        offs = t * TILE + lanes
-        mask = offs < n
-        acc = _sum_tile(d0 + half, d1 + half, d2 + half, d3 + half, d4 + half, d5 + half,
-                        d6 + half, d7 + half, offs, mask, W, ".cg", "")
-        tl.store(own + half + offs, acc.to(out.dtype.element_ty), mask=mask)
+    epoch, half = _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles,
+                          half_elems, rank, max_spins, W, TILE, MAXB)
+    _reduce_tiles(d0, d1, d2, d3, d4, d5, d6, d7, half, own + half, b + G * rank, G * W, n,
+                  num_tiles, W, TILE)
     _barrier(flag_table, own_flags, status_addr, 1, b, rank, epoch, max_spins, W, MAXB)
-    step = G * W
-    _gather_from(d0 + half, out, b, step, n, num_tiles, TILE)
-    _gather_from(d1 + half, out, b + G, step, n, num_tiles, TILE)
-    if W > 2:
-        _gather_from(d2 + half, out, b + 2 * G, step, n, num_tiles, TILE)
-    if W > 3:
-        _gather_from(d3 + half, out, b + 3 * G, step, n, num_tiles, TILE)
-    if W > 4:
-        _gather_from(d4 + half, out, b + 4 * G, step, n, num_tiles, TILE)
-    if W > 5:
-        _gather_from(d5 + half, out, b + 5 * G, step, n, num_tiles, TILE)
-    if W > 6:
-        _gather_from(d6 + half, out, b + 6 * G, step, n, num_tiles, TILE)
-    if W > 7:
-        _gather_from(d7 + half, out, b + 7 * G, step, n, num_tiles, TILE)
+    peers = (d0, d1, d2, d3, d4, d5, d6, d7)
+    for r in tl.static_range(W):  # every rank's reduced tiles, from its buffer
+        _gather_from(peers[r] + half, out, b + r * G, G * W, n, num_tiles, TILE)
     tl.store(counters + b, epoch)
 
 
