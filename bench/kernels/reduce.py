@@ -127,21 +127,13 @@ def _barrier(flag_table, own_flags, status_addr, phase: tl.constexpr, b, rank, e
 
 
 @triton.jit
-def _copy_in(inp, own, b, G, n, num_tiles, TILE: tl.constexpr):
-    lanes = tl.arange(0, TILE)
-    for t in range(b, num_tiles, G):
-        offs = t * TILE + lanes
-        mask = offs < n
-        tl.store(own + offs, tl.load(inp + offs, mask=mask), mask=mask)
-
-
-@triton.jit
-def _gather_from(src, out, first, step, n, num_tiles, TILE: tl.constexpr):
+def _copy_tiles(src, dst, first, step, n, num_tiles, TILE: tl.constexpr, CACHE: tl.constexpr):
+    """dst[tile] = src[tile] for tiles first, first + step, ..."""
     lanes = tl.arange(0, TILE)
     for t in range(first, num_tiles, step):
         offs = t * TILE + lanes
         mask = offs < n
-        tl.store(out + offs, tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+        tl.store(dst + offs, tl.load(src + offs, mask=mask, cache_modifier=CACHE), mask=mask)
 
 
 # every rank runs the same compiled kernel, whatever its rank, size in tiles or spin budget
@@ -155,7 +147,7 @@ def _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles
     b = tl.program_id(0)
     epoch = tl.load(counters + b) + 1
     half = tl.multiple_of((epoch & 1) * half_elems, 16)
-    _copy_in(inp, own + half, b, tl.num_programs(0), n, num_tiles, TILE)
+    _copy_tiles(inp, own + half, b, tl.num_programs(0), n, num_tiles, TILE, "")
     _barrier(flag_table, own_flags, status_addr, 0, b, rank, epoch, max_spins, W, MAXB)
     return epoch, half
 
@@ -200,7 +192,7 @@ def two_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, o
     _barrier(flag_table, own_flags, status_addr, 1, b, rank, epoch, max_spins, W, MAXB)
     peers = (d0, d1, d2, d3, d4, d5, d6, d7)
     for r in tl.static_range(W):  # every rank's reduced tiles, from its buffer
-        _gather_from(peers[r] + half, out, b + r * G, G * W, n, num_tiles, TILE)
+        _copy_tiles(peers[r] + half, out, b + r * G, G * W, n, num_tiles, TILE, ".cg")
     tl.store(counters + b, epoch)
 
 
