@@ -13,6 +13,7 @@ up to `netName` declared as version 2.17 is read correctly by every later NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -20,6 +21,7 @@ import os
 import platform
 import site
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,7 +36,40 @@ __all__ = [
     "nccl_dtype",
     "WIN_COLL_SYMMETRIC",
     "SYMMETRIC_MIN_VERSION",
+    "ALGOS",
+    "PROTOS",
+    "algo_proto_env",
 ]
+
+# NCCL's algorithm and protocol, forced for one communicator through NCCL_ALGO / NCCL_PROTO
+# (read at communicator init); "default" leaves NCCL's own choice. Knob values of the nccl
+# and pynccl backends, and columns of `tuner export --format nccl-tuner`.
+_ALGO_ENV = {"default": None, "ring": "Ring", "tree": "Tree"}
+_PROTO_ENV = {"default": None, "simple": "Simple", "ll": "LL", "ll128": "LL128"}
+ALGOS = tuple(_ALGO_ENV)
+PROTOS = tuple(_PROTO_ENV)
+
+
+@contextlib.contextmanager
+def algo_proto_env(algo: str = "default", proto: str = "default") -> Iterator[None]:
+    """NCCL_ALGO / NCCL_PROTO set for the duration of a communicator's init (restored after);
+    "default" leaves the variable as it is."""
+    if algo not in _ALGO_ENV or proto not in _PROTO_ENV:
+        raise ValueError(f"algo/proto: expected one of {ALGOS} / {PROTOS}, got {algo!r}/{proto!r}")
+    values = {"NCCL_ALGO": _ALGO_ENV[algo], "NCCL_PROTO": _PROTO_ENV[proto]}
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is not None:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
 
 ENV_PATH = "ALLREDUCE_AUTOTUNE_NCCL_PATH"
 WIN_COLL_SYMMETRIC = 0x01

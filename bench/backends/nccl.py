@@ -3,7 +3,9 @@
 The group is made with `dist.new_group(backend="nccl")` over all ranks of the sweep (whose
 default group is gloo), and warmed up with one all-reduce at creation so the communicator
 exists before any CUDA-graph capture. Knob `ctas` bounds NCCL's CTAs (channels) through the
-process group's ncclConfig_t (min_ctas = max_ctas = ctas); 0 leaves NCCL's choice.
+process group's ncclConfig_t (min_ctas = max_ctas = ctas); 0 leaves NCCL's choice. Knobs
+`algo` and `proto` force NCCL's algorithm and protocol for this communicator (NCCL_ALGO /
+NCCL_PROTO while it is created, the warm-up creating it); "default" leaves NCCL's choice.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
+from bench.backends.libnccl import ALGOS, PROTOS, algo_proto_env
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CTAS = (0, 1, 2, 4, 8, 16, 32)
@@ -25,7 +28,8 @@ class NcclAllReduce:
     name = "nccl"
     in_place = True
 
-    def __init__(self, ctx: CommContext, max_bytes: int | None = None, ctas: int = 0) -> None:
+    def __init__(self, ctx: CommContext, max_bytes: int | None = None, ctas: int = 0,
+                 algo: str = "default", proto: str = "default") -> None:
         self.device = ctx.device
         self._index = device_index(ctx.device)
         options = None
@@ -33,12 +37,13 @@ class NcclAllReduce:
             options = dist.ProcessGroupNCCL.Options()
             options.config.min_ctas = ctas
             options.config.max_ctas = ctas
-        self._group = dist.new_group(
-            backend="nccl", timeout=datetime.timedelta(seconds=ctx.timeout_s),
-            pg_options=options)
-        warm = torch.ones(16, dtype=torch.float32, device=self.device)
-        dist.all_reduce(warm, group=self._group)
-        torch.cuda.synchronize(self.device)
+        with algo_proto_env(algo, proto):  # NCCL reads them when the first call creates it
+            self._group = dist.new_group(
+                backend="nccl", timeout=datetime.timedelta(seconds=ctx.timeout_s),
+                pg_options=options)
+            warm = torch.ones(16, dtype=torch.float32, device=self.device)
+            dist.all_reduce(warm, group=self._group)
+            torch.cuda.synchronize(self.device)
         if warm[0].item() != ctx.world_size:
             raise RuntimeError(f"NCCL warm-up all-reduce gave {warm[0].item()}, "
                                f"expected {ctx.world_size}")
@@ -70,6 +75,7 @@ def _probe(ctx: CommContext) -> str | None:
 register(BackendSpec(
     name="nccl", device="cuda", probe=_probe,
     create=lambda ctx, max_bytes, **params: NcclAllReduce(ctx, max_bytes, **params),
-    knobs={"ctas": _CTAS}, dtypes=_DTYPES, alignment=1, needs_buffer=False,
+    knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS}, dtypes=_DTYPES, alignment=1,
+    needs_buffer=False,
     is_floor=True,
 ))

@@ -17,10 +17,6 @@ their registered buffers; the copies are in the timed region.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 
@@ -28,35 +24,19 @@ from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 from bench.backends.libnccl import (
+    ALGOS,
+    PROTOS,
     WIN_COLL_SYMMETRIC,
     NcclLibrary,
     NcclLoadError,
+    algo_proto_env,
     load_library,
     nccl_dtype,
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CTAS = (0, 1, 2, 4, 8, 16, 32)
-_ALGOS = {"default": None, "ring": "Ring", "tree": "Tree"}
-_PROTOS = {"default": None, "simple": "Simple", "ll": "LL", "ll128": "LL128"}
 _WINDOW_ALIGN_BYTES = 4096  # NCCL_WIN_REQUIRED_ALIGNMENT
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or leave) environment variables for the duration of a communicator's init."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is not None:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _CudaArray:
@@ -86,8 +66,7 @@ class PyNcclAllReduce:
             payload.copy_(torch.frombuffer(bytearray(self.lib.unique_id()), dtype=torch.uint8))
         src = dist.get_global_rank(ctx.cpu_group, 0) if ctx.cpu_group is not None else 0
         dist.broadcast(payload, src=src, group=ctx.cpu_group)
-        env = {"NCCL_ALGO": _ALGOS[algo], "NCCL_PROTO": _PROTOS[proto]}
-        with torch.cuda.device(self.device), _env(env):
+        with torch.cuda.device(self.device), algo_proto_env(algo, proto):
             self.comm = self.lib.comm_init_rank(ctx.world_size, bytes(payload.tolist()), ctx.rank,
                                                 min_ctas=ctas, max_ctas=ctas)
         self._check_warm_up(ctx.world_size)
@@ -221,7 +200,7 @@ def _probe_symm(ctx: CommContext) -> str | None:
 register(BackendSpec(
     name="pynccl", device="cuda", probe=_probe,
     create=lambda ctx, max_bytes, **params: PyNcclAllReduce(ctx, max_bytes, **params),
-    knobs={"ctas": _CTAS, "algo": tuple(_ALGOS), "proto": tuple(_PROTOS)},
+    knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS},
     dtypes=_DTYPES, alignment=1, needs_buffer=False,
 ))
 register(BackendSpec(
