@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from tuner.runtime.schema import Rule, Table, Thresholds
-from tuner.table.export import capability_of, format_vllm, vllm_dicts
+from tuner.table.formats.common import capability_of
+from tuner.table.formats.vllm import format_vllm, vllm_dicts
 from tuner.table.vllm import MiB, reenact, static_choice
 
 EVIDENCE = {"run_id": "r", "points": 1, "regret_vs_oracle": 0.0, "gain_vs_nccl_geomean": None}

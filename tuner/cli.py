@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.launch.flags import EXIT_USAGE, UsageError, UsageParser, run_command
+from bench.launch.flags import EXIT_USAGE, UsageError, UsageParser, int_flag, run_command
 from tuner.table.options import add_table_flags, table_options, write_pareto
 
 __all__ = ["main", "build_parser"]
@@ -32,9 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("path")
     export = sub.add_parser("export", help="other formats of a thresholds.json")
     export.add_argument("path")
-    export.add_argument("--format", required=True, help="vllm")
+    export.add_argument("--format", required=True,
+                        help="vllm, sglang-env, nccl-tuner or nccl-env")
     export.add_argument("--dtype", default=None, help="tables of this dtype (default bfloat16)")
-    export.add_argument("--mode", default=None, help="tables of this mode (default graph)")
+    export.add_argument("--mode", default=None,
+                        help="tables of this mode (vllm: default graph; others: both)")
+    export.add_argument("--world-size", dest="world_size", default=None,
+                        help="tables of this world size (default: all)")
     export.add_argument("--capability", default=None,
                         help="key the dictionaries by this CUDA capability (e.g. 9.0)")
     export.add_argument("-o", "--output", default=None, help="write here instead of stdout")
@@ -94,7 +98,7 @@ def _cmd_fit(args, argv: list[str]) -> int:
 
 def _cmd_show(args) -> int:
     from tuner.runtime.schema import TableError, load
-    from tuner.table.export import table_lines
+    from tuner.table.show import table_lines
 
     try:
         thresholds = load(args.path)
@@ -106,19 +110,21 @@ def _cmd_show(args) -> int:
 
 def _cmd_export(args) -> int:
     from tuner.runtime.schema import TableError, load
-    from tuner.table.export import format_vllm
+    from tuner.table.formats import FORMATS, ExportError, export
 
-    if args.format != "vllm":
-        raise UsageError(f"--format: expected vllm, got {args.format!r}")
+    if args.format not in FORMATS:
+        raise UsageError(f"--format: expected {', '.join(FORMATS)}, got {args.format!r}")
     if args.dtype is not None and args.dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"--dtype: expected float32, bfloat16 or float16, got {args.dtype!r}")
     if args.mode is not None and args.mode not in ("eager", "graph"):
         raise UsageError(f"--mode: expected eager or graph, got {args.mode!r}")
+    world_size = None if args.world_size is None else int_flag("--world-size", args.world_size)
     try:
         thresholds = load(args.path)
-    except TableError as exc:
+        text = export(thresholds, args.format, args.path, args.dtype, args.mode, world_size,
+                      args.capability)
+    except (TableError, ExportError) as exc:
         raise UsageError(str(exc)) from None
-    text = format_vllm(thresholds, args.path, args.dtype, args.mode, args.capability)
     if args.output:
         Path(args.output).write_text(text)
     else:
