@@ -37,3 +37,20 @@ def test_decision_overhead(benchmark, dispatcher, nbytes, expected):
     tensor = torch.ones(nbytes // 4, dtype=torch.float32)
     backend = benchmark(dispatcher.decide, tensor)
     assert backend is not None and backend.name == expected
+
+
+@pytest.mark.parametrize("call", ["floor", "dispatcher", "op"])
+def test_op_call_overhead(benchmark, dispatcher, call):
+    """The registered op against the dispatcher it wraps and the plain floor call, side by side
+    (pytest-benchmark's table); asserts only the sum (1 rank: the input itself)."""
+    from tuner.runtime import op
+
+    op.install(dispatcher, "bench")
+    tensor = torch.full((256,), 3.0)
+    fn = {"floor": dispatcher.floor.all_reduce, "dispatcher": dispatcher.all_reduce,
+          "op": lambda t: op.all_reduce(t, "bench")}[call]
+    try:
+        result = benchmark(fn, tensor)
+    finally:
+        op.uninstall("bench")
+    assert torch.equal(result, torch.full((256,), 3.0))

@@ -40,7 +40,6 @@ def installed(group: str = DEFAULT_GROUP):
     return _DISPATCHERS.get(group)
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
 def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
     dispatcher = _DISPATCHERS.get(group)
     if dispatcher is None:
@@ -51,11 +50,22 @@ def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
     return dispatcher.all_reduce(out)
 
 
-@_all_reduce.register_fake
 def _all_reduce_fake(tensor: torch.Tensor, group: str) -> torch.Tensor:
     return torch.empty_like(tensor)
 
 
+# A plain library definition rather than torch.library.custom_op: the same op for dynamo, AOT
+# autograd and CUDA graphs, at ~3 us per eager call instead of ~9 us (measured side by side,
+# scripts/op_overhead.py); one implementation for every device (CompositeExplicitAutograd)
+_LIBRARY = torch.library.Library(OP_NAME.split("::")[0], "DEF")
+_LIBRARY.define("all_reduce(Tensor tensor, str group) -> Tensor")
+_LIBRARY.impl("all_reduce", _all_reduce, "CompositeExplicitAutograd")
+torch.library.register_fake(OP_NAME)(_all_reduce_fake)
+
+
 def all_reduce(tensor: torch.Tensor, group: str = DEFAULT_GROUP) -> torch.Tensor:
     """The sum of `tensor` over `group`'s ranks, as a new tensor, through the registered op."""
-    return torch.ops.allreduce_autotune.all_reduce(tensor, group)
+    return _OP(tensor, group)
+
+
+_OP = torch.ops.allreduce_autotune.all_reduce.default

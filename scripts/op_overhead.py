@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""What the registered op costs, side by side in one run (one rank; nothing asserts).
+
+Eager, per call (median over batches of calls, so the timer's own cost stays out):
+`torch.distributed.all_reduce` of the floor, the dispatcher's decision alone, the dispatcher's
+`all_reduce`, the op (`torch.ops.allreduce_autotune.all_reduce`: torch's op dispatch, a clone
+for its out-of-place result, the decision, the backend), and the clone alone.
+
+With `--device cuda`, also CUDA graphs: K calls captured once as plain
+`torch.distributed.all_reduce` on the NCCL group, and once through the op (routed by the table
+to pynccl, then nccl); the host time of `graph.replay()` (perf_counter around the call, no
+synchronisation inside the timed region) and the GPU time of a replay (CUDA events), and the
+dispatcher's call count before and after the replays (a replay must do no host work: it stays).
+Target: replay host time identical within noise; eager decision <= 1 us median.
+
+    python scripts/op_overhead.py [--device cpu|cuda] [--batches 200] [--markdown F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from bench.run.hardware import fingerprint  # noqa: E402
+from tuner.runtime import op  # noqa: E402
+from tuner.runtime.dispatch import Dispatcher  # noqa: E402
+from tuner.runtime.schema import Rule, Table, Thresholds  # noqa: E402
+
+EVIDENCE = {"run_id": "op-overhead", "points": 0, "regret_vs_oracle": 0.0,
+            "gain_vs_nccl_geomean": None}
+
+
+def per_call_us(fn, batches: int, calls: int = 200) -> float:
+    times = []
+    for _ in range(batches):
+        t0 = time.perf_counter_ns()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter_ns() - t0) / calls / 1000)
+    return statistics.median(times)
+
+
+def _thresholds(device: str, hardware_key: str) -> Thresholds:
+    if device == "cpu":
+        rules, sizes = (Rule(4096, "shm_one_shot"), Rule(None, "gloo")), {"shm_one_shot": 4096}
+    else:
+        rules, sizes = (Rule(8192, "pynccl"), Rule(None, "nccl")), {}
+    modes = ("eager", "graph") if device == "cuda" else ("eager",)
+    return Thresholds(tables=tuple(Table(hardware_key, 1, "float32", mode, rules, sizes, EVIDENCE)
+                                   for mode in modes))
+
+
+def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, float]]:
+    t = torch.ones(256, device=device)  # 1 KiB
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn):
+        value = per_call_us(fn, batches)
+        sync()
+        return value
+
+    return [(f"floor {d.floor.name}: torch.distributed.all_reduce", timed(
+                lambda: d.floor.all_reduce(t))),
+            (f"dispatcher.decide -> {d.decide(t).name}", timed(lambda: d.decide(t))),
+            ("dispatcher.all_reduce", timed(lambda: d.all_reduce(t))),
+            ("op.all_reduce (torch.ops.allreduce_autotune)", timed(lambda: op.all_reduce(t))),
+            ("tensor.clone (part of the op)", timed(lambda: t.clone()))]
+
+
+def graph_rows(d: Dispatcher, calls: int, replays: int) -> list[tuple[str, float, float]]:
+    """(what, host us per replay, GPU us per replay) for plain all_reduce and for the op."""
+    out = []
+    for label, step in (("graph of plain torch.distributed.all_reduce (the nccl floor)",
+                         d.floor.all_reduce),
+                        ("graph of the op (1 KiB -> pynccl)", lambda x: op.all_reduce(x))):
+        x = torch.ones(256, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                step(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                step(x)
+        before = sum(d.calls.values())
+        host, gpu = [], []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(replays):
+            torch.cuda.synchronize()
+            start.record()
+            t0 = time.perf_counter_ns()
+            graph.replay()
+            host.append((time.perf_counter_ns() - t0) / 1000)
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end) * 1000)
+        assert sum(d.calls.values()) == before, "a replay ran the dispatcher"
+        out.append((f"{label}, {calls} calls", statistics.median(host), statistics.median(gpu)))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--graph-calls", type=int, default=20)
+    p.add_argument("--replays", type=int, default=200)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args()
+    store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    fp = fingerprint(args.device)
+    device = "cuda:0" if args.device == "cuda" else "cpu"
+    d = Dispatcher.from_thresholds(_thresholds(args.device, fp["hardware_key"]), device=device,
+                                   count_calls=True)
+    op.install(d)
+    where = fp.get("cuda_name") or fp["cpu"]["model"]
+    lines = [f"machine: {where} ({fp['hardware_key']}), {os.cpu_count()} CPUs; torch "
+             f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}", "",
+             "| eager call, 1 KiB float32 | median us per call |", "| --- | --: |"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in eager_rows(d, device, args.batches)]
+    if args.device == "cuda":
+        lines += ["", "| CUDA graph | host us per replay | GPU us per replay |",
+                  "| --- | --: | --: |"]
+        lines += [f"| {name} | {host:.1f} | {gpu:.1f} |"
+                  for name, host, gpu in graph_rows(d, args.graph_calls, args.replays)]
+    op.uninstall()
+    d.release()
+    dist.destroy_process_group()
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
