@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bench.analysis.results import correct_rows, read_results
+from bench.analysis.results import fastest_rows, read_results
 from bench.sizes import format_size
 
 __all__ = ["format_run", "print_summary", "best_per_size", "add_arguments", "run"]
@@ -16,11 +16,7 @@ __all__ = ["format_run", "print_summary", "best_per_size", "add_arguments", "run
 
 def best_per_size(frame):
     """Fastest correct measured backend per (world_size, dtype, mode, bytes)."""
-    ok = correct_rows(frame)
-    if ok.empty:
-        return ok
-    idx = ok.groupby(["world_size", "dtype", "mode", "bytes"])["latency_us"].idxmin()
-    return ok.loc[idx].sort_values(["world_size", "dtype", "mode", "bytes"])
+    return fastest_rows(frame, ["world_size", "dtype", "mode", "bytes"])
 
 
 def format_run(frame) -> str:

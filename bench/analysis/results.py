@@ -12,11 +12,14 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "TABLE_KEY",
+    "point_key",
+    "fastest_rows",
     "COLUMNS",
     "POINT_KEY",
     "ResultsWriter",
@@ -41,6 +44,8 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
 )
 # what identifies a point (a rerun with --resume skips keys already present)
 POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
+# what one thresholds.json table covers (the tuner fits one table per group of rows)
+TABLE_KEY: tuple[str, ...] = ("hardware_key", "world_size", "dtype", "mode")
 
 RESULTS_FILE = "results.csv"
 META_FILE = "meta.json"
@@ -179,6 +184,21 @@ def correct_rows(frame):
     return frame[frame["latency_us"].notna() & frame["correct"].fillna(False).astype(bool)]
 
 
+def point_key(**fields: Any) -> tuple:
+    """The POINT_KEY of a row, or of a planned point given by name."""
+    return (fields["backend"], int(fields["world_size"]), fields["dtype"], int(fields["bytes"]),
+            fields["mode"])
+
+
+def fastest_rows(frame, keys: Iterable[str]):
+    """Per group of `keys`, the correct measured row with the lowest latency."""
+    keys = list(keys)
+    ok = correct_rows(frame)
+    if ok.empty:
+        return ok
+    return ok.loc[ok.groupby(keys)["latency_us"].idxmin()].sort_values(keys)
+
+
 def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
     """Point keys already in a run's table (measured or skipped)."""
     path = Path(run_dir) / RESULTS_FILE
@@ -187,11 +207,8 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         _check_header(list(reader.fieldnames or []), path)
-        return {
-            (r["backend"], int(r["world_size"]), r["dtype"], int(r["bytes"]), r["mode"])
-            for r in reader
-            if r.get(COLUMNS[-1]) is not None  # a row cut short by a crash is not complete
-        }
+        return {point_key(**r) for r in reader
+                if r.get(COLUMNS[-1]) is not None}  # a row cut short by a crash is not complete
 
 
 def write_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:

@@ -20,6 +20,7 @@ from bench.analysis.results import (
     ResultsWriter,
     RunDirLocked,
     completed_points,
+    point_key,
     read_meta,
     write_meta,
 )
@@ -111,7 +112,8 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     dist.broadcast_object_list(shared, src=0)
     hardware_key, done = shared
     plan = [p for p in point_plan(cfg)
-            if (p[0], ctx.world_size, p[1], p[3], p[2]) not in done]
+            if point_key(backend=p[0], world_size=ctx.world_size, dtype=p[1], bytes=p[3],
+                         mode=p[2]) not in done]
     progress = None
     if rank == 0 and not cfg.quiet:
         from tqdm import tqdm

@@ -26,6 +26,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from bench.analysis.results import TABLE_KEY
 from bench.backends import params_key
 
 __all__ = ["Space", "study_name", "parse_study_name", "open_study", "enter_rows",
@@ -176,7 +177,7 @@ def enter_rows(storage, rows, spaces: Mapping[tuple, Space]) -> tuple[int, int]:
     `spaces` maps a group (hardware_key, world_size, dtype, mode) to its Space. Returns
     (trials added, rows already present)."""
     added = present = 0
-    keys = ["hardware_key", "world_size", "dtype", "mode", "bytes"]
+    keys = [*TABLE_KEY, "bytes"]
     for point, part in rows.groupby(keys, sort=True):
         hw, ws, dtype, mode, nbytes = point
         space = spaces[(hw, int(ws), dtype, mode)]

@@ -15,6 +15,7 @@ from typing import Any
 
 from bench.analysis.results import (
     RESULTS_FILE,
+    TABLE_KEY,
     SchemaError,
     correct_rows,
     read_meta,
@@ -26,8 +27,7 @@ from bench.run.hardware import device_of_key
 __all__ = ["RunsError", "find_run_dirs", "load_rows", "config_params",
            "GROUP", "device_of"]
 
-# one table per group
-GROUP = ("hardware_key", "world_size", "dtype", "mode")
+GROUP = TABLE_KEY  # one table per group
 
 
 class RunsError(ValueError):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from bench.analysis.results import correct_rows
+from bench.analysis.results import TABLE_KEY, correct_rows
 
 __all__ = ["MiB", "CUSTOM_ALL_REDUCE_MAX_SIZES", "SYMM_MEM_ALL_REDUCE_MAX_SIZES",
            "CUSTOM_AR_DEFAULT_MAX_SIZE", "CUSTOM_AR_WORLD_SIZES", "SYMM_MEM_MULTIMEM_WORLD_SIZES",
@@ -88,7 +88,7 @@ def reenact(rows, capability: str, **options):
     import pandas as pd
 
     ok = correct_rows(rows)
-    keys = ["hardware_key", "world_size", "dtype", "mode", "bytes"]
+    keys = [*TABLE_KEY, "bytes"]
     latency = ok.groupby(keys + ["backend"])["latency_us"].median()
     out = []
     for point, part in ok.groupby(keys, sort=True):
