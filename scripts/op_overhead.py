@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """What the registered op costs, side by side in one run (one rank; nothing asserts).
 
-Eager, per call (median over batches of calls, so the timer's own cost stays out):
-`torch.distributed.all_reduce` of the floor, the dispatcher's decision alone, the dispatcher's
+Eager, per call (median over batches of calls, so the timer's own cost stays out): the
+dispatcher's decision (rule lookup + the chosen backend's gate) at three sizes and the gate
+alone; then, at 1 KiB, `torch.distributed.all_reduce` of the floor, the dispatcher's
 `all_reduce`, the op (`torch.ops.allreduce_autotune.all_reduce`: torch's op dispatch, a clone
 for its out-of-place result, the decision, the backend), and the clone alone.
 
@@ -53,7 +54,8 @@ def per_call_us(fn, batches: int, calls: int = 200) -> float:
 
 def _thresholds(device: str, hardware_key: str) -> Thresholds:
     if device == "cpu":
-        rules, sizes = (Rule(4096, "shm_one_shot"), Rule(None, "gloo")), {"shm_one_shot": 4096}
+        rules = (Rule(4096, "shm_one_shot"), Rule(65536, "shm_two_shot"), Rule(None, "gloo"))
+        sizes = {"shm_one_shot": 4096, "shm_two_shot": 65536}
     else:
         rules, sizes = (Rule(8192, "pynccl"), Rule(None, "nccl")), {}
     modes = ("eager", "graph") if device == "cuda" else ("eager",)
@@ -70,9 +72,15 @@ def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, floa
         sync()
         return value
 
-    return [(f"floor {d.floor.name}: torch.distributed.all_reduce", timed(
+    rows = []
+    for nbytes in (2048, 32768, 4 << 20):
+        x = torch.ones(nbytes // 4, device=device)
+        backend = d.decide(x)
+        rows.append((f"decide {nbytes} B -> {backend.name}", timed(lambda x=x: d.decide(x))))
+        rows.append((f"  {backend.name}.can_take alone", timed(lambda x=x, b=backend:
+                                                             b.can_take(x))))
+    return rows + [(f"floor {d.floor.name}: torch.distributed.all_reduce (1 KiB)", timed(
                 lambda: d.floor.all_reduce(t))),
-            (f"dispatcher.decide -> {d.decide(t).name}", timed(lambda: d.decide(t))),
             ("dispatcher.all_reduce", timed(lambda: d.all_reduce(t))),
             ("op.all_reduce (torch.ops.allreduce_autotune)", timed(lambda: op.all_reduce(t))),
             ("tensor.clone (part of the op)", timed(lambda: t.clone()))]
@@ -130,7 +138,7 @@ def main() -> int:
     where = fp.get("cuda_name") or fp["cpu"]["model"]
     lines = [f"machine: {where} ({fp['hardware_key']}), {os.cpu_count()} CPUs; torch "
              f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}", "",
-             "| eager call, 1 KiB float32 | median us per call |", "| --- | --: |"]
+             "| eager call, float32 | median us per call |", "| --- | --: |"]
     lines += [f"| {name} | {value:.2f} |" for name, value in eager_rows(d, device, args.batches)]
     if args.device == "cuda":
         lines += ["", "| CUDA graph | host us per replay | GPU us per replay |",
