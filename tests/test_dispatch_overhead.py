@@ -1,6 +1,6 @@
 """The dispatcher's per-call decision (rule lookup + the chosen backend's gates), timed with
 pytest-benchmark. The target is <= 1 us median on CPU; that figure is read from a real
-benchmark run and written to results/tuner.md (scripts/dispatch_overhead.py). Here, with or
+benchmark run and written to results/tuner.md (scripts/op_overhead.py). Here, with or
 without --benchmark-disable, the test only asserts that a decision was made and is the right
 one: no timing threshold inside a test."""
 
