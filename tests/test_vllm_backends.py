@@ -179,6 +179,6 @@ def test_max_size_tables_grow_in_place_and_vllm_modules_see_it():
         assert "8.0" not in custom_all_reduce.CUSTOM_ALL_REDUCE_MAX_SIZES
         assert vllm_symm_mem.SYMM_MEM_ALL_REDUCE_MAX_SIZES["8.0"] == {4: 4096}
     finally:
-        for table, before in zip((custom, symm), saved):
+        for table, before in zip((custom, symm), saved, strict=True):
             table.clear()
             table.update(before)

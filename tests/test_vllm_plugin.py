@@ -341,7 +341,7 @@ def test_two_ranks_build_vllms_communicator_agree_size_and_route(tmp_path):
     mp.start_processes(_rank_main, args=(2, free_port("127.0.0.1"), files, str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    for rank, report in enumerate(reports):
+    for report in reports:
         assert report["agreed"]["routes"] and report["pp_routes"] is None
         assert report["choices"] == ["vllm_custom_ar_one_shot", "vllm_symm_mem_two_shot",
                                      "nccl", None, "vllm_custom_ar", "vllm_pynccl"]
