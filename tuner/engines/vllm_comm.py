@@ -208,6 +208,14 @@ def prepare(setup: Setup | None, cpu_group, unique_name: str) -> Prepared | None
     return Prepared(Routes(tables), inject, notes, key, rank, unique_name, setup.path)
 
 
+def _warm_up_device_group(comm, routes: Routes) -> None:
+    """The table's `nccl` path reduces on the device group: one small all-reduce now, on
+    every rank alike (same routes), so its communicator exists before any graph capture."""
+    group = getattr(comm, "device_group", None)
+    if group is not None and any(p.name == "nccl" for p in routes.paths()):
+        dist.all_reduce(torch.zeros(1, device=comm.device), group=group)
+
+
 @contextlib.contextmanager
 def _custom_ar_max_size(size: int | None):
     """CustomAllreduce built with max_size=`size` inside the block (None: untouched)."""
@@ -249,6 +257,7 @@ def install(module, current: Callable[[], Setup | None]) -> None:
             init(self, *args, **kwargs)
         if prepared is not None:
             setattr(self, ROUTES_ATTRIBUTE, prepared.routes)
+            _warm_up_device_group(self, prepared.routes)
             prepared.announce(self)
 
     @functools.wraps(all_reduce)

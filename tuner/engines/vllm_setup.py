@@ -97,8 +97,12 @@ def _digest(text: str) -> str:
 
 
 def node_hardware_key(setup: Setup) -> str:
-    """The key to look tables up by: the variable, else the fingerprint's (once a process)."""
-    return setup.hardware_key or _fingerprint_key()
+    """The key to look tables up by: the variable, else the fingerprint's (once a process).
+    Never raises: it is computed on one rank just before the others wait for it."""
+    try:
+        return setup.hardware_key or _fingerprint_key()
+    except Exception as exc:
+        return f"unknown (fingerprint failed: {type(exc).__name__}: {exc})".splitlines()[0]
 
 
 @functools.cache
