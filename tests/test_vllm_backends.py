@@ -71,6 +71,15 @@ def test_probes_without_vllm_say_it_is_not_installed(monkeypatch):
                                                      "see docs/vllm.md)")
 
 
+def test_symmetric_memory_is_never_built_where_multicast_stays_off():
+    off = vllm_backends.multicast_off_reason
+    assert off({}) is None and off({"NCCL_NVLS_ENABLE": "1"}) is None
+    assert off({"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}) == (
+        "no NVLink multicast (TORCH_SYMM_MEM_DISABLE_MULTICAST=1: kept off on this machine)")
+    assert off({"NCCL_NVLS_ENABLE": "0"}).startswith("no NVLink multicast (NCCL_NVLS_ENABLE=0")
+    assert off({"NVSHMEM_DISABLE_NVLS": "true"})
+
+
 @pytest.mark.slow
 def test_cpu_sweep_records_the_vllm_backends_as_skipped(run_cli, tmp_path):
     out = tmp_path / "run"

@@ -9,7 +9,7 @@ vLLM does (`bench.vllm.paths`):
 | name | vLLM object | needs (probed; the reason is recorded where one is missing) |
 | --- | --- | --- |
 | `vllm_custom_ar`, `vllm_custom_ar_one_shot`, `vllm_custom_ar_two_shot` | CustomAllreduce, max_size just above the sweep's largest size | vLLM's CUDA library, world size 2/4/6/8, one GPU per rank on one host; vLLM checks P2P and NVLink at construction |
-| `vllm_symm_mem_two_shot`, `vllm_symm_mem_multimem` | SymmMemCommunicator with force_multimem and max_size_override | NVLink multicast, even for two-shot: vLLM disables the communicator when the rendezvous gives no multicast pointer. Probed with this project's own `symm_mem_multimem` probe (TORCH_SYMM_MEM_DISABLE_MULTICAST, the driver's answer); nothing is created where multicast is off |
+| `vllm_symm_mem_two_shot`, `vllm_symm_mem_multimem` | SymmMemCommunicator with force_multimem and max_size_override | NVLink multicast, even for two-shot: vLLM disables the communicator when the rendezvous gives no multicast pointer. Skipped where the machine keeps multicast off (TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NCCL_NVLS_ENABLE=0 or NVSHMEM_DISABLE_NVLS=1), else probed with this project's own `symm_mem_multimem` probe (the driver's answer): never by creating a multicast object |
 | `vllm_pynccl` | PyNcclCommunicator | libnccl (vLLM finds it), one GPU per rank |
 | `vllm_quick_reduce` | QuickAllReduce | ROCm MI300/MI350 and VLLM_ROCM_QUICK_REDUCE_QUANTIZATION set (vLLM's default, NONE, turns it off) |
 
@@ -41,7 +41,7 @@ from bench.vllm.paths import (
     symm_mem_max_size,
 )
 
-__all__ = ["VllmAllReduce", "NAMES", "vllm_missing"]
+__all__ = ["VllmAllReduce", "NAMES", "vllm_missing", "multicast_off_reason"]
 
 _MODULE = "vllm.distributed.device_communicators."
 _HALF = (torch.float16, torch.bfloat16)
@@ -61,6 +61,18 @@ def vllm_missing() -> str | None:
     """Why vLLM cannot be used here (not installed), or None."""
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed (pip install vllm; see docs/vllm.md)"
+    return None
+
+
+def multicast_off_reason(environ=None) -> str | None:
+    """The machine keeps NVLink multicast off (DESIGN.md: all three variables are exported
+    together there): vLLM's symmetric memory must not be built, its rendezvous would create
+    multicast objects."""
+    environ = os.environ if environ is None else environ
+    for name, off in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"),
+                      ("NVSHMEM_DISABLE_NVLS", "1")):
+        if environ.get(name, "").strip().lower() in ((off, "true") if off == "1" else (off,)):
+            return f"no NVLink multicast ({name}={environ[name]}: kept off on this machine)"
     return None
 
 
@@ -112,7 +124,7 @@ def _family_reason(path: Path, ctx: CommContext) -> str | None:
     if path.communicator != "pynccl_comm" and (ctx.nnodes > 1 or not ctx.same_host):
         return f"vLLM's {cls} needs every rank on one host ({ctx.nnodes} hosts)"
     if path.communicator == "symm_mem_comm":
-        reason = get_spec("symm_mem_multimem").probe(ctx)
+        reason = multicast_off_reason() or get_spec("symm_mem_multimem").probe(ctx)
         if reason:
             return f"vLLM's {cls} needs NVLink multicast, even for two-shot: {reason}"
     try:
