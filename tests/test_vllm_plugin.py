@@ -160,6 +160,32 @@ def test_register_is_idempotent_and_reloads_on_other_settings(tmp_path):
     assert vllm_plugin.register({ENV_THRESHOLDS: str(good), ENV_STRICT: "1"}).thresholds
 
 
+def test_a_table_fitted_on_vllms_own_backends_is_what_the_plugin_routes(tmp_path):
+    """sweep rows of the vllm_* backends -> tuner fit -> the plugin: every rule names a path."""
+    from bench.analysis.results import ResultsWriter, write_meta
+    from tuner.cli import main as tuner_main
+
+    run = tmp_path / "run"
+    latency = {"vllm_custom_ar_one_shot": (5, 2e4), "vllm_symm_mem_two_shot": (12, 8e4),
+               "vllm_pynccl": (19, 1e5), "nccl": (20, 1e5)}
+    with ResultsWriter(run) as writer:
+        for backend, (base, rate) in latency.items():
+            for nbytes in (4 ** i * K for i in range(9)):
+                us = base + nbytes / rate
+                writer.append({"run_id": "r1", "hardware_key": KEY, "backend": backend,
+                               "world_size": 2, "nnodes": 1, "dtype": "bfloat16",
+                               "bytes": nbytes, "count": nbytes // 2, "mode": "graph",
+                               "iters": 5, "latency_us": us, "p10_us": us, "p90_us": us,
+                               "algbw_gbps": nbytes / us / 1e3, "busbw_gbps": nbytes / us / 1e3,
+                               "correct": True, "max_abs_err": 0.0, "skipped_reason": None})
+    write_meta(run, {"run_id": "r1", "hardware_key": KEY})
+    assert tuner_main(["fit", str(run), "-o", str(tmp_path / "t.json")]) == 0
+    setup = vllm_plugin.register({ENV_THRESHOLDS: str(tmp_path / "t.json")})
+    assert vllm_comm.Routes(list(setup.thresholds.tables)).describe() == (
+        "bfloat16 graph: <=64K vllm_custom_ar_one_shot, <=1M vllm_symm_mem_two_shot, "
+        "rest vllm_pynccl")
+
+
 # -- the routing decision, against stand-ins -------------------------------------------------
 
 class FakeCustom:
