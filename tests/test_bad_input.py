@@ -339,3 +339,28 @@ class _CountLine:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.write_line(self.line)
+
+
+# ------------------------------------------------------------------------ vLLM plugin
+# The vLLM plugin's own bad input (ALLREDUCE_AUTOTUNE_THRESHOLDS, ALLREDUCE_AUTOTUNE_STRICT) is
+# tested in tests/test_vllm_plugin.py; here, as an operator meets it: vLLM's plugin loader
+# stops the process with one line naming the variable and the file.
+VLLM_START = "import vllm.plugins as p; p.load_general_plugins(); print('started')"
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is None,
+                    reason="vLLM is not installed (.ci/run installs it: docs/vllm.md)")
+def test_vllm_does_not_start_with_a_corrupt_table(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+
+    table = tmp_path / "thresholds.json"
+    table.write_text("{")
+    env = subprocess_env({"ALLREDUCE_AUTOTUNE_THRESHOLDS": str(table)})
+    env.pop("ALLREDUCE_AUTOTUNE_STRICT", None)
+    proc = subprocess.run([sys.executable, "-c", VLLM_START], capture_output=True, text=True,
+                          env=env, timeout=180)
+    assert proc.returncode == 1 and "started" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"tuner.engines.vllm_setup.ThresholdsRefused: ALLREDUCE_AUTOTUNE_THRESHOLDS: {table}: "
+        "not JSON")
