@@ -3,23 +3,30 @@
 `--master-addr:--master-port` (a free port on one node), never a home-made launcher.
 
 `start_ranks` returns every local rank's return value or raises `ChildFailedError`; `launch`
-is the sweep's form of it: an exit code, and one line per failed rank.
+is the sweep's form of it: an exit code, and one line per failed rank, or one line when this
+process is stopped by a signal (SIGTERM, Ctrl-C): the ranks are ended first.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
-__all__ = ["free_port", "start_ranks", "launch", "failure_reason"]
+__all__ = ["free_port", "start_ranks", "launch", "failure_reason",
+           "remove_shm_leftovers"]
+
+
+_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def free_port(host: str) -> int:
@@ -54,10 +61,15 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir), **extra,
     )
+    # the agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into an exception for the rest of
+    # this process's life: ours again once the ranks are gone
+    handlers = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
     try:
         return elastic_launch(config, entrypoint)(*args) or {}
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
 
 
 def failure_reason(failure) -> str:
@@ -66,21 +78,48 @@ def failure_reason(failure) -> str:
     return f"signal {signal_name}" if signal_name != "<N/A>" else f"exit code {failure.exitcode}"
 
 
-def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple) -> int:
-    """`start_ranks` as an exit code: the largest nonzero code a rank returned, or 1 with one
-    line per failed rank (finished rows are kept in cfg.out)."""
+def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
+           kept: Callable[[], str] | None = None) -> int:
+    """`start_ranks` as an exit code: the largest nonzero code a rank returned; 1 with one
+    line per failed rank; 128 + N (130 for Ctrl-C) with one line when this process gets
+    signal N (the launcher ends the ranks first). `kept()` ends those lines with what the run
+    keeps (the sweep: the rows its table holds, counted then)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         results = start_ranks(cfg, entrypoint, args)
     except ChildFailedError as exc:
+        tail = kept() if kept else ""
         for rank, failure in sorted(exc.failures.items()):
             why = failure_reason(failure)
             if failure.exitcode == EXIT_WATCHDOG:
                 why = f"no progress for --timeout {cfg.timeout_s:g} s; its line above names " \
                       "the silent ranks"
-            print(f"bench: rank {rank} failed ({why}); finished rows are kept"
-                  + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
+            print(f"bench: rank {rank} failed ({why}){tail}", file=sys.stderr, flush=True)
+        remove_shm_leftovers(f.pid for f in exc.failures.values() if f.signal_name() != "<N/A>")
         return 1
+    except (SignalException, KeyboardInterrupt) as exc:
+        number = getattr(exc, "sigval", signal.SIGINT)
+        what = "interrupted" if number == signal.SIGINT else \
+            f"stopped by {signal.Signals(number).name}"
+        tail = kept() if kept else ""
+        print(f"bench: {what}; the ranks were ended{tail}", file=sys.stderr, flush=True)
+        return 128 + int(number)
     codes = [c for c in results.values() if c]
     return max(codes) if codes else 0
+
+
+def remove_shm_leftovers(pids: Iterable[int], shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove what ranks ended by a signal leave in /dev/shm: torch's files of CUDA IPC
+    reference counts, named torch_<pid>_<n> after the process that made them (a process that
+    exits normally removes its own). Returns the names removed."""
+    removed = []
+    for pid in pids:
+        for path in Path(shm_dir).glob(f"torch_{int(pid)}_*"):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:
+                continue
+    return removed
