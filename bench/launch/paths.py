@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.launch.flags import UsageError
+from bench.launch.flags import OutputError, UsageError
 
-__all__ = ["writable_dir", "writable_file", "os_error"]
+__all__ = ["writable_dir", "writable_file", "os_error", "output_error", "write_output"]
 
 PROBE_PREFIX = ".bench-probe-"
 
@@ -26,6 +26,20 @@ def os_error(exc: OSError) -> str:
     if exc.errno and exc.strerror:
         return f"[Errno {exc.errno}] {exc.strerror}"
     return str(exc) or type(exc).__name__
+
+
+def output_error(flag: str, path: str | os.PathLike, exc: OSError) -> OutputError:
+    """The one-line error of an output that could not be written after the work."""
+    return OutputError(f"{flag}: cannot write {path}: {os_error(exc)}")
+
+
+def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` (its folder made if missing); OutputError naming `flag`."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise output_error(flag, path, exc) from None
 
 
 def writable_dir(flag: str, path: str | os.PathLike) -> Path:
