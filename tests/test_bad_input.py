@@ -434,3 +434,18 @@ class _CountLine:
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.write_line(self.line)
+
+
+def test_a_half_written_table_is_read_without_its_cut_row(tmp_path, capsys):
+    """Not bad input but a crash's leftover: the last row cut short. `bench report` and
+    `tuner fit` read the whole rows and leave the cut one out, as `--resume` does."""
+    from bench.cli import main as bench_main
+    from tuner.cli import main as tuner_main
+
+    run = run_dir(tmp_path)
+    data = (run / "results.csv").read_bytes()
+    (run / "results.csv").write_bytes(data[:-30])
+    assert bench_main(["report", str(run)]) == 0
+    assert tuner_main(["fit", str(run), "-o", str(tmp_path / "t.json"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "1 measured rows" in captured.out

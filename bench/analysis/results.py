@@ -144,14 +144,18 @@ class ResultsWriter:
         """After `TableRemoved`: the folder and the file again, with every row this writer
         held (never over a file someone else made there meanwhile)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = _take_lock(self.run_dir)
+        lock_fd = self._lock_fd  # still ours, unless the folder went with it
+        if os.fstat(lock_fd).st_nlink == 0:
+            lock_fd = _take_lock(self.run_dir)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         except OSError:
-            os.close(lock_fd)
+            if lock_fd != self._lock_fd:
+                os.close(lock_fd)
             raise
         os.close(self._fd)
-        os.close(self._lock_fd)
+        if lock_fd != self._lock_fd:
+            os.close(self._lock_fd)
         self._fd, self._lock_fd = fd, lock_fd
         text, self._text = bytes(self._text), bytearray()
         self._write(text)
