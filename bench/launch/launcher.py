@@ -9,6 +9,7 @@ process is stopped by a signal (SIGTERM, Ctrl-C): the ranks are ended first.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -23,10 +24,11 @@ from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
 __all__ = ["free_port", "start_ranks", "launch", "failure_reason",
-           "remove_shm_leftovers"]
+           "remove_shm_leftovers", "PIDS_DIR_ENV"]
 
 
 _AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+PIDS_DIR_ENV = "BENCH_RANK_PIDS_DIR"  # where a launched rank leaves its pid
 
 
 def free_port(host: str) -> int:
@@ -64,12 +66,25 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     # the agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into an exception for the rest of
     # this process's life: ours again once the ranks are gone
     handlers = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
+    pids = Path(log_dir) / "pids"  # each rank leaves its pid here (bench.run.session)
+    pids.mkdir()
+    previous = os.environ.get(PIDS_DIR_ENV)
+    os.environ[PIDS_DIR_ENV] = str(pids)
     try:
         return elastic_launch(config, entrypoint)(*args) or {}
     finally:
+        _restore_env(PIDS_DIR_ENV, previous)
+        remove_shm_leftovers(int(p.name) for p in pids.iterdir() if p.name.isdigit())
         shutil.rmtree(log_dir, ignore_errors=True)
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def failure_reason(failure) -> str:
@@ -97,7 +112,6 @@ def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
                 why = f"no progress for --timeout {cfg.timeout_s:g} s; its line above names " \
                       "the silent ranks"
             print(f"bench: rank {rank} failed ({why}){tail}", file=sys.stderr, flush=True)
-        remove_shm_leftovers(f.pid for f in exc.failures.values() if f.signal_name() != "<N/A>")
         return 1
     except (SignalException, KeyboardInterrupt) as exc:
         number = getattr(exc, "sigval", signal.SIGINT)
@@ -111,11 +125,14 @@ def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
 
 
 def remove_shm_leftovers(pids: Iterable[int], shm_dir: str = "/dev/shm") -> list[str]:
-    """Remove what ranks ended by a signal leave in /dev/shm: torch's files of CUDA IPC
+    """Remove what ranks ended by a signal left in /dev/shm: torch's files of CUDA IPC
     reference counts, named torch_<pid>_<n> after the process that made them (a process that
-    exits normally removes its own). Returns the names removed."""
+    exits normally removes its own; one killed cannot). Processes still alive are left
+    alone. Returns the names removed."""
     removed = []
     for pid in pids:
+        if _alive(pid):
+            continue
         for path in Path(shm_dir).glob(f"torch_{int(pid)}_*"):
             try:
                 path.unlink()
@@ -123,3 +140,12 @@ def remove_shm_leftovers(pids: Iterable[int], shm_dir: str = "/dev/shm") -> list
             except OSError:
                 continue
     return removed
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
