@@ -77,6 +77,20 @@ def read_only(tmp: Path, fill: Callable[[Path], object] | None = None) -> Path:
     return path
 
 
+_LISTENING: list = []
+
+
+def port_in_use() -> str:
+    """A port something listens on (this test process), as another job's would."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _LISTENING.append(sock)
+    return str(sock.getsockname()[1])
+
+
 def header_only(tmp: Path) -> Path:
     """A run directory whose results.csv holds the header and no row (a sweep that failed
     before its first point)."""
@@ -243,6 +257,13 @@ BENCH = [
                     "--markdown", str(read_only(t) / "c.md")], "--markdown"),
     Case("compare-out-under-proc", "bench", fixed("compare", "--out", "/proc/x/runs"),
          "--out: cannot create"),
+    # the rendezvous port, tried by listening on it before any rank starts
+    Case("master-port-in-use", "bench",
+         lambda t: [*SWEEP, "--world-size", "2", "--master-port", port_in_use()],
+         "Address already in use"),
+    Case("doctor-master-port-in-use", "bench",
+         lambda t: ["doctor", "--world-size", "2", "--master-port", port_in_use()],
+         "--master-port: cannot listen"),
 ]
 if not torch.cuda.is_available():
     BENCH.append(Case("device-cuda-absent", "bench", sweep("--device", "cuda"), "--device cuda"))
@@ -340,7 +361,8 @@ CASES = BENCH + TUNER
 # a process refused before it starts: a few cases again as a user sees them
 IN_PROCESS_ONLY = {"out-being-written"}  # the lock is held by this test process
 AS_PROCESSES = ["ws-zero", "resume-wrong-column", "doctor-nnodes-no-port", "show-truncated",
-                "fit-wrong-column", "out-read-only-fs", "report-plots-read-only"]
+                "fit-wrong-column", "out-read-only-fs", "report-plots-read-only",
+                "master-port-in-use"]
 
 
 _HELD: list[int] = []
@@ -362,6 +384,8 @@ def _release_locks():
         os.close(_HELD.pop())
     while _MOUNTS:
         subprocess.run(["umount", str(_MOUNTS.pop())], check=False)
+    while _LISTENING:
+        _LISTENING.pop().close()
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -67,7 +67,7 @@ def _parse_args(args) -> tuple[int, list[int], str, Path | None]:
     if max_bytes % (16 * itemsize) or max_bytes < MIN_BYTES:
         raise UsageError(f"--max-bytes: expected at least 1M and a multiple of 16 elements, "
                          f"got {args.max_bytes!r}")
-    out = writable_file("--out", args.out) if args.out else None  # the last check: it creates
+    out = writable_file("--out", args.out) if args.out else None
     return max_bytes, inputs, dtype, out
 
 

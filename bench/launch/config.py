@@ -227,8 +227,8 @@ def _params(texts: list[str], known: list[str]) -> dict[str, dict]:
 
 
 def _run_dir(args: argparse.Namespace, node_rank: int) -> tuple[str | None, bool]:
-    """(--out or --resume directory, resume?) once it is known to be usable: the last check,
-    since it creates the directory (node 0 only: the other nodes write nothing there)."""
+    """(--out or --resume directory, resume?) once it is known to be usable: written into by
+    doing it, on node 0 only (the other nodes write nothing there)."""
     out, resume = args.out, False
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):

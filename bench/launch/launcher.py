@@ -46,6 +46,8 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if cfg.master_port and cfg.node_rank == 0:
+        _check_listen(cfg.master_addr, cfg.master_port)
     port = cfg.master_port or free_port(cfg.master_addr)
     extra = {}
     if "shutdown_timeout" in getattr(LaunchConfig, "__dataclass_fields__", {}):
@@ -87,6 +89,23 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Node 0 hosts the rendezvous at --master-addr:--master-port: try listening there first
+    (as the store does, address reuse allowed), so a port in use or an address of another
+    host is one line before any rank starts."""
+    from bench.launch.flags import UsageError
+    from bench.launch.paths import os_error
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError as exc:
+            raise UsageError(f"--master-port: cannot listen on {host}:{port} on node 0: "
+                             f"{os_error(exc)}") from None
+
+
 def failure_reason(failure) -> str:
     """`signal SIGKILL` or `exit code 1`, for one rank's ProcessFailure."""
     signal_name = failure.signal_name()
@@ -101,9 +120,16 @@ def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     keeps (the sweep: the rows its table holds, counted then)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     try:
         results = start_ranks(cfg, entrypoint, args)
+    except RendezvousError as exc:  # the nodes never met: nothing ran
+        cause = exc.__cause__ or exc
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"bench: the ranks could not meet at {cfg.master_addr}:{cfg.master_port or '?'} "
+              f"(--master-addr/--master-port): {detail}", file=sys.stderr, flush=True)
+        return 1
     except ChildFailedError as exc:
         tail = kept() if kept else ""
         for rank, failure in sorted(exc.failures.items()):

@@ -4,9 +4,9 @@ is created (with its missing parents) and a probe file is written in it and remo
 A check that predicts instead (`os.access`) says yes as root on a read-only file system, and
 says nothing of a full disk; this one cannot be wrong that way. A refusal is the CLI's
 `UsageError`: one line naming the flag, the path and the OS error, e.g.
-`--out: cannot create /proc/x/run: [Errno 2] No such file or directory` (exit 2). On a refusal
-the folders the check created are removed again; on success they stay (the command writes
-there next).
+`--out: cannot create /proc/x/run: [Errno 2] No such file or directory` (exit 2). The folders
+the check made are removed again (unless `keep`), so that a command refused by a later check
+leaves nothing behind; its writer makes them again when it writes.
 """
 
 from __future__ import annotations
@@ -42,21 +42,21 @@ def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
         raise output_error(flag, path, exc) from None
 
 
-def writable_dir(flag: str, path: str | os.PathLike) -> Path:
+def writable_dir(flag: str, path: str | os.PathLike, keep: bool = False) -> Path:
     """`path` as a folder this process can write into: created if missing, probed with a
     file written and removed. UsageError naming `flag` otherwise."""
     path = Path(path)
-    _make_folder(flag, path, path)
+    _make_folder(flag, path, path, keep)
     return path
 
 
-def writable_file(flag: str, path: str | os.PathLike) -> Path:
+def writable_file(flag: str, path: str | os.PathLike, keep: bool = False) -> Path:
     """`path` as a file this process can write (create or replace): not a folder, its folder
     created if missing and probed, an existing file opened for writing (nothing changed)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag}: {path} is a directory; expected a file name")
-    _make_folder(flag, path.parent, path)
+    _make_folder(flag, path.parent, path, keep)
     if path.exists():
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
@@ -65,9 +65,9 @@ def writable_file(flag: str, path: str | os.PathLike) -> Path:
     return path
 
 
-def _make_folder(flag: str, folder: Path, named: Path) -> None:
-    """Create `folder` and its missing parents, then probe it; on a refusal remove what was
-    created. Messages name `named` (the path the user gave)."""
+def _make_folder(flag: str, folder: Path, named: Path, keep: bool) -> None:
+    """Create `folder` and its missing parents, then probe it; remove what was created on a
+    refusal, and after the probe unless `keep`. Messages name `named` (the path given)."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"{flag}: {folder} exists and is not a directory")
     missing = []
@@ -93,6 +93,8 @@ def _make_folder(flag: str, folder: Path, named: Path) -> None:
     except OSError as exc:
         _remove(created)
         raise UsageError(f"{flag}: cannot write in {folder}: {os_error(exc)}") from None
+    if not keep:
+        _remove(created)
 
 
 def _probe(folder: Path) -> None:

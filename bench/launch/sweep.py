@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     if cfg.out is None and cfg.node_rank == 0:
         from bench.launch.paths import writable_dir
 
-        writable_dir(f"--out (default {DEFAULT_ROOT}/)", DEFAULT_ROOT)  # where the default run directory goes
+        # the default run directory goes below results/ (made again by rank 0)
+        writable_dir(f"--out (default {DEFAULT_ROOT}/)", DEFAULT_ROOT)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return run_worker(cfg)  # already one rank of the user's torchrun
     from bench.analysis.results import count_rows

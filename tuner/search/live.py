@@ -124,7 +124,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
 
     table = table_options(args)
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
-    probe_outputs(str(output), study_db, args.pareto)  # the last check: it creates folders
+    probe_outputs(str(output), study_db, args.pareto)
     opts = LiveOptions(
         output=str(output), study_db=study_db, patience=_int("--patience", args.patience),
         max_trials=_int("--max-trials", args.max_trials), budget_fraction=fraction,

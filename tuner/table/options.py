@@ -86,12 +86,13 @@ def write_pareto(path: str, fits) -> None:
 
 def probe_outputs(output: str, study_db: str | None = None, pareto: str | None = None) -> None:
     """Every file `tuner fit` / `tuner live` will write, checked by doing before the work
-    (a study given as a database URL is the database's to check)."""
+    (a study given as a database URL is the database's to check). The study's folder is
+    made and kept: SQLite does not make it."""
     writable_file("-o", output)
-    if study_db and "://" not in study_db:
-        writable_file("--study-db", study_db)
     if pareto:
         writable_file("--pareto", pareto)
+    if study_db and "://" not in study_db:
+        writable_file("--study-db", study_db, keep=True)
 
 
 def save_outputs(thresholds, fits, output: str, pareto: str | None) -> None:
