@@ -353,6 +353,10 @@ TUNER = [
     Case("live-study-db-read-only", "tuner",
          lambda t: ["live", "--world-size", "2", "-o", str(t / "t.json"), "--study-db",
                     str(read_only(t) / "s.db")], "--study-db"),
+    Case("fit-study-db-not-a-db", "tuner",
+         lambda t: (t / "s.db").write_text("not a database") and
+         ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db", str(t / "s.db")],
+         "not an Optuna study database"),
     Case("export-output-under-proc", "tuner",
          lambda t: ["export", thresholds(t), "--format", "vllm", "-o", "/proc/x/v.py"],
          "-o: cannot create"),

@@ -93,6 +93,23 @@ def probe_outputs(output: str, study_db: str | None = None, pareto: str | None =
         writable_file("--pareto", pareto)
     if study_db and "://" not in study_db:
         writable_file("--study-db", study_db, keep=True)
+        _check_study(study_db)
+
+
+def _check_study(path: str) -> None:
+    """An existing --study-db file must open as an Optuna study database."""
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return
+    import optuna
+
+    from tuner.search.study import storage_url
+
+    try:
+        optuna.storages.RDBStorage(storage_url(path))
+    except Exception as exc:  # not SQLite, or another schema: SQLAlchemy's or Optuna's error
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:160]
+        raise UsageError(f"--study-db: {path} is not an Optuna study database ({detail})") \
+            from None
 
 
 def save_outputs(thresholds, fits, output: str, pareto: str | None) -> None:
