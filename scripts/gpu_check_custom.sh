@@ -6,8 +6,16 @@
 #            timeout path, correctness with 2, 3, 4 and 8 ranks on this node's GPUs)  -> tests.log, checks.tgz
 #   sweep    under MPS: `bench sweep` of custom_one_shot,custom_two_shot for 2, 3, 4, 8 ranks,
 #            meta.json marked with the MPS setting                                     -> sweeps.tgz, sweep.log
+#   release  issue 13, ONE GPU under MPS: short sweeps of both IPC backends with 2, 3, 4, 8 ranks;
+#            every log grepped for torch's "Producer process has been terminated" (must be 0),
+#            /dev/shm before and after (no torch_* or aat-* left)                  -> release/, release-summary.txt
+#   firstcall  issue 13: scripts/check_custom_allreduce.py with 3 and 8 ranks on ONE GPU under
+#            MPS (the first calls after creating a communicator, peers busy on the host) -> release/
+#   crash    issue 13: a rank SIGKILLed mid-sweep (4 ranks, one GPU): the sweep ends with one
+#            line per failed rank, no process and nothing in /dev/shm left (scripts/gpu_crash_check.py)
 #
 #   OUT=/tmp/gpu-check STAGES=kernels,ncu,tests scripts/gpu_check_custom.sh
+#   OUT=/tmp/gpu-check STAGES=release,firstcall,crash scripts/gpu_check_custom.sh   # ~3 min on an H200
 #
 # Several ranks on one GPU time-slice without MPS (~2.6-17 ms a barrier round); the MPS control
 # daemon (private pipe and log directories under /tmp) lets their kernels run at once. It is
@@ -61,7 +69,7 @@ if has ncu; then
   grep -E "reduce_n_kernel|reduce_kernel|dram__|gpu__time" "$OUT/ncu.txt" | head -40
 fi
 
-if has tests || has sweep; then start_mps; fi
+if has tests || has sweep || has release || has firstcall || has crash; then start_mps; fi
 
 if has tests; then
   echo "== pytest tests/test_custom_allreduce.py (limit ${TESTS_S}s, MPS=$MPS_ON)"
@@ -94,6 +102,67 @@ json.dump(meta, open(path, "w"), indent=1)
 PYEOF
   done
   tar -czf "$OUT/sweeps.tgz" -C /tmp custom-sweeps
+fi
+
+# -- issue 13: clean shutdown of the IPC backends, their first calls, a crashed peer ----------
+REL="$OUT/release"
+SUMMARY="$OUT/release-summary.txt"
+WARNING="Producer process has been terminated"
+if has release || has firstcall || has crash; then
+  mkdir -p "$REL"
+  { echo "# issue 13 on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), one GPU" \
+         "(CUDA_VISIBLE_DEVICES=0), MPS=$MPS_ON, $(date -u)"; } >"$SUMMARY"
+  shm_list() { ls /dev/shm 2>/dev/null | grep -E '^(torch_|aat-)' | sort; }
+  shm_list >"$REL/shm-before.txt"
+fi
+
+if has release; then
+  for ws in $WORLD_SIZES; do
+    echo "== release: sweep ws=$ws on one GPU (limit ${RELEASE_S:-60}s, MPS=$MPS_ON)"
+    start=$(date +%s)
+    CUDA_VISIBLE_DEVICES=0 timeout "${RELEASE_S:-60}" "$PY" -m bench.cli sweep --device cuda \
+      --world-size "$ws" --backends custom_one_shot,custom_two_shot -b 4K -e 4M -f 32 \
+      --dtypes bfloat16,float32 --modes eager,graph -n 5 -w 2 --timeout 40 \
+      --out "$REL/sweep-ws$ws" -q >"$REL/sweep-ws$ws.log" 2>&1
+    rc=$?
+    rows=$(( $(wc -l <"$REL/sweep-ws$ws/results.csv" 2>/dev/null || echo 1) - 1 ))
+    wrong=$(grep -c ",False," "$REL/sweep-ws$ws/results.csv" 2>/dev/null)
+    warnings=$(grep -c "$WARNING" "$REL/sweep-ws$ws.log")
+    echo "release ws=$ws rc=$rc rows=$rows/24 wrong=${wrong:-0} producer_warnings=$warnings" \
+         "secs=$(( $(date +%s) - start ))" | tee -a "$SUMMARY"
+    [ "$rc" = 0 ] && [ "$rows" = 24 ] && [ "$warnings" = 0 ] || status=1
+  done
+fi
+
+if has firstcall; then
+  for ws in ${FIRSTCALL_SIZES:-3 8}; do
+    echo "== firstcall: scripts/check_custom_allreduce.py ws=$ws on one GPU (limit ${FIRSTCALL_S:-90}s)"
+    start=$(date +%s)
+    CUDA_VISIBLE_DEVICES=0 timeout "${FIRSTCALL_S:-90}" "$PY" \
+      scripts/check_custom_allreduce.py --world-size "$ws" --max-bytes $(( (1 << 20) + 16 )) \
+      --out "$REL/check-ws$ws.json" >"$REL/check-ws$ws.log" 2>&1
+    rc=$?
+    warnings=$(grep -c "$WARNING" "$REL/check-ws$ws.log")
+    echo "firstcall ws=$ws rc=$rc producer_warnings=$warnings secs=$(( $(date +%s) - start ))" \
+         "$(grep -m1 -E '^ws=' "$REL/check-ws$ws.log")" | tee -a "$SUMMARY"
+    [ "$rc" = 0 ] && [ "$warnings" = 0 ] || status=1
+  done
+fi
+
+if has crash; then
+  echo "== crash: a rank SIGKILLed mid-sweep, 4 ranks on one GPU (limit ${CRASH_S:-150}s)"
+  CUDA_VISIBLE_DEVICES=0 timeout "${CRASH_S:-150}" "$PY" scripts/gpu_crash_check.py \
+    --world-size 4 --limit 60 --out "$REL/crash.json" --log "$REL/crash.log" \
+    | tee -a "$SUMMARY" || status=1
+fi
+
+if has release || has firstcall || has crash; then
+  shm_list >"$REL/shm-after.txt"
+  left=$(comm -13 "$REL/shm-before.txt" "$REL/shm-after.txt" | tr '\n' ' ')
+  echo "shm_left=[${left}] gpu_apps_after=$(nvidia-smi --query-compute-apps=pid,process_name \
+    --format=csv,noheader | tr '\n' ';')" | tee -a "$SUMMARY"
+  [ -z "$left" ] || status=1
+  echo "verdict: $([ "$status" = 0 ] && echo PASS || echo FAIL)" | tee -a "$SUMMARY"
 fi
 
 stop_mps

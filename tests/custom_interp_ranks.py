@@ -63,7 +63,26 @@ def _launch(kernel, inp, views, rank, world, flag_table, own_flags, counters, st
                       W=world, TILE=TILE, MAXB=K.MAX_BLOCKS)
 
 
-def _rank(rank: int, world: int, names: list[str], mode: str, queue) -> None:
+def _warm_up(rank: int, world: int, buffers, flag_table, own_flags, counters, status,
+             meet) -> None:
+    """What `CustomAllReduce._warm_up` does at creation: every kernel variant launched with a
+    spin budget of one read (ranks arrive at different times), the timeout word cleared, then
+    the ranks meet on the CPU. The checks that follow must all hold: epochs stayed in step."""
+    import time
+
+    time.sleep(0.3 * rank)  # a rank still busy on the host while its peers launch
+    for kernel in (K.one_shot_kernel, K.two_shot_kernel):
+        for dtype in DTYPES:
+            views = [b[K.FLAG_BYTES:].view(dtype) for b in buffers]
+            size = torch.empty((), dtype=dtype).element_size()
+            for count in (256, 256 + 16 // size):
+                _launch(kernel, torch.zeros(count, dtype=dtype), views, rank, world,
+                        flag_table, own_flags, counters, status, max_spins=1)
+    status.zero_()
+    meet.wait(timeout=600)
+
+
+def _rank(rank: int, world: int, names: list[str], mode: str, queue, meet) -> None:
     segments = [shared_memory.SharedMemory(name=name) for name in names]
     buffers = [torch.from_numpy(np.ndarray((K.FLAG_BYTES + 2 * HALF_BYTES,), dtype=np.uint8,
                                            buffer=s.buf)) for s in segments]
@@ -83,6 +102,8 @@ def _rank(rank: int, world: int, names: list[str], mode: str, queue) -> None:
                 ok = info is not None and info["peer"] == 1 and info["epoch"] == 1
                 lines.append(f"{'ok' if ok else 'FAIL'} timeout rank 0 status={info}")
             return
+        if mode == "warmup":
+            _warm_up(rank, world, buffers, flag_table, own_flags, counters, status, meet)
         call = 0
         for kernel in (K.one_shot_kernel, K.two_shot_kernel):
             for dtype in DTYPES:
@@ -110,7 +131,7 @@ def _rank(rank: int, world: int, names: list[str], mode: str, queue) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--mode", choices=("sum", "timeout"), default="sum")
+    parser.add_argument("--mode", choices=("sum", "timeout", "warmup"), default="sum")
     args = parser.parse_args(argv)
     size = K.FLAG_BYTES + 2 * HALF_BYTES
     segments = [shared_memory.SharedMemory(create=True, size=size)
@@ -118,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in segments:
         s.buf[:K.FLAG_BYTES] = bytes(K.FLAG_BYTES)
     ctx = mp.get_context("fork")
-    queue = ctx.Queue()
+    queue, meet = ctx.Queue(), ctx.Barrier(args.world_size)
     procs = [ctx.Process(target=_rank, args=(r, args.world_size, [s.name for s in segments],
-                                             args.mode, queue))
+                                             args.mode, queue, meet))
              for r in range(args.world_size)]
     for p in procs:
         p.start()

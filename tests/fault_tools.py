@@ -31,15 +31,16 @@ mount --bind "$f" /etc/hosts && rm -f "$f" && hostname "$0" && shift && exec "$@
 
 def start(program: str, *args: object, extra_env: dict[str, str] | None = None,
           cwd: Path | None = None, hostname: str | None = None,
-          known_hosts: tuple[str, ...] = ()) -> subprocess.Popen:
+          known_hosts: tuple[str, ...] = (), terminal: bool = False) -> subprocess.Popen:
     """The CLI in a process of its own; with `hostname`, on a simulated host of that name where
-    `known_hosts` resolve to loopback (see `own_host_reason`)."""
+    `known_hosts` resolve to loopback (see `own_host_reason`). With `terminal`, in a process
+    group of its own, as a shell starts a foreground job (Ctrl-C signals the whole group)."""
     module = {"bench": "bench.cli", "tuner": "tuner.cli"}[program]
     cmd = [sys.executable, "-m", module, *map(str, args)]
     if hostname is not None:
         cmd = own_host_command(hostname, known_hosts, cmd)
     return subprocess.Popen(cmd, env=env(extra_env), cwd=cwd or REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=terminal)
 
 
 def own_host_command(hostname: str, known_hosts: tuple[str, ...], cmd: list[str]) -> list[str]:
@@ -169,3 +170,41 @@ def stderr_lines(text: str) -> list[str]:
     """Our own lines: torch's launcher logs (W/I/E + date prefixes) and tracebacks it prints
     on our behalf are left out."""
     return [line for line in text.splitlines() if line.startswith("bench")]
+
+
+def whole_rows(results: Path) -> list[dict]:
+    """The table's rows, each checked whole: the file ends with a line end, and every row has
+    a value (maybe empty) for every column."""
+    from bench.analysis.results import COLUMNS
+
+    data = results.read_bytes()
+    assert data.endswith(b"\n"), f"{results} ends inside a row: {data[-80:]!r}"
+    with open(results, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames or ()) == COLUMNS
+        rows = list(reader)
+    for line, row in enumerate(rows, start=2):
+        assert None not in row.values() and None not in row, f"line {line} is cut: {row}"
+    return rows
+
+
+def mount_tmpfs(path: Path, size: str) -> str | None:
+    """Mount a tmpfs of `size` at `path` (made if missing); None, or why it cannot be done."""
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"`mount -t tmpfs` is not permitted here: {proc.stderr.strip()[:200]}"
+    return None
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write a file into `folder` until its file system is full; returns the file."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,56 @@ def wrong_column_run(tmp: Path) -> Path:
     header = ",".join("latency_ms" if c == "latency_us" else c for c in COLUMNS)
     (path / "results.csv").write_text(header + "\n" + ",".join(["x"] * len(COLUMNS)) + "\n")
     return path
+
+
+_MOUNTS: list[Path] = []
+
+
+def read_only(tmp: Path, fill: Callable[[Path], object] | None = None) -> Path:
+    """A read-only file system at tmp/ro: a small tmpfs, filled by `fill`, then remounted
+    read-only. As root `os.access` says such a folder is writable; only doing it tells."""
+    path = tmp / "ro"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip("a read-only file system needs `mount -t tmpfs` (root): "
+                    f"{mounted.stderr.strip()[:120]}")
+    _MOUNTS.append(path)
+    if fill is not None:
+        fill(path)
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    return path
+
+
+_LISTENING: list = []
+
+
+def port_in_use() -> str:
+    """A port something listens on (this test process), as another job's would."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    _LISTENING.append(sock)
+    return str(sock.getsockname()[1])
+
+
+def header_only(tmp: Path) -> Path:
+    """A run directory whose results.csv holds the header and no row (a sweep that failed
+    before its first point)."""
+    path = tmp / "norows"
+    path.mkdir()
+    (path / "results.csv").write_text(",".join(COLUMNS) + "\r\n")
+    write_meta(path, {"run_id": "r0", "hardware_key": "cpu-test-2c"})
+    return path
+
+
+def with_markers(tmp: Path) -> Path:
+    (tmp / "README.md").write_text("# runs\n<!-- index: made by bench report -->\n"
+                                   "<!-- end index -->\n")
+    return tmp / "README.md"
 
 
 def _thresholds() -> dict:
@@ -173,6 +224,46 @@ BENCH = [
     Case("soak-one-rank", "bench", fixed("soak", "--world-size", "1"), "--world-size"),
     Case("soak-timeout-word", "bench", fixed("soak", "--timeout", "soon"), "--timeout"),
     Case("report-no-dir", "bench", fixed("report"), "run_dir"),
+    # outputs checked by doing: a path that cannot be created, a read-only file system, a
+    # file where a folder must go; nothing starts, nothing is left behind
+    Case("out-under-proc", "bench", sweep("--out", "/proc/x/run"),
+         "--out: cannot create /proc/x/run: [Errno 2]"),
+    Case("out-read-only-fs", "bench",
+         lambda t: ["sweep", "--world-size", "2", "--backends", "gloo", "-q", "--out",
+                    str(read_only(t) / "run")], "Read-only file system"),
+    Case("out-below-a-file", "bench",
+         lambda t: (t / "afile").write_text("x") and [*SWEEP, "--out", str(t / "afile" / "run")],
+         "--out: cannot create"),
+    Case("default-out-is-a-file", "bench",
+         lambda t: (t / "results").write_text("x") and list(SWEEP), "--out (default results/)"),
+    Case("resume-read-only", "bench",
+         lambda t: [*SWEEP, "--resume", str(read_only(t, run_dir) / "run")],
+         "--resume: cannot write in"),
+    Case("report-plots-read-only", "bench",
+         lambda t: ["report", str(read_only(t, run_dir) / "run"), "--plots"],
+         "--plots: cannot write in"),
+    Case("report-index-plots-read-only", "bench",
+         lambda t: ["report", "--index", str(read_only(t, run_dir)), "--plots"], "--plots"),
+    Case("report-index-write-read-only", "bench",
+         lambda t: ["report", "--index", str(run_dir(t).parent), "--write",
+                    str(read_only(t, with_markers) / "README.md")], "--write: cannot write"),
+    Case("report-no-rows", "bench", lambda t: ["report", str(header_only(t))], "holds no row"),
+    Case("kernels-out-under-proc", "bench", fixed("kernels", "--out", "/proc/x/k.csv"),
+         "--out: cannot create /proc/x/k.csv"),
+    Case("soak-out-under-proc", "bench", fixed("soak", "--out", "/proc/x/soak.md"),
+         "--out: cannot create"),
+    Case("compare-markdown-read-only", "bench",
+         lambda t: ["compare", "--runs", str(run_dir(t)), "--backends", "gloo,shm_one_shot",
+                    "--markdown", str(read_only(t) / "c.md")], "--markdown"),
+    Case("compare-out-under-proc", "bench", fixed("compare", "--out", "/proc/x/runs"),
+         "--out: cannot create"),
+    # the rendezvous port, tried by listening on it before any rank starts
+    Case("master-port-in-use", "bench",
+         lambda t: [*SWEEP, "--world-size", "2", "--master-port", port_in_use()],
+         "Address already in use"),
+    Case("doctor-master-port-in-use", "bench",
+         lambda t: ["doctor", "--world-size", "2", "--master-port", port_in_use()],
+         "--master-port: cannot listen"),
 ]
 if not torch.cuda.is_available():
     BENCH.append(Case("device-cuda-absent", "bench", sweep("--device", "cuda"), "--device cuda"))
@@ -242,12 +333,40 @@ TUNER = [
          "--workload"),
     Case("fit-no-output", "tuner", lambda t: ["fit", str(run_dir(t))], "-o/--output"),
     Case("command-unknown-tuner", "tuner", fixed("tune"), "tune"),
+    Case("fit-empty-run", "tuner",
+         lambda t: ["fit", str(header_only(t)), "-o", str(t / "o.json")], "no measured"),
+    Case("fit-output-under-proc", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", "/proc/x/t.json"], "-o: cannot create"),
+    Case("fit-output-is-a-dir", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(t)], "is a directory"),
+    Case("fit-output-read-only", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(read_only(t) / "t.json")],
+         "Read-only file system"),
+    Case("fit-study-db-under-proc", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db",
+                    "/proc/x/s.db"], "--study-db: cannot create"),
+    Case("fit-pareto-read-only", "tuner",
+         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--pareto",
+                    str(read_only(t) / "p.csv")], "--pareto"),
+    Case("live-output-under-proc", "tuner",
+         fixed("live", "--world-size", "2", "-o", "/proc/x/t.json"), "-o: cannot create"),
+    Case("live-study-db-read-only", "tuner",
+         lambda t: ["live", "--world-size", "2", "-o", str(t / "t.json"), "--study-db",
+                    str(read_only(t) / "s.db")], "--study-db"),
+    Case("fit-study-db-not-a-db", "tuner",
+         lambda t: (t / "s.db").write_text("not a database") and
+         ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db", str(t / "s.db")],
+         "not an Optuna study database"),
+    Case("export-output-under-proc", "tuner",
+         lambda t: ["export", thresholds(t), "--format", "vllm", "-o", "/proc/x/v.py"],
+         "-o: cannot create"),
 ]
 CASES = BENCH + TUNER
 # a process refused before it starts: a few cases again as a user sees them
 IN_PROCESS_ONLY = {"out-being-written"}  # the lock is held by this test process
 AS_PROCESSES = ["ws-zero", "resume-wrong-column", "doctor-nnodes-no-port", "show-truncated",
-                "fit-wrong-column"]
+                "fit-wrong-column", "out-read-only-fs", "report-plots-read-only",
+                "master-port-in-use"]
 
 
 _HELD: list[int] = []
@@ -267,6 +386,10 @@ def _release_locks():
     yield
     while _HELD:
         os.close(_HELD.pop())
+    while _MOUNTS:
+        subprocess.run(["umount", str(_MOUNTS.pop())], check=False)
+    while _LISTENING:
+        _LISTENING.pop().close()
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -364,3 +487,18 @@ def test_vllm_does_not_start_with_a_corrupt_table(tmp_path, subprocess_env):
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"tuner.engines.vllm_setup.ThresholdsRefused: ALLREDUCE_AUTOTUNE_THRESHOLDS: {table}: "
         "not JSON")
+
+
+def test_a_half_written_table_is_read_without_its_cut_row(tmp_path, capsys):
+    """Not bad input but a crash's leftover: the last row cut short. `bench report` and
+    `tuner fit` read the whole rows and leave the cut one out, as `--resume` does."""
+    from bench.cli import main as bench_main
+    from tuner.cli import main as tuner_main
+
+    run = run_dir(tmp_path)
+    data = (run / "results.csv").read_bytes()
+    (run / "results.csv").write_bytes(data[:-30])
+    assert bench_main(["report", str(run)]) == 0
+    assert tuner_main(["fit", str(run), "-o", str(tmp_path / "t.json"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and "1 measured rows" in captured.out

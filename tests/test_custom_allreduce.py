@@ -119,6 +119,17 @@ def test_kernels_in_interpreter_three_ranks():
     assert proc.stdout.count(": ok ") == 3 * 36, proc.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (its CPU interpreter runs the kernels)")
+def test_warm_up_without_waiting_keeps_the_epochs_in_step_in_interpreter():
+    """The communicator's warm-up at creation (every variant launched with a spin budget of
+    one read, ranks arriving at different times, then a CPU meeting): every check after it
+    still sums exactly, so the epochs and flags ended in step on every rank."""
+    proc = _interp("--world-size", "2", "--mode", "warmup")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(": ok ") == 2 * 36, proc.stdout
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (its CPU interpreter runs the kernels)")
 def test_kernel_barrier_timeout_names_the_peer_in_interpreter():
     proc = _interp("--world-size", "2", "--mode", "timeout")

@@ -1,11 +1,14 @@
 """Faults with real processes: a rank SIGKILLed or stopped mid-sweep, ranks that disagree on the
-point, two sweeps on one directory. Each ends within --timeout (plus the launcher's shutdown),
-names the rank, keeps every finished row, leaves no process, shm segment or descriptor behind,
-and `--resume` completes exactly the missing points."""
+point, two sweeps on one directory, the disk filling up under the table, the run directory
+removed mid-sweep, SIGTERM to the launcher itself, Ctrl-C. Each ends within --timeout (plus the
+launcher's shutdown) with one line naming the cause, keeps every finished row whole, leaves no
+process, shm segment or descriptor behind, and `--resume` completes exactly the missing
+points."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +23,8 @@ from fault_tools import (
     data_rows,
     descendants,
     env,
+    fill_disk,
+    mount_tmpfs,
     open_fds,
     point_keys,
     rank_pids,
@@ -27,6 +32,7 @@ from fault_tools import (
     start,
     stderr_lines,
     wait_for_rows,
+    whole_rows,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,19 +57,25 @@ def reference() -> set[tuple]:
     return keys
 
 
-def _interrupt(tmp_path: Path, how: signal.Signals, second: bool = False) -> dict:
-    """Start a sweep, wait for some rows, hit rank 1 with `how`, wait for the end. With
-    `second`, start another sweep on the same directory while rank 0 still holds it."""
-    out = tmp_path / "run"
+def _interrupt(tmp_path: Path, how, second: bool = False, out: Path | None = None,
+               sweep: list[str] = SWEEP, terminal: bool = False, rows: int = 4) -> dict:
+    """Start a sweep, wait for `rows` rows, then the fault: a signal `how` to rank 1, or
+    `how(proc, out, rank_pids)`; wait for the end. With `second`, start another sweep on the
+    same directory while rank 0 still holds it."""
+    out = out or tmp_path / "run"
     shm_before, fds_before = shm_segments(), open_fds()
-    proc = start("bench", "sweep", *SWEEP, "--timeout", TIMEOUT_S, "--out", out)
+    proc = start("bench", "sweep", *sweep, "--timeout", TIMEOUT_S, "--out", out,
+                 terminal=terminal)
     seen: set[int] = set()
     wait_for_rows(proc, out / "results.csv", 1, seen=seen)
     rank0, others = rank_pids(proc.pid, out / ".lock")
-    wait_for_rows(proc, out / "results.csv", 4, seen=seen)
-    os.kill(others[0], how)
-    hit = time.monotonic()
+    wait_for_rows(proc, out / "results.csv", rows, seen=seen)
     kept = (out / "results.csv").read_bytes()
+    if callable(how):
+        how(proc, out, [rank0, *others])
+    else:
+        os.kill(others[0], how)
+    hit = time.monotonic()
     other = start("bench", "sweep", *SWEEP, "--timeout", "60", "--resume", out) if second \
         else None
     stdout, stderr = proc.communicate(timeout=120)
@@ -85,23 +97,46 @@ def _check_ended_cleanly(run: dict, limit_s: float) -> None:
     assert table.startswith(run["kept"]) and table.endswith(b"\n")
 
 
-def _resume_to_reference(run: dict, reference: set[tuple], run_cli) -> None:
+def _resume_to_reference(run: dict, reference: set[tuple], run_cli,
+                         sweep: list[str] = SWEEP) -> None:
     kept = point_keys(run["out"] / "results.csv")
-    assert 4 <= len(kept) < POINTS
-    proc = run_cli("bench", "sweep", *SWEEP, "--timeout", "60", "--resume", run["out"],
+    assert 3 <= len(kept) < len(reference)
+    proc = run_cli("bench", "sweep", *sweep, "--timeout", "60", "--resume", run["out"],
                    timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = point_keys(run["out"] / "results.csv")
     assert resumed[:len(kept)] == kept  # the finished rows were not measured again
-    assert len(resumed) == len(set(resumed)) == POINTS
+    assert len(resumed) == len(set(resumed)) == len(reference)
     assert set(resumed) == reference
+    whole_rows(run["out"] / "results.csv")
+
+
+def _one_line(run: dict, *words: str) -> str:
+    """The sweep's own stderr is one line (torch's launcher logs aside), holding `words`,
+    and no traceback."""
+    lines = stderr_lines(run["stderr"])
+    assert len(lines) == 1 and all(w in lines[0] for w in words), run["stderr"][-3000:]
+    assert "Traceback" not in run["stderr"], run["stderr"][-3000:]
+    return lines[0]
 
 
 def test_sigkill_of_a_rank_ends_the_sweep_and_resume_completes(tmp_path, reference, run_cli):
-    run = _interrupt(tmp_path, signal.SIGKILL)
+    leftover: list[Path] = []
+
+    def kill_rank_1(proc, out, ranks) -> None:
+        # what a killed rank leaves: torch's CUDA IPC reference-count file, named by its pid
+        leftover.append(Path("/dev/shm") / f"torch_{ranks[1]}_4242")
+        leftover[0].write_bytes(b"\0" * 64)
+        os.kill(ranks[1], signal.SIGKILL)
+
+    run = _interrupt(tmp_path, kill_rank_1)
     _check_ended_cleanly(run, limit_s=TIMEOUT_S)
     lines = stderr_lines(run["stderr"])
     assert any("rank 1 failed" in line and "SIGKILL" in line for line in lines), lines
+    rows = data_rows(run["out"] / "results.csv")
+    assert any(f"; {rows} rows are kept in {run['out'] / 'results.csv'}" in line
+               for line in lines), lines
+    assert not leftover[0].exists(), "the killed rank's file in /dev/shm was left"
     _resume_to_reference(run, reference, run_cli)
 
 
@@ -159,3 +194,68 @@ def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
     assert "Traceback" not in proc.stderr
     assert data_rows(out / "results.csv") == 0
     assert not [pid for pid in descendants(os.getpid()) - earlier if alive(pid)]
+
+
+# a sweep of 42 points, whose table outgrows one 4 KiB page of a tmpfs
+SWEEP_42 = ["--world-size", "2", "--backends", "gloo,shm_one_shot,shm_two_shot", "-b", "1K",
+            "-e", "64K", "--dtypes", "float32,bfloat16", "-n", "3", "-w", "1", "-q"]
+
+
+def _keys(sweep: list[str]) -> set[tuple]:
+    from bench.launch.config import parse_sweep_config
+    from bench.run.worker import point_plan
+
+    cfg = parse_sweep_config(sweep)
+    return {(b, str(cfg.world_size), d, str(n), m) for b, d, m, n in point_plan(cfg)}
+
+
+def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_completes(tmp_path, run_cli):
+    disk = tmp_path / "disk"
+    reason = mount_tmpfs(disk, "64k")
+    if reason:
+        pytest.skip(reason)
+    try:
+        filler: list[Path] = []
+        run = _interrupt(tmp_path, lambda proc, out, ranks: filler.append(fill_disk(disk)),
+                         out=disk / "run", sweep=SWEEP_42, rows=2)
+        _check_ended_cleanly(run, limit_s=60)
+        line = _one_line(run, "cannot append to", "[Errno 28] No space left on device",
+                         "continue with --resume")
+        rows = whole_rows(run["out"] / "results.csv")
+        assert f"its {len(rows)} rows are kept" in line and 2 <= len(rows) < 42
+        filler[0].unlink()
+        _resume_to_reference(run, _keys(SWEEP_42), run_cli, sweep=SWEEP_42)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_the_run_directory_removed_mid_sweep_is_written_again(tmp_path, reference, run_cli):
+    run = _interrupt(tmp_path, lambda proc, out, ranks: shutil.rmtree(out))
+    _check_ended_cleanly(run, limit_s=TIMEOUT_S + SLACK_S)
+    line = _one_line(run, "was removed during the sweep", "were written again",
+                     f"continue with --resume {run['out']}")
+    rows = whole_rows(run["out"] / "results.csv")
+    assert f"its {len(rows)} rows" in line
+    assert (run["out"] / "meta.json").is_file()
+    _resume_to_reference(run, reference, run_cli)
+
+
+def test_sigterm_to_the_launcher_ends_the_ranks_and_says_what_is_kept(tmp_path, reference,
+                                                                      run_cli):
+    run = _interrupt(tmp_path, lambda proc, out, ranks: proc.send_signal(signal.SIGTERM))
+    assert run["proc"].returncode == 128 + signal.SIGTERM
+    _check_ended_cleanly(run, limit_s=SLACK_S)
+    rows = whole_rows(run["out"] / "results.csv")
+    _one_line(run, "bench: stopped by SIGTERM; the ranks were ended",
+              f"{len(rows)} rows are kept in {run['out'] / 'results.csv'}")
+    _resume_to_reference(run, reference, run_cli)
+
+
+def test_ctrl_c_ends_the_sweep_with_one_line(tmp_path):
+    # Ctrl-C in a terminal: SIGINT to every process of the foreground group, ranks included
+    run = _interrupt(tmp_path, lambda proc, out, ranks: os.killpg(proc.pid, signal.SIGINT),
+                     terminal=True)
+    assert run["proc"].returncode == 130
+    _check_ended_cleanly(run, limit_s=SLACK_S)
+    rows = whole_rows(run["out"] / "results.csv")
+    _one_line(run, "bench: interrupted; the ranks were ended", f"{len(rows)} rows are kept")

@@ -115,3 +115,67 @@ def test_results_refuses_wrong_columns(tmp_path):
         read_results(tmp_path)
     with pytest.raises(SchemaError):
         ResultsWriter(tmp_path)
+
+
+FSIZE_CHILD = """
+import errno, resource, sys
+from bench.analysis.results import ResultsWriter
+sys.path.insert(0, sys.argv[2])
+from test_units import _row
+
+writer = ResultsWriter(sys.argv[1])
+limit = writer.path.stat().st_size + 500  # room for about three rows, then EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+for n in range(100):
+    try:
+        writer.append(_row(bytes=1024 * (n + 1)))
+    except OSError as exc:
+        print(errno.errorcode[exc.errno], writer.rows, limit)
+        break
+"""
+
+
+def test_a_row_that_cannot_be_written_whole_is_cut_off(tmp_path, subprocess_env):
+    """A file-size limit (RLIMIT_FSIZE) stops a row half-way: the writer raises the OS error
+    and cuts the half row off, so the table ends with its last whole row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path),
+                           str(Path(__file__).parent)], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=60)
+    code, rows, limit = proc.stdout.split()
+    assert code == "EFBIG" and 1 <= int(rows) < 10, proc.stdout + proc.stderr
+    data = (tmp_path / "results.csv").read_bytes()
+    assert data.endswith(b"\n") and len(data) <= int(limit)
+    assert len(read_results(tmp_path)) == int(rows) == data.count(b"\n") - 1
+
+
+def test_a_removed_table_is_noticed_and_written_again(tmp_path):
+    from bench.analysis.results import TableRemoved, count_rows
+
+    run = tmp_path / "run"
+    with ResultsWriter(run) as writer:
+        writer.append(_row())
+        kept = (run / "results.csv").read_bytes()
+        (run / "results.csv").unlink()
+        with pytest.raises(TableRemoved):
+            writer.append(_row(bytes=2048))
+        writer.restore()
+        assert (run / "results.csv").read_bytes().startswith(kept)
+        assert count_rows(run) == writer.rows == 2
+        writer.append(_row(bytes=4096))
+    assert count_rows(run) == 3 and len(read_results(run)) == 3
+
+
+def test_a_half_written_row_is_left_out_when_read(tmp_path):
+    from bench.analysis.results import count_rows
+
+    with ResultsWriter(tmp_path) as writer:
+        writer.append(_row())
+        writer.append(_row(bytes=2048))
+    data = (tmp_path / "results.csv").read_bytes()
+    (tmp_path / "results.csv").write_bytes(data[:-25])  # a crash in the middle of a row
+    assert len(read_results(tmp_path)) == count_rows(tmp_path) == 1
+    assert completed_points(tmp_path) == {("gloo", 2, "float32", 1024, "eager")}

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from bench.launch.flags import EXIT_USAGE, UsageError, UsageParser, int_flag, run_command
-from tuner.table.options import add_table_flags, table_options, write_pareto
+from bench.launch.paths import writable_file, write_output
+from tuner.table.options import add_table_flags, probe_outputs, save_outputs, table_options
 
 __all__ = ["main", "build_parser"]
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +62,10 @@ def _cmd_fit(args, argv: list[str]) -> int:
 
     import optuna
 
+    probe_outputs(args.output, args.study_db, args.pareto)
     storage = storage_url(args.study_db)
     if storage is None:
         storage = optuna.storages.InMemoryStorage()
-    elif args.study_db and not Path(args.study_db).parent.exists():
-        raise UsageError(f"--study-db: folder {Path(args.study_db).parent} does not exist")
     spaces = {}
     for group, part in rows.groupby(["hardware_key", "world_size", "dtype", "mode"]):
         seen = {b: [json.loads(p) for p in grp["params"].unique()]
@@ -88,9 +86,7 @@ def _cmd_fit(args, argv: list[str]) -> int:
         raise UsageError(str(exc)) from None
     if not args.quiet:
         print_fits(fits)
-    thresholds.save(args.output)
-    if args.pareto:
-        write_pareto(args.pareto, fits)
+    save_outputs(thresholds, fits, args.output, args.pareto)
     print(f"# {len(rows)} measured rows from {len(run_dirs)} run(s): {added} trials added, "
           f"{present} already in the study; {len(fits)} table(s) -> {args.output}")
     return 0
@@ -119,6 +115,8 @@ def _cmd_export(args) -> int:
     if args.mode is not None and args.mode not in ("eager", "graph"):
         raise UsageError(f"--mode: expected eager or graph, got {args.mode!r}")
     world_size = None if args.world_size is None else int_flag("--world-size", args.world_size)
+    if args.output:
+        writable_file("-o", args.output)
     try:
         thresholds = load(args.path)
         text = export(thresholds, args.format, args.path, args.dtype, args.mode, world_size,
@@ -126,7 +124,7 @@ def _cmd_export(args) -> int:
     except (TableError, ExportError) as exc:
         raise UsageError(str(exc)) from None
     if args.output:
-        Path(args.output).write_text(text)
+        write_output("-o", args.output, text)
     else:
         sys.stdout.write(text)
     return 0

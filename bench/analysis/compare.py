@@ -260,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
     from bench.run.hardware import fingerprint
 
     backends, baseline = _check(args)
+    _check_outputs(args)
     fp = fingerprint(args.device)
     runs, code = (([Path(r) for r in args.runs], 0) if args.runs
                   else _measure(args, backends, baseline, fp["hardware_key"]))
@@ -279,5 +280,17 @@ def run(args: argparse.Namespace) -> int:
                      + verdicts(wide, backends, baseline))
     print(text)
     if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+        from bench.launch.paths import write_output
+
+        write_output("--markdown", args.markdown, text + "\n")
     return 0
+
+
+def _check_outputs(args) -> None:
+    """The files `bench compare` writes, checked by doing before a sweep starts."""
+    from bench.launch.paths import writable_dir, writable_file
+
+    if args.markdown:
+        writable_file("--markdown", args.markdown)
+    if not args.runs:
+        writable_dir("--out", args.out)

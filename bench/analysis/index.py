@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from bench.sizes import format_size
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _rel(path: Path, base: Path) -> str:
-    return path.resolve().relative_to(base.resolve()).as_posix()
+    """`path` as a link from `base` (`../` where it lies elsewhere)."""
+    return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
 
 
 def _line(row, rel: str) -> str:
@@ -168,26 +170,40 @@ def index_text(root: Path, base: Path) -> str:
     return "\n".join(lines)
 
 
-def write_into(readme: Path, text: str) -> None:
-    """Replace what stands between the file's index markers with `text`."""
+def _around_markers(readme: Path) -> tuple[str, str]:
+    """What stands before and after the file's index; UsageError without the markers."""
     from bench.launch.flags import UsageError
 
     doc = readme.read_text() if readme.is_file() else ""
     start, stop = doc.find(BEGIN), doc.find(END)
     if start < 0 or stop < start:
         raise UsageError(f"--write: {readme}: no '{BEGIN} ...' and '{END}' markers")
-    head = doc[:doc.index("\n", start) + 1]
-    readme.write_text(head + text.rstrip() + "\n" + doc[stop:])
+    return doc[:doc.index("\n", start) + 1], doc[stop:]
+
+
+def write_into(readme: Path, text: str) -> None:
+    """Replace what stands between the file's index markers with `text`."""
+    from bench.launch.paths import write_output
+
+    head, tail = _around_markers(readme)
+    write_output("--write", readme, head + text.rstrip() + "\n" + tail)
 
 
 def run(args: argparse.Namespace) -> int:
     """`bench report --index`: draw every run's figures when --plots, then print or write."""
     from bench.analysis.plots import find_runs, write_run_plots
+    from bench.launch.paths import writable_dir, writable_file
 
     root = Path(args.index)
-    write = Path(args.write) if args.write else None
+    write = None
+    if args.write:
+        _around_markers(Path(args.write))  # checked before any figure is drawn
+        write = writable_file("--write", args.write)
     if getattr(args, "plots", False):
-        for run_dir in find_runs(root):
+        runs = find_runs(root)
+        for run_dir in runs:  # every figure's folder checked before the first is drawn
+            writable_dir("--plots", run_dir)
+        for run_dir in runs:
             for path in write_run_plots(run_dir):
                 print(f"# figure: {path}")
     text = index_text(root, write.parent if write else root)

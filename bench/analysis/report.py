@@ -99,7 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
+    from bench.analysis.results import count_rows
     from bench.launch.flags import UsageError
+    from bench.launch.paths import writable_dir
 
     if args.write is not None:
         raise UsageError("--write: goes with --index")
@@ -109,6 +111,12 @@ def _report_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"report: {run_dir} is not a directory")
+    read_results(run_dir)  # a missing or bad table is named before anything is printed
+    if count_rows(run_dir) == 0:
+        raise UsageError(f"report: {run_dir / 'results.csv'} holds no row yet (the sweep "
+                         "that made it wrote none)")
+    if args.plots:
+        writable_dir("--plots", run_dir)  # the figures go beside the table
     wrong = print_summary(run_dir)
     if args.plots:
         from bench.analysis.plots import write_run_plots

@@ -7,8 +7,11 @@ same directory is refused (an exclusive lock on `.lock`), never interleaved.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import fcntl
+import io
 import json
 import math
 import os
@@ -24,11 +27,13 @@ __all__ = [
     "POINT_KEY",
     "ResultsWriter",
     "RunDirLocked",
+    "TableRemoved",
     "SchemaError",
     "read_results",
     "read_meta",
     "write_meta",
     "completed_points",
+    "count_rows",
     "busbw_factor",
     "correct_rows",
 ]
@@ -79,55 +84,117 @@ def _check_header(header: list[str], path: Path) -> None:
         raise SchemaError(f"{path}: not a results table ({'; '.join(detail)})")
 
 
+class TableRemoved(FileNotFoundError):
+    """The table's file was removed (with its folder, or alone) while a sweep wrote it."""
+
+
 class ResultsWriter:
-    """Append-only writer for `<run_dir>/results.csv`, holding the run directory's lock."""
+    """Append-only writer for `<run_dir>/results.csv`, holding the run directory's lock.
+
+    Each row is one `write` of its whole line, then fsync'd. A row that cannot be written (a
+    full disk, a file-size limit) is cut off again, so the file always ends with a whole row,
+    and the OSError is raised. A file removed meanwhile (its link count drops to 0) raises
+    `TableRemoved`; `restore()` then writes everything the table held again, kept in memory
+    for that (a run's table is small)."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise RunDirLocked(
-                f"{self.run_dir} is being written by another sweep; use another --out"
-            ) from None
+        self._lock_fd: int | None = _take_lock(self.run_dir)
         self.path = self.run_dir / RESULTS_FILE
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        if not new:
-            with open(self.path, newline="") as fh:
-                _check_header(next(csv.reader(fh), []), self.path)
-            _drop_partial_row(self.path)
-        self._fh = open(self.path, "a", newline="")
-        self._csv = csv.DictWriter(self._fh, fieldnames=COLUMNS, extrasaction="raise")
-        if new:
-            self._csv.writeheader()
-            self._flush()
+        self._fd: int | None = None
+        try:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            if not new:
+                with open(self.path, newline="") as fh:
+                    _check_header(next(csv.reader(fh), []), self.path)
+                _drop_partial_row(self.path)
+            self._text = bytearray(b"" if new else self.path.read_bytes())
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if new:
+                self._write(_line(COLUMNS))
+        except BaseException:
+            self.close()
+            raise
 
-    def _flush(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+    @property
+    def rows(self) -> int:
+        """Data rows the table holds (this writer's and those it found)."""
+        return max(0, self._text.count(b"\n") - 1)
 
     def append(self, row: Mapping[str, Any]) -> None:
         missing = [c for c in COLUMNS if c not in row]
         if missing:
             raise SchemaError(f"row lacks columns {missing}")
-        self._csv.writerow({k: _cell(row[k]) for k in COLUMNS})
-        self._flush()
+        self._write(_line(_cell(row[k]) for k in COLUMNS))
+
+    def _write(self, data: bytes) -> None:
+        held = len(self._text)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, held)  # no part of the row stays behind
+            except OSError:
+                pass
+            raise
+        self._text += data
+        if os.fstat(self._fd).st_nlink == 0:
+            raise TableRemoved(errno.ENOENT, "removed during the sweep", str(self.path))
+
+    def restore(self) -> None:
+        """After `TableRemoved`: the folder and the file again, with every row this writer
+        held (never over a file someone else made there meanwhile)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock_fd = self._lock_fd  # still ours, unless the folder went with it
+        if os.fstat(lock_fd).st_nlink == 0:
+            lock_fd = _take_lock(self.run_dir)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        except OSError:
+            if lock_fd != self._lock_fd:
+                os.close(lock_fd)
+            raise
+        os.close(self._fd)
+        if lock_fd != self._lock_fd:
+            os.close(self._lock_fd)
+        self._fd, self._lock_fd = fd, lock_fd
+        text, self._text = bytes(self._text), bytearray()
+        self._write(text)
 
     def close(self) -> None:
-        if self._fh and not self._fh.closed:
-            self._fh.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in (self._fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._lock_fd = None
 
     def __enter__(self) -> ResultsWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _take_lock(run_dir: Path) -> int:
+    """The run directory's lock, held open; RunDirLocked when another sweep holds it."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirLocked(f"{run_dir} is being written by another sweep; use another --out") \
+            from None
+    return fd
+
+
+def _line(cells) -> bytes:
+    """One CSV record, as the csv module writes it (quoting included)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(cells)
+    return buffer.getvalue().encode()
 
 
 def _drop_partial_row(path: Path) -> None:
@@ -159,10 +226,13 @@ def read_results(run_dir: str | os.PathLike):
     try:
         with open(path, newline="") as fh:
             _check_header(next(csv.reader(fh), []), path)
-        frame = pd.read_csv(path, dtype={"skipped_reason": "string", "run_id": "string",
-                                         "hardware_key": "string", "backend": "string",
-                                         "dtype": "string", "mode": "string"})
-    except (UnicodeDecodeError, pd.errors.ParserError) as exc:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):  # a row cut short by a crash: left out, as --resume does
+            data = data[:data.rfind(b"\n") + 1]
+        frame = pd.read_csv(io.BytesIO(data), dtype={
+            "skipped_reason": "string", "run_id": "string", "hardware_key": "string",
+            "backend": "string", "dtype": "string", "mode": "string"})
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SchemaError(f"{path}: not a results table ({str(exc).splitlines()[0]})") from None
     for column in NUMERIC_COLUMNS:  # a cell that is not a number is named, not crashed on
         numbers = pd.to_numeric(frame[column], errors="coerce")
@@ -211,11 +281,29 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
                 if r.get(COLUMNS[-1]) is not None}  # a row cut short by a crash is not complete
 
 
+def count_rows(run_dir: str | os.PathLike) -> int | None:
+    """Whole data rows in a run's results.csv (a row cut short by a crash is not counted);
+    None when there is no such file."""
+    try:
+        data = (Path(run_dir) / RESULTS_FILE).read_bytes()
+    except OSError:
+        return None
+    data = data[:data.rfind(b"\n") + 1]
+    records = csv.reader(io.StringIO(data.decode(errors="replace"), newline=""))
+    return max(0, sum(1 for record in records if record) - 1)
+
+
 def write_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """meta.json replaced whole (a temporary file renamed over it), or left as it was."""
     path = Path(run_dir) / META_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # a full disk: no half-written file left behind
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -18,11 +18,14 @@ several ranks sharing a GPU (CUDA IPC between processes of one device).
 A barrier kernel needs every peer's kernel running at the same time. With one GPU per rank
 that holds when `blocks` is at most the GPU's multiprocessor count. With several ranks on one
 GPU (the tests, under MPS) all ranks' programs must be resident together, and a rank held on
-the host while its peers spin (a first-use module load was seen to be) can stall them past
-the spin budget: meet the peers on the CPU before the first calls, as the sweep worker does.
+the host while its peers spin (a first-use compile or module load was seen to be) can stall
+them past the spin budget: so the constructor loads every kernel variant without waiting on a
+peer and meets the peers on the CPU before it returns (`_warm_up`), whoever creates it.
 """
 
 from __future__ import annotations
+
+import datetime
 
 import torch
 import torch.distributed as dist
@@ -141,6 +144,9 @@ class CustomAllReduce:
         self._decode = kernels.decode_status
         self._tile_elems = {size: kernels.tile_elems(num_warps, vec_bytes, chunk, size)
                             for size in (2, 4)}
+        # the release's meeting gives up after this long (a peer gone, or on an error path)
+        self._meet_timeout_s = min(float(ctx.timeout_s), 30.0)
+        self._warm_up()
 
     # -- the three verbs ------------------------------------------------------------------
 
@@ -156,25 +162,16 @@ class CustomAllReduce:
         self._raise_if_failed()
         if self._buffer is None:
             raise RuntimeError(f"{self.name}: all_reduce after release()")
-        count = tensor.numel()
-        if count == 0:
-            return tensor
-        views = self._data_views(tensor.dtype)
-        tile = self._tile_elems[tensor.element_size()]
-        peers = views + [views[0]] * (_MAX_RANKS - self.world_size)
-        half_elems = self._half_bytes // tensor.element_size()
-        self._kernel[(self.blocks,)](
-            tensor, tensor, views[self.rank], *peers, self._flag_table, self._own_flags,
-            self._counters, self._status.data_ptr(), count, -(-count // tile), half_elems,
-            self.rank, self.max_spins,
-            W=self.world_size, TILE=tile, MAXB=self._max_blocks, num_warps=self.num_warps)
+        if tensor.numel():
+            self._launch(tensor, self.max_spins)
         return tensor
 
     def release(self) -> None:
         """Wait for this rank's kernels, close the peers' mappings, meet the peers (no one
         still reads a buffer, no one still maps one), then free this rank's own buffer: owners
-        free last, so a normal run leaves no shared CUDA tensor behind. Idempotent; after a
-        timeout (a peer may be gone) the meeting is skipped."""
+        free last, so a normal run leaves no shared CUDA tensor behind. Idempotent. After a
+        timeout (a peer may be gone) the meeting is skipped; it gives up after at most 30 s
+        (an error path where the peers are elsewhere): a release always ends."""
         if self._buffer is None:
             return
         try:
@@ -184,15 +181,51 @@ class CustomAllReduce:
         self._views.clear()
         self._buffer.close_peers()
         if self._failure is None and self._status_np[0] == 0:
-            try:
-                dist.barrier(group=self._cpu_group)
-            except Exception:  # a peer is gone: nothing left to protect
-                pass
+            _meet(self._cpu_group, self._meet_timeout_s)
         self._own_flags = None  # a view of the own buffer: it would keep it alive
         self._buffer.free_local()
         self._buffer = None
 
     # -- helpers --------------------------------------------------------------------------
+
+    def _launch(self, tensor: torch.Tensor, max_spins: int) -> None:
+        views = self._data_views(tensor.dtype)
+        count = tensor.numel()
+        tile = self._tile_elems[tensor.element_size()]
+        peers = views + [views[0]] * (_MAX_RANKS - self.world_size)
+        half_elems = self._half_bytes // tensor.element_size()
+        self._kernel[(self.blocks,)](
+            tensor, tensor, views[self.rank], *peers, self._flag_table, self._own_flags,
+            self._counters, self._status.data_ptr(), count, -(-count // tile), half_elems,
+            self.rank, max_spins,
+            W=self.world_size, TILE=tile, MAXB=self._max_blocks, num_warps=self.num_warps)
+
+    def _warm_up(self) -> None:
+        """Collective, at creation: compile and load every kernel variant this communicator
+        launches, then meet the peers on the CPU, so that no rank's first call waits in a
+        barrier kernel for a peer still busy on the host (a first-use compile or module load
+        took longer than the spin budget with 3 and 8 ranks on one GPU).
+
+        Variants: per dtype, an element count that is a multiple of 16 and one that is not
+        (Triton specialises `n` on that). Each launch has a spin budget of one read, so no rank
+        waits for another: its barriers give up at once, and since every rank makes the same
+        launches the epochs and flags still end in step (the sums are not used). The timeout
+        word they leave is cleared after the GPU is synchronised. A rank that fails here
+        still meets the others, then raises (the creation's agreement names it)."""
+        failed = None
+        try:
+            for dtype in _DTYPES:
+                size = torch.empty((), dtype=dtype).element_size()
+                for count in (256, 256 + _ALIGNMENT // size):
+                    scratch = torch.zeros(count, dtype=dtype, device=self.device)
+                    self._launch(scratch, max_spins=1)
+            torch.cuda.synchronize(self.device)
+        except Exception as exc:  # a compile error, out of memory
+            failed = exc
+        self._status.zero_()
+        dist.barrier(group=self._cpu_group)
+        if failed is not None:
+            raise failed
 
     def check(self) -> None:
         """Synchronise this rank's current stream, then raise if a barrier timed out."""
@@ -223,6 +256,17 @@ class CustomAllReduce:
                 f"{info['block']}, epoch {info['epoch']}); the communicator is unusable: "
                 "release it")
         raise TimeoutError(self._failure)
+
+
+def _meet(group, timeout_s: float) -> bool:
+    """A barrier of the CPU group that gives up after `timeout_s` (a peer gone, or busy in
+    another collective on an error path); True when every rank came."""
+    try:
+        dist.barrier(group=group, async_op=True).wait(
+            timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:
+        return False
+    return True
 
 
 def _spec(algorithm: str) -> BackendSpec:

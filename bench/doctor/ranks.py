@@ -150,12 +150,18 @@ def ranks_in_process(cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerpri
 def ranks_launched(cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint
                    ) -> tuple[dict[str, Any] | None, str | None]:
     """Start this node's ranks through the sweep's launcher; (report or None, failure)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    from bench.launch.flags import UsageError
     from bench.launch.launcher import failure_reason, start_ranks
 
     try:
         results = start_ranks(cfg, _rank_main, (cfg, fingerprint), name="doctor")
+    except UsageError:  # the rendezvous port, tried before any rank starts
+        raise
+    except SignalException as exc:  # Ctrl-C: the ranks are ended, one line from the CLI
+        raise KeyboardInterrupt from exc
     except ChildFailedError as exc:
         ranks = ", ".join(f"rank {r} ({failure_reason(f)})" for r, f in sorted(exc.failures.items()))
         return None, f"failed: {ranks}"

@@ -12,6 +12,7 @@ searched at the largest size and the best one reused at the smaller sizes.
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 
 from bench.launch.config import DTYPE_ALIASES, DTYPES
 from bench.launch.flags import UsageError, UsageParser
+from bench.launch.paths import writable_file, write_output
 from bench.sizes import format_size, parse_size
 
 __all__ = ["main", "CONFIGS", "profile_once"]
@@ -65,7 +67,7 @@ def _parse_args(args) -> tuple[int, list[int], str, Path | None]:
     if max_bytes % (16 * itemsize) or max_bytes < MIN_BYTES:
         raise UsageError(f"--max-bytes: expected at least 1M and a multiple of 16 elements, "
                          f"got {args.max_bytes!r}")
-    out = Path(args.out) if args.out else None
+    out = writable_file("--out", args.out) if args.out else None
     return max_bytes, inputs, dtype, out
 
 
@@ -120,11 +122,11 @@ def _run(args) -> int:
     rows.sort(key=lambda r: (r["bytes"], r["n_inputs"]))
     _print_table(rows)
     if out_path is not None:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_output("--out", out_path, text.getvalue())
         print(f"# wrote {out_path}")
     return 0
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from pathlib import Path
 
 import torch
 
 from bench.launch.flags import UsageError, UsageParser, int_flag, seconds_flag
+from bench.launch.paths import writable_dir
 from bench.sizes import parse_size, size_range
 
 __all__ = ["SweepConfig", "UsageError", "add_sweep_arguments", "config_from_args",
@@ -227,7 +227,8 @@ def _params(texts: list[str], known: list[str]) -> dict[str, dict]:
 
 
 def _run_dir(args: argparse.Namespace, node_rank: int) -> tuple[str | None, bool]:
-    """(--out or --resume directory, resume?) once it is known to be usable."""
+    """(--out or --resume directory, resume?) once it is known to be usable: written into by
+    doing it, on node 0 only (the other nodes write nothing there)."""
     out, resume = args.out, False
     if args.resume is not None:
         if args.out is not None and Path(args.out) != Path(args.resume):
@@ -237,12 +238,14 @@ def _run_dir(args: argparse.Namespace, node_rank: int) -> tuple[str | None, bool
             raise UsageError(f"--resume: {resume_dir} has no results.csv to resume")
         out, resume = str(resume_dir), True
     if out is not None:
-        _check_writable(Path(out))
-        _check_run_dir(Path(out), "--resume" if resume else "--out")
+        flag = "--resume" if resume else "--out"
+        _check_run_dir(Path(out), flag)
         if not resume and node_rank == 0 and (Path(out) / "results.csv").is_file() and \
                 (Path(out) / "results.csv").stat().st_size > 0:
             raise UsageError(f"--out: {out} already holds a run (results.csv); continue it "
                              f"with --resume {out}, or pick another --out")
+        if node_rank == 0:
+            writable_dir(flag, out)
     return out, resume
 
 
@@ -258,15 +261,3 @@ def _check_run_dir(path: Path, flag: str) -> None:
     except (ValueError, KeyError, TypeError, OSError) as exc:  # SchemaError, JSON, bad cells
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UsageError(f"{flag}: {path} is not a readable run directory ({detail})") from None
-
-
-def _check_writable(path: Path) -> None:
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise UsageError(f"--out: {probe} exists and is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out: {probe} is not writable")

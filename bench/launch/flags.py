@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from bench.extras import missing_dependency
 
-__all__ = ["UsageError", "UsageParser", "int_flag", "seconds_flag", "run_command", "EXIT_USAGE",
-           "EXIT_INTERRUPTED"]
+__all__ = ["UsageError", "OutputError", "UsageParser", "int_flag", "seconds_flag", "run_command",
+           "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -19,6 +19,11 @@ EXIT_INTERRUPTED = 130
 
 class UsageError(ValueError):
     """Bad command-line input: one line, names the flag; the CLI exits 2."""
+
+
+class OutputError(RuntimeError):
+    """An output the command could not write after its work (a full disk, a folder removed
+    meanwhile): one line naming the flag, the path and the OS error; the CLI exits 1."""
 
 
 class UsageParser(argparse.ArgumentParser):
@@ -53,12 +58,15 @@ def seconds_flag(flag: str, value: object) -> float:
 
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run `command` and return its exit code; bad input is one line on stderr and exit 2,
-    Ctrl-C one line and 130."""
+    an output that could not be written one line and 1, Ctrl-C one line and 130."""
     try:
         return command()
     except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
     except ModuleNotFoundError as exc:  # an optional dependency: name the extra
         hint = missing_dependency(exc)
         if hint is None:

@@ -3,23 +3,32 @@
 `--master-addr:--master-port` (a free port on one node), never a home-made launcher.
 
 `start_ranks` returns every local rank's return value or raises `ChildFailedError`; `launch`
-is the sweep's form of it: an exit code, and one line per failed rank.
+is the sweep's form of it: an exit code, and one line per failed rank, or one line when this
+process is stopped by a signal (SIGTERM, Ctrl-C): the ranks are ended first.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
-__all__ = ["free_port", "start_ranks", "launch", "failure_reason"]
+__all__ = ["free_port", "start_ranks", "launch", "failure_reason",
+           "remove_shm_leftovers", "PIDS_DIR_ENV"]
+
+
+_AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+PIDS_DIR_ENV = "BENCH_RANK_PIDS_DIR"  # where a launched rank leaves its pid
 
 
 def free_port(host: str) -> int:
@@ -37,6 +46,8 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if cfg.master_port and cfg.node_rank == 0:
+        _check_listen(cfg.master_addr, cfg.master_port)
     port = cfg.master_port or free_port(cfg.master_addr)
     extra = {}
     if "shutdown_timeout" in getattr(LaunchConfig, "__dataclass_fields__", {}):
@@ -54,10 +65,45 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
         max_restarts=0, monitor_interval=0.5, start_method="spawn",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir), **extra,
     )
+    # the agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into an exception for the rest of
+    # this process's life: ours again once the ranks are gone
+    handlers = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
+    pids = Path(log_dir) / "pids"  # each rank leaves its pid here (bench.run.session)
+    pids.mkdir()
+    previous = os.environ.get(PIDS_DIR_ENV)
+    os.environ[PIDS_DIR_ENV] = str(pids)
     try:
         return elastic_launch(config, entrypoint)(*args) or {}
     finally:
+        _restore_env(PIDS_DIR_ENV, previous)
+        remove_shm_leftovers(int(p.name) for p in pids.iterdir() if p.name.isdigit())
         shutil.rmtree(log_dir, ignore_errors=True)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Node 0 hosts the rendezvous at --master-addr:--master-port: try listening there first
+    (as the store does, address reuse allowed), so a port in use or an address of another
+    host is one line before any rank starts."""
+    from bench.launch.flags import UsageError
+    from bench.launch.paths import os_error
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError as exc:
+            raise UsageError(f"--master-port: cannot listen on {host}:{port} on node 0: "
+                             f"{os_error(exc)}") from None
 
 
 def failure_reason(failure) -> str:
@@ -66,21 +112,66 @@ def failure_reason(failure) -> str:
     return f"signal {signal_name}" if signal_name != "<N/A>" else f"exit code {failure.exitcode}"
 
 
-def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple) -> int:
-    """`start_ranks` as an exit code: the largest nonzero code a rank returned, or 1 with one
-    line per failed rank (finished rows are kept in cfg.out)."""
+def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
+           kept: Callable[[], str] | None = None) -> int:
+    """`start_ranks` as an exit code: the largest nonzero code a rank returned; 1 with one
+    line per failed rank; 128 + N (130 for Ctrl-C) with one line when this process gets
+    signal N (the launcher ends the ranks first). `kept()` ends those lines with what the run
+    keeps (the sweep: the rows its table holds, counted then)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
 
     try:
         results = start_ranks(cfg, entrypoint, args)
+    except RendezvousError as exc:  # the nodes never met: nothing ran
+        cause = exc.__cause__ or exc
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        print(f"bench: the ranks could not meet at {cfg.master_addr}:{cfg.master_port or '?'} "
+              f"(--master-addr/--master-port): {detail}", file=sys.stderr, flush=True)
+        return 1
     except ChildFailedError as exc:
+        tail = kept() if kept else ""
         for rank, failure in sorted(exc.failures.items()):
             why = failure_reason(failure)
             if failure.exitcode == EXIT_WATCHDOG:
                 why = f"no progress for --timeout {cfg.timeout_s:g} s; its line above names " \
                       "the silent ranks"
-            print(f"bench: rank {rank} failed ({why}); finished rows are kept"
-                  + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
+            print(f"bench: rank {rank} failed ({why}){tail}", file=sys.stderr, flush=True)
         return 1
+    except (SignalException, KeyboardInterrupt) as exc:
+        number = getattr(exc, "sigval", signal.SIGINT)
+        what = "interrupted" if number == signal.SIGINT else \
+            f"stopped by {signal.Signals(number).name}"
+        tail = kept() if kept else ""
+        print(f"bench: {what}; the ranks were ended{tail}", file=sys.stderr, flush=True)
+        return 128 + int(number)
     codes = [c for c in results.values() if c]
     return max(codes) if codes else 0
+
+
+def remove_shm_leftovers(pids: Iterable[int], shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove what ranks ended by a signal left in /dev/shm: torch's files of CUDA IPC
+    reference counts, named torch_<pid>_<n> after the process that made them (a process that
+    exits normally removes its own; one killed cannot). Processes still alive are left
+    alone. Returns the names removed."""
+    removed = []
+    for pid in pids:
+        if _alive(pid):
+            continue
+        for path in Path(shm_dir).glob(f"torch_{int(pid)}_*"):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:
+                continue
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")

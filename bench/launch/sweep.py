@@ -6,25 +6,53 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bench.launch.config import parse_sweep_config
+from bench.launch.config import SweepConfig, parse_sweep_config
 from bench.launch.flags import UsageError
 
-__all__ = ["main"]
+__all__ = ["main", "rows_kept"]
+
+DEFAULT_ROOT = "results"  # the run directory is results/<hardware_key>/<run_id> without --out
 
 
 def main(argv: list[str]) -> int:
-    from bench.run.worker import run_worker
+    from bench.run.worker import new_run_id, run_worker
 
     cfg = parse_sweep_config(argv)
     if cfg.out is not None and cfg.node_rank == 0:  # only node 0's rank 0 writes (shared FS)
         from bench.analysis.results import LOCK_FILE
 
         _refuse_if_locked(Path(cfg.out) / LOCK_FILE)
+    if cfg.out is None and cfg.node_rank == 0:
+        from bench.launch.paths import writable_dir
+
+        # the default run directory goes below results/ (made again by rank 0)
+        writable_dir(f"--out (default {DEFAULT_ROOT}/)", DEFAULT_ROOT)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return run_worker(cfg)  # already one rank of the user's torchrun
+    from bench.analysis.results import count_rows
     from bench.launch.launcher import launch
 
-    return launch(cfg, run_worker, (cfg,))
+    if cfg.out is None and cfg.run_id is None:
+        cfg.run_id = new_run_id()  # chosen here, so that a failure can name the directory
+    before = (count_rows(cfg.out) or 0) if cfg.out else 0
+    return launch(cfg, run_worker, (cfg,), kept=lambda: rows_kept(cfg, before))
+
+
+def rows_kept(cfg: SweepConfig, before: int = 0) -> str:
+    """What a sweep that failed or was stopped leaves, for the launcher's last line: the
+    rows its results.csv holds now (counted, never assumed), or that none were written."""
+    from bench.analysis.results import count_rows
+
+    if cfg.node_rank != 0:
+        return "; node 0 keeps the rows written so far"
+    run_dir = Path(cfg.out) if cfg.out else next(
+        iter(sorted(Path(DEFAULT_ROOT).glob(f"*/{cfg.run_id}"))), None)
+    rows = (count_rows(run_dir) or 0) if run_dir is not None else 0
+    if not rows:
+        return "; no row was written"
+    table = run_dir / "results.csv"
+    new = f", {rows - before} of them by this sweep" if cfg.resume else ""
+    return f"; {rows} rows are kept in {table}{new} (continue with --resume {run_dir})"
 
 
 def _refuse_if_locked(lock: Path) -> None:

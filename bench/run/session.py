@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ import torch.distributed as dist
 
 from bench.backends import CommContext
 from bench.launch.config import SweepConfig
+from bench.launch.launcher import PIDS_DIR_ENV, remove_shm_leftovers
 from bench.launch.watchdog import Watchdog
 from bench.run.context import broadcast_object, build_backend, make_context
 
@@ -50,6 +53,8 @@ def rank_session(timeout_s: float, alone: bool = False
     exit. gloo's own timeout is set past the watchdog's, so that the watchdog, which names the
     silent peers, acts first. `alone`: a one-rank group in this process, no launcher."""
     layout = dict(_ALONE) if alone else dist_env()
+    if not alone:
+        _leave_nothing_behind()
     watchdog = Watchdog(layout["rank"], timeout_s)
     gloo_timeout = datetime.timedelta(seconds=timeout_s + 30)
     if alone:
@@ -63,6 +68,25 @@ def rank_session(timeout_s: float, alone: bool = False
         watchdog.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _leave_nothing_behind() -> None:
+    """A rank stopped by its launcher (SIGTERM) or by Ctrl-C (SIGINT reaches every process of
+    the terminal) ends at once, without a traceback per rank: the launcher prints the one
+    line. Its files in /dev/shm go with it; a row being written is whole (one write call).
+    Under `bench`'s launcher the rank also leaves its pid where the launcher looks after the
+    launch, for what a rank killed outright (SIGKILL) could not remove itself."""
+    pids = os.environ.get(PIDS_DIR_ENV)
+    if pids:
+        with contextlib.suppress(OSError):
+            (Path(pids) / str(os.getpid())).touch()
+
+    def end(signum: int, _frame) -> None:
+        remove_shm_leftovers([os.getpid()])
+        os._exit(128 + signum)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, end)
 
 
 def shared_tag(prefix: str = "") -> str:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import sys
 import time
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -107,22 +107,24 @@ def _soak_rank(cfg, iters: int, out: str | None) -> int:
         ctx = sweep_context(cfg, layout, shared_tag("soak"))
         fds_before, shm_before = len(os.listdir("/proc/self/fd")), _shm_entries()
         backends = []
-        for name in ALGORITHMS:
-            backend, reason = create_backend(name, cfg, ctx)
-            if backend is None:
-                raise SystemExit(f"soak: {name} cannot run here: {reason}")
-            backends.append(backend)
-        soak = _Soak(backends, _cases(ctx.rank, ctx.world_size), watchdog)
-        for i in range(WARMUP):
-            soak.step(i)
-        soak.reset()
-        dist.barrier()
-        rss_start, start = _rss_kib(), time.perf_counter()
-        for i in range(iters):
-            soak.step(i)
-        elapsed_s, rss_end = time.perf_counter() - start, _rss_kib()
-        for backend in backends:
-            backend.release()
+        try:  # released on every path (idempotent)
+            for name in ALGORITHMS:
+                backend, reason = create_backend(name, cfg, ctx)
+                if backend is None:
+                    raise SystemExit(f"soak: {name} cannot run here: {reason}")
+                backends.append(backend)
+            soak = _Soak(backends, _cases(ctx.rank, ctx.world_size), watchdog)
+            for i in range(WARMUP):
+                soak.step(i)
+            soak.reset()
+            dist.barrier()
+            rss_start, start = _rss_kib(), time.perf_counter()
+            for i in range(iters):
+                soak.step(i)
+            elapsed_s, rss_end = time.perf_counter() - start, _rss_kib()
+        finally:
+            for backend in backends:
+                backend.release()
         dist.barrier()
         mine = {"rank": ctx.rank, "errors": soak.errors, "calls": soak.calls,
                 "first_error": soak.first_error, "rss_start_kib": rss_start,
@@ -134,10 +136,22 @@ def _soak_rank(cfg, iters: int, out: str | None) -> int:
         if ctx.rank == 0:
             text = _report(gathered, iters, ctx.world_size)
             print(text)
-            if out:
-                Path(out).parent.mkdir(parents=True, exist_ok=True)
-                Path(out).write_text(text + "\n")
+            if out and not _write_report(out, text):
+                return 1
         return 1 if sum(sum(r["errors"].values()) for r in gathered) else 0
+
+
+def _write_report(out: str, text: str) -> bool:
+    """Rank 0: the report into --out; False (and one line) when it cannot be written."""
+    from bench.launch.flags import OutputError
+    from bench.launch.paths import write_output
+
+    try:
+        write_output("--out", out, text + "\n")
+    except OutputError as exc:
+        print(f"bench: error: {exc}", flush=True, file=sys.stderr)
+        return False
+    return True
 
 
 def _report(ranks: list[dict], iters: int, world_size: int) -> str:
@@ -197,4 +211,8 @@ def main(argv: list[str]) -> int:
                       modes=["eager"], device="cpu",
                       timeout_s=seconds_flag("--timeout", args.timeout), quiet=True)
     iters = int_flag("--iters", args.iters)
+    if args.out:
+        from bench.launch.paths import writable_file
+
+        writable_file("--out", args.out)
     return launch(cfg, _soak_rank, (cfg, iters, args.out))

@@ -7,7 +7,6 @@ own `torchrun ... -m bench.run.worker <sweep flags>`, or under SLURM `srun pytho
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -17,8 +16,11 @@ import torch
 import torch.distributed as dist
 
 from bench.analysis.results import (
+    META_FILE,
+    RESULTS_FILE,
     ResultsWriter,
     RunDirLocked,
+    TableRemoved,
     completed_points,
     point_key,
     read_meta,
@@ -27,16 +29,26 @@ from bench.analysis.results import (
 from bench.backends import CommContext
 from bench.launch.config import DTYPES, SweepConfig, parse_sweep_config
 from bench.launch.flags import run_command
+from bench.launch.paths import os_error
 from bench.launch.watchdog import Watchdog
 from bench.run.hardware import fingerprint
 from bench.run.point import PointRunner
 from bench.run.session import create_backend, rank_session, shared_tag, sweep_context
 
-__all__ = ["run_worker", "RankMismatch", "point_plan", "main"]
+__all__ = ["run_worker", "RankMismatch", "SweepStopped", "point_plan", "new_run_id", "main"]
 
 
 class RankMismatch(RuntimeError):
     """Ranks disagree on which point they are about to measure."""
+
+
+class SweepStopped(RuntimeError):
+    """Every rank ends the sweep together: rank 0 cannot write the table (the message says
+    why, in one line); `code` is the exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
@@ -48,15 +60,23 @@ def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
                     yield backend, dtype, mode, nbytes
 
 
-def _agree(value, group, what: str):
-    """All-gather `value`; raise RankMismatch naming the ranks that differ."""
+def new_run_id() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{uuid.uuid4().hex[:6]}"
+
+
+def _agree(value, group, what: str, stop: str | None = None):
+    """All-gather `value` (and rank 0's `stop`: why the table cannot be written); raise
+    SweepStopped on every rank when rank 0 stops, RankMismatch naming the ranks that differ."""
     world = dist.get_world_size(group)
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, value, group=group)
-    if any(v != gathered[0] for v in gathered):
-        detail = "; ".join(f"rank {r}: {v}" for r, v in enumerate(gathered))
+    dist.all_gather_object(gathered, (value, stop), group=group)
+    stops = [s for _, s in gathered if s]
+    if stops:
+        raise SweepStopped(stops[0])
+    if any(v != gathered[0][0] for v, _ in gathered):
+        detail = "; ".join(f"rank {r}: {v}" for r, (v, _) in enumerate(gathered))
         raise RankMismatch(f"ranks disagree on {what}: {detail}")
-    return gathered
+    return [v for v, _ in gathered]
 
 
 def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
@@ -68,8 +88,7 @@ def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
             run_id = meta.get("run_id") or Path(cfg.out).name
             out = cfg.out
         else:
-            run_id = cfg.run_id or (datetime.datetime.now().strftime("%Y%m%d-%H%M%S") +
-                                    f"-{uuid.uuid4().hex[:6]}")
+            run_id = cfg.run_id or new_run_id()
             out = cfg.out or str(Path("results") / fp["hardware_key"] / run_id)
         payload = [(out, run_id)]
     dist.broadcast_object_list(payload, src=0)
@@ -87,14 +106,11 @@ def run_worker(cfg: SweepConfig) -> int:
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         try:
             return _sweep(cfg, layout, watchdog)
-        except RankMismatch as exc:
+        except (RankMismatch, SweepStopped) as exc:
             # every rank saw the same gathered values; one line, from rank 0
             if layout["rank"] == 0:
                 print(f"bench: error: {exc}", file=sys.stderr, flush=True)
-            return 1
-        except RunDirLocked as exc:  # another sweep took the directory between check and start
-            print(f"bench: error: --out: {exc}", file=sys.stderr, flush=True)
-            os._exit(2)  # the launcher ends the other ranks, which wait for this one
+            return getattr(exc, "code", 1)
         except Exception:
             watchdog.end_silent_peers()  # a peer-side timeout: name (and end) the stopped peers
             raise
@@ -107,10 +123,12 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     watchdog.attach_heartbeat(layout["world_size"], tag)
     ctx = sweep_context(cfg, layout, tag)
     out, run_id = _open_run(cfg, ctx, fp or {})
-    writer, done = _start_table(cfg, ctx, fp, out, run_id) if rank == 0 else (None, set())
-    shared: list = [(fp or {}).get("hardware_key"), done]
+    table, failed = _Table.open(cfg, ctx, fp, out, run_id) if rank == 0 else (None, None)
+    shared: list = [(fp or {}).get("hardware_key"), table.done if table else set(), failed]
     dist.broadcast_object_list(shared, src=0)
-    hardware_key, done = shared
+    hardware_key, done, failed = shared
+    if failed:
+        raise SweepStopped(*failed)
     plan = [p for p in point_plan(cfg)
             if point_key(backend=p[0], world_size=ctx.world_size, dtype=p[1], bytes=p[3],
                          mode=p[2]) not in done]
@@ -122,49 +140,107 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
                         dynamic_ncols=True, file=sys.stderr)
     runner = PointRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, graph_calls=cfg.graph_calls,
                          l2_flush=cfg.l2_flush)
+    held = _Held()
     try:
-        current, backend, backend_reason = None, None, None
+        stop = None  # rank 0: why the table cannot be written any more
         for index, (name, dtype_name, mode, nbytes) in enumerate(plan):
             watchdog.beat(f"{name} {dtype_name} {mode} {nbytes}B")
             _agree((name, dtype_name, mode, nbytes), ctx.cpu_group,
-                   "the next point (backend, dtype, mode, bytes)")
-            if name != current:
-                if backend is not None:
-                    backend.release()
-                backend, backend_reason = create_backend(name, cfg, ctx)
-                current = name
+                   "the next point (backend, dtype, mode, bytes)", stop)
+            backend, backend_reason = held.get(name, cfg, ctx)
             base = {"run_id": run_id, "hardware_key": hardware_key, "backend": name,
                     "world_size": ctx.world_size, "nnodes": ctx.nnodes, "dtype": dtype_name,
                     "mode": mode}
             row = _point_row(runner, backend, backend_reason, base, nbytes, seed=1 + index)
-            if writer is not None:
-                writer.append(row)
+            if table is not None:
+                stop = table.append(row)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix_str(f"{name} {dtype_name} {mode}", refresh=False)
-        if backend is not None:
-            backend.release()
+        _agree("end", ctx.cpu_group, "the end of the sweep", stop)
     finally:
+        held.release()  # every rank, on every path: IPC buffers are freed in order
         if progress is not None:
             progress.close()
-        if writer is not None:
-            writer.close()
+        if table is not None:
+            table.close()
     return _finish(out) if rank == 0 else 0
 
 
-def _start_table(cfg: SweepConfig, ctx: CommContext, fp: dict, out: str,
-                 run_id: str) -> tuple[ResultsWriter, set]:
-    """Rank 0: the table's writer, the points already done (on --resume), meta.json."""
-    writer = ResultsWriter(out)
-    done = completed_points(out) if cfg.resume else set()
-    meta = read_meta(out) if cfg.resume else {}
-    meta.update({"run_id": run_id, "hardware_key": fp["hardware_key"], "fingerprint": fp,
-                 "arguments": cfg.to_json(), "nnodes": ctx.nnodes,
-                 "hosts": len(set(ctx.extra["hosts"])), "l2_flush": cfg.l2_flush,
-                 "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter"})
-    meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
-    write_meta(out, meta)
-    return writer, done
+class _Held:
+    """The backend the sweep measures now: built when the plan reaches it, released when
+    the plan moves on and when the sweep ends, on every path (an error included)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.backend, self.reason = None, None
+
+    def get(self, name: str, cfg: SweepConfig, ctx: CommContext):
+        if name != self.name:
+            self.release()
+            self.backend, self.reason = create_backend(name, cfg, ctx)
+            self.name = name
+        return self.backend, self.reason
+
+    def release(self) -> None:
+        backend, self.backend, self.name = self.backend, None, None
+        if backend is not None:
+            backend.release()
+
+
+class _Table:
+    """Rank 0's side of the run directory: the table's writer, meta.json, the points already
+    done; a write that fails becomes the one-line reason every rank stops with."""
+
+    def __init__(self, writer: ResultsWriter, meta: dict, done: set) -> None:
+        self.writer, self.meta, self.done = writer, meta, done
+
+    @classmethod
+    def open(cls, cfg: SweepConfig, ctx: CommContext, fp: dict, out: str, run_id: str
+             ) -> tuple[_Table | None, tuple[str, int] | None]:
+        """(the table, None), or (None, (why it cannot be written, exit code))."""
+        try:
+            writer = ResultsWriter(out)
+        except RunDirLocked as exc:  # another sweep took the directory since the check
+            return None, (f"--out: {exc}", 2)
+        except OSError as exc:
+            return None, (f"cannot write the run directory {out}: {os_error(exc)}", 1)
+        try:
+            done = completed_points(out) if cfg.resume else set()
+            meta = read_meta(out) if cfg.resume else {}
+            meta.update({"run_id": run_id, "hardware_key": fp["hardware_key"],
+                         "fingerprint": fp, "arguments": cfg.to_json(), "nnodes": ctx.nnodes,
+                         "hosts": len(set(ctx.extra["hosts"])), "l2_flush": cfg.l2_flush,
+                         "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter"})
+            meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
+            write_meta(out, meta)
+        except OSError as exc:
+            writer.close()
+            return None, (f"cannot write {Path(out) / META_FILE}: {os_error(exc)}", 1)
+        return cls(writer, meta, done), None
+
+    def append(self, row: dict) -> str | None:
+        """Write `row`; None, or why the sweep must stop (the rows kept, how to go on)."""
+        writer = self.writer
+        resume = f"continue with --resume {writer.run_dir}"
+        try:
+            writer.append(row)
+            return None
+        except TableRemoved:
+            try:
+                writer.restore()
+                write_meta(writer.run_dir, self.meta)
+            except OSError as exc:
+                return (f"{writer.path} was removed during the sweep; writing its "
+                        f"{writer.rows} rows again failed: {os_error(exc)}")
+            return (f"{writer.path} was removed during the sweep; its {writer.rows} rows "
+                    f"were written again; {resume}")
+        except OSError as exc:
+            return (f"cannot append to {writer.path}: {os_error(exc)}; its {writer.rows} "
+                    f"rows are kept; {resume} once it can be written")
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def _point_row(runner: PointRunner, backend, backend_reason: str | None, base: dict,
@@ -189,9 +265,14 @@ def _point_row(runner: PointRunner, backend, backend_reason: str | None, base: d
 
 def _finish(out: str) -> int:
     """Rank 0: the finish time in meta.json, and the summary; 1 when a sum was wrong."""
-    meta = read_meta(out)
-    meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-    write_meta(out, meta)
+    try:
+        meta = read_meta(out)
+        meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+        write_meta(out, meta)
+    except OSError as exc:
+        print(f"bench: error: cannot write {Path(out) / META_FILE}: {os_error(exc)}; the "
+              f"rows are in {Path(out) / RESULTS_FILE}", file=sys.stderr, flush=True)
+        return 1
     from bench.analysis.report import print_summary
 
     if print_summary(out):

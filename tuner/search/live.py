@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.launch.config import DTYPES, SweepConfig, add_sweep_arguments, config_from_args
-from bench.launch.flags import UsageError, UsageParser, int_flag
+from bench.launch.flags import OutputError, UsageError, UsageParser, int_flag
 from bench.sizes import format_size
 
 __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
@@ -120,12 +120,11 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
             raise UsageError("--budget-fraction: expected a number in (0, 1] or 'none', got "
                              f"{args.budget_fraction!r}")
     output = Path(args.output)
-    if output.parent and not output.parent.exists():
-        raise UsageError(f"-o: folder {output.parent} does not exist")
-    from tuner.table.options import table_options
+    from tuner.table.options import probe_outputs, table_options
 
     table = table_options(args)
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
+    probe_outputs(str(output), study_db, args.pareto)
     opts = LiveOptions(
         output=str(output), study_db=study_db, patience=_int("--patience", args.patience),
         max_trials=_int("--max-trials", args.max_trials), budget_fraction=fraction,
@@ -148,7 +147,11 @@ def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     from bench.run.session import rank_session
 
     with rank_session(cfg.timeout_s) as (layout, watchdog):
-        return _live(cfg, opts, watchdog, layout["local_rank"])
+        try:
+            return _live(cfg, opts, watchdog, layout["local_rank"])
+        except OutputError as exc:  # rank 0, after the search: one line, not a traceback
+            print(f"tuner: error: {exc}", file=sys.stderr, flush=True)
+            return 1
 
 
 def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int:
@@ -278,14 +281,13 @@ def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> No
                                   memory_budget=opts.memory_budget, source="live",
                                   command=opts.command)
     print_fits(fits)
-    thresholds.save(opts.output)
-    if opts.pareto:
-        from tuner.table.options import write_pareto
+    from bench.launch.paths import write_output
+    from tuner.table.options import save_outputs
 
-        write_pareto(opts.pareto, fits)
+    save_outputs(thresholds, fits, opts.output, opts.pareto)
     path = Path(opts.output)
     live_json = path.with_name(path.stem + ".live.json")
-    live_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_output("-o", live_json, json.dumps(summary, indent=2, default=str) + "\n")
     print(f"# {summary['measured']} configurations measured of {summary['grid']} in the grid "
           f"({100 * (summary['fraction'] or 0):.0f}%); tables -> {opts.output}; study -> "
           f"{opts.study_db}; summary -> {live_json}", flush=True)

@@ -8,9 +8,11 @@ import csv
 from pathlib import Path
 
 from bench.launch.flags import UsageError, int_flag
+from bench.launch.paths import output_error, writable_file
 from bench.sizes import parse_size
 
-__all__ = ["add_table_flags", "table_options", "read_workload", "write_pareto"]
+__all__ = ["add_table_flags", "table_options", "read_workload", "write_pareto", "probe_outputs",
+           "save_outputs"]
 
 
 def add_table_flags(p: argparse.ArgumentParser) -> None:
@@ -82,3 +84,40 @@ def write_pareto(path: str, fits) -> None:
         writer.writerows(rows)
 
 
+def probe_outputs(output: str, study_db: str | None = None, pareto: str | None = None) -> None:
+    """Every file `tuner fit` / `tuner live` will write, checked by doing before the work
+    (a study given as a database URL is the database's to check). The study's folder is
+    made and kept: SQLite does not make it."""
+    writable_file("-o", output)
+    if pareto:
+        writable_file("--pareto", pareto)
+    if study_db and "://" not in study_db:
+        writable_file("--study-db", study_db, keep=True)
+        _check_study(study_db)
+
+
+def _check_study(path: str) -> None:
+    """An existing --study-db file must open as an Optuna study database."""
+    if not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return
+    import optuna
+
+    from tuner.search.study import storage_url
+
+    try:
+        optuna.storages.RDBStorage(storage_url(path))
+    except Exception as exc:  # not SQLite, or another schema: SQLAlchemy's or Optuna's error
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:160]
+        raise UsageError(f"--study-db: {path} is not an Optuna study database ({detail})") \
+            from None
+
+
+def save_outputs(thresholds, fits, output: str, pareto: str | None) -> None:
+    """thresholds.json and the Pareto front; an OS error is one line naming the flag."""
+    for flag, path, write in (("-o", output, lambda: thresholds.save(output)),
+                              ("--pareto", pareto, lambda: write_pareto(pareto, fits))):
+        if path:
+            try:
+                write()
+            except OSError as exc:
+                raise output_error(flag, path, exc) from None

@@ -12,6 +12,7 @@ from bench.analysis.plots.gain import gain_table, plot_gain
 from bench.analysis.plots.performance import plot_busbw, plot_latency
 from bench.analysis.plots.status import plot_status
 from bench.analysis.results import read_meta, read_results
+from bench.launch.paths import output_error
 
 __all__ = ["FIGURES", "thresholds_near", "figure_names", "write_run_plots"]
 
@@ -69,6 +70,9 @@ def write_run_plots(run_dir: str | Path, dpi: int = 110) -> list[Path]:
     paths = []
     for name, fig in figures.items():
         path = run_dir / f"{name}.png"
-        fig.savefig(path, dpi=dpi)
+        try:
+            fig.savefig(path, dpi=dpi)
+        except OSError as exc:  # a full disk: one line naming the file (the CLI exits 1)
+            raise output_error("--plots", path, exc) from None
         paths.append(path)
     return paths
