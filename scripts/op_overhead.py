@@ -12,9 +12,12 @@ With `--device cuda`, also CUDA graphs: K calls captured once as plain
 to pynccl, then nccl); the host time of `graph.replay()` (perf_counter around the call, no
 synchronisation inside the timed region) and the GPU time of a replay (CUDA events), and the
 dispatcher's call count before and after the replays (a replay must do no host work: it stays).
+With `--ipc-ranks N` (CUDA; N ranks on the one GPU, start the MPS daemon first) the same graph
+comparison for the own IPC kernels: K calls of `custom_one_shot` captured directly, and K calls
+of the op routed to it by the table; rank 0 prints.
 Target: replay host time identical within noise; eager decision <= 1 us median.
 
-    python scripts/op_overhead.py [--device cpu|cuda] [--batches 200] [--markdown F]
+    python scripts/op_overhead.py [--device cpu|cuda] [--ipc-ranks N] [--batches 200] [--markdown F]
 """
 
 from __future__ import annotations
@@ -86,12 +89,12 @@ def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, floa
             ("tensor.clone (part of the op)", timed(lambda: t.clone()))]
 
 
-def graph_rows(d: Dispatcher, calls: int, replays: int) -> list[tuple[str, float, float]]:
-    """(what, host us per replay, GPU us per replay) for plain all_reduce and for the op."""
+def graph_rows(d: Dispatcher, calls: int, replays: int,
+               direct=None) -> list[tuple[str, float, float]]:
+    """(what, host us per replay, GPU us per replay) for the direct call and for the op."""
+    direct = direct or ("plain torch.distributed.all_reduce (the nccl floor)", d.floor.all_reduce)
     out = []
-    for label, step in (("graph of plain torch.distributed.all_reduce (the nccl floor)",
-                         d.floor.all_reduce),
-                        ("graph of the op (1 KiB -> pynccl)", lambda x: op.all_reduce(x))):
+    for label, step in (direct, ("the op (1 KiB, by the table)", lambda x: op.all_reduce(x))):
         x = torch.ones(256, device="cuda")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -108,6 +111,7 @@ def graph_rows(d: Dispatcher, calls: int, replays: int) -> list[tuple[str, float
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for _ in range(replays):
             torch.cuda.synchronize()
+            dist.barrier()  # ranks replay together (the IPC kernels meet inside)
             start.record()
             t0 = time.perf_counter_ns()
             graph.replay()
@@ -116,8 +120,36 @@ def graph_rows(d: Dispatcher, calls: int, replays: int) -> list[tuple[str, float
             end.synchronize()
             gpu.append(start.elapsed_time(end) * 1000)
         assert sum(d.calls.values()) == before, "a replay ran the dispatcher"
-        out.append((f"{label}, {calls} calls", statistics.median(host), statistics.median(gpu)))
+        out.append((f"graph of {label}, {calls} calls", statistics.median(host),
+                    statistics.median(gpu)))
     return out
+
+
+def _ipc_rank(rank: int, world: int, port: int, args) -> None:
+    torch.cuda.set_device(0)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    key = fingerprint("cuda")["hardware_key"]
+    rules = (Rule(None, "custom_one_shot"),)
+    tables = tuple(Table(key, world, "float32", mode, rules, {"custom_one_shot": 1 << 20},
+                         EVIDENCE) for mode in ("eager", "graph"))
+    d = Dispatcher.from_thresholds(Thresholds(tables=tables), device="cuda:0", count_calls=True)
+    op.install(d)
+    backend = d.backends["custom_one_shot"]
+    rows = graph_rows(d, args.graph_calls, args.replays,
+                      direct=("custom_one_shot called directly", backend.all_reduce))
+    if rank == 0:
+        lines = [f"{world} ranks on one {torch.cuda.get_device_name(0)} ({key}); CUDA_MPS_PIPE_"
+                 f"DIRECTORY {'set' if os.environ.get('CUDA_MPS_PIPE_DIRECTORY') else 'unset'}",
+                 "", "| CUDA graph | host us per replay | GPU us per replay |",
+                 "| --- | --: | --: |"]
+        lines += [f"| {name} | {host:.1f} | {gpu:.1f} |" for name, host, gpu in rows]
+        print("\n".join(lines))
+        if args.markdown:
+            Path(args.markdown).write_text("\n".join(lines) + "\n")
+    op.uninstall()
+    d.release()
+    dist.destroy_process_group()
 
 
 def main() -> int:
@@ -126,8 +158,17 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--graph-calls", type=int, default=20)
     p.add_argument("--replays", type=int, default=200)
+    p.add_argument("--ipc-ranks", type=int, default=0)
     p.add_argument("--markdown", default=None)
     args = p.parse_args()
+    if args.ipc_ranks:
+        import torch.multiprocessing as mp
+
+        from bench.launch.launcher import free_port
+
+        mp.start_processes(_ipc_rank, args=(args.ipc_ranks, free_port("127.0.0.1"), args),
+                           nprocs=args.ipc_ranks, join=True, start_method="spawn")
+        return 0
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     fp = fingerprint(args.device)
