@@ -35,15 +35,18 @@ class IpcBuffer:
         if zero_bytes:
             self.local[:zero_bytes].zero_()
         torch.cuda.synchronize(device)
-        _rebuild, args = reduce_tensor(self.local)
+        # one export per peer: torch gives each export its own reference counter, and each
+        # peer's mapping releases exactly one (one export shared by several peers would be
+        # released more than once, and the owner would never see it free)
+        exports = [reduce_tensor(self.local)[1] for _ in range(world_size - 1)]
         gathered: list = [None] * world_size
-        dist.all_gather_object(gathered, args, group=cpu_group)
+        dist.all_gather_object(gathered, exports, group=cpu_group)
         self.tensors: list[torch.Tensor] = []
-        for peer, peer_args in enumerate(gathered):
+        for peer, peer_exports in enumerate(gathered):
             if peer == rank:
                 self.tensors.append(self.local)
                 continue
-            opened = list(peer_args)
+            opened = list(peer_exports[rank if rank < peer else rank - 1])
             opened[_DEVICE_ARG] = device.index
             self.tensors.append(rebuild_cuda_tensor(*opened))
         torch.cuda.synchronize(device)
