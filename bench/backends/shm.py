@@ -14,11 +14,18 @@ in pieces of one slot. Per piece:
   the next piece's writes behind every rank's reads, so no double buffering is needed.
 
 Waiting never holds a core a peer needs: a rank spins briefly only when every local rank has a
-core, then sleeps on the barrier's futex until the last rank to arrive wakes it, bounded by
-`ctx.timeout_s`; a timeout names the rank and epoch it waited for and leaves the backend
-unusable (its peers are out of step).
+core, then checks between `sched_yield()` calls for up to `yield_us` (a peer on the same core
+runs at once), then sleeps on the barrier's futex until the last rank to arrive wakes it, all
+bounded by `ctx.timeout_s`; a timeout names the rank and epoch it waited for and leaves the
+backend unusable (its peers are out of step).
 Copies are memmoves between the caller's tensor and the segment (no per-call allocation);
-sums are torch ops on cached views of the segment, with torch limited to `threads` threads.
+sums are torch ops on cached views of the segment, with torch limited to `threads` threads
+for messages large enough for torch to split (`_PARALLEL_ELEMENTS`; below that torch runs
+one thread whatever its setting, and switching costs more than the call).
+A message that fits a slot takes a short path (`_one_shot_small`): one memmove, one barrier,
+one sum (at world size > 2 a single `sum` over the slots seen as one strided tensor, for
+small counts), and no per-piece bookkeeping: at 1 KiB the Python around the copy and the sum
+is most of the cost.
 
 The sum is written into the input (`in_place`, like torch.distributed). It is computed in rank
 order (x0 + x1) + x2 + ..., so every rank gets the same bits (at world size 2 each rank adds
@@ -54,6 +61,16 @@ _THREADS = (-1, 0, 1, 2, 4)
 # Long spins lose as soon as anything else wants the cores: at world size 2 on 2 busy cores,
 # 1000 checks made a 64 KiB call ~3x slower than sleeping at once.
 _SPIN = (-1, 0, 50, 1000)
+# microseconds of checks between sched_yield() calls before sleeping; -1: 1000. 0: sleep right
+# after the spin (the policy before yielding: ~40 us per call at 2 ranks on 2 busy cores,
+# ~115 us at 4 ranks on 2 cores, where Open MPI, which yields, took 2 and 12 us)
+_YIELD_US = (-1, 0, 100, 10000)
+_DEFAULT_YIELD_US = 1000
+# torch splits an elementwise op over threads from this many elements (at::internal::GRAIN_SIZE)
+_PARALLEL_ELEMENTS = 32768
+# a one-shot sum over slots as one strided tensor up to this many elements (one torch call
+# instead of world size - 1; beyond, torch's dim-0 reduction is slower than the adds)
+_STACKED_SUM_ELEMENTS = 4096
 
 
 class ShmAllReduce:
@@ -63,7 +80,7 @@ class ShmAllReduce:
 
     def __init__(self, ctx: CommContext, max_bytes: int, *, algorithm: str,
                  chunk_bytes: int = _CHUNK_BYTES[0], threads: int = _THREADS[0],
-                 spin: int = _SPIN[0]) -> None:
+                 spin: int = _SPIN[0], yield_us: int = _YIELD_US[0]) -> None:
         self.name = f"shm_{algorithm}"
         self.algorithm = algorithm
         self.rank, self.world_size = ctx.rank, ctx.world_size
@@ -75,6 +92,7 @@ class ShmAllReduce:
         self.threads = threads
         self._broken: str | None = None
         self._views: dict[tuple[torch.dtype, int], Any] = {}
+        self._small: dict[tuple[torch.dtype, int], Any] = {}
         self._segment: Segment | None = None
         if ctx.world_size == 1:
             return
@@ -82,8 +100,14 @@ class ShmAllReduce:
                                      slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
         if spin < 0:
             spin = 50 if ctx.local_world_size <= cores else 0
+        if yield_us < 0:
+            yield_us = _DEFAULT_YIELD_US
         self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
-                                    timeout_s=ctx.timeout_s, spin=spin, label=self.name)
+                                    timeout_s=ctx.timeout_s, spin=spin, label=self.name,
+                                    yield_s=yield_us * 1e-6)
+        # the short path: this rank's slot of each parity, and the largest message it takes
+        self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
+        self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
 
     # -- the three verbs ------------------------------------------------------------------
 
@@ -99,6 +123,9 @@ class ShmAllReduce:
             if self.world_size == 1:
                 return tensor
             raise RuntimeError(f"{self.name} was released")
+        nbytes = tensor.nbytes
+        if 0 < nbytes <= self._small_bytes:
+            return self._one_shot_small(tensor, nbytes)
         count = tensor.numel()
         if count == 0:
             return tensor
@@ -106,7 +133,8 @@ class ShmAllReduce:
         if flat.requires_grad:
             flat = flat.detach()
         previous = torch.get_num_threads()
-        if self.threads and previous != self.threads:
+        switch = self.threads and count >= _PARALLEL_ELEMENTS and previous != self.threads
+        if switch:
             torch.set_num_threads(self.threads)
         try:
             piece = self.slot_bytes // flat.element_size()
@@ -117,12 +145,59 @@ class ShmAllReduce:
             self._broken = f"{self.name} is unusable after a timeout: {exc}"
             raise
         finally:
-            if self.threads and previous != self.threads:
+            if switch:
                 torch.set_num_threads(previous)
         return tensor
 
+    def _one_shot_small(self, tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """The whole message in one slot: copy in, one barrier, sum (see the module doc)."""
+        barrier = self._barrier
+        parity = (barrier.epoch + 1) & 1
+        ctypes.memmove(self._my_slots[parity], tensor.data_ptr(), nbytes)
+        try:
+            barrier.arrive_and_wait()
+        except TimeoutError as exc:
+            self._broken = f"{self.name} is unusable after a timeout: {exc}"
+            raise
+        flat = tensor if tensor.dim() == 1 else tensor.view(-1)
+        if flat.requires_grad:
+            flat = flat.detach()
+        views = self._small.get((flat.dtype, nbytes)) or self._small_views(flat.dtype, nbytes)
+        slots = views[parity]
+        if self.world_size == 2:
+            flat.add_(slots)
+        elif isinstance(slots, torch.Tensor):  # every slot as one strided tensor
+            torch.sum(slots, dim=0, out=flat)
+        else:
+            torch.add(slots[0], slots[1], out=flat)
+            for j in range(2, self.world_size):
+                flat.add_(slots[j])
+        return tensor
+
+    def _small_views(self, dtype: torch.dtype, nbytes: int):
+        """Per parity, what the short path sums: the other slot (world size 2), every slot as
+        one [world size, count] strided tensor (small counts), or the slots in rank order;
+        cached under (dtype, bytes) in a dict of their own."""
+        typed = self._segment.data.view(dtype)
+        slot_elems = self.slot_bytes // typed.element_size()
+        count = nbytes // typed.element_size()
+        ws, me = self.world_size, self.rank
+        if ws == 2:
+            views = [typed.narrow(0, (p * ws + 1 - me) * slot_elems, count) for p in (0, 1)]
+        elif count <= _STACKED_SUM_ELEMENTS:
+            views = [typed.as_strided((ws, count), (slot_elems, 1),
+                                      typed.storage_offset() + p * ws * slot_elems)
+                     for p in (0, 1)]
+        else:
+            views = self._piece_views(dtype, count)
+        if len(self._small) >= _VIEW_CACHE_ENTRIES:
+            self._small.clear()
+        self._small[(dtype, nbytes)] = views
+        return views
+
     def release(self) -> None:
         self._views.clear()
+        self._small.clear()
         self._barrier = None
         if self._segment is not None:
             self._segment.close()
@@ -215,7 +290,8 @@ def _creator(algorithm: str):
     return create
 
 
-_KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN}
+_KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN,
+          "yield_us": _YIELD_US}
 
 register(BackendSpec(
     name="shm_one_shot", device="cpu", probe=_probe, create=_creator("one_shot"),
