@@ -17,15 +17,11 @@ their registered buffers; the copies are in the timed region.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
-
 import torch
 import torch.distributed as dist
 
 from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.base import BackendSpec, CommContext, basic_gate, scoped_env
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 from bench.backends.libnccl import (
     WIN_COLL_SYMMETRIC,
@@ -40,23 +36,6 @@ _CTAS = (0, 1, 2, 4, 8, 16, 32)
 _ALGOS = {"default": None, "ring": "Ring", "tree": "Tree"}
 _PROTOS = {"default": None, "simple": "Simple", "ll": "LL", "ll128": "LL128"}
 _WINDOW_ALIGN_BYTES = 4096  # NCCL_WIN_REQUIRED_ALIGNMENT
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str | None]) -> Iterator[None]:
-    """Set (or leave) environment variables for the duration of a communicator's init."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is not None:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class _CudaArray:
@@ -87,7 +66,7 @@ class PyNcclAllReduce:
         src = dist.get_global_rank(ctx.cpu_group, 0) if ctx.cpu_group is not None else 0
         dist.broadcast(payload, src=src, group=ctx.cpu_group)
         env = {"NCCL_ALGO": _ALGOS[algo], "NCCL_PROTO": _PROTOS[proto]}
-        with torch.cuda.device(self.device), _env(env):
+        with torch.cuda.device(self.device), scoped_env(env):
             self.comm = self.lib.comm_init_rank(ctx.world_size, bytes(payload.tolist()), ctx.rank,
                                                 min_ctas=ctas, max_ctas=ctas)
         self._check_warm_up(ctx.world_size)

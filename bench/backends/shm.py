@@ -93,6 +93,7 @@ class ShmAllReduce:
         self._broken: str | None = None
         self._views: dict[tuple[torch.dtype, int], Any] = {}
         self._small: dict[tuple[torch.dtype, int], Any] = {}
+        self._small_bytes = 0  # the short path's largest message; 0: never (see all_reduce)
         self._segment: Segment | None = None
         if ctx.world_size == 1:
             return
@@ -117,15 +118,15 @@ class ShmAllReduce:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`."""
+        nbytes = tensor.nbytes
+        if 0 < nbytes <= self._small_bytes:  # 0 at world size 1, once broken, once released
+            return self._one_shot_small(tensor, nbytes)
         if self._broken:
             raise RuntimeError(self._broken)
         if self._segment is None:
             if self.world_size == 1:
                 return tensor
             raise RuntimeError(f"{self.name} was released")
-        nbytes = tensor.nbytes
-        if 0 < nbytes <= self._small_bytes:
-            return self._one_shot_small(tensor, nbytes)
         count = tensor.numel()
         if count == 0:
             return tensor
@@ -142,7 +143,7 @@ class ShmAllReduce:
             for offset in range(0, count, piece):
                 step(flat, offset, min(piece, count - offset), count)
         except TimeoutError as exc:
-            self._broken = f"{self.name} is unusable after a timeout: {exc}"
+            self._break(exc)
             raise
         finally:
             if switch:
@@ -157,7 +158,7 @@ class ShmAllReduce:
         try:
             barrier.arrive_and_wait()
         except TimeoutError as exc:
-            self._broken = f"{self.name} is unusable after a timeout: {exc}"
+            self._break(exc)
             raise
         flat = tensor if tensor.dim() == 1 else tensor.view(-1)
         if flat.requires_grad:
@@ -195,7 +196,13 @@ class ShmAllReduce:
         self._small[(dtype, nbytes)] = views
         return views
 
+    def _break(self, exc: TimeoutError) -> None:
+        """After a timeout the ranks are out of step: every later call raises."""
+        self._broken = f"{self.name} is unusable after a timeout: {exc}"
+        self._small_bytes = 0
+
     def release(self) -> None:
+        self._small_bytes = 0
         self._views.clear()
         self._small.clear()
         self._barrier = None

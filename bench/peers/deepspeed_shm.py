@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.base import BackendSpec, CommContext, basic_gate, scoped_env
 from bench.peers import PIP_PEERS, installed
 
 __all__ = ["DeepSpeedShm", "load_op", "shm_files"]
@@ -98,20 +98,6 @@ def _cpu_flags() -> set[str]:
 
 
 @contextlib.contextmanager
-def _environment(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@contextlib.contextmanager
 def _bounded(seconds: float):
     """End the process (SIGALRM, default action) if the block outlasts `seconds`: for C++
     waits that hold the GIL, where no Python watchdog can run."""
@@ -127,8 +113,8 @@ def _bounded(seconds: float):
 
 def _initialize(module, ctx: CommContext) -> None:
     """DeepSpeed's `initialize` under this run's names; then every rank unlinks its file."""
-    with _environment(LOCAL_SIZE=str(ctx.world_size), MASTER_ADDR="aat",
-                      MASTER_PORT=ctx.run_tag), _bounded(ctx.timeout_s):
+    with scoped_env({"LOCAL_SIZE": str(ctx.world_size), "MASTER_ADDR": "aat",
+                     "MASTER_PORT": ctx.run_tag}), _bounded(ctx.timeout_s):
         module.initialize(ctx.world_size, ctx.rank)
     _initialized.append((ctx.world_size, ctx.rank, ctx.run_tag))
     dist.barrier(group=ctx.cpu_group)  # every rank has mapped every file
@@ -147,8 +133,8 @@ class DeepSpeedShm:
             # when the op loads: the cores per local rank, as DeepSpeed's launcher sets it
             # with --bind_cores_to_rank (2 threads per rank on 2 cores spin against each other)
             cores = len(os.sched_getaffinity(0)) // max(1, ctx.local_world_size)
-            with _environment(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS",
-                                                             str(max(1, cores)))):
+            with scoped_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
+                                                               str(max(1, cores)))}):
                 module = load_op()
             self._op = torch.ops.deepspeed.inference_all_reduce_  # AttributeError: absent
             if module.vector_kernel_level() < 2:
