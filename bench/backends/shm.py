@@ -40,10 +40,19 @@ import platform
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from bench.backends import register
+from bench.backends import register, shm_native
 from bench.backends.base import BackendSpec, CommContext, basic_gate
-from bench.backends.shm_segment import FlagBarrier, Segment, round_up, shm_dir_reason, supported_isa
+from bench.backends.shm_segment import (
+    FLAG_STRIDE_BYTES,
+    FlagBarrier,
+    Segment,
+    round_up,
+    shm_dir_reason,
+    supported_isa,
+    timeout_message,
+)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 64  # two-shot parts start on cache lines
@@ -71,6 +80,12 @@ _PARALLEL_ELEMENTS = 32768
 # a one-shot sum over slots as one strided tensor up to this many elements (one torch call
 # instead of world size - 1; beyond, torch's dim-0 reduction is slower than the adds)
 _STACKED_SUM_ELEMENTS = 4096
+# the C short path (shm_native) for one-shot messages up to _NATIVE_BYTES; -1: when every
+# rank could build it, else the Python path; 0: never; 1: required (create fails without it)
+_NATIVE = (-1, 0, 1)
+_NATIVE_BYTES = 256 << 10
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
+                      torch.float16: "float16"}
 
 
 class ShmAllReduce:
@@ -80,7 +95,8 @@ class ShmAllReduce:
 
     def __init__(self, ctx: CommContext, max_bytes: int, *, algorithm: str,
                  chunk_bytes: int = _CHUNK_BYTES[0], threads: int = _THREADS[0],
-                 spin: int = _SPIN[0], yield_us: int = _YIELD_US[0]) -> None:
+                 spin: int = _SPIN[0], yield_us: int = _YIELD_US[0],
+                 native: int = _NATIVE[0]) -> None:
         self.name = f"shm_{algorithm}"
         self.algorithm = algorithm
         self.rank, self.world_size = ctx.rank, ctx.world_size
@@ -94,6 +110,7 @@ class ShmAllReduce:
         self._views: dict[tuple[torch.dtype, int], Any] = {}
         self._small: dict[tuple[torch.dtype, int], Any] = {}
         self._small_bytes = 0  # the short path's largest message; 0: never (see all_reduce)
+        self._native_bytes, self._native_codes = 0, {}  # the C short path's (see all_reduce)
         self._segment: Segment | None = None
         if ctx.world_size == 1:
             return
@@ -109,6 +126,33 @@ class ShmAllReduce:
         # the short path: this rank's slot of each parity, and the largest message it takes
         self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
         self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
+        if algorithm == "one_shot" and native:
+            self._start_native(ctx, native == 1, spin, yield_us)
+
+    def _start_native(self, ctx: CommContext, required: bool, spin: int, yield_us: int) -> None:
+        """Collective: the C short path when every rank loaded it (else said, or raised when
+        `required`)."""
+        lib, reason = shm_native.load()
+        every: list = [None] * ctx.world_size
+        dist.all_gather_object(every, reason, group=ctx.cpu_group)
+        reason = next((f"rank {r}: {why}" for r, why in enumerate(every) if why), None)
+        if reason:
+            if required:
+                raise RuntimeError(f"{self.name}.native=1: {reason}")
+            return
+        self._call = shm_native.Call(
+            world_size=ctx.world_size, slots=self._segment.data_ptr,
+            slot_bytes=self.slot_bytes, flags=ctypes.addressof(self._segment.flags),
+            rank=ctx.rank, stride=FLAG_STRIDE_BYTES // 8, spin=spin,
+            yield_ns=int(yield_us * 1e3), timeout_ns=int(ctx.timeout_s * 1e9),
+            nap_ns=int(self._barrier.nap_s * 1e9))
+        self._call_ref = ctypes.byref(self._call)
+        self._native_one_shot = lib.aat_one_shot
+        codes = dict(shm_native.DTYPE_CODES)
+        if not lib.aat_has_float16():
+            codes.pop("float16")
+        self._native_codes = {d: codes[n] for d, n in _TORCH_DTYPE_NAMES.items() if n in codes}
+        self._native_bytes = min(self.slot_bytes, _NATIVE_BYTES)
 
     # -- the three verbs ------------------------------------------------------------------
 
@@ -119,7 +163,10 @@ class ShmAllReduce:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`."""
         nbytes = tensor.nbytes
-        if 0 < nbytes <= self._small_bytes:  # 0 at world size 1, once broken, once released
+        if 0 < nbytes <= self._small_bytes and tensor.is_contiguous():
+            # _small_bytes and _native_bytes are 0 at world size 1, once broken, once released
+            if nbytes <= self._native_bytes and tensor.dtype in self._native_codes:
+                return self._one_shot_native(tensor, nbytes)
             return self._one_shot_small(tensor, nbytes)
         if self._broken:
             raise RuntimeError(self._broken)
@@ -148,6 +195,21 @@ class ShmAllReduce:
         finally:
             if switch:
                 torch.set_num_threads(previous)
+        return tensor
+
+    def _one_shot_native(self, tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """The short path in C (shm_native.c): one ctypes call, the epoch handed over."""
+        call, barrier = self._call, self._barrier
+        call.tensor, call.nbytes = tensor.data_ptr(), nbytes
+        call.dtype = self._native_codes[tensor.dtype]
+        call.epoch = barrier.epoch
+        code = self._native_one_shot(self._call_ref)
+        barrier.epoch = call.epoch
+        if code != shm_native.OK:
+            exc = TimeoutError(timeout_message(self.name, self.rank, barrier.timeout_s,
+                                               call.late_rank, call.epoch, call.late_seen))
+            self._break(exc)
+            raise exc
         return tensor
 
     def _one_shot_small(self, tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
@@ -199,10 +261,10 @@ class ShmAllReduce:
     def _break(self, exc: TimeoutError) -> None:
         """After a timeout the ranks are out of step: every later call raises."""
         self._broken = f"{self.name} is unusable after a timeout: {exc}"
-        self._small_bytes = 0
+        self._small_bytes = self._native_bytes = 0
 
     def release(self) -> None:
-        self._small_bytes = 0
+        self._small_bytes = self._native_bytes = 0
         self._views.clear()
         self._small.clear()
         self._barrier = None
@@ -298,7 +360,7 @@ def _creator(algorithm: str):
 
 
 _KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN,
-          "yield_us": _YIELD_US}
+          "yield_us": _YIELD_US, "native": _NATIVE}
 
 register(BackendSpec(
     name="shm_one_shot", device="cpu", probe=_probe, create=_creator("one_shot"),

@@ -54,7 +54,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
-__all__ = ["Segment", "FlagBarrier", "supported_isa", "shm_dir_reason", "NAME_PREFIX"]
+__all__ = ["Segment", "FlagBarrier", "supported_isa", "shm_dir_reason", "NAME_PREFIX",
+           "FLAG_STRIDE_BYTES", "timeout_message"]
 
 NAME_PREFIX = "aat-"  # every segment of this project is /dev/shm/aat-<run_tag>-...
 FLAG_STRIDE_BYTES = 128
@@ -339,7 +340,12 @@ class FlagBarrier:
         flags = self._flags
         late = [(w // self._stride, flags[w]) for w in self._others if flags[w] < target]
         peer, seen = late[0] if late else (self.rank, flags[self._mine])
-        raise TimeoutError(
-            f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank {peer}'s "
-            f"flag to reach epoch {target} (it is at {seen}); did rank {peer} die or stop "
-            f"calling all_reduce?")
+        raise TimeoutError(timeout_message(self.label, self.rank, self.timeout_s, peer, target,
+                                           seen))
+
+
+def timeout_message(label: str, rank: int, timeout_s: float, peer: int, target: int,
+                    seen: int) -> str:
+    """What a barrier that gave up says (the Python one here, the C one of shm_native)."""
+    return (f"{label}: rank {rank} waited {timeout_s:g} s for rank {peer}'s flag to reach "
+            f"epoch {target} (it is at {seen}); did rank {peer} die or stop calling all_reduce?")
