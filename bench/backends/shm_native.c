@@ -161,36 +161,29 @@ VECTOR static void sum_float(float *restrict out, const char *base, int64_t stri
     }
 }
 
-VECTOR static void sum_bf16(uint16_t *restrict out, const char *base, int64_t stride, int ws,
-                            int64_t n) {
-    float acc[BLOCK];
-    for (int64_t at = 0; at < n; at += BLOCK) {
-        int64_t m = n - at < BLOCK ? n - at : BLOCK;
-        const uint16_t *restrict s0 = (const uint16_t *)base + at;
-        for (int64_t i = 0; i < m; i++) acc[i] = bf16_to_float(s0[i]);
-        for (int j = 1; j < ws; j++) {
-            const uint16_t *restrict s = (const uint16_t *)(base + j * stride) + at;
-            for (int64_t i = 0; i < m; i++) acc[i] += bf16_to_float(s[i]);
-        }
-        for (int64_t i = 0; i < m; i++) out[at + i] = float_to_bf16(acc[i]);
+/* the 16-bit sums: accumulate in float32 over blocks, round once */
+#define SUM_HALF(name, type, to_float, from_float)                                           \
+    VECTOR static void name(type *restrict out, const char *base, int64_t stride, int ws,    \
+                            int64_t n) {                                                     \
+        float acc[BLOCK];                                                                    \
+        for (int64_t at = 0; at < n; at += BLOCK) {                                          \
+            int64_t m = n - at < BLOCK ? n - at : BLOCK;                                     \
+            const type *restrict s0 = (const type *)base + at;                               \
+            for (int64_t i = 0; i < m; i++) acc[i] = to_float(s0[i]);                        \
+            for (int j = 1; j < ws; j++) {                                                   \
+                const type *restrict s = (const type *)(base + j * stride) + at;             \
+                for (int64_t i = 0; i < m; i++) acc[i] += to_float(s[i]);                    \
+            }                                                                                \
+            for (int64_t i = 0; i < m; i++) out[at + i] = from_float(acc[i]);                \
+        }                                                                                    \
     }
-}
+
+SUM_HALF(sum_bf16, uint16_t, bf16_to_float, float_to_bf16)
 
 #ifdef __FLT16_MAX__
-VECTOR static void sum_f16(_Float16 *restrict out, const char *base, int64_t stride, int ws,
-                           int64_t n) {
-    float acc[BLOCK];
-    for (int64_t at = 0; at < n; at += BLOCK) {
-        int64_t m = n - at < BLOCK ? n - at : BLOCK;
-        const _Float16 *restrict s0 = (const _Float16 *)base + at;
-        for (int64_t i = 0; i < m; i++) acc[i] = (float)s0[i];
-        for (int j = 1; j < ws; j++) {
-            const _Float16 *restrict s = (const _Float16 *)(base + j * stride) + at;
-            for (int64_t i = 0; i < m; i++) acc[i] += (float)s[i];
-        }
-        for (int64_t i = 0; i < m; i++) out[at + i] = (_Float16)acc[i];
-    }
-}
+static float f16_to_float(_Float16 h) { return (float)h; }
+static _Float16 float_to_f16(float f) { return (_Float16)f; }
+SUM_HALF(sum_f16, _Float16, f16_to_float, float_to_f16)
 #endif
 
 int aat_has_float16(void) {
