@@ -66,10 +66,13 @@ _CHUNK_BYTES = (4 << 20, 1 << 20, 16 << 20, 64 << 20, 256 << 10)
 # torch's setting. Ranks sharing cores with OpenMP threads that spin starve each other: at 2
 # ranks x 2 threads on 2 cores a 64 MiB all-reduce took ~10x longer than with 1 thread.
 _THREADS = (-1, 0, 1, 2, 4)
-# flag checks before sleeping on a futex; -1: 50 when every local rank has a core, else 0.
-# Long spins lose as soon as anything else wants the cores: at world size 2 on 2 busy cores,
-# 1000 checks made a 64 KiB call ~3x slower than sleeping at once.
-_SPIN = (-1, 0, 50, 1000)
+# flag checks before yielding; -1: when every local rank has a core, 50 in Python (~15 us) and
+# 20000 in C (~0.5 ms, cut short when the late rank last ran on this cpu: see shm_native.c),
+# else 0. Python spins lose as soon as anything else wants the cores: at world size 2 on 2
+# busy cores, 1000 Python checks (before yielding existed) made a 64 KiB call ~3x slower than
+# sleeping at once; the peers spin purely (DeepSpeed always, Open MPI unless oversubscribed).
+_SPIN = (-1, 0, 50, 1000, 20000)
+_AUTO_SPIN = {"python": 50, "native": 20000}
 # microseconds of checks between sched_yield() calls before sleeping; -1: 1000. 0: sleep right
 # after the spin (the policy before yielding: ~40 us per call at 2 ranks on 2 busy cores,
 # ~115 us at 4 ranks on 2 cores, where Open MPI, which yields, took 2 and 12 us)
@@ -116,18 +119,19 @@ class ShmAllReduce:
             return
         self._segment = Segment.open(ctx.cpu_group, ctx.rank, ctx.world_size,
                                      slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
-        if spin < 0:
-            spin = 50 if ctx.local_world_size <= cores else 0
+        has_core = ctx.local_world_size <= cores
+        python_spin = (_AUTO_SPIN["python"] if has_core else 0) if spin < 0 else spin
         if yield_us < 0:
             yield_us = _DEFAULT_YIELD_US
         self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
-                                    timeout_s=ctx.timeout_s, spin=spin, label=self.name,
+                                    timeout_s=ctx.timeout_s, spin=python_spin, label=self.name,
                                     yield_s=yield_us * 1e-6)
         # the short path: this rank's slot of each parity, and the largest message it takes
         self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
         self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
         if algorithm == "one_shot" and native:
-            self._start_native(ctx, native == 1, spin, yield_us)
+            native_spin = (_AUTO_SPIN["native"] if has_core else 0) if spin < 0 else spin
+            self._start_native(ctx, native == 1, native_spin, yield_us)
 
     def _start_native(self, ctx: CommContext, required: bool, spin: int, yield_us: int) -> None:
         """Collective: the C short path when every rank loaded it (else said, or raised when

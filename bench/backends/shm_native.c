@@ -8,7 +8,8 @@
  * the epoch's parity, slot (p * world_size + j) at slots + (p * world_size + j) * slot_bytes.
  * So calls of the two paths may alternate on one segment: the epoch is handed over each call.
  *
- * Waiting: `spin` checks (with `pause`), then sched_yield() between checks for `yield_ns`,
+ * Waiting: `spin` checks (with `pause`; cut short when the late rank last ran on this cpu),
+ * then sched_yield() between checks for `yield_ns`,
  * then FUTEX_WAIT naps of `nap_ns` on the generation until `timeout_ns` after the wait began
  * (returns 1 and names the late rank). A seq_cst fence between publishing and checking (flag
  * then sleeping words, sleeping word then flags) closes the missed wake-up that the Python
@@ -110,13 +111,21 @@ static int sleep_until(aat_call *c, int64_t target, int64_t start) {
 
 static int arrive_and_wait(aat_call *c) {
     int64_t target = ++c->epoch;
-    __atomic_store_n(&c->flags[c->rank * c->stride], target, __ATOMIC_RELEASE);
+    int64_t *line = &c->flags[c->rank * c->stride];
+    int64_t cpu = sched_getcpu();
+    /* where this rank runs (word 2 of its line): a rank waiting for it on the same cpu stops
+     * spinning at once, as the peer cannot run there while it spins */
+    __atomic_store_n(&line[2], cpu, __ATOMIC_RELAXED);
+    __atomic_store_n(&line[0], target, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     for (int i = 0; i < c->spin; i++) {
-        if (late(c, target) < 0) {
+        int j = late(c, target);
+        if (j < 0) {
             release(c, target);
             return AAT_OK;
         }
+        if ((i & 63) == 0 && __atomic_load_n(&c->flags[j * c->stride + 2], __ATOMIC_RELAXED) == cpu)
+            break;
         __builtin_ia32_pause();
     }
     int64_t start = now_ns();
