@@ -203,3 +203,91 @@ def test_mpirun_sweep_ends_when_a_rank_stops(tmp_path):
             proc.kill()
         for pid in _worker_pids(out):
             os.kill(pid, signal.SIGKILL)
+
+
+DISPATCH = """
+import json, os, sys, warnings
+import torch, torch.distributed as dist
+from bench.launch.mpirun import export_layout, mpi_layout
+if mpi_layout() is not None:
+    export_layout(mpi_layout())
+dist.init_process_group("gloo")
+from bench.run.inputs import check_result, fill_input
+from tuner.runtime.dispatch import Dispatcher
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    dispatcher = Dispatcher.from_file(sys.argv[1], count_calls=True)
+wrong = []
+for dtype in (torch.float32, torch.bfloat16):
+    for seed, nbytes in enumerate((1024, 16384, 262144), start=1):
+        t = fill_input(torch.empty(nbytes // torch.empty((), dtype=dtype).element_size(),
+                                   dtype=dtype), dist.get_rank(), seed)
+        if check_result(dispatcher.all_reduce(t), dist.get_rank(), dist.get_world_size(), seed):
+            wrong.append((str(dtype), nbytes))
+if dist.get_rank() == 0:
+    print(json.dumps({"calls": dispatcher.calls, "wrong": wrong,
+                      "notes": [str(w.message) for w in caught]}))
+dispatcher.release()
+dist.destroy_process_group()
+"""
+
+
+def _thresholds(path: Path) -> Path:
+    """Rules as a peers run could fit them: mpi up to 4K, deepspeed_shm up to 64K, then the
+    own two-shot, for this machine at 2 ranks."""
+    from bench.run.hardware import fingerprint
+
+    rules = [{"max_bytes": 4096, "algorithm": "mpi"},
+             {"max_bytes": 65536, "algorithm": "deepspeed_shm"},
+             {"max_bytes": None, "algorithm": "shm_two_shot"}]
+    tables = [{"hardware_key": fingerprint("cpu")["hardware_key"], "world_size": 2,
+               "dtype": dtype, "mode": "eager", "rules": rules,
+               "max_size": {"shm_two_shot": 1 << 20},
+               "evidence": {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
+                            "gain_vs_nccl_geomean": None}}
+              for dtype in ("float32", "bfloat16")]
+    import json
+
+    path.write_text(json.dumps({"schema_version": 1, "generated_by": {"tool": "test"},
+                                "tables": tables}))
+    return path
+
+
+def _dispatch(launch: list[str], tmp_path: Path) -> dict:
+    import json
+
+    script = tmp_path / "dispatch.py"
+    script.write_text(DISPATCH)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1"}
+    for key in ("RANK", "WORLD_SIZE"):
+        env.pop(key, None)
+    from bench.launch.launcher import free_port
+
+    env["MASTER_PORT"] = str(free_port("127.0.0.1"))
+    launch = [a.replace("PORT", env["MASTER_PORT"]) for a in launch]
+    proc = subprocess.run([*launch, str(script), str(_thresholds(tmp_path / "t.json"))],
+                          capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_dispatcher_routes_to_the_peers_under_mpirun(deepspeed_op, tmp_path):
+    reason = _mpi_reason()
+    if reason:
+        pytest.skip(reason)
+    mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2", "-x",
+              "MASTER_ADDR", "-x", "MASTER_PORT", sys.executable]
+    if os.geteuid() == 0:
+        mpirun.insert(1, "--allow-run-as-root")
+    out = _dispatch(mpirun, tmp_path)
+    assert out["wrong"] == [] and not any("unavailable" in n for n in out["notes"]), out
+    assert out["calls"] == {"mpi": 2, "deepspeed_shm": 2, "shm_two_shot": 2}, out
+
+
+def test_dispatcher_without_mpirun_falls_through_and_says_so(deepspeed_op, tmp_path):
+    out = _dispatch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                     "--master-port", "PORT"], tmp_path)
+    assert out["wrong"] == [], out
+    assert out["calls"] == {"deepspeed_shm": 4, "shm_two_shot": 2}, out
+    assert any("mpi unavailable here" in n and "--launcher mpirun" in n for n in out["notes"])
