@@ -203,9 +203,6 @@ int aat_has_float16(void) {
 #endif
 }
 
-/* The barrier alone (for the Python path's pieces, when they want it). */
-int aat_barrier(aat_call *c) { return arrive_and_wait(c); }
-
 /* One one-shot all-reduce of c->nbytes <= c->slot_bytes, in place in c->tensor. */
 int aat_one_shot(aat_call *c) {
     int ws = c->world_size;
