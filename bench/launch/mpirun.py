@@ -15,6 +15,7 @@ ranks, and each rank's watchdog ends it after `--timeout` seconds without progre
 then ends the others (a rank that exits non-zero aborts the job).
 
 `--oversubscribe`: more ranks than cores is allowed (Open MPI then yields when idle);
+`--mca btl_vader_single_copy_mechanism none` only where CMA is not permitted (`cma_usable`);
 `--bind-to none`: no rank is pinned to a core, as under torchrun (mpirun pins ranks to cores
 by default when they fit). One node only: across nodes, run your own `mpirun -H ...
 python -m bench.run.worker`, which reads the same variables.
@@ -27,11 +28,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from bench.launch.watchdog import EXIT_WATCHDOG
 
 __all__ = ["MPIRUN_INSTALL", "mpirun_reason", "mpi_layout", "export_layout", "mpirun_command",
-           "launch_mpirun"]
+           "launch_mpirun", "cma_usable"]
 
 MPIRUN_INSTALL = "apt-get install -y openmpi-bin libopenmpi-dev"
 
@@ -78,11 +80,29 @@ def export_layout(layout: Mapping[str, int]) -> None:
         os.environ[name] = str(layout[key])
 
 
+def cma_usable() -> bool:
+    """Whether Open MPI's vader can copy between ranks with CMA (process_vm_readv): it needs
+    ptrace rights over its peers (CAP_SYS_PTRACE, or Yama's ptrace_scope 0). Containers often
+    deny them, and vader then fails at its first large message ("Read -1, expected ...")."""
+    try:
+        scope = int(Path("/proc/sys/kernel/yama/ptrace_scope").read_text())
+    except (OSError, ValueError):
+        scope = 0  # no Yama: same-user ptrace is allowed
+    try:
+        status = Path("/proc/self/status").read_text()
+        capabilities = int(status.split("CapEff:")[1].split()[0], 16)
+    except (OSError, IndexError, ValueError):
+        capabilities = 0
+    return scope == 0 or (scope < 3 and bool(capabilities & (1 << 19)))
+
+
 def mpirun_command(cfg, argv: list[str], port: int) -> list[str]:
     """The mpirun line that starts cfg.world_size ranks (cfg: the SweepConfig) of `python -m bench.run.worker argv`."""
     cmd = [shutil.which("mpirun") or "mpirun"]
     if os.geteuid() == 0:
         cmd.append("--allow-run-as-root")
+    if not cma_usable():  # single copies through the shared segment instead
+        cmd += ["--mca", "btl_vader_single_copy_mechanism", "none"]
     cmd += ["--oversubscribe", "--bind-to", "none", "-np", str(cfg.world_size),
             "-x", f"MASTER_ADDR={cfg.master_addr}", "-x", f"MASTER_PORT={port}"]
     return cmd + [sys.executable, "-m", "bench.run.worker", *argv]
