@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         from bench.analysis.results import LOCK_FILE
 
         _refuse_if_locked(Path(cfg.out) / LOCK_FILE)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ or mpi_layout() is not None:
+    if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or mpi_layout() is not None:
         return run_worker(cfg)  # already one rank of the user's torchrun (or mpirun)
     if cfg.launcher == "mpirun":
         reason = mpirun_reason()
