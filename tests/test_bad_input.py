@@ -7,6 +7,7 @@ the exit code and stderr a user sees. The last test prints how many distinct inp
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import fcntl
 import hashlib
@@ -20,6 +21,8 @@ import pytest
 import torch
 
 from bench.analysis.results import COLUMNS, ResultsWriter, write_meta
+
+REPO = Path(__file__).resolve().parents[1]
 
 Build = Callable[[Path], list[str]]
 
@@ -264,6 +267,10 @@ BENCH = [
     Case("doctor-master-port-in-use", "bench",
          lambda t: ["doctor", "--world-size", "2", "--master-port", port_in_use()],
          "--master-port: cannot listen"),
+    Case("launcher-unknown", "bench", sweep("--launcher", "slurm"), "--launcher"),
+    Case("launcher-mpirun-nodes", "bench",
+         sweep("--launcher", "mpirun", "--nnodes", "2", "--world-size", "2", "--master-port",
+               "29500"), "--launcher mpirun"),
 ]
 if not torch.cuda.is_available():
     BENCH.append(Case("device-cuda-absent", "bench", sweep("--device", "cuda"), "--device cuda"))
@@ -448,7 +455,7 @@ def test_bad_inputs_covered(request):
     assert len(ids) == len(set(ids)) and len(ids) >= 30
     assert sum(c.program == "tuner" for c in CASES) >= 10
     line = (f"bad inputs covered: {len(CASES)} ({len(BENCH)} bench, {len(TUNER)} tuner; "
-            f"{len(AS_PROCESSES)} also as processes)")
+            f"{len(AS_PROCESSES)} also as processes; {len(ABSENT)} absent peers or launcher)")
     # shown in the session's summary (output during a test is captured)
     manager = request.config.pluginmanager
     if not manager.has_plugin("bad-input-count"):
@@ -502,3 +509,46 @@ def test_a_half_written_table_is_read_without_its_cut_row(tmp_path, capsys):
     assert tuner_main(["fit", str(run), "-o", str(tmp_path / "t.json"), "-q"]) == 0
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and "1 measured rows" in captured.out
+
+
+# ------------------------------------------------------------------ peers that are not installed
+# A peer named in --backends that is not installed is not bad input: the sweep runs and its rows
+# are skipped with the reason and the install line. Absence is simulated by a sitecustomize that
+# makes the import system report the modules missing (sys.modules[name] = None).
+HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
+ABSENT = {  # backend -> (module hidden, text its reason must hold)
+    "mpi": ("mpi4py", "apt-get install -y openmpi-bin libopenmpi-dev"),
+    "deepspeed_shm": ("deepspeed", "DS_BUILD_OPS=0 pip install -e '.[peers]'"),
+    "--launcher mpirun": ("mpirun", "apt-get install -y openmpi-bin libopenmpi-dev"),
+}
+
+
+def test_absent_peers_are_skipped_rows_with_the_install_line(tmp_path, run_cli):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(HIDE.format(names=["mpi4py", "deepspeed"]))
+    out = tmp_path / "run"
+    proc = run_cli("bench", "sweep", "--world-size", "1", "--backends", "mpi,deepspeed_shm",
+                   "-e", "1K", "--dtypes", "float32", "-n", "2", "-q", "--out", out,
+                   env={"PYTHONPATH": os.pathsep.join([str(hide), str(REPO)])}, timeout=180)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    rows = {r["backend"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    for backend in ("mpi", "deepspeed_shm"):
+        module, install = ABSENT[backend]
+        reason = rows[backend]["skipped_reason"]
+        assert f"{module} is not installed" in reason and install in reason, reason
+        assert "pip install -e '.[peers]'" in reason, reason
+
+
+def test_mpirun_launcher_absent_is_one_line(tmp_path, run_cli):
+    """--launcher mpirun where no mpirun is on PATH: exit 2, one line naming the flag and the
+    install line, nothing written."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    before = snapshot(tmp_path)
+    proc = run_cli("bench", *SWEEP, "--launcher", "mpirun", "--out", scratch / "run",
+                   env={"PATH": str(scratch)}, cwd=scratch, timeout=120)
+    case = Case("launcher-mpirun-absent", "bench", fixed(), "--launcher mpirun")
+    _check_refusal(case, proc.returncode, proc.stdout, proc.stderr)
+    assert ABSENT["--launcher mpirun"][1] in proc.stderr
+    assert snapshot(tmp_path) == before

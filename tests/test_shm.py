@@ -116,7 +116,31 @@ def _killed(ctx: CommContext) -> dict:
     return out
 
 
-SCENARIOS = {"sums": _sums, "timeout": _timeout, "killed": _killed}
+def _paths(ctx: CommContext) -> dict:
+    """The C short path (native=1), the Python one (native=0), and both taking turns on one
+    segment (messages up to 256 KiB go through C, larger ones through Python): every sum
+    exact, every rank the same bits."""
+    wrong: list[str] = []
+    rank, ws = ctx.rank, ctx.world_size
+    for native in (1, 0):
+        backend = get_spec("shm_one_shot").create(ctx, 1 << 20, native=native)
+        for call, count in enumerate((1, 257, 4096, 70_000, 3, 65_537, 100_000, 2)):
+            for dtype in DTYPES:
+                tensor = fill_input(torch.empty(count, dtype=dtype), rank, seed=call + 1)
+                err = check_result(backend.all_reduce(tensor), rank, ws, call + 1)
+                if err != 0.0:
+                    wrong.append(f"native={native} {dtype} count {count}: err {err}")
+                x = torch.randn(count, generator=torch.Generator().manual_seed(rank)).to(dtype)
+                backend.all_reduce(x)
+                gathered = [torch.empty_like(x) for _ in range(ws)]
+                dist.all_gather(gathered, x)
+                if not all(torch.equal(gathered[0], g) for g in gathered):
+                    wrong.append(f"native={native} {dtype} count {count}: bits differ")
+        backend.release()
+    return {"wrong": wrong, "left": _segments(ctx.run_tag)}
+
+
+SCENARIOS = {"sums": _sums, "timeout": _timeout, "killed": _killed, "paths": _paths}
 
 
 def _rank_main(rank: int, ws: int, scenario: str, tmp: str, tag: str, timeout_s: float) -> None:
@@ -169,6 +193,22 @@ def test_sums_every_dtype_back_to_back(ws, tmp_path):
         assert res["calls"] == 2 * 2 * 3 * 6 * 8
         assert res["left"] == []
     assert _segments(tag) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 3])
+def test_native_and_python_paths_take_turns(ws, tmp_path):
+    from bench.backends import shm_native
+
+    lib, reason = shm_native.load()
+    if lib is None:
+        pytest.skip(f"the C short path does not build here: {reason}")
+    results, codes, tag = _spawn(ws, "paths", tmp_path)
+    assert codes == [0] * ws
+    for rank, res in enumerate(results):
+        assert res is not None and "exception" not in res, res
+        assert res["wrong"] == [], f"rank {rank}: {res['wrong'][:5]}"
+        assert res["left"] == []
 
 
 @pytest.mark.slow

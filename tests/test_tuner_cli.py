@@ -70,6 +70,14 @@ def test_fit_show_export_on_a_real_sweep(run_cli, tmp_path, capsys):
     assert code == 0 and "world_size 2  float32  eager" in stdout
     code, stdout, _ = _tuner(capsys, "export", "--format", "vllm", out)
     assert code == 0 and "(tables for float32, eager)" in stdout
+    # --backends: the rows of the others are left out (an experiment's own variants)
+    code, stdout, err = _tuner(capsys, "fit", run, "-o", out, "--backends", "gloo,shm_two_shot")
+    assert code == 0, err
+    (table,) = load(out).tables
+    assert table.evidence["points"] == 8
+    assert {r.algorithm for r in table.rules} <= {"gloo", "shm_two_shot"}
+    code, _, err = _tuner(capsys, "fit", run, "-o", out, "--backends", "mpi")
+    assert code == 2 and "of --backends mpi" in err
 
 
 @pytest.mark.parametrize("args,message", [

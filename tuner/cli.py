@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
                      help="SQLite file for the Optuna studies (default: in memory)")
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the summary line")
+    fit.add_argument("--backends", default=None,
+                     help="comma list: fit on these backends' rows only (default: every one)")
     add_table_flags(fit)
     show = sub.add_parser("show", help="a readable view of a thresholds.json")
     show.add_argument("path")
@@ -56,8 +58,12 @@ def _cmd_fit(args, argv: list[str]) -> int:
         rows = load_rows(run_dirs)
     except RunsError as exc:
         raise UsageError(f"RUN_DIR: {exc}") from None
+    if args.backends is not None:  # e.g. leave out an experiment's own variants
+        wanted = {b.strip() for b in args.backends.split(",") if b.strip()}
+        rows = rows[rows["backend"].isin(wanted)]
     if rows.empty:
-        raise UsageError(f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)")
+        raise UsageError(f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)"
+                         + (f" of --backends {args.backends}" if args.backends else ""))
     import json
 
     import optuna

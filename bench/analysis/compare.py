@@ -11,10 +11,15 @@ disturbed figure, and the spread is printed beside it):
 
 The baseline is one backend (`--baseline gloo`; default: the device's floor, gloo on CPU, nccl
 on GPU) or the fastest of several at each point (`--baseline best-of:a,b`, e.g. the best peer
-library); every other backend of `--backends` is a candidate. Nothing here asserts: the figures
+library: `best-of:mpi,deepspeed_shm`, issue 15); the candidates are `--candidates` (default:
+every other backend of `--backends`; the rest are shown beside them, without ratios). Against a
+baseline other than the floor the targets are parity (latency <= 1.0x up to 64 KiB, algbw
+>= 1.0x at the largest size); `--latency-target` and `--bandwidth-target` set others. The `mpi`
+peer needs `--launcher mpirun` (passed to every sweep). Nothing here asserts: the figures
 are printed (and with --markdown written to a file).
 
     bench compare [--world-sizes 2,4] [-e 64M] [--dtypes float32] [--repeats 3] [--markdown F]
+                  [--baseline best-of:mpi,deepspeed_shm --candidates shm_one_shot,shm_two_shot]
 """
 
 from __future__ import annotations
@@ -31,19 +36,30 @@ from pathlib import Path
 from bench.sizes import format_size, parse_size
 
 __all__ = ["Baseline", "add_arguments", "run", "parse_baseline", "short_labels", "ratios",
-           "table", "verdicts"]
+           "table", "verdicts", "targets"]
 
 BACKENDS = "gloo,shm_one_shot,shm_two_shot"
 SMALL_BYTES = 64 << 10
-LATENCY_TARGET, BANDWIDTH_TARGET = 0.1, 2.0
+LATENCY_TARGET, BANDWIDTH_TARGET = 0.1, 2.0  # against the floor (issue 3)
+PARITY = 1.0  # against any other baseline: a peer library (issue 15)
 BEST_OF = "best-of:"
 
 
 @dataclasses.dataclass(frozen=True)
 class Baseline:
-    """What every candidate is divided by: one backend, or the fastest of several per point."""
+    """What every candidate is divided by: one backend, or the fastest of several per point.
+    `candidates`: the backends given ratios (empty: every backend that is not a member);
+    `latency_target`, `bandwidth_target`: what the verdicts hold them to."""
 
     members: tuple[str, ...]
+    candidates: tuple[str, ...] = ()
+    latency_target: float = LATENCY_TARGET
+    bandwidth_target: float = BANDWIDTH_TARGET
+
+    def chosen(self, backends: Sequence[str]) -> list[str]:
+        """The candidates among `backends`, in their order."""
+        return [b for b in backends if b not in self.members and
+                (not self.candidates or b in self.candidates)]
 
     @property
     def label(self) -> str:
@@ -64,6 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None,
                         help="BACKEND, or best-of:A,B (the fastest of them at each point); "
                              "default: the device's floor (gloo on CPU, nccl on GPU)")
+    parser.add_argument("--candidates", default=None,
+                        help="comma list of backends given ratios (default: all but the baseline)")
+    parser.add_argument("--latency-target", type=float, default=None,
+                        help="default 0.1 against the floor, 1.0 against any other baseline")
+    parser.add_argument("--bandwidth-target", type=float, default=None,
+                        help="default 2.0 against the floor, 1.0 against any other baseline")
+    parser.add_argument("--launcher", default="torchrun",
+                        help="the sweeps' launcher: torchrun, or mpirun (the mpi peer needs it)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("-n", "--iters", type=int, default=20)
     parser.add_argument("-w", "--warmup", type=int, default=5)
@@ -121,7 +145,7 @@ def ratios(frame, backends: Sequence[str], baseline: Baseline):
                           aggfunc="min").reindex(columns=list(backends)).reset_index()
     worst = ok.pivot_table(index=index, columns="backend", values="latency_us",
                            aggfunc="max").reindex(columns=list(backends)).reset_index()
-    candidates = [b for b in backends if b not in baseline.members]
+    candidates = baseline.chosen(backends)
     for name in backends:
         wide[f"{name}_max"] = worst[name]
     wide["baseline"] = wide[list(baseline.members)].min(axis=1)
@@ -132,9 +156,9 @@ def ratios(frame, backends: Sequence[str], baseline: Baseline):
 
 
 def _labels(backends: Sequence[str], baseline: Baseline) -> tuple[str, dict[str, str], dict]:
-    candidates = [b for b in backends if b not in baseline.members]
-    group, columns, ratio = short_labels(candidates)
-    return group, {b: b for b in baseline.members} | columns, ratio
+    group, columns, ratio = short_labels(baseline.chosen(backends))
+    shown = {b: b for b in backends if b not in columns}
+    return group, {b: b for b in baseline.members} | shown | columns, ratio
 
 
 def table(wide, backends: Sequence[str], baseline: Baseline, repeats: int) -> list[str]:
@@ -142,6 +166,7 @@ def table(wide, backends: Sequence[str], baseline: Baseline, repeats: int) -> li
     candidate's ratio to the baseline."""
     _, columns, ratio = _labels(backends, baseline)
     order = list(baseline.members) + [b for b in backends if b not in baseline.members]
+    order = [b for b in order if b not in ratio] + [b for b in order if b in ratio]
     dtypes = wide["dtype"].nunique() > 1
 
     def cell(r, name: str) -> str:
@@ -162,8 +187,9 @@ def table(wide, backends: Sequence[str], baseline: Baseline, repeats: int) -> li
 
 def verdicts(wide, backends: Sequence[str], baseline: Baseline) -> list[str]:
     """Per world size (and dtype, when several): the targets, met or MISSED."""
-    group, columns, _ = _labels(backends, baseline)
+    group, columns, ratio = _labels(backends, baseline)
     best = f"best-{group}" if group else "best"
+    latency_target, bandwidth_target = baseline.latency_target, baseline.bandwidth_target
     dtypes = wide["dtype"].nunique() > 1
     lines = []
     for (ws, dtype), part in wide.groupby(["world_size", "dtype"]):
@@ -172,14 +198,15 @@ def verdicts(wide, backends: Sequence[str], baseline: Baseline) -> list[str]:
         top = part[part["bytes"] == part["bytes"].max()].iloc[0]
         bw = 1.0 / top["best/base"]  # same bytes: algbw ratio = inverse latency ratio
         nbytes = int(top.bytes)
-        algbw = ", ".join(f"{columns[n]} {nbytes / top[n] / 1e3:.2f}" for n in columns)
+        shown = [n for n in columns if n in baseline.members or n in ratio]
+        algbw = ", ".join(f"{columns[n]} {nbytes / top[n] / 1e3:.2f}" for n in shown)
         lines.append(
             f"- world size {ws}{f' {dtype}' if dtypes else ''}: worst {best}/{baseline.label} "
             f"latency up to {format_size(SMALL_BYTES)} = {worst:.3f} (target <= "
-            f"{LATENCY_TARGET}: {'met' if worst <= LATENCY_TARGET else 'MISSED'}); at "
+            f"{latency_target:g}: {'met' if worst <= latency_target else 'MISSED'}); at "
             f"{format_size(nbytes)} algbw {algbw} GB/s, {best.replace('-', ' ', 1)} = "
-            f"{bw:.2f}x {baseline.label} (target >= {BANDWIDTH_TARGET}: "
-            f"{'met' if bw >= BANDWIDTH_TARGET else 'MISSED'})")
+            f"{bw:.2f}x {baseline.label} (target >= {bandwidth_target:g}: "
+            f"{'met' if bw >= bandwidth_target else 'MISSED'})")
     return lines
 
 
@@ -188,6 +215,8 @@ def _sweep(world_size: int, out: Path, backends: Sequence[str], args) -> int:
            "--backends", ",".join(backends), "-b", args.min_bytes, "-e", args.max_bytes,
            "--dtypes", args.dtypes, "--device", args.device, "-n", str(args.iters),
            "-w", str(args.warmup), "--out", str(out), "-q", *args.extra]
+    if args.launcher != "torchrun":
+        cmd[cmd.index("-q"):cmd.index("-q")] = ["--launcher", args.launcher]
     print("$", " ".join(cmd[1:]), flush=True)
     return subprocess.run(cmd).returncode
 
@@ -197,7 +226,7 @@ def _measure(args, backends: Sequence[str], baseline: Baseline, hardware_key: st
     """The sweeps, R rounds alternating world sizes: their run directories, and the exit
     status of the first sweep that failed (0: none did)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    group, _, _ = short_labels([b for b in backends if b not in baseline.members])
+    group, _, _ = short_labels(baseline.chosen(backends))
     label = args.label or f"{group or 'compare'}-vs-{baseline.slug}"
     runs = []
     for repeat in range(args.repeats):
@@ -249,7 +278,28 @@ def _check(args) -> tuple[list[str], Baseline]:
         raise UsageError(f"--baseline: {exc}") from None
     if not [b for b in backends if b not in baseline.members]:
         raise UsageError(f"--backends: nothing to compare with the baseline {baseline.label}")
-    return backends, baseline
+    return backends, targets(baseline, args, backends, floor_name(args.device))
+
+
+def targets(baseline: Baseline, args, backends: Sequence[str], floor: str) -> Baseline:
+    """The baseline with --candidates and the targets: issue 3's against the floor, parity
+    against anything else, unless given; raises the CLI's UsageError naming a bad flag."""
+    from bench.launch.flags import UsageError
+
+    against_floor = baseline.members == (floor,)
+    candidates = tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip())
+    bad = [c for c in candidates if c not in backends or c in baseline.members]
+    if bad:
+        raise UsageError(f"--candidates: {','.join(bad)} is not a backend of --backends "
+                         f"outside the baseline")
+    if args.launcher not in ("torchrun", "mpirun"):
+        raise UsageError(f"--launcher: expected torchrun or mpirun, got {args.launcher!r}")
+    return dataclasses.replace(
+        baseline, candidates=candidates,
+        latency_target=args.latency_target if args.latency_target is not None else
+        (LATENCY_TARGET if against_floor else PARITY),
+        bandwidth_target=args.bandwidth_target if args.bandwidth_target is not None else
+        (BANDWIDTH_TARGET if against_floor else PARITY))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,15 +7,17 @@ string, or None), and whose `create` builds it with a buffer of `max_bytes` and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate", "params_key"]
+__all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate", "params_key", "scoped_env"]
 
 
 @dataclasses.dataclass
@@ -147,3 +149,21 @@ def basic_gate(
     if max_bytes is not None and nbytes > max_bytes:
         return f"{nbytes} bytes exceeds max_size {max_bytes}"
     return None
+
+
+@contextlib.contextmanager
+def scoped_env(values: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, leave) environment variables for the duration of a library's
+    initialisation, which reads them (NCCL's, DeepSpeed's); restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is not None:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -13,7 +13,6 @@ up to `netName` declared as version 2.17 is read correctly by every later NCCL.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -21,10 +20,11 @@ import os
 import platform
 import site
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from bench.backends.base import scoped_env
 
 __all__ = [
     "ENV_PATH",
@@ -50,25 +50,12 @@ ALGOS = tuple(_ALGO_ENV)
 PROTOS = tuple(_PROTO_ENV)
 
 
-@contextlib.contextmanager
-def algo_proto_env(algo: str = "default", proto: str = "default") -> Iterator[None]:
+def algo_proto_env(algo: str = "default", proto: str = "default"):
     """NCCL_ALGO / NCCL_PROTO set for the duration of a communicator's init (restored after);
     "default" leaves the variable as it is."""
     if algo not in _ALGO_ENV or proto not in _PROTO_ENV:
         raise ValueError(f"algo/proto: expected one of {ALGOS} / {PROTOS}, got {algo!r}/{proto!r}")
-    values = {"NCCL_ALGO": _ALGO_ENV[algo], "NCCL_PROTO": _PROTO_ENV[proto]}
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for key, value in values.items():
-            if value is not None:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return scoped_env({"NCCL_ALGO": _ALGO_ENV[algo], "NCCL_PROTO": _PROTO_ENV[proto]})
 
 
 ENV_PATH = "ALLREDUCE_AUTOTUNE_NCCL_PATH"

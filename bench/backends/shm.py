@@ -14,15 +14,24 @@ in pieces of one slot. Per piece:
   the next piece's writes behind every rank's reads, so no double buffering is needed.
 
 Waiting never holds a core a peer needs: a rank spins briefly only when every local rank has a
-core, then sleeps on the barrier's futex until the last rank to arrive wakes it, bounded by
-`ctx.timeout_s`; a timeout names the rank and epoch it waited for and leaves the backend
-unusable (its peers are out of step).
+core, then checks between `sched_yield()` calls for up to `yield_us` (a peer on the same core
+runs at once), then sleeps on the barrier's futex until the last rank to arrive wakes it, all
+bounded by `ctx.timeout_s`; a timeout names the rank and epoch it waited for and leaves the
+backend unusable (its peers are out of step).
 Copies are memmoves between the caller's tensor and the segment (no per-call allocation);
-sums are torch ops on cached views of the segment, with torch limited to `threads` threads.
+sums are torch ops on cached views of the segment, with torch limited to `threads` threads
+for messages large enough for torch to split (`_PARALLEL_ELEMENTS`; below that torch runs
+one thread whatever its setting, and switching costs more than the call).
+A one-shot message that fits a slot takes a short path: up to 256 KiB in C (`shm_native`: one
+ctypes call copies, waits on the same flags and sums; ~1.2 us at 1 KiB and 2 ranks, where the
+Python below takes ~2.5 us), else in Python (`_one_shot_small`): one memmove, one barrier, one
+sum (at world size > 2 a single `sum` over the slots seen as one strided tensor, for small
+counts), and no per-piece bookkeeping. results/peers.md has the measurements.
 
-The sum is written into the input (`in_place`, like torch.distributed). It is computed in rank
-order (x0 + x1) + x2 + ..., so every rank gets the same bits (at world size 2 each rank adds
-the other's input to its own, which is the same by commutativity).
+The sum is written into the input (`in_place`, like torch.distributed). Every rank computes it
+the same way from the same slots, so every rank gets the same bits: in rank order
+(x0 + x1) + x2 + ... (at world size 2 each rank adds the other's input to its own, the same by
+commutativity); the C path accumulates bfloat16 and float16 in float32 and rounds once.
 """
 
 from __future__ import annotations
@@ -33,10 +42,19 @@ import platform
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from bench.backends import register
+from bench.backends import register, shm_native
 from bench.backends.base import BackendSpec, CommContext, basic_gate
-from bench.backends.shm_segment import FlagBarrier, Segment, round_up, shm_dir_reason, supported_isa
+from bench.backends.shm_segment import (
+    FLAG_STRIDE_BYTES,
+    FlagBarrier,
+    Segment,
+    round_up,
+    shm_dir_reason,
+    supported_isa,
+    timeout_message,
+)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 64  # two-shot parts start on cache lines
@@ -50,10 +68,29 @@ _CHUNK_BYTES = (4 << 20, 1 << 20, 16 << 20, 64 << 20, 256 << 10)
 # torch's setting. Ranks sharing cores with OpenMP threads that spin starve each other: at 2
 # ranks x 2 threads on 2 cores a 64 MiB all-reduce took ~10x longer than with 1 thread.
 _THREADS = (-1, 0, 1, 2, 4)
-# flag checks before sleeping on a futex; -1: 50 when every local rank has a core, else 0.
-# Long spins lose as soon as anything else wants the cores: at world size 2 on 2 busy cores,
-# 1000 checks made a 64 KiB call ~3x slower than sleeping at once.
-_SPIN = (-1, 0, 50, 1000)
+# flag checks before yielding; -1: when every local rank has a core, 50 in Python (~15 us) and
+# 20000 in C (~0.5 ms, cut short when the late rank last ran on this cpu: see shm_native.c),
+# else 0. Python spins lose as soon as anything else wants the cores: at world size 2 on 2
+# busy cores, 1000 Python checks (before yielding existed) made a 64 KiB call ~3x slower than
+# sleeping at once; the peers spin purely (DeepSpeed always, Open MPI unless oversubscribed).
+_SPIN = (-1, 0, 50, 1000, 20000)
+_AUTO_SPIN = {"python": 50, "native": 20000}
+# microseconds of checks between sched_yield() calls before sleeping; -1: 1000. 0: sleep right
+# after the spin (the policy before yielding: ~40 us per call at 2 ranks on 2 busy cores,
+# ~115 us at 4 ranks on 2 cores, where Open MPI, which yields, took 2 and 12 us)
+_YIELD_US = (-1, 0, 100, 10000)
+_DEFAULT_YIELD_US = 1000
+# torch splits an elementwise op over threads from this many elements (at::internal::GRAIN_SIZE)
+_PARALLEL_ELEMENTS = 32768
+# a one-shot sum over slots as one strided tensor up to this many elements (one torch call
+# instead of world size - 1; beyond, torch's dim-0 reduction is slower than the adds)
+_STACKED_SUM_ELEMENTS = 4096
+# the C short path (shm_native) for one-shot messages up to _NATIVE_BYTES; -1: when every
+# rank could build it, else the Python path; 0: never; 1: required (create fails without it)
+_NATIVE = (-1, 0, 1)
+_NATIVE_BYTES = 256 << 10
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
+                      torch.float16: "float16"}
 
 
 class ShmAllReduce:
@@ -63,7 +100,8 @@ class ShmAllReduce:
 
     def __init__(self, ctx: CommContext, max_bytes: int, *, algorithm: str,
                  chunk_bytes: int = _CHUNK_BYTES[0], threads: int = _THREADS[0],
-                 spin: int = _SPIN[0]) -> None:
+                 spin: int = _SPIN[0], yield_us: int = _YIELD_US[0],
+                 native: int = _NATIVE[0]) -> None:
         self.name = f"shm_{algorithm}"
         self.algorithm = algorithm
         self.rank, self.world_size = ctx.rank, ctx.world_size
@@ -75,15 +113,52 @@ class ShmAllReduce:
         self.threads = threads
         self._broken: str | None = None
         self._views: dict[tuple[torch.dtype, int], Any] = {}
+        self._small: dict[tuple[torch.dtype, int], Any] = {}
+        self._small_bytes = 0  # the short path's largest message; 0: never (see all_reduce)
+        self._native_bytes, self._native_codes = 0, {}  # the C short path's (see all_reduce)
         self._segment: Segment | None = None
         if ctx.world_size == 1:
             return
         self._segment = Segment.open(ctx.cpu_group, ctx.rank, ctx.world_size,
                                      slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
-        if spin < 0:
-            spin = 50 if ctx.local_world_size <= cores else 0
+        has_core = ctx.local_world_size <= cores
+        python_spin = (_AUTO_SPIN["python"] if has_core else 0) if spin < 0 else spin
+        if yield_us < 0:
+            yield_us = _DEFAULT_YIELD_US
         self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
-                                    timeout_s=ctx.timeout_s, spin=spin, label=self.name)
+                                    timeout_s=ctx.timeout_s, spin=python_spin, label=self.name,
+                                    yield_s=yield_us * 1e-6)
+        # the short path: this rank's slot of each parity, and the largest message it takes
+        self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
+        self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
+        if algorithm == "one_shot" and native:
+            native_spin = (_AUTO_SPIN["native"] if has_core else 0) if spin < 0 else spin
+            self._start_native(ctx, native == 1, native_spin, yield_us)
+
+    def _start_native(self, ctx: CommContext, required: bool, spin: int, yield_us: int) -> None:
+        """Collective: the C short path when every rank loaded it (else said, or raised when
+        `required`)."""
+        lib, reason = shm_native.load()
+        every: list = [None] * ctx.world_size
+        dist.all_gather_object(every, reason, group=ctx.cpu_group)
+        reason = next((f"rank {r}: {why}" for r, why in enumerate(every) if why), None)
+        if reason:
+            if required:
+                raise RuntimeError(f"{self.name}.native=1: {reason}")
+            return
+        self._call = shm_native.Call(
+            world_size=ctx.world_size, slots=self._segment.data_ptr,
+            slot_bytes=self.slot_bytes, flags=ctypes.addressof(self._segment.flags),
+            rank=ctx.rank, stride=FLAG_STRIDE_BYTES // 8, spin=spin,
+            yield_ns=int(yield_us * 1e3), timeout_ns=int(ctx.timeout_s * 1e9),
+            nap_ns=int(self._barrier.nap_s * 1e9))
+        self._call_ref = ctypes.byref(self._call)
+        self._native_one_shot = lib.aat_one_shot
+        codes = dict(shm_native.DTYPE_CODES)
+        if not lib.aat_has_float16():
+            codes.pop("float16")
+        self._native_codes = {d: codes[n] for d, n in _TORCH_DTYPE_NAMES.items() if n in codes}
+        self._native_bytes = min(self.slot_bytes, _NATIVE_BYTES)
 
     # -- the three verbs ------------------------------------------------------------------
 
@@ -93,6 +168,12 @@ class ShmAllReduce:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`."""
+        nbytes = tensor.nbytes
+        if 0 < nbytes <= self._small_bytes and tensor.is_contiguous():
+            # _small_bytes and _native_bytes are 0 at world size 1, once broken, once released
+            if nbytes <= self._native_bytes and tensor.dtype in self._native_codes:
+                return self._one_shot_native(tensor, nbytes)
+            return self._one_shot_small(tensor, nbytes)
         if self._broken:
             raise RuntimeError(self._broken)
         if self._segment is None:
@@ -106,7 +187,8 @@ class ShmAllReduce:
         if flat.requires_grad:
             flat = flat.detach()
         previous = torch.get_num_threads()
-        if self.threads and previous != self.threads:
+        switch = self.threads and count >= _PARALLEL_ELEMENTS and previous != self.threads
+        if switch:
             torch.set_num_threads(self.threads)
         try:
             piece = self.slot_bytes // flat.element_size()
@@ -114,15 +196,83 @@ class ShmAllReduce:
             for offset in range(0, count, piece):
                 step(flat, offset, min(piece, count - offset), count)
         except TimeoutError as exc:
-            self._broken = f"{self.name} is unusable after a timeout: {exc}"
+            self._break(exc)
             raise
         finally:
-            if self.threads and previous != self.threads:
+            if switch:
                 torch.set_num_threads(previous)
         return tensor
 
+    def _one_shot_native(self, tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """The short path in C (shm_native.c): one ctypes call, the epoch handed over."""
+        call, barrier = self._call, self._barrier
+        call.tensor, call.nbytes = tensor.data_ptr(), nbytes
+        call.dtype = self._native_codes[tensor.dtype]
+        call.epoch = barrier.epoch
+        code = self._native_one_shot(self._call_ref)
+        barrier.epoch = call.epoch
+        if code != shm_native.OK:
+            exc = TimeoutError(timeout_message(self.name, self.rank, barrier.timeout_s,
+                                               call.late_rank, call.epoch, call.late_seen))
+            self._break(exc)
+            raise exc
+        return tensor
+
+    def _one_shot_small(self, tensor: torch.Tensor, nbytes: int) -> torch.Tensor:
+        """The whole message in one slot: copy in, one barrier, sum (see the module doc)."""
+        barrier = self._barrier
+        parity = (barrier.epoch + 1) & 1
+        ctypes.memmove(self._my_slots[parity], tensor.data_ptr(), nbytes)
+        try:
+            barrier.arrive_and_wait()
+        except TimeoutError as exc:
+            self._break(exc)
+            raise
+        flat = tensor if tensor.dim() == 1 else tensor.view(-1)
+        if flat.requires_grad:
+            flat = flat.detach()
+        views = self._small.get((flat.dtype, nbytes)) or self._small_views(flat.dtype, nbytes)
+        slots = views[parity]
+        if self.world_size == 2:
+            flat.add_(slots)
+        elif isinstance(slots, torch.Tensor):  # every slot as one strided tensor
+            torch.sum(slots, dim=0, out=flat)
+        else:
+            torch.add(slots[0], slots[1], out=flat)
+            for j in range(2, self.world_size):
+                flat.add_(slots[j])
+        return tensor
+
+    def _small_views(self, dtype: torch.dtype, nbytes: int):
+        """Per parity, what the short path sums: the other slot (world size 2), every slot as
+        one [world size, count] strided tensor (small counts), or the slots in rank order;
+        cached under (dtype, bytes) in a dict of their own."""
+        typed = self._segment.data.view(dtype)
+        slot_elems = self.slot_bytes // typed.element_size()
+        count = nbytes // typed.element_size()
+        ws, me = self.world_size, self.rank
+        if ws == 2:
+            views = [typed.narrow(0, (p * ws + 1 - me) * slot_elems, count) for p in (0, 1)]
+        elif count <= _STACKED_SUM_ELEMENTS:
+            views = [typed.as_strided((ws, count), (slot_elems, 1),
+                                      typed.storage_offset() + p * ws * slot_elems)
+                     for p in (0, 1)]
+        else:
+            views = self._piece_views(dtype, count)
+        if len(self._small) >= _VIEW_CACHE_ENTRIES:
+            self._small.clear()
+        self._small[(dtype, nbytes)] = views
+        return views
+
+    def _break(self, exc: TimeoutError) -> None:
+        """After a timeout the ranks are out of step: every later call raises."""
+        self._broken = f"{self.name} is unusable after a timeout: {exc}"
+        self._small_bytes = self._native_bytes = 0
+
     def release(self) -> None:
+        self._small_bytes = self._native_bytes = 0
         self._views.clear()
+        self._small.clear()
         self._barrier = None
         if self._segment is not None:
             self._segment.close()
@@ -215,7 +365,8 @@ def _creator(algorithm: str):
     return create
 
 
-_KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN}
+_KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN,
+          "yield_us": _YIELD_US, "native": _NATIVE}
 
 register(BackendSpec(
     name="shm_one_shot", device="cpu", probe=_probe, create=_creator("one_shot"),

@@ -14,9 +14,14 @@ from the adjacent-line prefetcher's pair). A rank only ever writes its own flag,
 larger epoch, so a flag never needs resetting; a barrier at epoch e is "set mine to e, wait
 until every flag is >= e".
 
-Waiting: a rank that has a core to itself spins briefly on the flags; then (or at once when
-ranks outnumber cores) it sleeps in the kernel with FUTEX_WAIT (Linux; a futex in a shared
-mapping works across processes), so its core goes idle and the scheduler can run a peer there.
+Waiting, in three phases: a rank that has a core to itself spins briefly on the flags; then
+it checks them between `sched_yield()` calls for up to `yield_s` (the core goes to whatever
+else is runnable there, a peer of an oversubscribed host first of all, and comes straight
+back when nothing is: Open MPI's yield-when-idle); then it sleeps in the kernel with
+FUTEX_WAIT (Linux; a futex in a shared mapping works across processes), so its core goes idle.
+Spinning alone (DeepSpeed's op) costs milliseconds per call as soon as ranks outnumber free
+cores; sleeping at once costs a wake-up (tens of microseconds) per call; yielding costs a
+system call per check and keeps a peer on the same core a few microseconds away.
 All sleepers of a barrier sleep on one `generation` word, on a line of its own: the rank that
 sees every flag at the epoch (normally the last to arrive) writes the epoch there and wakes them
 all with one FUTEX_WAKE, so a barrier costs one wake-up per sleeper, not a chain of them. The
@@ -49,7 +54,8 @@ import uuid
 import torch
 import torch.distributed as dist
 
-__all__ = ["Segment", "FlagBarrier", "supported_isa", "shm_dir_reason", "NAME_PREFIX"]
+__all__ = ["Segment", "FlagBarrier", "supported_isa", "shm_dir_reason", "NAME_PREFIX",
+           "FLAG_STRIDE_BYTES", "timeout_message"]
 
 NAME_PREFIX = "aat-"  # every segment of this project is /dev/shm/aat-<run_tag>-...
 FLAG_STRIDE_BYTES = 128
@@ -226,7 +232,8 @@ def _futex() -> _Futex | None:
 
 
 class FlagBarrier:
-    """Epoch barrier over a segment's flags; waiting spins `spin` checks, then sleeps.
+    """Epoch barrier over a segment's flags; waiting spins `spin` checks, yields for up to
+    `yield_s`, then sleeps.
 
     Words: rank r's epoch at r * stride, its `sleeping` word next to it, and the generation
     at world_size * stride. Every wait is bounded by `timeout_s` and raises TimeoutError
@@ -234,7 +241,7 @@ class FlagBarrier:
     """
 
     def __init__(self, flags, rank: int, world_size: int, *, timeout_s: float, spin: int,
-                 label: str, nap_s: float = 1e-3) -> None:
+                 label: str, nap_s: float = 1e-3, yield_s: float = 0.0) -> None:
         self._flags = flags
         stride = FLAG_STRIDE_BYTES // 8
         self._stride = stride
@@ -244,15 +251,14 @@ class FlagBarrier:
         self._sleeping = [w + 1 for w in self._others]
         self._generation = world_size * stride
         self._generation_address = ctypes.addressof(flags) + self._generation * 8
-        self.timeout_s, self.spin, self.nap_s = timeout_s, spin, nap_s
+        self.timeout_s, self.spin, self.nap_s, self.yield_s = timeout_s, spin, nap_s, yield_s
         self.label = label
         self.epoch = 0
         self._futex = _futex()
 
     def arrive_and_wait(self) -> None:
         """Publish the next epoch and wait until every rank has published it."""
-        self.epoch += 1
-        target = self.epoch
+        self.epoch = target = self.epoch + 1
         flags = self._flags
         flags[self._mine] = target
         for word in self._others:
@@ -281,11 +287,10 @@ class FlagBarrier:
                     return
 
     def _wait(self, target: int) -> None:
+        if self._spin_then_yield(target):
+            self._release(target)
+            return
         flags = self._flags
-        for _ in range(self.spin):
-            if self._all_arrived(target):
-                self._release(target)
-                return
         deadline = time.monotonic() + self.timeout_s
         nap_ns = int(self.nap_s * 1e9)
         sleep_s = 20e-6
@@ -308,11 +313,39 @@ class FlagBarrier:
         finally:
             flags[self._mine + 1] = 0
 
+    def _spin_then_yield(self, target: int) -> bool:
+        """The first two phases of a wait; True when every rank arrived in them."""
+        flags, others = self._flags, self._others
+        for _ in range(self.spin):
+            for word in others:
+                if flags[word] < target:
+                    break
+            else:
+                return True
+        if self.yield_s <= 0:
+            return False
+        end = time.monotonic() + self.yield_s
+        sched_yield = os.sched_yield
+        while True:
+            sched_yield()
+            for word in others:
+                if flags[word] < target:
+                    break
+            else:
+                return True
+            if time.monotonic() > end:
+                return False
+
     def _timeout(self, target: int) -> None:
         flags = self._flags
         late = [(w // self._stride, flags[w]) for w in self._others if flags[w] < target]
         peer, seen = late[0] if late else (self.rank, flags[self._mine])
-        raise TimeoutError(
-            f"{self.label}: rank {self.rank} waited {self.timeout_s:g} s for rank {peer}'s "
-            f"flag to reach epoch {target} (it is at {seen}); did rank {peer} die or stop "
-            f"calling all_reduce?")
+        raise TimeoutError(timeout_message(self.label, self.rank, self.timeout_s, peer, target,
+                                           seen))
+
+
+def timeout_message(label: str, rank: int, timeout_s: float, peer: int, target: int,
+                    seen: int) -> str:
+    """What a barrier that gave up says (the Python one here, the C one of shm_native)."""
+    return (f"{label}: rank {rank} waited {timeout_s:g} s for rank {peer}'s flag to reach "
+            f"epoch {target} (it is at {seen}); did rank {peer} die or stop calling all_reduce?")

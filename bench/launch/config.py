@@ -25,6 +25,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
                  "float": "float32"}
 MODES = ("eager", "graph")
+LAUNCHERS = ("torchrun", "mpirun")  # mpirun: for the `mpi` peer (bench.launch.mpirun)
 
 
 @dataclasses.dataclass
@@ -49,6 +50,7 @@ class SweepConfig:
     run_id: str | None = None
     params: dict = dataclasses.field(default_factory=dict)  # backend -> knob values
     quiet: bool = False
+    launcher: str = "torchrun"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -90,6 +92,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", default=[], metavar="BACKEND.KNOB=VALUE",
                    help="set a backend knob, e.g. shm_two_shot.chunk_bytes=262144")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--launcher", default="torchrun",
+                   help="torchrun, or mpirun (ranks an MPI library can join: the mpi peer)")
 
 
 def resolve_device(device: str) -> str:
@@ -151,12 +155,13 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     timeout_s = seconds_flag("--timeout", args.timeout)
     params = _params(args.param, known)
     out, resume = _run_dir(args, node_rank)
+    launcher = _launcher(args.launcher, nnodes)
     return SweepConfig(
         world_size=world_size, backends=backends, sizes=sizes, dtypes=dtypes, modes=modes,
         device=device, iters=iters, warmup=warmup, timeout_s=timeout_s, out=out, resume=resume,
         graph_calls=graph_calls, l2_flush=bool(args.l2_flush), nnodes=nnodes,
         node_rank=node_rank, master_addr=args.master_addr, master_port=master_port,
-        params=params, quiet=bool(args.quiet),
+        params=params, quiet=bool(args.quiet), launcher=launcher,
     )
 
 
@@ -178,6 +183,15 @@ def layout_from_args(args: argparse.Namespace) -> tuple[int, int, int, int | Non
     if nnodes > 1 and master_port is None:
         raise UsageError("--master-port: required with --nnodes > 1")
     return world_size, nnodes, node_rank, master_port
+
+
+def _launcher(name: str, nnodes: int) -> str:
+    if name not in LAUNCHERS:
+        raise UsageError(f"--launcher: expected {' or '.join(LAUNCHERS)}, got {name!r}")
+    if name == "mpirun" and nnodes > 1:
+        raise UsageError("--launcher mpirun: one node only; across nodes start `mpirun -H ... "
+                         "python -m bench.run.worker` yourself")
+    return name
 
 
 def _backends(text: str, known: list[str]) -> list[str]:

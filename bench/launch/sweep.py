@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench.launch.config import SweepConfig, parse_sweep_config
 from bench.launch.flags import UsageError
+from bench.launch.mpirun import launch_mpirun, mpi_layout, mpirun_reason
 
 __all__ = ["main", "rows_kept"]
 
@@ -27,8 +28,13 @@ def main(argv: list[str]) -> int:
 
         # the default run directory goes below results/ (made again by rank 0)
         writable_dir(f"--out (default {DEFAULT_ROOT}/)", DEFAULT_ROOT)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return run_worker(cfg)  # already one rank of the user's torchrun
+    if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or mpi_layout() is not None:
+        return run_worker(cfg)  # already one rank of the user's torchrun (or mpirun)
+    if cfg.launcher == "mpirun":
+        reason = mpirun_reason()
+        if reason:
+            raise UsageError(f"--launcher mpirun: {reason}")
+        return launch_mpirun(cfg, argv)
     from bench.analysis.results import count_rows
     from bench.launch.launcher import launch
 

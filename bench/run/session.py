@@ -19,6 +19,7 @@ import torch.distributed as dist
 from bench.backends import CommContext
 from bench.launch.config import SweepConfig
 from bench.launch.launcher import PIDS_DIR_ENV, remove_shm_leftovers
+from bench.launch.mpirun import export_layout, mpi_layout
 from bench.launch.watchdog import Watchdog
 from bench.run.context import broadcast_object, build_backend, make_context
 
@@ -29,12 +30,17 @@ _ALONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
 
 
 def dist_env() -> dict[str, int]:
-    """Rank layout from torchrun's variables, or SLURM's when started by srun."""
+    """Rank layout from torchrun's variables, mpirun's (`--launcher mpirun`), or SLURM's
+    when started by srun."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
                 "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))}
+    layout = mpi_layout(env)
+    if layout is not None:  # the gloo group is then MPI_COMM_WORLD's processes, rank for rank
+        export_layout(layout)
+        return layout
     if "SLURM_PROCID" in env:
         layout = {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
                   "local_rank": int(env.get("SLURM_LOCALID", 0)),
