@@ -10,25 +10,20 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
 
 import pytest
 from fault_tools import own_host_reason, start
+
+from bench.launch.launcher import free_port
 
 OWN_HOST_REASON = own_host_reason()
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(OWN_HOST_REASON is not None, reason=str(OWN_HOST_REASON))]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_nodes_on_loopback_make_one_table(tmp_path):
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port("127.0.0.1")
     common = ["sweep", "--world-size", "4", "--nnodes", "2", "--master-addr", "127.0.0.1",
               "--master-port", port, "--backends", "gloo,shm_one_shot", "-b", "1K", "-e", "4K",
               "--dtypes", "float32", "-n", "3", "-w", "1", "--timeout", "60", "--out", out, "-q"]

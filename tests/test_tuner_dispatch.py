@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import warnings
 
 import pytest
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.backends import get_spec
+from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
 from tuner.runtime.dispatch import Dispatcher, DispatchWarning
 from tuner.runtime.overrides import OverrideError, apply_max_bytes, parse_overrides
@@ -33,12 +33,6 @@ def _table(hardware_key: str, world_size: int = 2) -> Thresholds:
     table = Table(hardware_key, world_size, "float32", "eager", rules,
                   {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K}, evidence)
     return Thresholds(tables=(table,))
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 SIZES = [1 * K, 4 * K, 8 * K, 64 * K, 128 * K]
@@ -102,7 +96,7 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
 def test_dispatcher_routes_sizes_to_the_backends_the_table_names(tmp_path):
     path = tmp_path / "thresholds.json"
     _table(fingerprint("cpu")["hardware_key"]).save(path)
-    mp.start_processes(_rank_main, args=(2, _port(), str(path), str(tmp_path)), nprocs=2,
+    mp.start_processes(_rank_main, args=(2, free_port("127.0.0.1"), str(path), str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
     for rank in range(2):
         results = json.loads((tmp_path / f"rank{rank}.json").read_text())

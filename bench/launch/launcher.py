@@ -9,7 +9,6 @@ process is stopped by a signal (SIGTERM, Ctrl-C): the ranks are ended first.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -20,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from bench.backends.base import scoped_env
 from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
@@ -70,23 +70,14 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     handlers = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
     pids = Path(log_dir) / "pids"  # each rank leaves its pid here (bench.run.session)
     pids.mkdir()
-    previous = os.environ.get(PIDS_DIR_ENV)
-    os.environ[PIDS_DIR_ENV] = str(pids)
     try:
-        return elastic_launch(config, entrypoint)(*args) or {}
+        with scoped_env({PIDS_DIR_ENV: str(pids)}):
+            return elastic_launch(config, entrypoint)(*args) or {}
     finally:
-        _restore_env(PIDS_DIR_ENV, previous)
         remove_shm_leftovers(int(p.name) for p in pids.iterdir() if p.name.isdigit())
         shutil.rmtree(log_dir, ignore_errors=True)
         for number, handler in handlers.items():
             signal.signal(number, handler)
-
-
-def _restore_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
 
 
 def _check_listen(host: str, port: int) -> None:

@@ -19,12 +19,13 @@ disabled or its gate declines: the caller falls back.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from bench.backends.base import scoped_env
 
 __all__ = ["Path", "PATHS", "Communicators", "ALGO_ENV", "CUSTOM_AR_DEFAULT_MAX_SIZE",
            "accepts", "reduce", "run", "custom_ar_max_size", "symm_mem_max_size",
@@ -96,15 +97,9 @@ def _nccl_gate(group, tensor: torch.Tensor) -> bool:
 def _custom_call(path: Path, ca, tensor: torch.Tensor):
     if path.algo is None:
         return ca.custom_all_reduce(tensor)
-    saved = os.environ.get(ALGO_ENV)
-    os.environ[ALGO_ENV] = path.algo  # read by the kernel launch (captured: fixed in the graph)
-    try:
+    # read by the kernel launch (captured: fixed in the graph)
+    with scoped_env({ALGO_ENV: path.algo}):
         return ca.custom_all_reduce(tensor)
-    finally:
-        if saved is None:
-            del os.environ[ALGO_ENV]
-        else:
-            os.environ[ALGO_ENV] = saved
 
 
 def _symm_call(path: Path, symm, tensor: torch.Tensor):
