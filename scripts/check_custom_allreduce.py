@@ -212,9 +212,12 @@ def _timeout_test(ctx) -> list[dict]:
 def _rank_main(rank: int, world: int, port: int, args) -> None:
     import torch.distributed as dist
 
+    from bench.run.session import collect_at_exit
+
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=300))
+    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     ctx = _context(rank, world)
     try:
         rows = _timeout_test(ctx) if args.timeout_test else _run_checks(

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench.run.hardware import fingerprint  # noqa: E402
+from bench.run.session import collect_at_exit  # noqa: E402
 from tuner.runtime import op  # noqa: E402
 from tuner.runtime.dispatch import Dispatcher  # noqa: E402
 from tuner.runtime.schema import Rule, Table, Thresholds  # noqa: E402
@@ -129,6 +130,7 @@ def _ipc_rank(rank: int, world: int, port: int, args) -> None:
     torch.cuda.set_device(0)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     key = fingerprint("cuda")["hardware_key"]
     rules = (Rule(None, "custom_one_shot"),)
     tables = tuple(Table(key, world, "float32", mode, rules, {"custom_one_shot": 1 << 20},

@@ -16,6 +16,7 @@ from torch._dynamo import explain as dynamo_explain
 
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
+from bench.run.session import collect_at_exit
 from tuner.runtime import op
 from tuner.runtime.dispatch import Dispatcher
 from tuner.runtime.schema import Rule, Table, Thresholds
@@ -40,6 +41,7 @@ def _rank_main(rank: int, world: int, port: int, path: str, out_dir: str) -> Non
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     dispatcher = Dispatcher.from_file(path, count_calls=True)
     op.install(dispatcher)
     try:

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
+from bench.run.session import collect_at_exit
 from tuner.runtime import op
 from tuner.runtime.dispatch import Dispatcher
 from tuner.runtime.schema import Rule, Table, Thresholds
@@ -105,6 +106,7 @@ def _ipc_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.cuda.set_device(0)  # every rank on the one GPU, through CUDA IPC
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     eager = (Rule(64 * K, "custom_one_shot"), Rule(None, "custom_two_shot"))
     graph = (Rule(None, "custom_one_shot"),)
     d = Dispatcher.from_thresholds(_thresholds(world, eager, graph, {

@@ -212,6 +212,8 @@ from bench.launch.mpirun import export_layout, mpi_layout
 if mpi_layout() is not None:
     export_layout(mpi_layout())
 dist.init_process_group("gloo")
+from bench.run.session import collect_at_exit
+collect_at_exit()
 from bench.run.inputs import check_result, fill_input
 from tuner.runtime.dispatch import Dispatcher
 with warnings.catch_warnings(record=True) as caught:

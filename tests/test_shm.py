@@ -25,6 +25,7 @@ import torch.distributed as dist
 from bench.backends import CommContext, get_spec
 from bench.backends.shm_segment import NAME_PREFIX, SHM_DIR, Segment, supported_isa
 from bench.run.inputs import check_result, fill_input
+from bench.run.session import collect_at_exit
 
 pytestmark = pytest.mark.skipif(not supported_isa() or not os.path.isdir(SHM_DIR),
                                 reason="shm backends need x86-64 and /dev/shm")
@@ -148,6 +149,7 @@ def _rank_main(rank: int, ws: int, scenario: str, tmp: str, tag: str, timeout_s:
     try:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
                                 world_size=ws, timeout=datetime.timedelta(seconds=60))
+        collect_at_exit()  # no gloo group left to finalization (SIGABRT)
         ctx = CommContext(rank=rank, world_size=ws, local_rank=rank, local_world_size=ws,
                           nnodes=1, device=torch.device("cpu"), cpu_group=dist.group.WORLD,
                           timeout_s=timeout_s, run_tag=tag)

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from bench.backends import get_spec
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
+from bench.run.session import collect_at_exit
 from tuner.runtime.dispatch import Dispatcher, DispatchWarning
 from tuner.runtime.overrides import OverrideError, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import Rule, Table, Thresholds, load
@@ -74,6 +75,7 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
+    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     try:
         results = {}
         with Dispatcher.from_file(table_path, count_calls=True) as d:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.launch.launcher import free_port
+from bench.run.session import collect_at_exit
 from bench.vllm.paths import PATHS, Communicators
 from tuner.engines import vllm_comm, vllm_plugin
 from tuner.engines.vllm_names import NO_VLLM_PATH, VLLM_PATH, vllm_path
@@ -314,6 +315,7 @@ def _rank_main(rank: int, world: int, port: int, files: dict, out_dir: str) -> N
     os.environ.pop(ENV_STRICT, None)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     log: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: log.append(record.getMessage())

@@ -4,8 +4,11 @@ ranks share, and the CommContext and backends built from a SweepConfig."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
+import functools
+import gc
 import os
 import signal
 import uuid
@@ -23,7 +26,7 @@ from bench.launch.mpirun import export_layout, mpi_layout
 from bench.launch.watchdog import Watchdog
 from bench.run.context import broadcast_object, build_backend, make_context
 
-__all__ = ["dist_env", "rank_session", "shared_tag", "sweep_context", "create_backend"]
+__all__ = ["dist_env", "collect_at_exit", "rank_session", "shared_tag", "sweep_context", "create_backend"]
 
 # the layout of a one-rank group in this process (`rank_session(..., alone=True)`)
 _ALONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
@@ -52,6 +55,16 @@ def dist_env() -> dict[str, int]:
     raise RuntimeError("no rank layout: run through `bench sweep`, torchrun or srun")
 
 
+@functools.cache
+def collect_at_exit() -> None:
+    """Collect garbage once more at interpreter exit, while the interpreter is still whole.
+    A gloo group that only a reference cycle still holds (vLLM's communicators make such
+    cycles) is otherwise freed during finalization, where its worker threads abort the
+    process (SIGABRT, "terminate called without an active exception"): 11 of 20 two-rank
+    exits here, 0 of 20 with this. Call it once a group exists; repeated calls do nothing."""
+    atexit.register(gc.collect)
+
+
 @contextlib.contextmanager
 def rank_session(timeout_s: float, alone: bool = False
                  ) -> Iterator[tuple[dict[str, int], Watchdog]]:
@@ -68,6 +81,7 @@ def rank_session(timeout_s: float, alone: bool = False
                                 timeout=gloo_timeout)
     else:
         dist.init_process_group("gloo", timeout=gloo_timeout)
+    collect_at_exit()
     try:
         yield layout, watchdog
     finally:
