@@ -136,10 +136,10 @@ def _ipc_rank(rank: int, world: int, port: int, args) -> None:
     tables = tuple(Table(key, world, "float32", mode, rules, {"custom_one_shot": 1 << 20},
                          EVIDENCE) for mode in ("eager", "graph"))
     d = Dispatcher.from_thresholds(Thresholds(tables=tables), device="cuda:0", count_calls=True)
-    op.install(d)
-    backend = d.backends["custom_one_shot"]
-    rows = graph_rows(d, args.graph_calls, args.replays,
-                      direct=("custom_one_shot called directly", backend.all_reduce))
+    with op.serving(d):
+        backend = d.backends["custom_one_shot"]
+        rows = graph_rows(d, args.graph_calls, args.replays,
+                          direct=("custom_one_shot called directly", backend.all_reduce))
     if rank == 0:
         lines = [f"{world} ranks on one {torch.cuda.get_device_name(0)} ({key}); CUDA_MPS_PIPE_"
                  f"DIRECTORY {'set' if os.environ.get('CUDA_MPS_PIPE_DIRECTORY') else 'unset'}",
@@ -149,8 +149,6 @@ def _ipc_rank(rank: int, world: int, port: int, args) -> None:
         print("\n".join(lines))
         if args.markdown:
             Path(args.markdown).write_text("\n".join(lines) + "\n")
-    op.uninstall()
-    d.release()
     dist.destroy_process_group()
 
 
@@ -177,19 +175,18 @@ def main() -> int:
     device = "cuda:0" if args.device == "cuda" else "cpu"
     d = Dispatcher.from_thresholds(_thresholds(args.device, fp["hardware_key"]), device=device,
                                    count_calls=True)
-    op.install(d)
     where = fp.get("cuda_name") or fp["cpu"]["model"]
     lines = [f"machine: {where} ({fp['hardware_key']}), {os.cpu_count()} CPUs; torch "
              f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}", "",
              "| eager call, float32 | median us per call |", "| --- | --: |"]
-    lines += [f"| {name} | {value:.2f} |" for name, value in eager_rows(d, device, args.batches)]
-    if args.device == "cuda":
-        lines += ["", "| CUDA graph | host us per replay | GPU us per replay |",
-                  "| --- | --: | --: |"]
-        lines += [f"| {name} | {host:.1f} | {gpu:.1f} |"
-                  for name, host, gpu in graph_rows(d, args.graph_calls, args.replays)]
-    op.uninstall()
-    d.release()
+    with op.serving(d):
+        lines += [f"| {name} | {value:.2f} |"
+                  for name, value in eager_rows(d, device, args.batches)]
+        if args.device == "cuda":
+            lines += ["", "| CUDA graph | host us per replay | GPU us per replay |",
+                      "| --- | --: | --: |"]
+            lines += [f"| {name} | {host:.1f} | {gpu:.1f} |"
+                      for name, host, gpu in graph_rows(d, args.graph_calls, args.replays)]
     dist.destroy_process_group()
     print("\n".join(lines))
     if args.markdown:

@@ -173,17 +173,22 @@ def _graph_sum(backend, ctx: CommContext, calls: int = 3) -> None:
     assert torch.equal(x, torch.full_like(x, 2.0 * ctx.world_size ** calls))
 
 
+def _sums_then_release(backend, ctx: CommContext) -> None:
+    """Eager and captured sums right, then the backend released (also when they are not)."""
+    try:
+        _check_sum(backend, ctx)
+        _graph_sum(backend, ctx)
+    finally:
+        backend.release()
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("params", [{}, {"ctas": 4}])
 def test_nccl_world_size_1_eager_and_graph(gpu_ctx, params):
     backend, reason = _create("nccl", gpu_ctx, **params)
     assert reason is None, reason
-    try:
-        _check_sum(backend, gpu_ctx)
-        _graph_sum(backend, gpu_ctx)
-    finally:
-        backend.release()
+    _sums_then_release(backend, gpu_ctx)
 
 
 @pytest.mark.gpu
@@ -272,11 +277,7 @@ def test_symm_mem_runs_or_gives_the_reason(gpu_ctx, name):
         pytest.skip(f"{name} refused this group: {type(exc).__name__}: {exc}"[:300])
     if reason:
         pytest.skip(f"{name}: {reason}")
-    try:
-        _check_sum(backend, gpu_ctx)
-        _graph_sum(backend, gpu_ctx)
-    finally:
-        backend.release()
+    _sums_then_release(backend, gpu_ctx)
 
 
 @pytest.mark.gpu

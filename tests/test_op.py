@@ -4,19 +4,17 @@ around it with no graph break (counted by `torch._dynamo.explain`) and the right
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_tools import gloo_rank, read_reports, write_report
 from torch._dynamo import explain as dynamo_explain
 
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
-from bench.run.session import collect_at_exit
 from tuner.runtime import op
 from tuner.runtime.dispatch import Dispatcher
 from tuner.runtime.schema import Rule, Table, Thresholds
@@ -37,40 +35,37 @@ def _model(x: torch.Tensor) -> torch.Tensor:
     return op.all_reduce(x * 2) + 1
 
 
+def _exercise(dispatcher: Dispatcher, rank: int, world: int) -> dict:
+    """Eager calls of the op (routes, sums, input kept), the graph-break count of a model
+    around it, and that model compiled with fullgraph=True."""
+    report: dict = {"eager": [], "compiled": []}
+    for nbytes in (1 * K, 16 * K, 256 * K):
+        x = torch.full((nbytes // 4,), float(rank + 1))
+        before = x.clone()
+        y = op.all_reduce(x)
+        report["eager"].append({
+            "bytes": nbytes, "backend": dispatcher.last_backend,
+            "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))),
+            "input_kept": bool(torch.equal(x, before))})
+    explain = dynamo_explain(_model)(torch.ones(256))
+    report["graph_breaks"] = explain.graph_break_count
+    report["graphs"] = explain.graph_count
+    torch.compiler.reset()
+    compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
+    for nbytes in (1 * K, 16 * K):
+        x = torch.full((nbytes // 4,), float(rank + 1))
+        y = compiled(x)
+        want = 2 * sum(range(1, world + 1)) + 1
+        report["compiled"].append({"bytes": nbytes, "backend": dispatcher.last_backend,
+                                   "sum_ok": bool(torch.equal(y, torch.full_like(x, want)))})
+    return report
+
+
 def _rank_main(rank: int, world: int, port: int, path: str, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
-    dispatcher = Dispatcher.from_file(path, count_calls=True)
-    op.install(dispatcher)
-    try:
-        report: dict = {"eager": [], "compiled": []}
-        for nbytes in (1 * K, 16 * K, 256 * K):
-            x = torch.full((nbytes // 4,), float(rank + 1))
-            before = x.clone()
-            y = op.all_reduce(x)
-            report["eager"].append({
-                "bytes": nbytes, "backend": dispatcher.last_backend,
-                "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))),
-                "input_kept": bool(torch.equal(x, before))})
-        explain = dynamo_explain(_model)(torch.ones(256))
-        report["graph_breaks"] = explain.graph_break_count
-        report["graphs"] = explain.graph_count
-        torch.compiler.reset()
-        compiled = torch.compile(_model, fullgraph=True, backend="aot_eager")
-        for nbytes in (1 * K, 16 * K):
-            x = torch.full((nbytes // 4,), float(rank + 1))
-            y = compiled(x)
-            want = 2 * sum(range(1, world + 1)) + 1
-            report["compiled"].append({"bytes": nbytes, "backend": dispatcher.last_backend,
-                                       "sum_ok": bool(torch.equal(y, torch.full_like(x, want)))})
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(report, fh)
-    finally:
-        op.uninstall()
-        dispatcher.release()
-        dist.destroy_process_group()
+    with gloo_rank(rank, world, port):
+        with op.serving(Dispatcher.from_file(path, count_calls=True)) as dispatcher:
+            write_report(out_dir, rank, _exercise(dispatcher, rank, world))
 
 
 @pytest.mark.slow
@@ -80,8 +75,7 @@ def test_op_routes_by_table_and_compiles_without_graph_breaks(tmp_path):
     _thresholds(world).save(path)
     mp.start_processes(_rank_main, args=(world, free_port("127.0.0.1"), str(path), str(tmp_path)),
                        nprocs=world, join=True, start_method="spawn")
-    for rank in range(world):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in read_reports(tmp_path, world):
         assert [e["backend"] for e in report["eager"]] == ["shm_one_shot", "shm_two_shot",
                                                             "gloo"]
         assert all(e["sum_ok"] and e["input_kept"] for e in report["eager"])
@@ -102,13 +96,10 @@ def test_op_registration_passes_torch_opcheck(tmp_path):
     _thresholds(1).save(path)
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    dispatcher = Dispatcher.from_file(path)
-    op.install(dispatcher, "opcheck")
     try:
-        for x in (torch.arange(12.0).reshape(3, 4), torch.ones(5, dtype=torch.bfloat16)):
-            torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,
-                                  (x, "opcheck"))
+        with op.serving(Dispatcher.from_file(path), "opcheck"):
+            for x in (torch.arange(12.0).reshape(3, 4), torch.ones(5, dtype=torch.bfloat16)):
+                torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,
+                                      (x, "opcheck"))
     finally:
-        op.uninstall("opcheck")
-        dispatcher.release()
         dist.destroy_process_group()

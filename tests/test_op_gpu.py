@@ -9,18 +9,14 @@ dispatcher's call count does not move) and under torch.compile(fullgraph=True).
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_tools import gloo_rank, read_reports, write_report
 
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
-from bench.run.session import collect_at_exit
 from tuner.runtime import op
 from tuner.runtime.dispatch import Dispatcher
 from tuner.runtime.schema import Rule, Table, Thresholds
@@ -81,54 +77,44 @@ def test_op_one_rank_nccl_and_pynccl_eager_graph_and_compiled(tmp_path):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     d = Dispatcher.from_thresholds(_thresholds(1, rules, (Rule(None, "nccl"),), {}), device="cuda:0",
                                    count_calls=True)
-    op.install(d)
     try:
-        report = _exercise(d, 0, 1, (4 * K, 1 * M))
-        assert [e[1] for e in report["eager"]] == ["pynccl", "nccl"]
-        assert all(e[2] and e[3] for e in report["eager"])
-        # the graph table routes every size to nccl: decided at capture, from the graph rules
-        assert [g[1] for g in report["graph"]] == ["nccl", "nccl"]
-        assert all(g[2] and g[3] for g in report["graph"])
-        from torch._dynamo import explain as dynamo_explain
+        with op.serving(d):
+            report = _exercise(d, 0, 1, (4 * K, 1 * M))
+            assert [e[1] for e in report["eager"]] == ["pynccl", "nccl"]
+            assert all(e[2] and e[3] for e in report["eager"])
+            # the graph table routes every size to nccl: decided at capture, from the graph rules
+            assert [g[1] for g in report["graph"]] == ["nccl", "nccl"]
+            assert all(g[2] and g[3] for g in report["graph"])
+            from torch._dynamo import explain as dynamo_explain
 
-        x = torch.ones(2048, dtype=torch.bfloat16, device="cuda")
-        assert dynamo_explain(_model)(x).graph_break_count == 0
-        torch.compiler.reset()
-        compiled = torch.compile(_model, fullgraph=True)
-        assert bool((compiled(x) == 3).all())
+            x = torch.ones(2048, dtype=torch.bfloat16, device="cuda")
+            assert dynamo_explain(_model)(x).graph_break_count == 0
+            torch.compiler.reset()
+            compiled = torch.compile(_model, fullgraph=True)
+            assert bool((compiled(x) == 3).all())
     finally:
-        op.uninstall()
-        d.release()
         dist.destroy_process_group()
 
 
 def _ipc_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.cuda.set_device(0)  # every rank on the one GPU, through CUDA IPC
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     eager = (Rule(64 * K, "custom_one_shot"), Rule(None, "custom_two_shot"))
     graph = (Rule(None, "custom_one_shot"),)
-    d = Dispatcher.from_thresholds(_thresholds(world, eager, graph, {
-        "custom_one_shot": 4 * M, "custom_two_shot": 4 * M}), device="cuda:0", count_calls=True)
-    op.install(d)
-    try:
-        report = _exercise(d, rank, world, (4 * K, 1 * M))
-        report["notes"] = list(d.notes)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(report, fh)
-    finally:
-        op.uninstall()
-        d.release()
-        dist.destroy_process_group()
+    tables = _thresholds(world, eager, graph, {"custom_one_shot": 4 * M,
+                                               "custom_two_shot": 4 * M})
+    with gloo_rank(rank, world, port):
+        with op.serving(Dispatcher.from_thresholds(tables, device="cuda:0",
+                                                   count_calls=True)) as d:
+            report = _exercise(d, rank, world, (4 * K, 1 * M))
+            report["notes"] = list(d.notes)
+        write_report(out_dir, rank, report)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_op_own_ipc_kernels_several_ranks_on_one_gpu(world, tmp_path):
     mp.start_processes(_ipc_rank, args=(world, free_port("127.0.0.1"), str(tmp_path)),
                        nprocs=world, join=True, start_method="spawn")
-    for rank in range(world):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in read_reports(tmp_path, world):
         assert [e[1] for e in report["eager"]] == ["custom_one_shot", "custom_two_shot"], report
         assert all(e[2] and e[3] for e in report["eager"]), report
         assert [g[1] for g in report["graph"]] == ["custom_one_shot", "custom_one_shot"], report

@@ -66,14 +66,20 @@ def _sums(ctx: CommContext) -> dict:
             # non-integer data: every rank must get the same bits (sum in rank order)
             gen = torch.Generator().manual_seed(100 + rank)
             x = torch.randn(30_001, generator=gen)
-            backend.all_reduce(x)
-            gathered = [torch.empty_like(x) for _ in range(ws)]
-            dist.all_gather(gathered, x)
-            if not all(torch.equal(gathered[0], g) for g in gathered):
+            if not _same_bits_everywhere(backend, x, ws):
                 wrong.append(f"{name} chunk={chunk_bytes}: ranks got different bits")
             backend.release()
             backend.release()  # idempotent
     return {"wrong": wrong, "calls": calls, "left": _segments(ctx.run_tag)}
+
+
+def _same_bits_everywhere(backend, x: torch.Tensor, ws: int) -> bool:
+    """Reduce non-integer `x` in place; every rank must hold the same bits (sum in rank
+    order)."""
+    backend.all_reduce(x)
+    gathered = [torch.empty_like(x) for _ in range(ws)]
+    dist.all_gather(gathered, x)
+    return all(torch.equal(gathered[0], g) for g in gathered)
 
 
 def _timeout(ctx: CommContext) -> dict:
@@ -132,10 +138,7 @@ def _paths(ctx: CommContext) -> dict:
                 if err != 0.0:
                     wrong.append(f"native={native} {dtype} count {count}: err {err}")
                 x = torch.randn(count, generator=torch.Generator().manual_seed(rank)).to(dtype)
-                backend.all_reduce(x)
-                gathered = [torch.empty_like(x) for _ in range(ws)]
-                dist.all_gather(gathered, x)
-                if not all(torch.equal(gathered[0], g) for g in gathered):
+                if not _same_bits_everywhere(backend, x, ws):
                     wrong.append(f"native={native} {dtype} count {count}: bits differ")
         backend.release()
     return {"wrong": wrong, "left": _segments(ctx.run_tag)}

@@ -3,8 +3,6 @@ sums, overrides by argument and environment, and the single mismatch warning."""
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import warnings
 
@@ -12,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_tools import gloo_rank, read_reports, write_report
 
 from bench.backends import get_spec
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
-from bench.run.session import collect_at_exit
 from tuner.runtime.dispatch import Dispatcher, DispatchWarning
 from tuner.runtime.overrides import OverrideError, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import Rule, Table, Thresholds, load
@@ -73,10 +71,7 @@ def _exercise(dispatcher: Dispatcher, rank: int, world: int) -> list[dict]:
 
 def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=60))
-    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
-    try:
+    with gloo_rank(rank, world, port, timeout_s=60):
         results = {}
         with Dispatcher.from_file(table_path, count_calls=True) as d:
             results["table"] = _exercise(d, rank, world)
@@ -88,10 +83,7 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
         with Dispatcher.from_file(table_path, count_calls=True) as d:
             results["env_max_bytes"] = _exercise(d, rank, world)
         del os.environ["ALLREDUCE_AUTOTUNE_MAX_BYTES"]
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(results, fh)
-    finally:
-        dist.destroy_process_group()
+        write_report(out_dir, rank, results)
 
 
 @pytest.mark.slow
@@ -100,8 +92,7 @@ def test_dispatcher_routes_sizes_to_the_backends_the_table_names(tmp_path):
     _table(fingerprint("cpu")["hardware_key"]).save(path)
     mp.start_processes(_rank_main, args=(2, free_port("127.0.0.1"), str(path), str(tmp_path)), nprocs=2,
                        join=True, start_method="spawn")
-    for rank in range(2):
-        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for results in read_reports(tmp_path, 2):
         # only what the table names was built (the floor is gloo)
         assert results["backends"] == ["gloo", f'shm_one_shot{{"chunk_bytes": {CHUNK}}}',
                                        "shm_two_shot"]

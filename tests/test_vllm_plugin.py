@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import datetime
 import importlib.util
 import json
 import logging
@@ -28,9 +27,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rank_tools import gloo_rank, read_reports, write_report
 
 from bench.launch.launcher import free_port
-from bench.run.session import collect_at_exit
 from bench.vllm.paths import PATHS, Communicators
 from tuner.engines import vllm_comm, vllm_plugin
 from tuner.engines.vllm_names import NO_VLLM_PATH, VLLM_PATH, vllm_path
@@ -313,9 +312,13 @@ def _rank_main(rank: int, world: int, port: int, files: dict, out_dir: str) -> N
     os.environ.update({"OMP_NUM_THREADS": "1", ENV_THRESHOLDS: files["good"],
                        ENV_HARDWARE_KEY: KEY})
     os.environ.pop(ENV_STRICT, None)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    collect_at_exit()  # no gloo group left to finalization (SIGABRT)
+    with gloo_rank(rank, world, port):
+        write_report(out_dir, rank, _rank_report(rank, files))
+
+
+def _rank_report(rank: int, files: dict) -> dict:
+    """vLLM's real CudaCommunicator built in every phase (tables agreed, different, lenient,
+    none for this hardware), with the routes, log lines and sums each phase gave."""
     log: list[str] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = lambda record: log.append(record.getMessage())
@@ -355,9 +358,7 @@ def _rank_main(rank: int, world: int, port: int, files: dict, out_dir: str) -> N
     _phase(build, log, report, "different_lenient")
     vllm_plugin.register({ENV_THRESHOLDS: files["good"], ENV_HARDWARE_KEY: "nvidia-b200-x2-nvlink"})
     _phase(build, log, report, "no_table")
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-        json.dump(report, fh)
-    dist.destroy_process_group()
+    return report
 
 
 @needs_vllm
@@ -368,7 +369,7 @@ def test_two_ranks_build_vllms_communicator_agree_size_and_route(tmp_path):
     _tables(32 * K).save(files["other"])
     mp.start_processes(_rank_main, args=(2, free_port("127.0.0.1"), files, str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = read_reports(tmp_path, 2)
     for report in reports:
         assert report["agreed"]["routes"] and report["pp_routes"] is None
         assert report["choices"] == ["vllm_custom_ar_one_shot", "vllm_symm_mem_two_shot",

@@ -9,16 +9,20 @@ and the table decides, inside `torch.compile` graphs and CUDA graphs alike:
 - the backend is chosen when the op runs: eagerly, once per call (a dict hit per byte size);
   during CUDA-graph capture, once, with the table's graph rules; a replay runs the captured
   kernels and does no host work at all;
-- a process installs one dispatcher per group name at start-up (`install`); every rank must
+- a process installs one dispatcher per group name at start-up (`install`, or `with
+  serving(dispatcher):` to uninstall and release it at the end); every rank must
   install the same table (the engines' plugins check that), or ranks would pick different
   backends for one call.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["install", "uninstall", "installed", "all_reduce", "OP_NAME", "DEFAULT_GROUP"]
+__all__ = ["install", "uninstall", "installed", "serving", "all_reduce", "OP_NAME", "DEFAULT_GROUP"]
 
 OP_NAME = "allreduce_autotune::all_reduce"
 DEFAULT_GROUP = "world"
@@ -38,6 +42,18 @@ def uninstall(group: str = DEFAULT_GROUP):
 
 def installed(group: str = DEFAULT_GROUP):
     return _DISPATCHERS.get(group)
+
+
+@contextlib.contextmanager
+def serving(dispatcher, group: str = DEFAULT_GROUP) -> Iterator:
+    """`install(dispatcher, group)` for the block; on leaving it (also by an exception) the
+    op forgets the group and the dispatcher releases its backends."""
+    install(dispatcher, group)
+    try:
+        yield dispatcher
+    finally:
+        uninstall(group)
+        dispatcher.release()
 
 
 def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
