@@ -10,8 +10,9 @@ for its out-of-place result, the decision, the backend), and the clone alone.
 With `--device cuda`, also CUDA graphs: K calls captured once as plain
 `torch.distributed.all_reduce` on the NCCL group, and once through the op (routed by the table
 to pynccl, then nccl); the host time of `graph.replay()` (perf_counter around the call, no
-synchronisation inside the timed region) and the GPU time of a replay (CUDA events), and the
-dispatcher's call count before and after the replays (a replay must do no host work: it stays).
+synchronisation inside the timed region) and the GPU time of a replay (CUDA events), the two
+graphs replayed alternately so both see the same host, and the dispatcher's call count before
+and after the replays (a replay must do no host work: it stays).
 With `--ipc-ranks N` (CUDA; N ranks on the one GPU, start the MPS daemon first) the same graph
 comparison for the own IPC kernels: K calls of `custom_one_shot` captured directly, and K calls
 of the op routed to it by the table; rank 0 prints.
@@ -42,6 +43,8 @@ from tuner.runtime import op  # noqa: E402
 from tuner.runtime.dispatch import Dispatcher  # noqa: E402
 from tuner.runtime.schema import Rule, Table, Thresholds  # noqa: E402
 
+GRAPH_HEADER = ("| CUDA graph | host us per replay, median [p10-p90] | GPU us per replay, median |",
+                "| --- | --: | --: |")
 EVIDENCE = {"run_id": "op-overhead", "points": 0, "regret_vs_oracle": 0.0,
             "gain_vs_nccl_geomean": None}
 
@@ -90,39 +93,59 @@ def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, floa
             ("tensor.clone (part of the op)", timed(lambda: t.clone()))]
 
 
+def _captured(step, calls: int) -> torch.cuda.CUDAGraph:
+    x = torch.ones(256, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            step(x)
+    return graph
+
+
+def _pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=10)[int(q * 10) - 1]
+
+
 def graph_rows(d: Dispatcher, calls: int, replays: int,
-               direct=None) -> list[tuple[str, float, float]]:
-    """(what, host us per replay, GPU us per replay) for the direct call and for the op."""
-    direct = direct or ("plain torch.distributed.all_reduce (the nccl floor)", d.floor.all_reduce)
-    out = []
-    for label, step in (direct, ("the op (1 KiB, by the table)", lambda x: op.all_reduce(x))):
-        x = torch.ones(256, device="cuda")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                step(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                step(x)
-        before = sum(d.calls.values())
-        host, gpu = [], []
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(replays):
+               directs: list[tuple[str, object]]) -> list[tuple[str, str, float]]:
+    """(what, host us per replay as 'median [p10-p90]', GPU us per replay) for each direct
+    call and for the op, then the median of the op's paired host-time difference to each.
+    Every graph is captured first, then all are replayed in turn (the order rotated every
+    round), so a change in the host's speed during the run falls on all alike."""
+    steps = [*directs, ("the op (1 KiB, by the table)", lambda x: op.all_reduce(x))]
+    graphs = [_captured(step, calls) for _, step in steps]
+    before = sum(d.calls.values())
+    host: list[list[float]] = [[] for _ in steps]
+    gpu: list[list[float]] = [[] for _ in steps]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for i in range(replays):
+        for k in range(len(steps)):
+            which = (i + k) % len(steps)
             torch.cuda.synchronize()
             dist.barrier()  # ranks replay together (the IPC kernels meet inside)
             start.record()
             t0 = time.perf_counter_ns()
-            graph.replay()
-            host.append((time.perf_counter_ns() - t0) / 1000)
+            graphs[which].replay()
+            host[which].append((time.perf_counter_ns() - t0) / 1000)
             end.record()
             end.synchronize()
-            gpu.append(start.elapsed_time(end) * 1000)
-        assert sum(d.calls.values()) == before, "a replay ran the dispatcher"
-        out.append((f"graph of {label}, {calls} calls", statistics.median(host),
-                    statistics.median(gpu)))
+            gpu[which].append(start.elapsed_time(end) * 1000)
+    assert sum(d.calls.values()) == before, "a replay ran the dispatcher"
+    out = [(f"graph of {label}, {calls} calls",
+            f"{statistics.median(h):.1f} [{_pct(h, 0.1):.1f}-{_pct(h, 0.9):.1f}]",
+            statistics.median(g)) for (label, _), h, g in zip(steps, host, gpu, strict=True)]
+    for k, (label, _) in enumerate(directs):
+        diff = [b - a for a, b in zip(host[k], host[-1], strict=True)]
+        out.append((f"op minus {label.split(' (')[0]}, paired by round ({replays} rounds)",
+                    f"{statistics.median(diff):+.1f} [{_pct(diff, 0.1):+.1f}-"
+                    f"{_pct(diff, 0.9):+.1f}]",
+                    statistics.median(gpu[-1]) - statistics.median(gpu[k])))
     return out
 
 
@@ -139,13 +162,12 @@ def _ipc_rank(rank: int, world: int, port: int, args) -> None:
     with op.serving(d):
         backend = d.backends["custom_one_shot"]
         rows = graph_rows(d, args.graph_calls, args.replays,
-                          direct=("custom_one_shot called directly", backend.all_reduce))
+                          [("custom_one_shot called directly", backend.all_reduce)])
     if rank == 0:
         lines = [f"{world} ranks on one {torch.cuda.get_device_name(0)} ({key}); CUDA_MPS_PIPE_"
                  f"DIRECTORY {'set' if os.environ.get('CUDA_MPS_PIPE_DIRECTORY') else 'unset'}",
-                 "", "| CUDA graph | host us per replay | GPU us per replay |",
-                 "| --- | --: | --: |"]
-        lines += [f"| {name} | {host:.1f} | {gpu:.1f} |" for name, host, gpu in rows]
+                 "", *GRAPH_HEADER]
+        lines += [f"| {name} | {host} | {gpu:.1f} |" for name, host, gpu in rows]
         print("\n".join(lines))
         if args.markdown:
             Path(args.markdown).write_text("\n".join(lines) + "\n")
@@ -183,10 +205,13 @@ def main() -> int:
         lines += [f"| {name} | {value:.2f} |"
                   for name, value in eager_rows(d, device, args.batches)]
         if args.device == "cuda":
-            lines += ["", "| CUDA graph | host us per replay | GPU us per replay |",
-                      "| --- | --: | --: |"]
-            lines += [f"| {name} | {host:.1f} | {gpu:.1f} |"
-                      for name, host, gpu in graph_rows(d, args.graph_calls, args.replays)]
+            lines += ["", *GRAPH_HEADER]
+            lines += [f"| {name} | {host} | {gpu:.1f} |"
+                      for name, host, gpu in graph_rows(d, args.graph_calls, args.replays, [
+                          ("plain torch.distributed.all_reduce (the nccl floor)",
+                           d.floor.all_reduce),
+                          ("pynccl called directly (what the op routes to)",
+                           d.backends["pynccl"].all_reduce)])]
     dist.destroy_process_group()
     print("\n".join(lines))
     if args.markdown:

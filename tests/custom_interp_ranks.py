@@ -54,11 +54,11 @@ def _inputs(rank: int, count: int, call: int) -> torch.Tensor:
 
 
 def _launch(kernel, inp, views, rank, world, flag_table, own_flags, counters, status,
-            max_spins):
+            max_spins, out=None):
     count = inp.numel()
     peers = views + [views[0]] * (K.MAX_RANKS - world)
     half_elems = HALF_BYTES // inp.element_size()
-    kernel[(BLOCKS,)](inp, inp, views[rank], *peers, flag_table, own_flags, counters,
+    kernel[(BLOCKS,)](inp, inp if out is None else out, views[rank], *peers, flag_table, own_flags, counters,
                       status.data_ptr(), count, -(-count // TILE), half_elems, rank, max_spins,
                       W=world, TILE=TILE, MAXB=K.MAX_BLOCKS)
 
@@ -110,14 +110,20 @@ def _rank(rank: int, world: int, names: list[str], mode: str, queue, meet) -> No
                 views = [b[K.FLAG_BYTES:].view(dtype) for b in buffers]
                 for count in COUNTS:
                     inp = _inputs(rank, count, call).to(dtype)
+                    # every other call out of place (all_reduce_into): the input must stay
+                    out = None if call % 2 == 0 else torch.full_like(inp, 99)
                     _launch(kernel, inp, views, rank, world, flag_table, own_flags,
-                            counters, status, max_spins=2_000_000)
+                            counters, status, max_spins=2_000_000, out=out)
                     ref = sum(_inputs(r, count, call) for r in range(world))
-                    err = (inp.to(torch.float32) - ref).abs().max().item()
+                    result = inp if out is None else out
+                    err = (result.to(torch.float32) - ref).abs().max().item()
+                    kept = out is None or torch.equal(inp, _inputs(rank, count, call).to(dtype))
                     name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
-                    ok = err == 0 and int(status[0]) == 0
+                    ok = err == 0 and kept and int(status[0]) == 0
+                    where = "in place" if out is None else "into out, input kept" if kept \
+                        else "into out, INPUT CHANGED"
                     lines.append(f"{'ok' if ok else 'FAIL'} {name} {dtype} count={count} "
-                                 f"call={call} err={err}")
+                                 f"call={call} {where} err={err}")
                     call += 1
         lines.append(f"counters={counters[:BLOCKS].tolist()}")
     except Exception as exc:  # report, never hang the parent

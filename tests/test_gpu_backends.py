@@ -156,6 +156,11 @@ def _check_sum(backend, ctx: CommContext, count: int = 4096) -> None:
         x = (torch.arange(count, device=ctx.device) % 7 - 3).to(dtype)
         ref = x.clone() * ctx.world_size
         assert backend.can_take(x) is None
+        if hasattr(backend, "all_reduce_into"):  # the optional out-of-place verb
+            kept, into = x.clone(), torch.full_like(x, 99)
+            assert backend.all_reduce_into(x, into) is into
+            torch.cuda.synchronize()
+            assert torch.equal(into, ref) and torch.equal(x, kept), backend.name
         out = backend.all_reduce(x)
         torch.cuda.synchronize()
         assert torch.equal(out, ref), backend.name

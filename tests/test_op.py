@@ -103,3 +103,83 @@ def test_op_registration_passes_torch_opcheck(tmp_path):
                                       (x, "opcheck"))
     finally:
         dist.destroy_process_group()
+
+
+class _GlooInto:
+    """A real backend (gloo underneath) with the optional out-of-place verb, counting which
+    verb ran: the op must use `all_reduce_into` and never reduce a copy in place."""
+
+    name, in_place = "gloo_into", True
+
+    def __init__(self, ctx) -> None:
+        self.group, self.into_calls, self.in_place_calls = ctx.cpu_group, 0, 0
+
+    def can_take(self, tensor: torch.Tensor) -> str | None:
+        return None if tensor.is_contiguous() else "tensor is not contiguous"
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.in_place_calls += 1
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        self.into_calls += 1
+        out.copy_(tensor)
+        dist.all_reduce(out, group=self.group)
+        return out
+
+    def release(self) -> None:
+        self.group = None
+
+
+def _into_table(world_size: int) -> Thresholds:
+    from bench.backends import register
+    from bench.backends.base import BackendSpec
+
+    register(BackendSpec(name="gloo_into", device="cpu", probe=lambda ctx: None,
+                         create=lambda ctx, max_bytes, **kw: _GlooInto(ctx), needs_buffer=False))
+    evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
+                "gain_vs_nccl_geomean": None}
+    return Thresholds(tables=(Table(fingerprint("cpu")["hardware_key"], world_size, "float32",
+                                    "eager", (Rule(4 * K, "gloo_into"), Rule(None, "gloo")), {},
+                                    evidence),))
+
+
+def _into_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    with gloo_rank(rank, world, port):
+        with op.serving(Dispatcher.from_thresholds(_into_table(world))) as dispatcher:
+            backend = dispatcher.backends["gloo_into"]
+            report = []
+            for nbytes in (1 * K, 4 * K, 16 * K):
+                x = torch.full((nbytes // 4,), float(rank + 1))
+                y = op.all_reduce(x)
+                report.append({"bytes": nbytes, "into": backend.into_calls,
+                               "in_place": backend.in_place_calls,
+                               "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(
+                                   range(1, world + 1))))),
+                               "input_kept": bool(torch.equal(x, torch.full_like(x, rank + 1))),
+                               "new_tensor": y.data_ptr() != x.data_ptr()})
+            write_report(out_dir, rank, report)
+
+
+def test_op_writes_into_a_new_tensor_where_the_backend_can(tmp_path):
+    """A backend with `all_reduce_into` gets the caller's tensor and an empty one (no copy
+    first); above its range gloo reduces a copy. Two real ranks."""
+    world = 2
+    mp.start_processes(_into_rank, args=(world, free_port("127.0.0.1"), str(tmp_path)),
+                       nprocs=world, join=True, start_method="spawn")
+    for report in read_reports(tmp_path, world):
+        assert [(e["into"], e["in_place"]) for e in report] == [(1, 0), (2, 0), (2, 0)]
+        assert all(e["sum_ok"] and e["input_kept"] and e["new_tensor"] for e in report)
+
+
+def test_opcheck_passes_through_the_out_of_place_verb(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with op.serving(Dispatcher.from_thresholds(_into_table(1)), "into") as dispatcher:
+            torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,
+                                  (torch.arange(12.0).reshape(3, 4), "into"))
+            assert dispatcher.backends["gloo_into"].into_calls > 0
+    finally:
+        dist.destroy_process_group()

@@ -73,6 +73,13 @@ class Backend(Protocol):
         ...
 
 
+# Optional, for out-of-place callers (the registered op): a backend that can write the sum
+# somewhere other than its input defines
+#     all_reduce_into(tensor, out) -> out
+# with `out` a contiguous tensor of `tensor`'s dtype and size that `can_take` accepted too;
+# `tensor` is left as it was. It saves the copy an out-of-place call otherwise makes first.
+
+
 ProbeFn = Callable[[CommContext], "str | None"]
 CreateFn = Callable[..., Backend]
 

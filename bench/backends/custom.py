@@ -163,8 +163,18 @@ class CustomAllReduce:
         if self._buffer is None:
             raise RuntimeError(f"{self.name}: all_reduce after release()")
         if tensor.numel():
-            self._launch(tensor, self.max_spins)
+            self._launch(tensor, tensor, self.max_spins)
         return tensor
+
+    def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Out of place, in the same kernel: it copies `tensor` into this rank's buffer
+        before the first meeting and writes only `out` after it."""
+        self._raise_if_failed()
+        if self._buffer is None:
+            raise RuntimeError(f"{self.name}: all_reduce after release()")
+        if tensor.numel():
+            self._launch(tensor, out, self.max_spins)
+        return out
 
     def release(self) -> None:
         """Wait for this rank's kernels, close the peers' mappings, meet the peers (no one
@@ -188,14 +198,14 @@ class CustomAllReduce:
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _launch(self, tensor: torch.Tensor, max_spins: int) -> None:
+    def _launch(self, tensor: torch.Tensor, out: torch.Tensor, max_spins: int) -> None:
         views = self._data_views(tensor.dtype)
         count = tensor.numel()
         tile = self._tile_elems[tensor.element_size()]
         peers = views + [views[0]] * (_MAX_RANKS - self.world_size)
         half_elems = self._half_bytes // tensor.element_size()
         self._kernel[(self.blocks,)](
-            tensor, tensor, views[self.rank], *peers, self._flag_table, self._own_flags,
+            tensor, out, views[self.rank], *peers, self._flag_table, self._own_flags,
             self._counters, self._status.data_ptr(), count, -(-count // tile), half_elems,
             self.rank, max_spins,
             W=self.world_size, TILE=tile, MAXB=self._max_blocks, num_warps=self.num_warps)
@@ -218,7 +228,7 @@ class CustomAllReduce:
                 size = torch.empty((), dtype=dtype).element_size()
                 for count in (256, 256 + _ALIGNMENT // size):
                     scratch = torch.zeros(count, dtype=dtype, device=self.device)
-                    self._launch(scratch, max_spins=1)
+                    self._launch(scratch, scratch, max_spins=1)
             torch.cuda.synchronize(self.device)
         except Exception as exc:  # a compile error, out of memory
             failed = exc

@@ -97,13 +97,10 @@ class PyNcclAllReduce:
         return tensor
 
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Out of place: the sum of `tensor` over the group written into `out`."""
+        """Out of place: the sum of `tensor` over the group written into `out` (made like
+        `tensor`; no per-call checks, as for `all_reduce`)."""
         if not self.comm:
             raise RuntimeError(f"{self.name}: communicator released")
-        if out.dtype != tensor.dtype or out.numel() != tensor.numel() or nccl_dtype(
-                tensor.dtype) is None:
-            raise ValueError(f"{self.name}: out must match the input's dtype and size, "
-                             "in a dtype NCCL has")
         self._launch(tensor, out)
         return out
 
@@ -158,6 +155,15 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
         self._launch(window, window)
         tensor.view(-1).copy_(window)
         return tensor
+
+    def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Through the window as `all_reduce` (NCCL's symmetric kernels need both buffers
+        in it), the result copied into `out`: one copy fewer than reducing a clone."""
+        window = self._buffer[:tensor.nbytes].view(tensor.dtype)
+        window.copy_(tensor.reshape(-1))
+        self._launch(window, window)
+        out.view(-1).copy_(window)
+        return out
 
     def release(self) -> None:
         comm, ptr, window = self.comm, getattr(self, "_ptr", 0), getattr(self, "_window", 0)

@@ -113,6 +113,17 @@ class SymmMemAllReduce:
             tensor.view(-1).copy_(staged)
         return tensor
 
+    def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """As `all_reduce`, the result written into `out` instead of back into `tensor`."""
+        staged = self._buffer[:tensor.nbytes].view(tensor.dtype)
+        staged.copy_(tensor.reshape(-1))
+        if self.algorithm == "one_shot":
+            self._op(staged, "sum", self.group_name, out.view(-1))
+        else:
+            self._op(staged, "sum", self.group_name)
+            out.view(-1).copy_(staged)
+        return out
+
     def release(self) -> None:
         self._handle = None
         self._buffer = None

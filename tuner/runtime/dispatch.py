@@ -11,7 +11,9 @@ bisect over the rule bounds), then each backend of the chain: size <= its buffer
 `can_take` gate; the first that can, reduces. No host synchronisation, no allocation (except a
 contiguous copy when even the floor refuses a non-contiguous tensor), nothing that breaks
 CUDA-graph capture, and no bookkeeping unless asked (`count_calls=True`: `last_backend`,
-`calls`).
+`calls`). `all_reduce_out` is the out-of-place call (the registered op's): a backend that can
+write elsewhere (`all_reduce_into`) writes into a new tensor, one that returns a new tensor is
+called as it is, any other reduces a copy.
 """
 
 from __future__ import annotations
@@ -50,10 +52,13 @@ class Dispatcher:
         self._graph = {dtype: r for (dtype, mode), r in built.routes.items() if mode == "graph"}
         self._fallback = Route([], (((self.floor, NO_LIMIT),),), source="floor")
         self._cuda = self.ctx.device.type == "cuda"
+        # how each backend makes an out-of-place result, chosen once
+        self._out_of_place = {id(b): _out_of_place(b)
+                              for b in [*self.backends.values(), self.floor]}
         self.last_backend: str | None = None
         self.calls: dict[str, int] = {}
-        if count_calls:  # an instance attribute: the plain path keeps no books
-            self.all_reduce = self._all_reduce_counted
+        # an instance attribute: the plain path keeps no books
+        self._choose = self._decide_counted if count_calls else self.decide
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -91,10 +96,17 @@ class Dispatcher:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the group; returns the result (possibly `tensor` itself)."""
-        backend = self.decide(tensor)
+        backend = self._choose(tensor)
         if backend is None:
             return self._reduce_copy(tensor)
         return backend.all_reduce(tensor)
+
+    def all_reduce_out(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over the group as a new tensor; `tensor` is left as it was."""
+        backend = self._choose(tensor)
+        if backend is None:
+            return self._reduce_copy(tensor.clone())
+        return self._out_of_place[id(backend)](tensor)
 
     def _reduce_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """Even the floor's gate refused (not contiguous): reduce a contiguous copy."""
@@ -102,14 +114,12 @@ class Dispatcher:
         tensor.copy_(out)
         return tensor
 
-    def _all_reduce_counted(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _decide_counted(self, tensor: torch.Tensor):
         backend = self.decide(tensor)
         name = (backend or self.floor).name
         self.last_backend = name
         self.calls[name] = self.calls.get(name, 0) + 1
-        if backend is None:
-            return self._reduce_copy(tensor)
-        return backend.all_reduce(tensor)
+        return backend
 
     # -- inspection and teardown ------------------------------------------------------------
 
@@ -141,3 +151,12 @@ class Dispatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _out_of_place(backend):
+    """`tensor -> new tensor holding the sum` for one backend (the gate has taken `tensor`)."""
+    if hasattr(backend, "all_reduce_into"):
+        return lambda tensor: backend.all_reduce_into(tensor, torch.empty_like(tensor))
+    if not getattr(backend, "in_place", True):
+        return lambda tensor: backend.all_reduce(tensor)
+    return lambda tensor: backend.all_reduce(tensor.clone())

@@ -27,16 +27,25 @@ __all__ = ["install", "uninstall", "installed", "serving", "all_reduce", "OP_NAM
 OP_NAME = "allreduce_autotune::all_reduce"
 DEFAULT_GROUP = "world"
 _DISPATCHERS: dict[str, object] = {}
+# per group, the out-of-place call: the dispatcher's `all_reduce_out`, else its in-place
+# `all_reduce` on a copy
+_REDUCERS: dict[str, object] = {}
 
 
 def install(dispatcher, group: str = DEFAULT_GROUP) -> None:
     """Route the op's calls for `group` to `dispatcher` (a `tuner.runtime.Dispatcher`, or
     anything with its `all_reduce`)."""
+    out_of_place = getattr(dispatcher, "all_reduce_out", None)
+    if out_of_place is None:
+        def out_of_place(tensor: torch.Tensor) -> torch.Tensor:
+            return dispatcher.all_reduce(tensor.clone())
     _DISPATCHERS[group] = dispatcher
+    _REDUCERS[group] = out_of_place
 
 
 def uninstall(group: str = DEFAULT_GROUP):
     """Forget `group`'s dispatcher and return it (the caller releases it)."""
+    _REDUCERS.pop(group, None)
     return _DISPATCHERS.pop(group, None)
 
 
@@ -57,13 +66,12 @@ def serving(dispatcher, group: str = DEFAULT_GROUP) -> Iterator:
 
 
 def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
-    dispatcher = _DISPATCHERS.get(group)
-    if dispatcher is None:
+    reduce = _REDUCERS.get(group)
+    if reduce is None:
         raise RuntimeError(f"{OP_NAME}: no dispatcher installed for group {group!r} (call "
                            "tuner.runtime.op.install(dispatcher, group) at start-up; installed: "
                            f"{', '.join(sorted(_DISPATCHERS)) or 'none'})")
-    out = tensor.clone()  # out-of-place: the caller's tensor stays as it was
-    return dispatcher.all_reduce(out)
+    return reduce(tensor)  # out of place: the caller's tensor stays as it was
 
 
 def _all_reduce_fake(tensor: torch.Tensor, group: str) -> torch.Tensor:
