@@ -58,9 +58,9 @@ def _launch(kernel, inp, views, rank, world, flag_table, own_flags, counters, st
     count = inp.numel()
     peers = views + [views[0]] * (K.MAX_RANKS - world)
     half_elems = HALF_BYTES // inp.element_size()
-    kernel[(BLOCKS,)](inp, inp if out is None else out, views[rank], *peers, flag_table, own_flags, counters,
-                      status.data_ptr(), count, -(-count // TILE), half_elems, rank, max_spins,
-                      W=world, TILE=TILE, MAXB=K.MAX_BLOCKS)
+    kernel[(BLOCKS,)](inp, inp if out is None else out, views[rank], *peers, flag_table,
+                      own_flags, counters, status.data_ptr(), count, -(-count // TILE),
+                      half_elems, rank, max_spins, W=world, TILE=TILE, MAXB=K.MAX_BLOCKS)
 
 
 def _warm_up(rank: int, world: int, buffers, flag_table, own_flags, counters, status,
