@@ -159,16 +159,11 @@ class CustomAllReduce:
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`. Stream-ordered: every rank
         must make the same calls in the same order (eagerly or inside a CUDA graph)."""
-        self._raise_if_failed()
-        if self._buffer is None:
-            raise RuntimeError(f"{self.name}: all_reduce after release()")
-        if tensor.numel():
-            self._launch(tensor, tensor, self.max_spins)
-        return tensor
+        return self.all_reduce_into(tensor, tensor)
 
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Out of place, in the same kernel: it copies `tensor` into this rank's buffer
-        before the first meeting and writes only `out` after it."""
+        """The sum written into `out` (may be `tensor`) by the same kernel: it copies `tensor`
+        into this rank's buffer before the first meeting and writes only `out` after it."""
         self._raise_if_failed()
         if self._buffer is None:
             raise RuntimeError(f"{self.name}: all_reduce after release()")

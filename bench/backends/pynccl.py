@@ -91,14 +91,11 @@ class PyNcclAllReduce:
                             nccl_dtype(send.dtype), self.comm, stream)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.comm:
-            raise RuntimeError(f"{self.name}: communicator released")
-        self._launch(tensor, tensor)
-        return tensor
+        return self.all_reduce_into(tensor, tensor)
 
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Out of place: the sum of `tensor` over the group written into `out` (made like
-        `tensor`; no per-call checks, as for `all_reduce`)."""
+        """The sum of `tensor` over the group written into `out` (may be `tensor`; else made
+        like it: no per-call checks)."""
         if not self.comm:
             raise RuntimeError(f"{self.name}: communicator released")
         self._launch(tensor, out)
@@ -148,17 +145,9 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
             raise RuntimeError(f"pynccl_symm warm-up gave {view[0].item()}, "
                                f"expected {ctx.world_size}")
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        nbytes = tensor.nbytes  # within the window: the caller took `can_take` first
-        window = self._buffer[:nbytes].view(tensor.dtype)
-        window.copy_(tensor.reshape(-1))
-        self._launch(window, window)
-        tensor.view(-1).copy_(window)
-        return tensor
-
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Through the window as `all_reduce` (NCCL's symmetric kernels need both buffers
-        in it), the result copied into `out`: one copy fewer than reducing a clone."""
+        """Through the window (NCCL's symmetric kernels need both buffers in it; within it:
+        the caller took `can_take` first), the result copied into `out` (may be `tensor`)."""
         window = self._buffer[:tensor.nbytes].view(tensor.dtype)
         window.copy_(tensor.reshape(-1))
         self._launch(window, window)

@@ -103,22 +103,15 @@ class SymmMemAllReduce:
                            max_bytes=self._max_bytes, device_index=self._index))
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        nbytes = tensor.nbytes  # no second gate: the caller took `can_take` first
-        staged = self._buffer[:nbytes].view(tensor.dtype)
-        staged.copy_(tensor.reshape(-1))
-        if self.algorithm == "one_shot":
-            self._op(staged, "sum", self.group_name, tensor.view(-1))  # the out argument
-        else:
-            self._op(staged, "sum", self.group_name)
-            tensor.view(-1).copy_(staged)
-        return tensor
+        return self.all_reduce_into(tensor, tensor)
 
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """As `all_reduce`, the result written into `out` instead of back into `tensor`."""
+        """Staged through the symmetric buffer; the sum written into `out` (may be `tensor`).
+        No second gate: the caller took `can_take` first."""
         staged = self._buffer[:tensor.nbytes].view(tensor.dtype)
         staged.copy_(tensor.reshape(-1))
         if self.algorithm == "one_shot":
-            self._op(staged, "sum", self.group_name, out.view(-1))
+            self._op(staged, "sum", self.group_name, out.view(-1))  # the out argument
         else:
             self._op(staged, "sum", self.group_name)
             out.view(-1).copy_(staged)
