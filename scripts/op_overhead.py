@@ -4,15 +4,16 @@
 Eager, per call (median over batches of calls, so the timer's own cost stays out): the
 dispatcher's decision (rule lookup + the chosen backend's gate) at three sizes and the gate
 alone; then, at 1 KiB, `torch.distributed.all_reduce` of the floor, the dispatcher's
-`all_reduce`, the op (`torch.ops.allreduce_autotune.all_reduce`: torch's op dispatch, a clone
-for its out-of-place result, the decision, the backend), and the clone alone.
+`all_reduce`, the op (`torch.ops.allreduce_autotune.all_reduce`: torch's op dispatch, the
+decision, the backend writing into a new tensor, or reducing a clone where it cannot), and a
+clone alone.
 
-With `--device cuda`, also CUDA graphs: K calls captured once as plain
-`torch.distributed.all_reduce` on the NCCL group, and once through the op (routed by the table
-to pynccl, then nccl); the host time of `graph.replay()` (perf_counter around the call, no
-synchronisation inside the timed region) and the GPU time of a replay (CUDA events), the two
-graphs replayed alternately so both see the same host, and the dispatcher's call count before
-and after the replays (a replay must do no host work: it stays).
+With `--device cuda`, also CUDA graphs: K calls captured as plain `torch.distributed.all_reduce`
+on the NCCL group, as pynccl called directly, and through the op (routed by the table to pynccl,
+then nccl); the host time of `graph.replay()` (perf_counter around the call, no synchronisation
+inside the timed region) and the GPU time of a replay (CUDA events), the graphs replayed in turn
+so all see the same host, the op's paired difference to each, and the dispatcher's call count
+before and after the replays (a replay must do no host work: it stays).
 With `--ipc-ranks N` (CUDA; N ranks on the one GPU, start the MPS daemon first) the same graph
 comparison for the own IPC kernels: K calls of `custom_one_shot` captured directly, and K calls
 of the op routed to it by the table; rank 0 prints.
@@ -90,7 +91,8 @@ def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, floa
                 lambda: d.floor.all_reduce(t))),
             ("dispatcher.all_reduce", timed(lambda: d.all_reduce(t))),
             ("op.all_reduce (torch.ops.allreduce_autotune)", timed(lambda: op.all_reduce(t))),
-            ("tensor.clone (part of the op)", timed(lambda: t.clone()))]
+            ("tensor.clone (the op's copy where the backend cannot write elsewhere)",
+             timed(lambda: t.clone()))]
 
 
 def _captured(step, calls: int) -> torch.cuda.CUDAGraph:
@@ -108,8 +110,11 @@ def _captured(step, calls: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=10)[int(q * 10) - 1]
+def _spread(values: list[float], sign: str = "") -> str:
+    """'median [p10-p90]' in us, one decimal (`sign="+"`: signed, for differences)."""
+    deciles = statistics.quantiles(values, n=10)
+    return (f"{statistics.median(values):{sign}.1f} [{deciles[0]:{sign}.1f}-"
+            f"{deciles[-1]:{sign}.1f}]")
 
 
 def graph_rows(d: Dispatcher, calls: int, replays: int,
@@ -137,15 +142,12 @@ def graph_rows(d: Dispatcher, calls: int, replays: int,
             end.synchronize()
             gpu[which].append(start.elapsed_time(end) * 1000)
     assert sum(d.calls.values()) == before, "a replay ran the dispatcher"
-    out = [(f"graph of {label}, {calls} calls",
-            f"{statistics.median(h):.1f} [{_pct(h, 0.1):.1f}-{_pct(h, 0.9):.1f}]",
-            statistics.median(g)) for (label, _), h, g in zip(steps, host, gpu, strict=True)]
+    out = [(f"graph of {label}, {calls} calls", _spread(h), statistics.median(g))
+           for (label, _), h, g in zip(steps, host, gpu, strict=True)]
     for k, (label, _) in enumerate(directs):
         diff = [b - a for a, b in zip(host[k], host[-1], strict=True)]
         out.append((f"op minus {label.split(' (')[0]}, paired by round ({replays} rounds)",
-                    f"{statistics.median(diff):+.1f} [{_pct(diff, 0.1):+.1f}-"
-                    f"{_pct(diff, 0.9):+.1f}]",
-                    statistics.median(gpu[-1]) - statistics.median(gpu[k])))
+                    _spread(diff, "+"), statistics.median(gpu[-1]) - statistics.median(gpu[k])))
     return out
 
 

@@ -132,12 +132,16 @@ class _GlooInto:
         self.group = None
 
 
-def _into_table(world_size: int) -> Thresholds:
+def _register_gloo_into() -> None:
+    """In the rank's own process (each spawned rank has its own registry)."""
     from bench.backends import register
     from bench.backends.base import BackendSpec
 
     register(BackendSpec(name="gloo_into", device="cpu", probe=lambda ctx: None,
                          create=lambda ctx, max_bytes, **kw: _GlooInto(ctx), needs_buffer=False))
+
+
+def _into_table(world_size: int) -> Thresholds:
     evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
                 "gain_vs_nccl_geomean": None}
     return Thresholds(tables=(Table(fingerprint("cpu")["hardware_key"], world_size, "float32",
@@ -146,6 +150,7 @@ def _into_table(world_size: int) -> Thresholds:
 
 
 def _into_rank(rank: int, world: int, port: int, out_dir: str) -> None:
+    _register_gloo_into()
     with gloo_rank(rank, world, port):
         with op.serving(Dispatcher.from_thresholds(_into_table(world))) as dispatcher:
             backend = dispatcher.backends["gloo_into"]
@@ -176,6 +181,7 @@ def test_op_writes_into_a_new_tensor_where_the_backend_can(tmp_path):
 def test_opcheck_passes_through_the_out_of_place_verb(tmp_path):
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    _register_gloo_into()
     try:
         with op.serving(Dispatcher.from_thresholds(_into_table(1)), "into") as dispatcher:
             torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,

@@ -26,10 +26,9 @@ __all__ = ["install", "uninstall", "installed", "serving", "all_reduce", "OP_NAM
 
 OP_NAME = "allreduce_autotune::all_reduce"
 DEFAULT_GROUP = "world"
-_DISPATCHERS: dict[str, object] = {}
-# per group, the out-of-place call: the dispatcher's `all_reduce_out`, else its in-place
-# `all_reduce` on a copy
-_REDUCERS: dict[str, object] = {}
+# per group: (the dispatcher, its out-of-place call: `all_reduce_out`, else its in-place
+# `all_reduce` on a copy)
+_INSTALLED: dict[str, tuple[object, object]] = {}
 
 
 def install(dispatcher, group: str = DEFAULT_GROUP) -> None:
@@ -39,18 +38,16 @@ def install(dispatcher, group: str = DEFAULT_GROUP) -> None:
     if out_of_place is None:
         def out_of_place(tensor: torch.Tensor) -> torch.Tensor:
             return dispatcher.all_reduce(tensor.clone())
-    _DISPATCHERS[group] = dispatcher
-    _REDUCERS[group] = out_of_place
+    _INSTALLED[group] = (dispatcher, out_of_place)
 
 
 def uninstall(group: str = DEFAULT_GROUP):
     """Forget `group`'s dispatcher and return it (the caller releases it)."""
-    _REDUCERS.pop(group, None)
-    return _DISPATCHERS.pop(group, None)
+    return _INSTALLED.pop(group, (None, None))[0]
 
 
 def installed(group: str = DEFAULT_GROUP):
-    return _DISPATCHERS.get(group)
+    return _INSTALLED.get(group, (None, None))[0]
 
 
 @contextlib.contextmanager
@@ -66,12 +63,12 @@ def serving(dispatcher, group: str = DEFAULT_GROUP) -> Iterator:
 
 
 def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
-    reduce = _REDUCERS.get(group)
-    if reduce is None:
+    installed = _INSTALLED.get(group)
+    if installed is None:
         raise RuntimeError(f"{OP_NAME}: no dispatcher installed for group {group!r} (call "
                            "tuner.runtime.op.install(dispatcher, group) at start-up; installed: "
-                           f"{', '.join(sorted(_DISPATCHERS)) or 'none'})")
-    return reduce(tensor)  # out of place: the caller's tensor stays as it was
+                           f"{', '.join(sorted(_INSTALLED)) or 'none'})")
+    return installed[1](tensor)  # out of place: the caller's tensor stays as it was
 
 
 def _all_reduce_fake(tensor: torch.Tensor, group: str) -> torch.Tensor:
