@@ -19,14 +19,20 @@ __all__ = ["main", "COMMANDS"]
 # name: (what it does, the module that runs it)
 COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("measure backends x sizes x dtypes x modes", "bench.launch.sweep"),
-    "report": ("nccl-tests-style table of a run, or (--index) the index of a results folder",
-               "bench.analysis.report"),
-    "compare": ("backends side by side over repeated sweeps, with ratios to a baseline",
-                "bench.analysis.compare"),
+    "report": (
+        "nccl-tests-style table of a run, or (--index) the index of a results folder",
+        "bench.analysis.report",
+    ),
+    "compare": (
+        "backends side by side over repeated sweeps, with ratios to a baseline",
+        "bench.analysis.compare",
+    ),
     "doctor": ("what this node offers, and why a backend cannot run", "bench.doctor.command"),
     "kernels": ("own reduction kernels vs copy bandwidth (one GPU)", "bench.kernels.benchmark"),
-    "soak": ("soak the shm all-reduce: many verified calls, memory before and after",
-             "bench.run.soak"),
+    "soak": (
+        "soak the shm all-reduce: many verified calls, memory before and after",
+        "bench.run.soak",
+    ),
 }
 
 

@@ -18,5 +18,7 @@ def missing_dependency(exc: ModuleNotFoundError) -> str | None:
     extra = EXTRA_OF.get(module)
     if extra is None:
         return None
-    return (f"this command needs {module}, which is not installed: "
-            f"pip install 'allreduce-autotune[{extra}]' (or [all])")
+    return (
+        f"this command needs {module}, which is not installed: "
+        f"pip install 'allreduce-autotune[{extra}]' (or [all])"
+    )

@@ -28,8 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 SIZES = (1024, 1040, 4096, 65536 + 48, 1 << 20, (1 << 20) + 16, 16 << 20, 64 << 20)
 DTYPES = ("bfloat16", "float16", "float32")
 # other knob settings, checked at a few sizes in the first dtype (the first value of every knob is the default)
-VARIANTS = ({"blocks": 8, "num_warps": 4, "vec_bytes": 8, "chunk": 1},
-            {"blocks": 64, "num_warps": 8, "vec_bytes": 32, "chunk": 4})
+VARIANTS = (
+    {"blocks": 8, "num_warps": 4, "vec_bytes": 8, "chunk": 1},
+    {"blocks": 64, "num_warps": 8, "vec_bytes": 32, "chunk": 4},
+)
 VARIANT_SIZES = (1040, 65536 + 48, 4 << 20)
 # a lost peer ends a barrier in ~1-3 s instead of the default's tens of seconds
 SPINS = 2_000_000
@@ -44,9 +46,19 @@ def _context(rank: int, world: int):
     visible = torch.cuda.device_count()
     device = torch.device("cuda", rank % visible)
     torch.cuda.set_device(device)
-    return CommContext(rank=rank, world_size=world, local_rank=rank, local_world_size=world,
-                       nnodes=1, device=device, cpu_group=dist.group.WORLD, timeout_s=120,
-                       run_tag="check", same_host=True, visible_gpus=visible)
+    return CommContext(
+        rank=rank,
+        world_size=world,
+        local_rank=rank,
+        local_world_size=world,
+        nnodes=1,
+        device=device,
+        cpu_group=dist.group.WORLD,
+        timeout_s=120,
+        run_tag="check",
+        same_host=True,
+        visible_gpus=visible,
+    )
 
 
 def _meet() -> None:
@@ -98,8 +110,9 @@ def _back_to_back(backend, dtype, ctx, seed: int) -> dict:
     sizes = [(4096 + 16 * k) if k % 3 else (1 << 20) for k in range(24)]
     tensors = []
     for k, nbytes in enumerate(sizes):
-        t = torch.empty(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype,
-                        device=ctx.device)
+        t = torch.empty(
+            nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=ctx.device
+        )
         tensors.append(fill_input(t, ctx.rank, seed + k))
     _meet()
     for t in tensors:
@@ -140,8 +153,9 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
     rows = []
     # load the kernels the checks use before any barrier kernel can spin
     for dtype_name in dtypes:
-        warm = fill_input(torch.empty(4096, dtype=TORCH_DTYPES[dtype_name], device=ctx.device),
-                          ctx.rank, 0)
+        warm = fill_input(
+            torch.empty(4096, dtype=TORCH_DTYPES[dtype_name], device=ctx.device), ctx.rank, 0
+        )
         check_result(warm, ctx.rank, ctx.world_size, 0)
     reason = probe(ctx)
     if reason:
@@ -149,12 +163,14 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
     seed = 1
     for algorithm in ("one_shot", "two_shot"):
         settings = [({}, sizes, dtypes)] + [
-            (v, [s for s in VARIANT_SIZES if s <= max(sizes)], dtypes[:1]) for v in VARIANTS]
+            (v, [s for s in VARIANT_SIZES if s <= max(sizes)], dtypes[:1]) for v in VARIANTS
+        ]
         for knobs, knob_sizes, knob_dtypes in settings:
             if knobs and knobs["blocks"] * ctx.world_size > 128:
                 continue  # every rank's programs must be resident at once on a shared GPU
-            backend = CustomAllReduce(ctx, max(sizes), algorithm=algorithm,
-                                      max_spins=SPINS, **knobs)
+            backend = CustomAllReduce(
+                ctx, max(sizes), algorithm=algorithm, max_spins=SPINS, **knobs
+            )
             try:
                 for dtype_name in knob_dtypes:
                     dtype = TORCH_DTYPES[dtype_name]
@@ -162,16 +178,34 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
                         for mode in ("eager", "graph"):
                             row = _check_point(backend, dtype, nbytes, mode, seed, ctx)
                             seed += 2
-                            rows.append({"backend": backend.name, "dtype": dtype_name,
-                                         "knobs": backend.knobs(), **row})
+                            rows.append(
+                                {
+                                    "backend": backend.name,
+                                    "dtype": dtype_name,
+                                    "knobs": backend.knobs(),
+                                    **row,
+                                }
+                            )
                     if not knobs:
                         row = _back_to_back(backend, dtype, ctx, seed)
                         seed += 24
-                        rows.append({"backend": backend.name, "dtype": dtype_name,
-                                     "knobs": backend.knobs(), **row})
+                        rows.append(
+                            {
+                                "backend": backend.name,
+                                "dtype": dtype_name,
+                                "knobs": backend.knobs(),
+                                **row,
+                            }
+                        )
                 if not knobs:
-                    rows.append({"backend": backend.name, "mode": "round",
-                                 "round_us": _round_us(backend, ctx), "max_abs_err": 0.0})
+                    rows.append(
+                        {
+                            "backend": backend.name,
+                            "mode": "round",
+                            "round_us": _round_us(backend, ctx),
+                            "max_abs_err": 0.0,
+                        }
+                    )
             finally:
                 backend.release()
             torch.cuda.synchronize()
@@ -215,17 +249,30 @@ def _rank_main(rank: int, world: int, port: int, args) -> None:
     from bench.run.session import collect_at_exit
 
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
     collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     ctx = _context(rank, world)
     try:
-        rows = _timeout_test(ctx) if args.timeout_test else _run_checks(
-            ctx, [s for s in SIZES if s <= args.max_bytes], args.dtypes.split(","))
+        rows = (
+            _timeout_test(ctx)
+            if args.timeout_test
+            else _run_checks(ctx, [s for s in SIZES if s <= args.max_bytes], args.dtypes.split(","))
+        )
     except Exception as exc:
-        rows = [{"backend": "custom", "ok": False,
-                 "error": f"rank {rank}: {type(exc).__name__}: {exc}",
-                 "trace": traceback.format_exc()[-2000:]}]
+        rows = [
+            {
+                "backend": "custom",
+                "ok": False,
+                "error": f"rank {rank}: {type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc()[-2000:],
+            }
+        ]
     gathered: list = [None] * world
     dist.all_gather_object(gathered, rows)
     if rank == 0:
@@ -241,22 +288,31 @@ def _report(gathered: list, world: int, args) -> None:
             ok = "error" not in row and row.get("max_abs_err", 1.0) == 0.0
             rows.append({"rank": rank, **row, "ok": ok})
     failures = [r for r in rows if not r["ok"]]
-    summary = {"world_size": world, "checks": len(rows), "failures": len(failures),
-               "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
-               "mps_pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
-               "timeout_test": bool(args.timeout_test),
-               "round_us": {r["backend"]: round(r["round_us"], 2) for r in rows
-                            if r.get("mode") == "round" and r["rank"] == 0},
-               "rows": rows}
+    summary = {
+        "world_size": world,
+        "checks": len(rows),
+        "failures": len(failures),
+        "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY")),
+        "mps_pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY"),
+        "timeout_test": bool(args.timeout_test),
+        "round_us": {
+            r["backend"]: round(r["round_us"], 2)
+            for r in rows
+            if r.get("mode") == "round" and r["rank"] == 0
+        },
+        "rows": rows,
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1, default=str)
     for row in failures[:20]:
         print(f"FAIL ws={world} {json.dumps(row, default=str)[:600]}", flush=True)
     msg = [r.get("message") for r in rows if r.get("message")]
-    print(f"ws={world} checks={len(rows)} failures={len(failures)} mps={summary['mps']} "
-          f"round_us={summary['round_us']}" + (f" timeout: {msg[0]}" if msg else ""),
-          flush=True)
+    print(
+        f"ws={world} checks={len(rows)} failures={len(failures)} mps={summary['mps']} "
+        f"round_us={summary['round_us']}" + (f" timeout: {msg[0]}" if msg else ""),
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         args.out = f"/tmp/check-custom-ws{args.world_size}.json"
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, args.world_size, port, args))
-             for r in range(args.world_size)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, args.world_size, port, args))
+        for r in range(args.world_size)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -33,8 +33,12 @@ def _check(tp, routes, dtype: torch.dtype, mode: str, nbytes: int) -> dict:
     from bench.vllm.paths import accepts
 
     rank, world = tp.rank_in_group, tp.world_size
-    x = torch.full((nbytes // torch.empty((), dtype=dtype).element_size(),), float(rank + 1),
-                   dtype=dtype, device="cuda")
+    x = torch.full(
+        (nbytes // torch.empty((), dtype=dtype).element_size(),),
+        float(rank + 1),
+        dtype=dtype,
+        device="cuda",
+    )
     path = routes.choose(nbytes, dtype, mode)
     took = bool(path and accepts(path, tp.device_communicator, x))
     if mode == "eager":
@@ -48,9 +52,14 @@ def _check(tp, routes, dtype: torch.dtype, mode: str, nbytes: int) -> dict:
         graph.replay()
     torch.cuda.synchronize()
     want = world * (world + 1) / 2
-    return {"dtype": str(dtype).removeprefix("torch."), "mode": mode, "bytes": nbytes,
-            "path": path.name if path else None, "took": took,
-            "sum_ok": bool((y.float() == want).all())}
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "mode": mode,
+        "bytes": nbytes,
+        "path": path.name if path else None,
+        "took": took,
+        "sum_ok": bool((y.float() == want).all()),
+    }
 
 
 def main(path: str) -> None:
@@ -73,10 +82,15 @@ def main(path: str) -> None:
         routes = getattr(comm, ROUTES_ATTRIBUTE)
         if routes is None:
             raise SystemExit("the plugin attached no routes (see its log line above)")
-        rows = [_check(tp, routes, dtype, mode, nbytes)
-                for dtype, mode in routes.by_key for nbytes in _sizes(routes, dtype, mode)]
-    built = {name: getattr(getattr(comm, name, None), "max_size", None)
-             for name in ("ca_comm", "symm_mem_comm")}
+        rows = [
+            _check(tp, routes, dtype, mode, nbytes)
+            for dtype, mode in routes.by_key
+            for nbytes in _sizes(routes, dtype, mode)
+        ]
+    built = {
+        name: getattr(getattr(comm, name, None), "max_size", None)
+        for name in ("ca_comm", "symm_mem_comm")
+    }
     if rank == 0:
         print(json.dumps({"max_size": built}))
         for row in rows:

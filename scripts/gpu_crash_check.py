@@ -75,33 +75,66 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, default=4)
     parser.add_argument("--device", default="cuda", help="cpu tries the same on CPU backends")
     parser.add_argument("--backends", default="custom_one_shot,custom_two_shot")
-    parser.add_argument("--limit", type=float, default=60.0, help="seconds the sweep may take "
-                        "to end after the kill")
+    parser.add_argument(
+        "--limit", type=float, default=60.0, help="seconds the sweep may take to end after the kill"
+    )
     parser.add_argument("--out", required=True, help="JSON summary")
     parser.add_argument("--log", required=True, help="the sweep's output")
     args = parser.parse_args()
     run = Path(tempfile.mkdtemp(prefix="crash-")) / "run"
     shm_before = _shm()
-    cmd = [sys.executable, "-m", "bench.cli", "sweep", "--device", args.device, "--world-size",
-           str(args.world_size), "--backends", args.backends, "-b", "1M",
-           "-e", "64M", "--dtypes", "bfloat16,float32", "--modes", "eager", "-n", "20",
-           "-w", "2", "--timeout", "20", "--out", str(run), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "sweep",
+        "--device",
+        args.device,
+        "--world-size",
+        str(args.world_size),
+        "--backends",
+        args.backends,
+        "-b",
+        "1M",
+        "-e",
+        "64M",
+        "--dtypes",
+        "bfloat16,float32",
+        "--modes",
+        "eager",
+        "-n",
+        "20",
+        "-w",
+        "2",
+        "--timeout",
+        "20",
+        "--out",
+        str(run),
+        "-q",
+    ]
     with open(args.log, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         summary = _crash(proc, run, args)
-    summary["log_lines"] = [line for line in Path(args.log).read_text().splitlines()
-                            if line.startswith("bench")]
+    summary["log_lines"] = [
+        line for line in Path(args.log).read_text().splitlines() if line.startswith("bench")
+    ]
     summary["new_shm"] = sorted(_shm() - shm_before)
     summary["rows"], summary["rows_whole"] = _rows(run / "results.csv")
-    summary["ok"] = bool(summary.get("killed") and summary["ended_in_s"] is not None
-                         and not summary["left_alive"] and not summary["new_shm"]
-                         and summary["rows_whole"] and any("SIGKILL" in line and "rows are kept"
-                                                           in line
-                                                           for line in summary["log_lines"]))
+    summary["ok"] = bool(
+        summary.get("killed")
+        and summary["ended_in_s"] is not None
+        and not summary["left_alive"]
+        and not summary["new_shm"]
+        and summary["rows_whole"]
+        and any("SIGKILL" in line and "rows are kept" in line for line in summary["log_lines"])
+    )
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"crash ws={args.world_size}: ok={summary['ok']} ended_in_s={summary['ended_in_s']} "
-          f"left_alive={summary['left_alive']} new_shm={summary['new_shm']} "
-          f"rows={summary['rows']} whole={summary['rows_whole']}", flush=True)
+    print(
+        f"crash ws={args.world_size}: ok={summary['ok']} ended_in_s={summary['ended_in_s']} "
+        f"left_alive={summary['left_alive']} new_shm={summary['new_shm']} "
+        f"rows={summary['rows']} whole={summary['rows_whole']}",
+        flush=True,
+    )
     return 0 if summary["ok"] else 1
 
 
@@ -113,8 +146,12 @@ def _crash(proc: subprocess.Popen, run: Path, args) -> dict:
         seen |= _children(proc.pid)
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            return {"killed": None, "ended_in_s": None, "left_alive": [],
-                    "error": f"no 2 rows (sweep rc {proc.poll()})"}
+            return {
+                "killed": None,
+                "ended_in_s": None,
+                "left_alive": [],
+                "error": f"no 2 rows (sweep rc {proc.poll()})",
+            }
         time.sleep(0.05)
     seen |= _children(proc.pid)
     ranks = [p for p in seen if b"spawn_main" in _cmdline(p)]
@@ -128,9 +165,13 @@ def _crash(proc: subprocess.Popen, run: Path, args) -> dict:
         proc.kill()
         ended = None
     time.sleep(1.0)
-    return {"killed": victims[-1], "ranks": sorted(ranks), "ended_in_s": ended,
-            "returncode": proc.returncode,
-            "left_alive": sorted(p for p in seen | {proc.pid} if _alive(p))}
+    return {
+        "killed": victims[-1],
+        "ranks": sorted(ranks),
+        "ended_in_s": ended,
+        "returncode": proc.returncode,
+        "left_alive": sorted(p for p in seen | {proc.pid} if _alive(p)),
+    }
 
 
 def _cmdline(pid: int) -> bytes:

@@ -44,10 +44,16 @@ from tuner.runtime import op  # noqa: E402
 from tuner.runtime.dispatch import Dispatcher  # noqa: E402
 from tuner.runtime.schema import Rule, Table, Thresholds  # noqa: E402
 
-GRAPH_HEADER = ("| CUDA graph | host us per replay, median [p10-p90] | GPU us per replay, median |",
-                "| --- | --: | --: |")
-EVIDENCE = {"run_id": "op-overhead", "points": 0, "regret_vs_oracle": 0.0,
-            "gain_vs_nccl_geomean": None}
+GRAPH_HEADER = (
+    "| CUDA graph | host us per replay, median [p10-p90] | GPU us per replay, median |",
+    "| --- | --: | --: |",
+)
+EVIDENCE = {
+    "run_id": "op-overhead",
+    "points": 0,
+    "regret_vs_oracle": 0.0,
+    "gain_vs_nccl_geomean": None,
+}
 
 
 def per_call_us(fn, batches: int, calls: int = 200) -> float:
@@ -67,8 +73,11 @@ def _thresholds(device: str, hardware_key: str) -> Thresholds:
     else:
         rules, sizes = (Rule(8192, "pynccl"), Rule(None, "nccl")), {}
     modes = ("eager", "graph") if device == "cuda" else ("eager",)
-    return Thresholds(tables=tuple(Table(hardware_key, 1, "float32", mode, rules, sizes, EVIDENCE)
-                                   for mode in modes))
+    return Thresholds(
+        tables=tuple(
+            Table(hardware_key, 1, "float32", mode, rules, sizes, EVIDENCE) for mode in modes
+        )
+    )
 
 
 def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, float]]:
@@ -85,14 +94,21 @@ def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, floa
         x = torch.ones(nbytes // 4, device=device)
         backend = d.decide(x)
         rows.append((f"decide {nbytes} B -> {backend.name}", timed(lambda x=x: d.decide(x))))
-        rows.append((f"  {backend.name}.can_take alone", timed(lambda x=x, b=backend:
-                                                             b.can_take(x))))
-    return rows + [(f"floor {d.floor.name}: torch.distributed.all_reduce (1 KiB)", timed(
-                lambda: d.floor.all_reduce(t))),
-            ("dispatcher.all_reduce", timed(lambda: d.all_reduce(t))),
-            ("op.all_reduce (torch.ops.allreduce_autotune)", timed(lambda: op.all_reduce(t))),
-            ("tensor.clone (the op's copy where the backend cannot write elsewhere)",
-             timed(lambda: t.clone()))]
+        rows.append(
+            (f"  {backend.name}.can_take alone", timed(lambda x=x, b=backend: b.can_take(x)))
+        )
+    return rows + [
+        (
+            f"floor {d.floor.name}: torch.distributed.all_reduce (1 KiB)",
+            timed(lambda: d.floor.all_reduce(t)),
+        ),
+        ("dispatcher.all_reduce", timed(lambda: d.all_reduce(t))),
+        ("op.all_reduce (torch.ops.allreduce_autotune)", timed(lambda: op.all_reduce(t))),
+        (
+            "tensor.clone (the op's copy where the backend cannot write elsewhere)",
+            timed(lambda: t.clone()),
+        ),
+    ]
 
 
 def _captured(step, calls: int) -> torch.cuda.CUDAGraph:
@@ -113,12 +129,12 @@ def _captured(step, calls: int) -> torch.cuda.CUDAGraph:
 def _spread(values: list[float], sign: str = "") -> str:
     """'median [p10-p90]' in us, one decimal (`sign="+"`: signed, for differences)."""
     deciles = statistics.quantiles(values, n=10)
-    return (f"{statistics.median(values):{sign}.1f} [{deciles[0]:{sign}.1f}-"
-            f"{deciles[-1]:{sign}.1f}]")
+    return f"{statistics.median(values):{sign}.1f} [{deciles[0]:{sign}.1f}-{deciles[-1]:{sign}.1f}]"
 
 
-def graph_rows(d: Dispatcher, calls: int, replays: int,
-               directs: list[tuple[str, object]]) -> list[tuple[str, str, float]]:
+def graph_rows(
+    d: Dispatcher, calls: int, replays: int, directs: list[tuple[str, object]]
+) -> list[tuple[str, str, float]]:
     """(what, host us per replay as 'median [p10-p90]', GPU us per replay) for each direct
     call and for the op, then the median of the op's paired host-time difference to each.
     Every graph is captured first, then all are replayed in turn (the order rotated every
@@ -142,33 +158,50 @@ def graph_rows(d: Dispatcher, calls: int, replays: int,
             end.synchronize()
             gpu[which].append(start.elapsed_time(end) * 1000)
     assert sum(d.calls.values()) == before, "a replay ran the dispatcher"
-    out = [(f"graph of {label}, {calls} calls", _spread(h), statistics.median(g))
-           for (label, _), h, g in zip(steps, host, gpu, strict=True)]
+    out = [
+        (f"graph of {label}, {calls} calls", _spread(h), statistics.median(g))
+        for (label, _), h, g in zip(steps, host, gpu, strict=True)
+    ]
     for k, (label, _) in enumerate(directs):
         diff = [b - a for a, b in zip(host[k], host[-1], strict=True)]
-        out.append((f"op minus {label.split(' (')[0]}, paired by round ({replays} rounds)",
-                    _spread(diff, "+"), statistics.median(gpu[-1]) - statistics.median(gpu[k])))
+        out.append(
+            (
+                f"op minus {label.split(' (')[0]}, paired by round ({replays} rounds)",
+                _spread(diff, "+"),
+                statistics.median(gpu[-1]) - statistics.median(gpu[k]),
+            )
+        )
     return out
 
 
 def _ipc_rank(rank: int, world: int, port: int, args) -> None:
     torch.cuda.set_device(0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     key = fingerprint("cuda")["hardware_key"]
     rules = (Rule(None, "custom_one_shot"),)
-    tables = tuple(Table(key, world, "float32", mode, rules, {"custom_one_shot": 1 << 20},
-                         EVIDENCE) for mode in ("eager", "graph"))
+    tables = tuple(
+        Table(key, world, "float32", mode, rules, {"custom_one_shot": 1 << 20}, EVIDENCE)
+        for mode in ("eager", "graph")
+    )
     d = Dispatcher.from_thresholds(Thresholds(tables=tables), device="cuda:0", count_calls=True)
     with op.serving(d):
         backend = d.backends["custom_one_shot"]
-        rows = graph_rows(d, args.graph_calls, args.replays,
-                          [("custom_one_shot called directly", backend.all_reduce)])
+        rows = graph_rows(
+            d,
+            args.graph_calls,
+            args.replays,
+            [("custom_one_shot called directly", backend.all_reduce)],
+        )
     if rank == 0:
-        lines = [f"{world} ranks on one {torch.cuda.get_device_name(0)} ({key}); CUDA_MPS_PIPE_"
-                 f"DIRECTORY {'set' if os.environ.get('CUDA_MPS_PIPE_DIRECTORY') else 'unset'}",
-                 "", *GRAPH_HEADER]
+        lines = [
+            f"{world} ranks on one {torch.cuda.get_device_name(0)} ({key}); CUDA_MPS_PIPE_"
+            f"DIRECTORY {'set' if os.environ.get('CUDA_MPS_PIPE_DIRECTORY') else 'unset'}",
+            "",
+            *GRAPH_HEADER,
+        ]
         lines += [f"| {name} | {host} | {gpu:.1f} |" for name, host, gpu in rows]
         print("\n".join(lines))
         if args.markdown:
@@ -190,30 +223,50 @@ def main() -> int:
 
         from bench.launch.launcher import free_port
 
-        mp.start_processes(_ipc_rank, args=(args.ipc_ranks, free_port("127.0.0.1"), args),
-                           nprocs=args.ipc_ranks, join=True, start_method="spawn")
+        mp.start_processes(
+            _ipc_rank,
+            args=(args.ipc_ranks, free_port("127.0.0.1"), args),
+            nprocs=args.ipc_ranks,
+            join=True,
+            start_method="spawn",
+        )
         return 0
     store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     fp = fingerprint(args.device)
     device = "cuda:0" if args.device == "cuda" else "cpu"
-    d = Dispatcher.from_thresholds(_thresholds(args.device, fp["hardware_key"]), device=device,
-                                   count_calls=True)
+    d = Dispatcher.from_thresholds(
+        _thresholds(args.device, fp["hardware_key"]), device=device, count_calls=True
+    )
     where = fp.get("cuda_name") or fp["cpu"]["model"]
-    lines = [f"machine: {where} ({fp['hardware_key']}), {os.cpu_count()} CPUs; torch "
-             f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}", "",
-             "| eager call, float32 | median us per call |", "| --- | --: |"]
+    lines = [
+        f"machine: {where} ({fp['hardware_key']}), {os.cpu_count()} CPUs; torch "
+        f"{torch.__version__}; load average {os.getloadavg()[0]:.2f}",
+        "",
+        "| eager call, float32 | median us per call |",
+        "| --- | --: |",
+    ]
     with op.serving(d):
-        lines += [f"| {name} | {value:.2f} |"
-                  for name, value in eager_rows(d, device, args.batches)]
+        lines += [
+            f"| {name} | {value:.2f} |" for name, value in eager_rows(d, device, args.batches)
+        ]
         if args.device == "cuda":
             lines += ["", *GRAPH_HEADER]
-            lines += [f"| {name} | {host} | {gpu:.1f} |"
-                      for name, host, gpu in graph_rows(d, args.graph_calls, args.replays, [
-                          ("plain torch.distributed.all_reduce (the nccl floor)",
-                           d.floor.all_reduce),
-                          ("pynccl called directly (what the op routes to)",
-                           d.backends["pynccl"].all_reduce)])]
+            lines += [
+                f"| {name} | {host} | {gpu:.1f} |"
+                for name, host, gpu in graph_rows(
+                    d,
+                    args.graph_calls,
+                    args.replays,
+                    [
+                        ("plain torch.distributed.all_reduce (the nccl floor)", d.floor.all_reduce),
+                        (
+                            "pynccl called directly (what the op routes to)",
+                            d.backends["pynccl"].all_reduce,
+                        ),
+                    ],
+                )
+            ]
     dist.destroy_process_group()
     print("\n".join(lines))
     if args.markdown:

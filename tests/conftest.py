@@ -26,12 +26,22 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def run_cli():
     """run_cli("bench", "sweep", ...) -> CompletedProcess (text, captured)."""
 
-    def _run(program: str, *args: str, env: dict[str, str] | None = None,
-             timeout: float = 240, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    def _run(
+        program: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 240,
+        cwd: str | Path | None = None,
+    ) -> subprocess.CompletedProcess:
         module = {"bench": "bench.cli", "tuner": "tuner.cli"}[program]
-        return subprocess.run([sys.executable, "-m", module, *map(str, args)],
-                              capture_output=True, text=True, timeout=timeout,
-                              env=_env(env), cwd=cwd or REPO)
+        return subprocess.run(
+            [sys.executable, "-m", module, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(env),
+            cwd=cwd or REPO,
+        )
 
     return _run
 

@@ -29,9 +29,15 @@ OWN_HOST = """f=$(mktemp) && cat /etc/hosts > "$f" && echo "127.0.0.1 $1" >> "$f
 mount --bind "$f" /etc/hosts && rm -f "$f" && hostname "$0" && shift && exec "$@" """
 
 
-def start(program: str, *args: object, extra_env: dict[str, str] | None = None,
-          cwd: Path | None = None, hostname: str | None = None,
-          known_hosts: tuple[str, ...] = (), terminal: bool = False) -> subprocess.Popen:
+def start(
+    program: str,
+    *args: object,
+    extra_env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    hostname: str | None = None,
+    known_hosts: tuple[str, ...] = (),
+    terminal: bool = False,
+) -> subprocess.Popen:
     """The CLI in a process of its own; with `hostname`, on a simulated host of that name where
     `known_hosts` resolve to loopback (see `own_host_reason`). With `terminal`, in a process
     group of its own, as a shell starts a foreground job (Ctrl-C signals the whole group)."""
@@ -39,27 +45,46 @@ def start(program: str, *args: object, extra_env: dict[str, str] | None = None,
     cmd = [sys.executable, "-m", module, *map(str, args)]
     if hostname is not None:
         cmd = own_host_command(hostname, known_hosts, cmd)
-    return subprocess.Popen(cmd, env=env(extra_env), cwd=cwd or REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=terminal)
+    return subprocess.Popen(
+        cmd,
+        env=env(extra_env),
+        cwd=cwd or REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=terminal,
+    )
 
 
 def own_host_command(hostname: str, known_hosts: tuple[str, ...], cmd: list[str]) -> list[str]:
-    return ["unshare", "--uts", "--mount", "sh", "-c", OWN_HOST, hostname,
-            " ".join((hostname, *known_hosts)), *cmd]
+    return [
+        "unshare",
+        "--uts",
+        "--mount",
+        "sh",
+        "-c",
+        OWN_HOST,
+        hostname,
+        " ".join((hostname, *known_hosts)),
+        *cmd,
+    ]
 
 
 def own_host_reason() -> str | None:
     """None when `unshare --uts --mount` can give a process its own hostname and /etc/hosts
     here (it needs root), else why not."""
-    probe = own_host_command("aat-probe", ("aat-peer",),
-                             ["sh", "-c", "hostname && getent hosts aat-peer"])
+    probe = own_host_command(
+        "aat-probe", ("aat-peer",), ["sh", "-c", "hostname && getent hosts aat-peer"]
+    )
     try:
         proc = subprocess.run(probe, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unshare --uts --mount cannot run: {exc}"
     if proc.returncode != 0 or not proc.stdout.startswith("aat-probe\n127.0.0.1"):
-        return ("unshare --uts --mount cannot give a process its own hostname and /etc/hosts "
-                f"here: {(proc.stderr or proc.stdout).strip()[:200]}")
+        return (
+            "unshare --uts --mount cannot give a process its own hostname and /etc/hosts "
+            f"here: {(proc.stderr or proc.stdout).strip()[:200]}"
+        )
     return None
 
 
@@ -132,16 +157,23 @@ def data_rows(path: Path) -> int:
         return 0
 
 
-def wait_for_rows(proc: subprocess.Popen, results: Path, rows: int, timeout_s: float = 120,
-                  seen: set[int] | None = None) -> None:
+def wait_for_rows(
+    proc: subprocess.Popen,
+    results: Path,
+    rows: int,
+    timeout_s: float = 120,
+    seen: set[int] | None = None,
+) -> None:
     """Poll until `results` has `rows` data rows; record the sweep's processes in `seen`."""
     deadline = time.monotonic() + timeout_s
     while data_rows(results) < rows:
         if seen is not None:
             seen |= descendants(proc.pid)
         if proc.poll() is not None:
-            raise AssertionError(f"sweep ended (rc {proc.returncode}) before {rows} rows: "
-                                 f"{proc.stderr.read()[-2000:]}")
+            raise AssertionError(
+                f"sweep ended (rc {proc.returncode}) before {rows} rows: "
+                f"{proc.stderr.read()[-2000:]}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"no {rows} rows in {results} within {timeout_s} s")
         time.sleep(0.02)
@@ -162,8 +194,10 @@ def open_fds() -> int:
 
 def point_keys(results: Path) -> list[tuple]:
     with open(results, newline="") as fh:
-        return [(r["backend"], r["world_size"], r["dtype"], r["bytes"], r["mode"])
-                for r in csv.DictReader(fh)]
+        return [
+            (r["backend"], r["world_size"], r["dtype"], r["bytes"], r["mode"])
+            for r in csv.DictReader(fh)
+        ]
 
 
 def stderr_lines(text: str) -> list[str]:
@@ -191,8 +225,11 @@ def whole_rows(results: Path) -> list[dict]:
 def mount_tmpfs(path: Path, size: str) -> str | None:
     """Mount a tmpfs of `size` at `path` (made if missing); None, or why it cannot be done."""
     path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         return f"`mount -t tmpfs` is not permitted here: {proc.stderr.strip()[:200]}"
     return None

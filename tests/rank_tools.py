@@ -17,8 +17,13 @@ from bench.run.session import collect_at_exit
 @contextlib.contextmanager
 def gloo_rank(rank: int, world: int, port: int, timeout_s: float = 120) -> Iterator[None]:
     """This process as `rank` of a gloo group at 127.0.0.1:`port`, destroyed on leaving."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     collect_at_exit()  # no gloo group left to finalization (SIGABRT)
     try:
         yield

@@ -35,8 +35,9 @@ def results(tmp_path: Path) -> Path:
     (machine / "notes").mkdir()
     (machine / "notes" / "run.log").write_text("log\n")
     (machine / "notes" / "study.db").write_bytes(b"")
-    (root / "README.md").write_text(f"# head\n\n{index.BEGIN} generated -->\nold\n{index.END}\n"
-                                    "tail\n")
+    (root / "README.md").write_text(
+        f"# head\n\n{index.BEGIN} generated -->\nold\n{index.END}\ntail\n"
+    )
     return root
 
 
@@ -66,11 +67,14 @@ def test_report_index_plots_draws_every_run(results: Path, capsys) -> None:
     assert "# figure: " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["some-run", "--index"], "not both"),
-    (["--write", "README.md"], "--write"),
-    ([], "run directory"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["some-run", "--index"], "not both"),
+        (["--write", "README.md"], "--write"),
+        ([], "run directory"),
+    ],
+)
 def test_report_bad_input_names_the_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(UsageError, match=flag):
         report.run(_parse(report, argv))
@@ -79,8 +83,7 @@ def test_report_bad_input_names_the_flag(argv: list[str], flag: str) -> None:
 def test_report_index_refuses_a_file_without_markers(results: Path) -> None:
     (results / "README.md").write_text("# no markers\n")
     with pytest.raises(UsageError, match="markers"):
-        report.run(_parse(report, ["--index", str(results), "--write",
-                                   str(results / "README.md")]))
+        report.run(_parse(report, ["--index", str(results), "--write", str(results / "README.md")]))
 
 
 def test_report_names_a_bad_thresholds_file(results: Path) -> None:
@@ -96,8 +99,10 @@ def test_geomean_leaves_out_nan_and_says_empty() -> None:
 
 def test_compare_labels_and_baseline() -> None:
     assert compare.short_labels(["shm_one_shot", "shm_two_shot"]) == (
-        "shm", {"shm_one_shot": "one-shot", "shm_two_shot": "two-shot"},
-        {"shm_one_shot": "one", "shm_two_shot": "two"})
+        "shm",
+        {"shm_one_shot": "one-shot", "shm_two_shot": "two-shot"},
+        {"shm_one_shot": "one", "shm_two_shot": "two"},
+    )
     assert compare.short_labels(["nccl"]) == ("", {"nccl": "nccl"}, {"nccl": "nccl"})
     backends = ["gloo", "mpi", "shm_one_shot"]
     assert compare.parse_baseline("best-of:gloo,mpi", backends).label == "best(gloo,mpi)"
@@ -105,13 +110,16 @@ def test_compare_labels_and_baseline() -> None:
         compare.parse_baseline("nccl", backends)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--baseline", "nccl"], "--baseline"),
-    (["--backends", "gloo"], "--backends"),
-    (["--world-sizes", "2,x"], "--world-sizes"),
-    (["-e", "64Q"], "--max-bytes"),
-    (["--repeats", "0"], "--repeats"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--baseline", "nccl"], "--baseline"),
+        (["--backends", "gloo"], "--backends"),
+        (["--world-sizes", "2,x"], "--world-sizes"),
+        (["-e", "64Q"], "--max-bytes"),
+        (["--repeats", "0"], "--repeats"),
+    ],
+)
 def test_compare_bad_input_names_the_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(UsageError, match=flag):
         compare.run(_parse(compare, argv))
@@ -124,17 +132,36 @@ def test_compare_reads_existing_runs(capsys) -> None:
     assert "fastest of 3 full sweeps per world size (slowest in brackets)" in out
     assert "| ws | size | gloo (us) | one-shot (us) | two-shot (us) | one/gloo | two/gloo |" in out
     assert "| 2 | 1K | 329.3 (3227) | 10.2 (12) | 19.2 (127) | 0.031 | 0.058 |" in out
-    assert "- world size 4: worst best-shm/gloo latency up to 64K = 0.038 (target <= 0.1: met)" \
-        in out
+    assert (
+        "- world size 4: worst best-shm/gloo latency up to 64K = 0.038 (target <= 0.1: met)" in out
+    )
 
 
 @pytest.mark.slow
 def test_compare_measures_side_by_side(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     markdown = tmp_path / "compare.md"
-    args = _parse(compare, ["--world-sizes", "2", "--backends", "gloo,shm_one_shot", "-b", "1K",
-                            "-e", "2K", "-n", "3", "-w", "1", "--out", str(tmp_path / "runs"),
-                            "--markdown", str(markdown)])
+    args = _parse(
+        compare,
+        [
+            "--world-sizes",
+            "2",
+            "--backends",
+            "gloo,shm_one_shot",
+            "-b",
+            "1K",
+            "-e",
+            "2K",
+            "-n",
+            "3",
+            "-w",
+            "1",
+            "--out",
+            str(tmp_path / "runs"),
+            "--markdown",
+            str(markdown),
+        ],
+    )
     assert compare.run(args) == 0
     (run,) = (tmp_path / "runs").glob("*/*-compare-vs-gloo-ws2")
     assert (run / "results.csv").is_file()

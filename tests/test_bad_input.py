@@ -36,10 +36,26 @@ class Case:
 
 
 # ------------------------------------------------------------------------ scratch files
-ROW = {"run_id": "r1", "hardware_key": "cpu-test-2c", "backend": "gloo", "world_size": 2,
-       "nnodes": 1, "dtype": "float32", "bytes": 1024, "count": 256, "mode": "eager",
-       "iters": 5, "latency_us": 30.0, "p10_us": 29.0, "p90_us": 31.0, "algbw_gbps": 0.03,
-       "busbw_gbps": 0.03, "correct": True, "max_abs_err": 0.0, "skipped_reason": None}
+ROW = {
+    "run_id": "r1",
+    "hardware_key": "cpu-test-2c",
+    "backend": "gloo",
+    "world_size": 2,
+    "nnodes": 1,
+    "dtype": "float32",
+    "bytes": 1024,
+    "count": 256,
+    "mode": "eager",
+    "iters": 5,
+    "latency_us": 30.0,
+    "p10_us": 29.0,
+    "p90_us": 31.0,
+    "algbw_gbps": 0.03,
+    "busbw_gbps": 0.03,
+    "correct": True,
+    "max_abs_err": 0.0,
+    "skipped_reason": None,
+}
 
 
 def run_dir(tmp: Path, name: str = "run") -> Path:
@@ -68,11 +84,15 @@ def read_only(tmp: Path, fill: Callable[[Path], object] | None = None) -> Path:
     read-only. As root `os.access` says such a folder is writable; only doing it tells."""
     path = tmp / "ro"
     path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
-        pytest.skip("a read-only file system needs `mount -t tmpfs` (root): "
-                    f"{mounted.stderr.strip()[:120]}")
+        pytest.skip(
+            f"a read-only file system needs `mount -t tmpfs` (root): {mounted.stderr.strip()[:120]}"
+        )
     _MOUNTS.append(path)
     if fill is not None:
         fill(path)
@@ -105,24 +125,44 @@ def header_only(tmp: Path) -> Path:
 
 
 def with_markers(tmp: Path) -> Path:
-    (tmp / "README.md").write_text("# runs\n<!-- index: made by bench report -->\n"
-                                   "<!-- end index -->\n")
+    (tmp / "README.md").write_text(
+        "# runs\n<!-- index: made by bench report -->\n<!-- end index -->\n"
+    )
     return tmp / "README.md"
 
 
 def _thresholds() -> dict:
-    return {"schema_version": 1, "generated_by": {"tool": "test"},
-            "tables": [{"hardware_key": "cpu-test-2c", "world_size": 2, "dtype": "float32",
-                        "mode": "eager",
-                        "rules": [{"max_bytes": 65536, "algorithm": "shm_one_shot"},
-                                  {"max_bytes": None, "algorithm": "gloo"}],
-                        "max_size": {"shm_one_shot": 65536},
-                        "evidence": {"run_id": "r1", "points": 4, "regret_vs_oracle": 0.0,
-                                     "gain_vs_nccl_geomean": 1.5}}]}
+    return {
+        "schema_version": 1,
+        "generated_by": {"tool": "test"},
+        "tables": [
+            {
+                "hardware_key": "cpu-test-2c",
+                "world_size": 2,
+                "dtype": "float32",
+                "mode": "eager",
+                "rules": [
+                    {"max_bytes": 65536, "algorithm": "shm_one_shot"},
+                    {"max_bytes": None, "algorithm": "gloo"},
+                ],
+                "max_size": {"shm_one_shot": 65536},
+                "evidence": {
+                    "run_id": "r1",
+                    "points": 4,
+                    "regret_vs_oracle": 0.0,
+                    "gain_vs_nccl_geomean": 1.5,
+                },
+            }
+        ],
+    }
 
 
-def thresholds(tmp: Path, edit: Callable[[dict], None] | None = None, text: str | None = None,
-               raw: bytes | None = None) -> str:
+def thresholds(
+    tmp: Path,
+    edit: Callable[[dict], None] | None = None,
+    text: str | None = None,
+    raw: bytes | None = None,
+) -> str:
     path = tmp / "thresholds.json"
     if raw is not None:
         path.write_bytes(raw)
@@ -170,57 +210,127 @@ BENCH = [
     Case("warmup-negative", "bench", sweep("--warmup", "-1"), "--warmup"),
     Case("timeout-zero", "bench", sweep("--timeout", "0"), "--timeout"),
     Case("timeout-word", "bench", sweep("--timeout", "soon"), "--timeout"),
-    Case("nnodes-no-port", "bench", sweep("--nnodes", "2", "--world-size", "2"),
-         "--master-port"),
-    Case("node-rank-too-big", "bench",
-         sweep("--nnodes", "2", "--node-rank", "2", "--world-size", "2", "--master-port",
-               "29500"), "--node-rank"),
-    Case("ws-not-split", "bench",
-         sweep("--world-size", "3", "--nnodes", "2", "--master-port", "29500"), "--world-size"),
+    Case("nnodes-no-port", "bench", sweep("--nnodes", "2", "--world-size", "2"), "--master-port"),
+    Case(
+        "node-rank-too-big",
+        "bench",
+        sweep("--nnodes", "2", "--node-rank", "2", "--world-size", "2", "--master-port", "29500"),
+        "--node-rank",
+    ),
+    Case(
+        "ws-not-split",
+        "bench",
+        sweep("--world-size", "3", "--nnodes", "2", "--master-port", "29500"),
+        "--world-size",
+    ),
     Case("port-too-big", "bench", sweep("--master-port", "70000"), "--master-port"),
     Case("param-syntax", "bench", sweep("--param", "chunk=4"), "--param"),
     Case("param-backend", "bench", sweep("--param", "magic_ar.blocks=4"), "--param"),
     Case("param-knob", "bench", sweep("--param", "gloo.blocks=4"), "blocks"),
     Case("flag-unknown", "bench", sweep("--bogus-flag"), "--bogus-flag"),
     Case("resume-no-table", "bench", lambda t: [*SWEEP, "--resume", str(t)], "--resume"),
-    Case("resume-and-out", "bench",
-         lambda t: [*SWEEP, "--resume", str(run_dir(t)), "--out", str(t / "other")],
-         "--resume"),
-    Case("resume-wrong-column", "bench",
-         lambda t: [*SWEEP, "--resume", str(wrong_column_run(t))], "latency_ms"),
-    Case("resume-corrupt-meta", "bench",
-         lambda t: (lambda r: (r / "meta.json").write_text("{\"run_id\": ") and
-                    [*SWEEP, "--resume", str(r)])(run_dir(t)), "--resume"),
-    Case("resume-binary-table", "bench",
-         lambda t: (lambda r: (r / "results.csv").write_bytes(b"\xff\xfe\x00garbage\n") and
-                    [*SWEEP, "--resume", str(r)])(run_dir(t)), "--resume"),
-    Case("out-is-file", "bench",
-         lambda t: (t / "afile").write_text("x") and [*SWEEP, "--out", str(t / "afile")],
-         "--out"),
-    Case("out-holds-a-run", "bench", lambda t: [*SWEEP, "--out", str(run_dir(t))],
-         "already holds a run"),
-    Case("out-table-is-a-dir", "bench",
-         lambda t: (t / "odd" / "results.csv").mkdir(parents=True) or
-         [*SWEEP, "--out", str(t / "odd")], "--out"),
-    Case("out-being-written", "bench", lambda t: [*SWEEP, "--resume", str(_held_run(t))],
-         "being written by another sweep"),
+    Case(
+        "resume-and-out",
+        "bench",
+        lambda t: [*SWEEP, "--resume", str(run_dir(t)), "--out", str(t / "other")],
+        "--resume",
+    ),
+    Case(
+        "resume-wrong-column",
+        "bench",
+        lambda t: [*SWEEP, "--resume", str(wrong_column_run(t))],
+        "latency_ms",
+    ),
+    Case(
+        "resume-corrupt-meta",
+        "bench",
+        lambda t: (
+            lambda r: (r / "meta.json").write_text('{"run_id": ') and [*SWEEP, "--resume", str(r)]
+        )(run_dir(t)),
+        "--resume",
+    ),
+    Case(
+        "resume-binary-table",
+        "bench",
+        lambda t: (
+            lambda r: (
+                (r / "results.csv").write_bytes(b"\xff\xfe\x00garbage\n")
+                and [*SWEEP, "--resume", str(r)]
+            )
+        )(run_dir(t)),
+        "--resume",
+    ),
+    Case(
+        "out-is-file",
+        "bench",
+        lambda t: (t / "afile").write_text("x") and [*SWEEP, "--out", str(t / "afile")],
+        "--out",
+    ),
+    Case(
+        "out-holds-a-run",
+        "bench",
+        lambda t: [*SWEEP, "--out", str(run_dir(t))],
+        "already holds a run",
+    ),
+    Case(
+        "out-table-is-a-dir",
+        "bench",
+        lambda t: (
+            (t / "odd" / "results.csv").mkdir(parents=True) or [*SWEEP, "--out", str(t / "odd")]
+        ),
+        "--out",
+    ),
+    Case(
+        "out-being-written",
+        "bench",
+        lambda t: [*SWEEP, "--resume", str(_held_run(t))],
+        "being written by another sweep",
+    ),
     Case("report-missing-dir", "bench", lambda t: ["report", str(t / "nope")], "nope"),
-    Case("report-wrong-column", "bench", lambda t: ["report", str(wrong_column_run(t))],
-         "latency_ms"),
-    Case("report-empty-table", "bench",
-         lambda t: (t / "empty").mkdir() or (t / "empty" / "results.csv").write_text("") or
-         ["report", str(t / "empty")], "results.csv"),
-    Case("report-binary-table", "bench",
-         lambda t: (t / "bin").mkdir() or (t / "bin" / "results.csv").write_bytes(
-             b"\x00\xff\xfe" * 50) and ["report", str(t / "bin")], "results.csv"),
-    Case("report-bad-cell", "bench",
-         lambda t: (lambda r: (r / "results.csv").write_text(
-             (r / "results.csv").read_text().replace(",30,", ",fast,")) and
-                    ["report", str(r)])(run_dir(t)), "latency_us"),
+    Case(
+        "report-wrong-column", "bench", lambda t: ["report", str(wrong_column_run(t))], "latency_ms"
+    ),
+    Case(
+        "report-empty-table",
+        "bench",
+        lambda t: (
+            (t / "empty").mkdir()
+            or (t / "empty" / "results.csv").write_text("")
+            or ["report", str(t / "empty")]
+        ),
+        "results.csv",
+    ),
+    Case(
+        "report-binary-table",
+        "bench",
+        lambda t: (
+            (t / "bin").mkdir()
+            or (t / "bin" / "results.csv").write_bytes(b"\x00\xff\xfe" * 50)
+            and ["report", str(t / "bin")]
+        ),
+        "results.csv",
+    ),
+    Case(
+        "report-bad-cell",
+        "bench",
+        lambda t: (
+            lambda r: (
+                (r / "results.csv").write_text(
+                    (r / "results.csv").read_text().replace(",30,", ",fast,")
+                )
+                and ["report", str(r)]
+            )
+        )(run_dir(t)),
+        "latency_us",
+    ),
     Case("doctor-ws-zero", "bench", fixed("doctor", "--world-size", "0"), "--world-size"),
     Case("doctor-port-word", "bench", fixed("doctor", "--master-port", "http"), "--master-port"),
-    Case("doctor-nnodes-no-port", "bench", fixed("doctor", "--world-size", "2", "--nnodes", "2"),
-         "--master-port"),
+    Case(
+        "doctor-nnodes-no-port",
+        "bench",
+        fixed("doctor", "--world-size", "2", "--nnodes", "2"),
+        "--master-port",
+    ),
     Case("doctor-device", "bench", fixed("doctor", "--device", "tpu"), "--device"),
     Case("command-unknown", "bench", fixed("sweeep"), "sweeep"),
     Case("soak-iters-zero", "bench", fixed("soak", "--iters", "0"), "--iters"),
@@ -229,48 +339,124 @@ BENCH = [
     Case("report-no-dir", "bench", fixed("report"), "run_dir"),
     # outputs checked by doing: a path that cannot be created, a read-only file system, a
     # file where a folder must go; nothing starts, nothing is left behind
-    Case("out-under-proc", "bench", sweep("--out", "/proc/x/run"),
-         "--out: cannot create /proc/x/run: [Errno 2]"),
-    Case("out-read-only-fs", "bench",
-         lambda t: ["sweep", "--world-size", "2", "--backends", "gloo", "-q", "--out",
-                    str(read_only(t) / "run")], "Read-only file system"),
-    Case("out-below-a-file", "bench",
-         lambda t: (t / "afile").write_text("x") and [*SWEEP, "--out", str(t / "afile" / "run")],
-         "--out: cannot create"),
-    Case("default-out-is-a-file", "bench",
-         lambda t: (t / "results").write_text("x") and list(SWEEP), "--out (default results/)"),
-    Case("resume-read-only", "bench",
-         lambda t: [*SWEEP, "--resume", str(read_only(t, run_dir) / "run")],
-         "--resume: cannot write in"),
-    Case("report-plots-read-only", "bench",
-         lambda t: ["report", str(read_only(t, run_dir) / "run"), "--plots"],
-         "--plots: cannot write in"),
-    Case("report-index-plots-read-only", "bench",
-         lambda t: ["report", "--index", str(read_only(t, run_dir)), "--plots"], "--plots"),
-    Case("report-index-write-read-only", "bench",
-         lambda t: ["report", "--index", str(run_dir(t).parent), "--write",
-                    str(read_only(t, with_markers) / "README.md")], "--write: cannot write"),
+    Case(
+        "out-under-proc",
+        "bench",
+        sweep("--out", "/proc/x/run"),
+        "--out: cannot create /proc/x/run: [Errno 2]",
+    ),
+    Case(
+        "out-read-only-fs",
+        "bench",
+        lambda t: [
+            "sweep",
+            "--world-size",
+            "2",
+            "--backends",
+            "gloo",
+            "-q",
+            "--out",
+            str(read_only(t) / "run"),
+        ],
+        "Read-only file system",
+    ),
+    Case(
+        "out-below-a-file",
+        "bench",
+        lambda t: (t / "afile").write_text("x") and [*SWEEP, "--out", str(t / "afile" / "run")],
+        "--out: cannot create",
+    ),
+    Case(
+        "default-out-is-a-file",
+        "bench",
+        lambda t: (t / "results").write_text("x") and list(SWEEP),
+        "--out (default results/)",
+    ),
+    Case(
+        "resume-read-only",
+        "bench",
+        lambda t: [*SWEEP, "--resume", str(read_only(t, run_dir) / "run")],
+        "--resume: cannot write in",
+    ),
+    Case(
+        "report-plots-read-only",
+        "bench",
+        lambda t: ["report", str(read_only(t, run_dir) / "run"), "--plots"],
+        "--plots: cannot write in",
+    ),
+    Case(
+        "report-index-plots-read-only",
+        "bench",
+        lambda t: ["report", "--index", str(read_only(t, run_dir)), "--plots"],
+        "--plots",
+    ),
+    Case(
+        "report-index-write-read-only",
+        "bench",
+        lambda t: [
+            "report",
+            "--index",
+            str(run_dir(t).parent),
+            "--write",
+            str(read_only(t, with_markers) / "README.md"),
+        ],
+        "--write: cannot write",
+    ),
     Case("report-no-rows", "bench", lambda t: ["report", str(header_only(t))], "holds no row"),
-    Case("kernels-out-under-proc", "bench", fixed("kernels", "--out", "/proc/x/k.csv"),
-         "--out: cannot create /proc/x/k.csv"),
-    Case("soak-out-under-proc", "bench", fixed("soak", "--out", "/proc/x/soak.md"),
-         "--out: cannot create"),
-    Case("compare-markdown-read-only", "bench",
-         lambda t: ["compare", "--runs", str(run_dir(t)), "--backends", "gloo,shm_one_shot",
-                    "--markdown", str(read_only(t) / "c.md")], "--markdown"),
-    Case("compare-out-under-proc", "bench", fixed("compare", "--out", "/proc/x/runs"),
-         "--out: cannot create"),
+    Case(
+        "kernels-out-under-proc",
+        "bench",
+        fixed("kernels", "--out", "/proc/x/k.csv"),
+        "--out: cannot create /proc/x/k.csv",
+    ),
+    Case(
+        "soak-out-under-proc",
+        "bench",
+        fixed("soak", "--out", "/proc/x/soak.md"),
+        "--out: cannot create",
+    ),
+    Case(
+        "compare-markdown-read-only",
+        "bench",
+        lambda t: [
+            "compare",
+            "--runs",
+            str(run_dir(t)),
+            "--backends",
+            "gloo,shm_one_shot",
+            "--markdown",
+            str(read_only(t) / "c.md"),
+        ],
+        "--markdown",
+    ),
+    Case(
+        "compare-out-under-proc",
+        "bench",
+        fixed("compare", "--out", "/proc/x/runs"),
+        "--out: cannot create",
+    ),
     # the rendezvous port, tried by listening on it before any rank starts
-    Case("master-port-in-use", "bench",
-         lambda t: [*SWEEP, "--world-size", "2", "--master-port", port_in_use()],
-         "Address already in use"),
-    Case("doctor-master-port-in-use", "bench",
-         lambda t: ["doctor", "--world-size", "2", "--master-port", port_in_use()],
-         "--master-port: cannot listen"),
+    Case(
+        "master-port-in-use",
+        "bench",
+        lambda t: [*SWEEP, "--world-size", "2", "--master-port", port_in_use()],
+        "Address already in use",
+    ),
+    Case(
+        "doctor-master-port-in-use",
+        "bench",
+        lambda t: ["doctor", "--world-size", "2", "--master-port", port_in_use()],
+        "--master-port: cannot listen",
+    ),
     Case("launcher-unknown", "bench", sweep("--launcher", "slurm"), "--launcher"),
-    Case("launcher-mpirun-nodes", "bench",
-         sweep("--launcher", "mpirun", "--nnodes", "2", "--world-size", "2", "--master-port",
-               "29500"), "--launcher mpirun"),
+    Case(
+        "launcher-mpirun-nodes",
+        "bench",
+        sweep(
+            "--launcher", "mpirun", "--nnodes", "2", "--world-size", "2", "--master-port", "29500"
+        ),
+        "--launcher mpirun",
+    ),
 ]
 if not torch.cuda.is_available():
     BENCH.append(Case("device-cuda-absent", "bench", sweep("--device", "cuda"), "--device cuda"))
@@ -282,98 +468,251 @@ def _drop_rules(t: dict) -> None:
 
 TUNER = [
     Case("show-missing", "tuner", lambda t: ["show", str(t / "none.json")], "none.json"),
-    Case("show-not-json", "tuner", lambda t: ["show", thresholds(t, text="{tables: [")],
-         "not JSON"),
-    Case("show-truncated", "tuner",
-         lambda t: ["show", thresholds(t, text=json.dumps(_thresholds())[:150])], "not JSON"),
-    Case("show-binary", "tuner", lambda t: ["show", thresholds(t, raw=b"\xff\xfe\x00\x01")],
-         "thresholds.json"),
+    Case(
+        "show-not-json", "tuner", lambda t: ["show", thresholds(t, text="{tables: [")], "not JSON"
+    ),
+    Case(
+        "show-truncated",
+        "tuner",
+        lambda t: ["show", thresholds(t, text=json.dumps(_thresholds())[:150])],
+        "not JSON",
+    ),
+    Case(
+        "show-binary",
+        "tuner",
+        lambda t: ["show", thresholds(t, raw=b"\xff\xfe\x00\x01")],
+        "thresholds.json",
+    ),
     Case("show-a-directory", "tuner", lambda t: ["show", str(t)], "scratch"),
-    Case("show-schema-version", "tuner",
-         lambda t: ["show", thresholds(t, lambda d: d.update(schema_version=2))],
-         "schema_version"),
-    Case("show-missing-rules", "tuner", lambda t: ["show", thresholds(t, _table(_drop_rules))],
-         "rules"),
-    Case("show-no-catch-all", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"][-1].update(
-             max_bytes=1 << 30)))], "max_bytes"),
-    Case("show-rules-decrease", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"].insert(
-             1, {"max_bytes": 1024, "algorithm": "gloo"})))], "max_bytes"),
-    Case("show-unknown-algorithm", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"][-1].update(
-             algorithm="magic_ar")))], "algorithm"),
-    Case("show-wrong-type", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x.update(world_size="eight")))],
-         "world_size"),
-    Case("show-cpu-key-gpu-algorithm", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x["rules"][-1].update(
-             algorithm="nccl")))], "hardware_key"),
-    Case("show-gpu-key-cpu-algorithm", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x.update(
-             hardware_key="nvidia-h200-x8-nvlink")))], "hardware_key"),
-    Case("show-graph-on-cpu", "tuner",
-         lambda t: ["show", thresholds(t, _table(lambda x: x.update(mode="graph")))], "mode"),
-    Case("export-format", "tuner",
-         lambda t: ["export", thresholds(t), "--format", "nccl-tests"], "--format"),
-    Case("export-mode", "tuner",
-         lambda t: ["export", thresholds(t), "--format", "vllm", "--mode", "lazy"], "--mode"),
-    Case("fit-missing-dir", "tuner",
-         lambda t: ["fit", str(t / "nope"), "-o", str(t / "out.json")], "nope"),
-    Case("fit-wrong-column", "tuner",
-         lambda t: ["fit", str(wrong_column_run(t)), "-o", str(t / "out.json")], "latency_ms"),
-    Case("fit-no-results", "tuner",
-         lambda t: (t / "bare").mkdir() or ["fit", str(t / "bare"), "-o", str(t / "o.json")],
-         "results.csv"),
-    Case("fit-max-rules", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--max-rules", "0"],
-         "--max-rules"),
-    Case("fit-memory-budget", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--memory-budget", "12Q"],
-         "--memory-budget"),
-    Case("fit-workload-missing", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--workload",
-                    str(t / "hist.csv")], "--workload"),
-    Case("fit-workload-columns", "tuner",
-         lambda t: (t / "hist.csv").write_text("size,n\n1K,3\n") and
-         ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--workload", str(t / "hist.csv")],
-         "--workload"),
+    Case(
+        "show-schema-version",
+        "tuner",
+        lambda t: ["show", thresholds(t, lambda d: d.update(schema_version=2))],
+        "schema_version",
+    ),
+    Case(
+        "show-missing-rules",
+        "tuner",
+        lambda t: ["show", thresholds(t, _table(_drop_rules))],
+        "rules",
+    ),
+    Case(
+        "show-no-catch-all",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, _table(lambda x: x["rules"][-1].update(max_bytes=1 << 30))),
+        ],
+        "max_bytes",
+    ),
+    Case(
+        "show-rules-decrease",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(
+                t, _table(lambda x: x["rules"].insert(1, {"max_bytes": 1024, "algorithm": "gloo"}))
+            ),
+        ],
+        "max_bytes",
+    ),
+    Case(
+        "show-unknown-algorithm",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, _table(lambda x: x["rules"][-1].update(algorithm="magic_ar"))),
+        ],
+        "algorithm",
+    ),
+    Case(
+        "show-wrong-type",
+        "tuner",
+        lambda t: ["show", thresholds(t, _table(lambda x: x.update(world_size="eight")))],
+        "world_size",
+    ),
+    Case(
+        "show-cpu-key-gpu-algorithm",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, _table(lambda x: x["rules"][-1].update(algorithm="nccl"))),
+        ],
+        "hardware_key",
+    ),
+    Case(
+        "show-gpu-key-cpu-algorithm",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, _table(lambda x: x.update(hardware_key="nvidia-h200-x8-nvlink"))),
+        ],
+        "hardware_key",
+    ),
+    Case(
+        "show-graph-on-cpu",
+        "tuner",
+        lambda t: ["show", thresholds(t, _table(lambda x: x.update(mode="graph")))],
+        "mode",
+    ),
+    Case(
+        "export-format",
+        "tuner",
+        lambda t: ["export", thresholds(t), "--format", "nccl-tests"],
+        "--format",
+    ),
+    Case(
+        "export-mode",
+        "tuner",
+        lambda t: ["export", thresholds(t), "--format", "vllm", "--mode", "lazy"],
+        "--mode",
+    ),
+    Case(
+        "fit-missing-dir",
+        "tuner",
+        lambda t: ["fit", str(t / "nope"), "-o", str(t / "out.json")],
+        "nope",
+    ),
+    Case(
+        "fit-wrong-column",
+        "tuner",
+        lambda t: ["fit", str(wrong_column_run(t)), "-o", str(t / "out.json")],
+        "latency_ms",
+    ),
+    Case(
+        "fit-no-results",
+        "tuner",
+        lambda t: (t / "bare").mkdir() or ["fit", str(t / "bare"), "-o", str(t / "o.json")],
+        "results.csv",
+    ),
+    Case(
+        "fit-max-rules",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--max-rules", "0"],
+        "--max-rules",
+    ),
+    Case(
+        "fit-memory-budget",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--memory-budget", "12Q"],
+        "--memory-budget",
+    ),
+    Case(
+        "fit-workload-missing",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--workload",
+            str(t / "hist.csv"),
+        ],
+        "--workload",
+    ),
+    Case(
+        "fit-workload-columns",
+        "tuner",
+        lambda t: (
+            (t / "hist.csv").write_text("size,n\n1K,3\n")
+            and ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--workload", str(t / "hist.csv")]
+        ),
+        "--workload",
+    ),
     Case("fit-no-output", "tuner", lambda t: ["fit", str(run_dir(t))], "-o/--output"),
     Case("command-unknown-tuner", "tuner", fixed("tune"), "tune"),
-    Case("fit-empty-run", "tuner",
-         lambda t: ["fit", str(header_only(t)), "-o", str(t / "o.json")], "no measured"),
-    Case("fit-output-under-proc", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", "/proc/x/t.json"], "-o: cannot create"),
-    Case("fit-output-is-a-dir", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(t)], "is a directory"),
-    Case("fit-output-read-only", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(read_only(t) / "t.json")],
-         "Read-only file system"),
-    Case("fit-study-db-under-proc", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db",
-                    "/proc/x/s.db"], "--study-db: cannot create"),
-    Case("fit-pareto-read-only", "tuner",
-         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--pareto",
-                    str(read_only(t) / "p.csv")], "--pareto"),
-    Case("live-output-under-proc", "tuner",
-         fixed("live", "--world-size", "2", "-o", "/proc/x/t.json"), "-o: cannot create"),
-    Case("live-study-db-read-only", "tuner",
-         lambda t: ["live", "--world-size", "2", "-o", str(t / "t.json"), "--study-db",
-                    str(read_only(t) / "s.db")], "--study-db"),
-    Case("fit-study-db-not-a-db", "tuner",
-         lambda t: (t / "s.db").write_text("not a database") and
-         ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db", str(t / "s.db")],
-         "not an Optuna study database"),
-    Case("export-output-under-proc", "tuner",
-         lambda t: ["export", thresholds(t), "--format", "vllm", "-o", "/proc/x/v.py"],
-         "-o: cannot create"),
+    Case(
+        "fit-empty-run",
+        "tuner",
+        lambda t: ["fit", str(header_only(t)), "-o", str(t / "o.json")],
+        "no measured",
+    ),
+    Case(
+        "fit-output-under-proc",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", "/proc/x/t.json"],
+        "-o: cannot create",
+    ),
+    Case(
+        "fit-output-is-a-dir",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t)],
+        "is a directory",
+    ),
+    Case(
+        "fit-output-read-only",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(read_only(t) / "t.json")],
+        "Read-only file system",
+    ),
+    Case(
+        "fit-study-db-under-proc",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db", "/proc/x/s.db"],
+        "--study-db: cannot create",
+    ),
+    Case(
+        "fit-pareto-read-only",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--pareto",
+            str(read_only(t) / "p.csv"),
+        ],
+        "--pareto",
+    ),
+    Case(
+        "live-output-under-proc",
+        "tuner",
+        fixed("live", "--world-size", "2", "-o", "/proc/x/t.json"),
+        "-o: cannot create",
+    ),
+    Case(
+        "live-study-db-read-only",
+        "tuner",
+        lambda t: [
+            "live",
+            "--world-size",
+            "2",
+            "-o",
+            str(t / "t.json"),
+            "--study-db",
+            str(read_only(t) / "s.db"),
+        ],
+        "--study-db",
+    ),
+    Case(
+        "fit-study-db-not-a-db",
+        "tuner",
+        lambda t: (
+            (t / "s.db").write_text("not a database")
+            and ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--study-db", str(t / "s.db")]
+        ),
+        "not an Optuna study database",
+    ),
+    Case(
+        "export-output-under-proc",
+        "tuner",
+        lambda t: ["export", thresholds(t), "--format", "vllm", "-o", "/proc/x/v.py"],
+        "-o: cannot create",
+    ),
 ]
 CASES = BENCH + TUNER
 # a process refused before it starts: a few cases again as a user sees them
 IN_PROCESS_ONLY = {"out-being-written"}  # the lock is held by this test process
-AS_PROCESSES = ["ws-zero", "resume-wrong-column", "doctor-nnodes-no-port", "show-truncated",
-                "fit-wrong-column", "out-read-only-fs", "report-plots-read-only",
-                "master-port-in-use"]
+AS_PROCESSES = [
+    "ws-zero",
+    "resume-wrong-column",
+    "doctor-nnodes-no-port",
+    "show-truncated",
+    "fit-wrong-column",
+    "out-read-only-fs",
+    "report-plots-read-only",
+    "master-port-in-use",
+]
 
 
 _HELD: list[int] = []
@@ -454,8 +793,10 @@ def test_bad_inputs_covered(request):
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 30
     assert sum(c.program == "tuner" for c in CASES) >= 10
-    line = (f"bad inputs covered: {len(CASES)} ({len(BENCH)} bench, {len(TUNER)} tuner; "
-            f"{len(AS_PROCESSES)} also as processes; {len(ABSENT)} absent peers or launcher)")
+    line = (
+        f"bad inputs covered: {len(CASES)} ({len(BENCH)} bench, {len(TUNER)} tuner; "
+        f"{len(AS_PROCESSES)} also as processes; {len(ABSENT)} absent peers or launcher)"
+    )
     # shown in the session's summary (output during a test is captured)
     manager = request.config.pluginmanager
     if not manager.has_plugin("bad-input-count"):
@@ -478,8 +819,10 @@ class _CountLine:
 VLLM_START = "import vllm.plugins as p; p.load_general_plugins(); print('started')"
 
 
-@pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is None,
-                    reason="vLLM is not installed (.ci/run installs it: docs/vllm.md)")
+@pytest.mark.skipif(
+    __import__("importlib.util").util.find_spec("vllm") is None,
+    reason="vLLM is not installed (.ci/run installs it: docs/vllm.md)",
+)
 def test_vllm_does_not_start_with_a_corrupt_table(tmp_path, subprocess_env):
     import subprocess
     import sys
@@ -488,12 +831,18 @@ def test_vllm_does_not_start_with_a_corrupt_table(tmp_path, subprocess_env):
     table.write_text("{")
     env = subprocess_env({"ALLREDUCE_AUTOTUNE_THRESHOLDS": str(table)})
     env.pop("ALLREDUCE_AUTOTUNE_STRICT", None)
-    proc = subprocess.run([sys.executable, "-c", VLLM_START], capture_output=True, text=True,
-                          env=env, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_START], capture_output=True, text=True, env=env, timeout=180
+    )
     assert proc.returncode == 1 and "started" not in proc.stdout
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        f"tuner.engines.vllm_setup.ThresholdsRefused: ALLREDUCE_AUTOTUNE_THRESHOLDS: {table}: "
-        "not JSON")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"tuner.engines.vllm_setup.ThresholdsRefused: ALLREDUCE_AUTOTUNE_THRESHOLDS: {table}: "
+            "not JSON"
+        )
+    )
 
 
 def test_a_half_written_table_is_read_without_its_cut_row(tmp_path, capsys):
@@ -528,9 +877,25 @@ def test_absent_peers_are_skipped_rows_with_the_install_line(tmp_path, run_cli):
     hide.mkdir()
     (hide / "sitecustomize.py").write_text(HIDE.format(names=["mpi4py", "deepspeed"]))
     out = tmp_path / "run"
-    proc = run_cli("bench", "sweep", "--world-size", "1", "--backends", "mpi,deepspeed_shm",
-                   "-e", "1K", "--dtypes", "float32", "-n", "2", "-q", "--out", out,
-                   env={"PYTHONPATH": os.pathsep.join([str(hide), str(REPO)])}, timeout=180)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "1",
+        "--backends",
+        "mpi,deepspeed_shm",
+        "-e",
+        "1K",
+        "--dtypes",
+        "float32",
+        "-n",
+        "2",
+        "-q",
+        "--out",
+        out,
+        env={"PYTHONPATH": os.pathsep.join([str(hide), str(REPO)])},
+        timeout=180,
+    )
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     rows = {r["backend"]: r for r in csv.DictReader(open(out / "results.csv"))}
     for backend in ("mpi", "deepspeed_shm"):
@@ -546,8 +911,17 @@ def test_mpirun_launcher_absent_is_one_line(tmp_path, run_cli):
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     before = snapshot(tmp_path)
-    proc = run_cli("bench", *SWEEP, "--launcher", "mpirun", "--out", scratch / "run",
-                   env={"PATH": str(scratch)}, cwd=scratch, timeout=120)
+    proc = run_cli(
+        "bench",
+        *SWEEP,
+        "--launcher",
+        "mpirun",
+        "--out",
+        scratch / "run",
+        env={"PATH": str(scratch)},
+        cwd=scratch,
+        timeout=120,
+    )
     case = Case("launcher-mpirun-absent", "bench", fixed(), "--launcher mpirun")
     _check_refusal(case, proc.returncode, proc.stdout, proc.stderr)
     assert ABSENT["--launcher mpirun"][1] in proc.stderr

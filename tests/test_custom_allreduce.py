@@ -25,9 +25,17 @@ NAMES = ("custom_one_shot", "custom_two_shot")
 
 
 def _ctx(device: str = "cuda:0", world_size: int = 2, **kw) -> CommContext:
-    fields = {"rank": 0, "world_size": world_size, "local_rank": 0,
-              "local_world_size": world_size, "nnodes": 1, "device": torch.device(device),
-              "cpu_group": None, "same_host": True, "visible_gpus": 1}
+    fields = {
+        "rank": 0,
+        "world_size": world_size,
+        "local_rank": 0,
+        "local_world_size": world_size,
+        "nnodes": 1,
+        "device": torch.device(device),
+        "cpu_group": None,
+        "same_host": True,
+        "visible_gpus": 1,
+    }
     fields.update(kw)
     return CommContext(**fields)
 
@@ -41,6 +49,7 @@ def _env() -> dict[str, str]:
 
 # -- no GPU needed ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", NAMES)
 def test_registered_with_knobs(name):
     spec = get_spec(name)
@@ -50,13 +59,16 @@ def test_registered_with_knobs(name):
     assert spec.default_params() == {k: v[0] for k, v in KNOBS.items()}
 
 
-@pytest.mark.parametrize("ctx, words", [
-    (_ctx("cpu"), "needs CUDA tensors"),
-    (_ctx(world_size=1, local_world_size=1), "2..8"),
-    (_ctx(world_size=9, local_world_size=9), "2..8"),
-    (_ctx(nnodes=2, same_host=False, local_world_size=1), "span 2 hosts"),
-    (_ctx(world_size=4, local_world_size=2), "not every rank is on this host"),
-])
+@pytest.mark.parametrize(
+    "ctx, words",
+    [
+        (_ctx("cpu"), "needs CUDA tensors"),
+        (_ctx(world_size=1, local_world_size=1), "2..8"),
+        (_ctx(world_size=9, local_world_size=9), "2..8"),
+        (_ctx(nnodes=2, same_host=False, local_world_size=1), "span 2 hosts"),
+        (_ctx(world_size=4, local_world_size=2), "not every rank is on this host"),
+    ],
+)
 def test_probe_reasons(ctx, words):
     reason = probe(ctx)
     assert reason and words in reason
@@ -68,19 +80,24 @@ def test_probe_on_a_machine_without_cuda_gives_a_reason():
     assert reason and ("Triton" in reason or "CUDA" in reason)
 
 
-@pytest.mark.parametrize("params, words", [
-    ({"blocks": 7}, "blocks=7"),
-    ({"num_warps": 3}, "num_warps=3"),
-    ({"vec_bytes": 12}, "vec_bytes=12"),
-    ({"warps": 8}, "no knob 'warps'"),
-])
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ({"blocks": 7}, "blocks=7"),
+        ({"num_warps": 3}, "num_warps=3"),
+        ({"vec_bytes": 12}, "vec_bytes=12"),
+        ({"warps": 8}, "no knob 'warps'"),
+    ],
+)
 def test_knob_validation(params, words):
     for name in NAMES:
         reason = get_spec(name).check_params(params)
         assert reason and words in reason
     # the constructor refuses before touching a device (an unknown keyword is a TypeError)
-    with pytest.raises((ValueError, TypeError), match=words.split("=")[0].split("'")[-2]
-                       if "'" in words else words.split("=")[0]):
+    with pytest.raises(
+        (ValueError, TypeError),
+        match=words.split("=")[0].split("'")[-2] if "'" in words else words.split("=")[0],
+    ):
         CustomAllReduce(_ctx(), 1 << 20, algorithm="one_shot", **params)
 
 
@@ -91,10 +108,15 @@ def test_constructor_refuses_bad_algorithm_and_spins():
         CustomAllReduce(_ctx(), 1 << 20, algorithm="two_shot", max_spins=0)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--inputs", "1,2"], "--inputs"), (["--inputs", "9"], "--inputs"),
-    (["--dtype", "int8"], "--dtype"), (["--max-bytes", "12Q"], "--max-bytes"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--inputs", "1,2"], "--inputs"),
+        (["--inputs", "9"], "--inputs"),
+        (["--dtype", "int8"], "--dtype"),
+        (["--max-bytes", "12Q"], "--max-bytes"),
+    ],
+)
 def test_bench_kernels_bad_input_exits_2(argv, flag, capsys):
     from bench.cli import main
 
@@ -104,9 +126,13 @@ def test_bench_kernels_bad_input_exits_2(argv, flag, capsys):
 
 
 def _interp(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tests" / "custom_interp_ranks.py"),
-                           *args], capture_output=True, text=True, timeout=timeout,
-                          env={**_env(), "TRITON_INTERPRET": "1"})
+    return subprocess.run(
+        [sys.executable, str(REPO / "tests" / "custom_interp_ranks.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**_env(), "TRITON_INTERPRET": "1"},
+    )
 
 
 @pytest.mark.slow
@@ -139,13 +165,24 @@ def test_kernel_barrier_timeout_names_the_peer_in_interpreter():
 
 # -- on a CUDA machine ----------------------------------------------------------------------
 
+
 def _check(tmp_path, *args: str) -> dict:
     log_dir = Path(os.environ.get("BENCH_GPU_LOG_DIR", tmp_path))
     log_dir.mkdir(parents=True, exist_ok=True)
     out = log_dir / ("check-" + "-".join(a.strip("-") for a in args) + ".json")
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_custom_allreduce.py"),
-                           *args, "--out", str(out)], capture_output=True, text=True,
-                          timeout=280, env=_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "check_custom_allreduce.py"),
+            *args,
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        env=_env(),
+    )
     print(proc.stdout[-3000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())

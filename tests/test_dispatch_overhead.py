@@ -20,19 +20,33 @@ def dispatcher(tmp_path_factory):
     store = dist.FileStore(str(tmp_path_factory.mktemp("store") / "s"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     rules = (Rule(4096, "shm_one_shot"), Rule(65536, "shm_two_shot"), Rule(None, "gloo"))
-    evidence = {"run_id": "bench", "points": 0, "regret_vs_oracle": 0.0,
-                "gain_vs_nccl_geomean": None}
-    tables = tuple(Table(fingerprint("cpu")["hardware_key"], 1, dtype, "eager", rules,
-                         {"shm_one_shot": 4096, "shm_two_shot": 65536}, evidence)
-                   for dtype in ("float32", "bfloat16"))
+    evidence = {
+        "run_id": "bench",
+        "points": 0,
+        "regret_vs_oracle": 0.0,
+        "gain_vs_nccl_geomean": None,
+    }
+    tables = tuple(
+        Table(
+            fingerprint("cpu")["hardware_key"],
+            1,
+            dtype,
+            "eager",
+            rules,
+            {"shm_one_shot": 4096, "shm_two_shot": 65536},
+            evidence,
+        )
+        for dtype in ("float32", "bfloat16")
+    )
     d = Dispatcher.from_thresholds(Thresholds(tables=tables))
     yield d
     d.release()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("nbytes,expected", [(2048, "shm_one_shot"), (32768, "shm_two_shot"),
-                                             (4 << 20, "gloo")])
+@pytest.mark.parametrize(
+    "nbytes,expected", [(2048, "shm_one_shot"), (32768, "shm_two_shot"), (4 << 20, "gloo")]
+)
 def test_decision_overhead(benchmark, dispatcher, nbytes, expected):
     tensor = torch.ones(nbytes // 4, dtype=torch.float32)
     backend = benchmark(dispatcher.decide, tensor)
@@ -47,8 +61,11 @@ def test_op_call_overhead(benchmark, dispatcher, call):
 
     op.install(dispatcher, "bench")
     tensor = torch.full((256,), 3.0)
-    fn = {"floor": dispatcher.floor.all_reduce, "dispatcher": dispatcher.all_reduce,
-          "op": lambda t: op.all_reduce(t, "bench")}[call]
+    fn = {
+        "floor": dispatcher.floor.all_reduce,
+        "dispatcher": dispatcher.all_reduce,
+        "op": lambda t: op.all_reduce(t, "bench"),
+    }[call]
     try:
         result = benchmark(fn, tensor)
     finally:

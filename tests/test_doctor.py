@@ -18,8 +18,15 @@ from bench.doctor import check_rendezvous, compare_fingerprints
 def test_doctor_reports_the_node_and_every_backend(capsys):
     assert main(["doctor", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for section in ("## versions", "## libnccl", "## GPUs", "## NVLink multicast",
-                    "## shared memory", "## ranks: 1", "## backends"):
+    for section in (
+        "## versions",
+        "## libnccl",
+        "## GPUs",
+        "## NVLink multicast",
+        "## shared memory",
+        "## ranks: 1",
+        "## backends",
+    ):
         assert section in out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
     assert " ok" in lines["gloo"]
@@ -68,14 +75,27 @@ def test_fingerprint_differences_name_field_values_and_ranks():
 def test_doctor_across_ranks_flags_a_rank_that_differs(subprocess_env):
     # the doctor's command, its ranks launched as `bench doctor --world-size 2` does, with
     # rank 1's fingerprint made to differ through the command's `fingerprint` argument
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("doctor_differ.py")),
-                           "--world-size", "2", "--device", "cpu"], capture_output=True,
-                          text=True, timeout=180, env=subprocess_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("doctor_differ.py")),
+            "--world-size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "## ranks: 2 on 1 host(s)" in proc.stdout
     assert "RANKS DIFFER" in proc.stdout
-    assert "0.0.0-other on rank 1" in proc.stdout and "driver: None on rank 0; 999.1 on rank 1" \
-        in proc.stdout
+    assert (
+        "0.0.0-other on rank 1" in proc.stdout
+        and "driver: None on rank 0; 999.1 on rank 1" in proc.stdout
+    )
     shm = next(line for line in proc.stdout.splitlines() if line.startswith("  shm_one_shot"))
     assert " ok" in shm  # probed, created and checked with both ranks
 

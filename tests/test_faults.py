@@ -40,8 +40,23 @@ pytestmark = pytest.mark.slow
 TIMEOUT_S = 8  # --timeout of the faulty sweeps: a stopped rank is noticed after this
 # the launcher's own slack after a rank gives up: silent-peer check (2.5 s), shutdown (<= 5 s)
 SLACK_S = 15
-SWEEP = ["--world-size", "2", "--backends", "gloo,shm_one_shot", "-b", "1K", "-e", "256K",
-         "--dtypes", "float32", "-n", "40", "-w", "2", "-q"]
+SWEEP = [
+    "--world-size",
+    "2",
+    "--backends",
+    "gloo,shm_one_shot",
+    "-b",
+    "1K",
+    "-e",
+    "256K",
+    "--dtypes",
+    "float32",
+    "-n",
+    "40",
+    "-w",
+    "2",
+    "-q",
+]
 POINTS = 2 * 9
 
 
@@ -57,15 +72,21 @@ def reference() -> set[tuple]:
     return keys
 
 
-def _interrupt(tmp_path: Path, how, second: bool = False, out: Path | None = None,
-               sweep: list[str] = SWEEP, terminal: bool = False, rows: int = 4) -> dict:
+def _interrupt(
+    tmp_path: Path,
+    how,
+    second: bool = False,
+    out: Path | None = None,
+    sweep: list[str] = SWEEP,
+    terminal: bool = False,
+    rows: int = 4,
+) -> dict:
     """Start a sweep, wait for `rows` rows, then the fault: a signal `how` to rank 1, or
     `how(proc, out, rank_pids)`; wait for the end. With `second`, start another sweep on the
     same directory while rank 0 still holds it."""
     out = out or tmp_path / "run"
     shm_before, fds_before = shm_segments(), open_fds()
-    proc = start("bench", "sweep", *sweep, "--timeout", TIMEOUT_S, "--out", out,
-                 terminal=terminal)
+    proc = start("bench", "sweep", *sweep, "--timeout", TIMEOUT_S, "--out", out, terminal=terminal)
     seen: set[int] = set()
     wait_for_rows(proc, out / "results.csv", 1, seen=seen)
     rank0, others = rank_pids(proc.pid, out / ".lock")
@@ -76,14 +97,21 @@ def _interrupt(tmp_path: Path, how, second: bool = False, out: Path | None = Non
     else:
         os.kill(others[0], how)
     hit = time.monotonic()
-    other = start("bench", "sweep", *SWEEP, "--timeout", "60", "--resume", out) if second \
-        else None
+    other = start("bench", "sweep", *SWEEP, "--timeout", "60", "--resume", out) if second else None
     stdout, stderr = proc.communicate(timeout=120)
     elapsed = time.monotonic() - hit
     time.sleep(0.2)
-    return {"second": other.communicate(timeout=120) + (other.returncode,) if other else None,
-            "out": out, "proc": proc, "stderr": stderr, "elapsed": elapsed, "kept": kept,
-            "pids": seen | {rank0, *others}, "shm_before": shm_before, "fds_before": fds_before}
+    return {
+        "second": other.communicate(timeout=120) + (other.returncode,) if other else None,
+        "out": out,
+        "proc": proc,
+        "stderr": stderr,
+        "elapsed": elapsed,
+        "kept": kept,
+        "pids": seen | {rank0, *others},
+        "shm_before": shm_before,
+        "fds_before": fds_before,
+    }
 
 
 def _check_ended_cleanly(run: dict, limit_s: float) -> None:
@@ -97,15 +125,15 @@ def _check_ended_cleanly(run: dict, limit_s: float) -> None:
     assert table.startswith(run["kept"]) and table.endswith(b"\n")
 
 
-def _resume_to_reference(run: dict, reference: set[tuple], run_cli,
-                         sweep: list[str] = SWEEP) -> None:
+def _resume_to_reference(
+    run: dict, reference: set[tuple], run_cli, sweep: list[str] = SWEEP
+) -> None:
     kept = point_keys(run["out"] / "results.csv")
     assert 3 <= len(kept) < len(reference)
-    proc = run_cli("bench", "sweep", *sweep, "--timeout", "60", "--resume", run["out"],
-                   timeout=180)
+    proc = run_cli("bench", "sweep", *sweep, "--timeout", "60", "--resume", run["out"], timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = point_keys(run["out"] / "results.csv")
-    assert resumed[:len(kept)] == kept  # the finished rows were not measured again
+    assert resumed[: len(kept)] == kept  # the finished rows were not measured again
     assert len(resumed) == len(set(resumed)) == len(reference)
     assert set(resumed) == reference
     whole_rows(run["out"] / "results.csv")
@@ -134,8 +162,9 @@ def test_sigkill_of_a_rank_ends_the_sweep_and_resume_completes(tmp_path, referen
     lines = stderr_lines(run["stderr"])
     assert any("rank 1 failed" in line and "SIGKILL" in line for line in lines), lines
     rows = data_rows(run["out"] / "results.csv")
-    assert any(f"; {rows} rows are kept in {run['out'] / 'results.csv'}" in line
-               for line in lines), lines
+    assert any(
+        f"; {rows} rows are kept in {run['out'] / 'results.csv'}" in line for line in lines
+    ), lines
     assert not leftover[0].exists(), "the killed rank's file in /dev/shm was left"
     _resume_to_reference(run, reference, run_cli)
 
@@ -148,8 +177,9 @@ def test_a_stopped_rank_is_named_and_ended_and_resume_completes(tmp_path, refere
     assert second_rc == 2 and "being written by another sweep" in second_err, second_err
     lines = stderr_lines(run["stderr"])
     # rank 0 gives up after --timeout and names the silent peer
-    assert any(line.startswith("bench: rank 0:") and "silent: rank 1" in line
-               for line in lines), run["stderr"][-3000:]
+    assert any(line.startswith("bench: rank 0:") and "silent: rank 1" in line for line in lines), (
+        run["stderr"][-3000:]
+    )
     _resume_to_reference(run, reference, run_cli)
 
 
@@ -182,10 +212,35 @@ def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
     # children other tests left to this pytest process (multiprocessing's resource tracker)
     earlier = {pid for pid in descendants(os.getpid()) if alive(pid)}
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(script), "sweep", "--world-size", "2",
-                           "--backends", "gloo", "-b", "1K", "-e", "4K", "--dtypes", "float32",
-                           "-n", "3", "--timeout", "60", "--out", str(out), "-q"],
-                          capture_output=True, text=True, timeout=120, env=env(), cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "sweep",
+            "--world-size",
+            "2",
+            "--backends",
+            "gloo",
+            "-b",
+            "1K",
+            "-e",
+            "4K",
+            "--dtypes",
+            "float32",
+            "-n",
+            "3",
+            "--timeout",
+            "60",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(),
+        cwd=REPO,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "ranks disagree" in line]
     assert len(lines) == 1, proc.stderr[-2000:]
@@ -197,8 +252,23 @@ def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
 
 
 # a sweep of 42 points, whose table outgrows one 4 KiB page of a tmpfs
-SWEEP_42 = ["--world-size", "2", "--backends", "gloo,shm_one_shot,shm_two_shot", "-b", "1K",
-            "-e", "64K", "--dtypes", "float32,bfloat16", "-n", "3", "-w", "1", "-q"]
+SWEEP_42 = [
+    "--world-size",
+    "2",
+    "--backends",
+    "gloo,shm_one_shot,shm_two_shot",
+    "-b",
+    "1K",
+    "-e",
+    "64K",
+    "--dtypes",
+    "float32,bfloat16",
+    "-n",
+    "3",
+    "-w",
+    "1",
+    "-q",
+]
 
 
 def _keys(sweep: list[str]) -> set[tuple]:
@@ -216,11 +286,17 @@ def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_completes(tmp_path
         pytest.skip(reason)
     try:
         filler: list[Path] = []
-        run = _interrupt(tmp_path, lambda proc, out, ranks: filler.append(fill_disk(disk)),
-                         out=disk / "run", sweep=SWEEP_42, rows=2)
+        run = _interrupt(
+            tmp_path,
+            lambda proc, out, ranks: filler.append(fill_disk(disk)),
+            out=disk / "run",
+            sweep=SWEEP_42,
+            rows=2,
+        )
         _check_ended_cleanly(run, limit_s=60)
-        line = _one_line(run, "cannot append to", "[Errno 28] No space left on device",
-                         "continue with --resume")
+        line = _one_line(
+            run, "cannot append to", "[Errno 28] No space left on device", "continue with --resume"
+        )
         rows = whole_rows(run["out"] / "results.csv")
         assert f"its {len(rows)} rows are kept" in line and 2 <= len(rows) < 42
         filler[0].unlink()
@@ -232,29 +308,36 @@ def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_completes(tmp_path
 def test_the_run_directory_removed_mid_sweep_is_written_again(tmp_path, reference, run_cli):
     run = _interrupt(tmp_path, lambda proc, out, ranks: shutil.rmtree(out))
     _check_ended_cleanly(run, limit_s=TIMEOUT_S + SLACK_S)
-    line = _one_line(run, "was removed during the sweep", "were written again",
-                     f"continue with --resume {run['out']}")
+    line = _one_line(
+        run,
+        "was removed during the sweep",
+        "were written again",
+        f"continue with --resume {run['out']}",
+    )
     rows = whole_rows(run["out"] / "results.csv")
     assert f"its {len(rows)} rows" in line
     assert (run["out"] / "meta.json").is_file()
     _resume_to_reference(run, reference, run_cli)
 
 
-def test_sigterm_to_the_launcher_ends_the_ranks_and_says_what_is_kept(tmp_path, reference,
-                                                                      run_cli):
+def test_sigterm_to_the_launcher_ends_the_ranks_and_says_what_is_kept(tmp_path, reference, run_cli):
     run = _interrupt(tmp_path, lambda proc, out, ranks: proc.send_signal(signal.SIGTERM))
     assert run["proc"].returncode == 128 + signal.SIGTERM
     _check_ended_cleanly(run, limit_s=SLACK_S)
     rows = whole_rows(run["out"] / "results.csv")
-    _one_line(run, "bench: stopped by SIGTERM; the ranks were ended",
-              f"{len(rows)} rows are kept in {run['out'] / 'results.csv'}")
+    _one_line(
+        run,
+        "bench: stopped by SIGTERM; the ranks were ended",
+        f"{len(rows)} rows are kept in {run['out'] / 'results.csv'}",
+    )
     _resume_to_reference(run, reference, run_cli)
 
 
 def test_ctrl_c_ends_the_sweep_with_one_line(tmp_path):
     # Ctrl-C in a terminal: SIGINT to every process of the foreground group, ranks included
-    run = _interrupt(tmp_path, lambda proc, out, ranks: os.killpg(proc.pid, signal.SIGINT),
-                     terminal=True)
+    run = _interrupt(
+        tmp_path, lambda proc, out, ranks: os.killpg(proc.pid, signal.SIGINT), terminal=True
+    )
     assert run["proc"].returncode == 130
     _check_ended_cleanly(run, limit_s=SLACK_S)
     rows = whole_rows(run["out"] / "results.csv")
@@ -287,9 +370,16 @@ def test_a_gloo_group_left_to_a_reference_cycle_does_not_abort_the_exit(tmp_path
     # called without an active exception"): the group was freed during finalization
     for attempt in range(8):
         store = tmp_path / f"store{attempt}"
-        ranks = [subprocess.Popen([sys.executable, "-c", CYCLE_RANK, str(rank), str(store)],
-                                  env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for rank in range(2)]
+        ranks = [
+            subprocess.Popen(
+                [sys.executable, "-c", CYCLE_RANK, str(rank), str(store)],
+                env=env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(2)
+        ]
         for rank, proc in enumerate(ranks):
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, (attempt, rank, proc.returncode, err[-2000:])

@@ -24,17 +24,33 @@ from bench import backends as registry
 from bench.backends import libnccl
 from bench.backends.base import CommContext
 
-GPU_NAMES = ("nccl", "pynccl", "pynccl_symm", "symm_mem_one_shot", "symm_mem_two_shot",
-             "symm_mem_multimem")
-NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                "NVSHMEM_DISABLE_NVLS": "1"}
+GPU_NAMES = (
+    "nccl",
+    "pynccl",
+    "pynccl_symm",
+    "symm_mem_one_shot",
+    "symm_mem_two_shot",
+    "symm_mem_multimem",
+)
+NO_MULTICAST = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _ctx(device: str, world_size: int = 1, visible_gpus: int = 0, group=None) -> CommContext:
-    return CommContext(rank=0, world_size=world_size, local_rank=0,
-                       local_world_size=world_size, nnodes=1, device=torch.device(device),
-                       cpu_group=group, visible_gpus=visible_gpus)
+    return CommContext(
+        rank=0,
+        world_size=world_size,
+        local_rank=0,
+        local_world_size=world_size,
+        nnodes=1,
+        device=torch.device(device),
+        cpu_group=group,
+        visible_gpus=visible_gpus,
+    )
 
 
 def _read_rows(out: Path) -> list[dict[str, str]]:
@@ -43,6 +59,7 @@ def _read_rows(out: Path) -> list[dict[str, str]]:
 
 
 # -- what runs without a GPU -------------------------------------------------------------------
+
 
 def test_gpu_backends_register_on_any_machine():
     for name in GPU_NAMES:
@@ -108,17 +125,37 @@ def test_nccl_config_prefix_matches_nccl_h():
     config = libnccl.NcclConfig
     if ctypes.sizeof(ctypes.c_void_p) != 8:
         pytest.skip("layout checked for 64-bit platforms")
-    assert [getattr(config, f).offset for f in ("magic", "version", "blocking", "minCTAs",
-                                                "maxCTAs", "netName")] == [8, 12, 16, 24, 28, 32]
+    assert [
+        getattr(config, f).offset
+        for f in ("magic", "version", "blocking", "minCTAs", "maxCTAs", "netName")
+    ] == [8, 12, 16, 24, 28, 32]
     assert ctypes.sizeof(config) == 40
     assert ctypes.sizeof(libnccl.NcclUniqueId) == 128
 
 
 def test_cpu_sweep_records_gpu_backends_as_skipped(run_cli, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("bench", "sweep", "--device", "cpu", "--world-size", "1", "--backends",
-                   ",".join(GPU_NAMES), "-b", "1K", "-e", "1K", "--dtypes", "float32",
-                   "--out", out, "-q", env=NO_MULTICAST, timeout=120)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--device",
+        "cpu",
+        "--world-size",
+        "1",
+        "--backends",
+        ",".join(GPU_NAMES),
+        "-b",
+        "1K",
+        "-e",
+        "1K",
+        "--dtypes",
+        "float32",
+        "--out",
+        out,
+        "-q",
+        env=NO_MULTICAST,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _read_rows(out)
     assert sorted(r["backend"] for r in rows) == sorted(GPU_NAMES)
@@ -126,6 +163,7 @@ def test_cpu_sweep_records_gpu_backends_as_skipped(run_cli, tmp_path):
 
 
 # -- on a GPU ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def gpu_ctx(tmp_path_factory):
@@ -175,7 +213,7 @@ def _graph_sum(backend, ctx: CommContext, calls: int = 3) -> None:
     x.fill_(2.0)
     replay()
     torch.cuda.synchronize()
-    assert torch.equal(x, torch.full_like(x, 2.0 * ctx.world_size ** calls))
+    assert torch.equal(x, torch.full_like(x, 2.0 * ctx.world_size**calls))
 
 
 def _sums_then_release(backend, ctx: CommContext) -> None:
@@ -249,8 +287,9 @@ def test_pynccl_refuses_tensors_of_another_device(gpu_ctx):
         if torch.cuda.device_count() > 1:
             other = torch.ones(16, device="cuda:1")
             assert "communicator on cuda:0" in backend.can_take(other)
-        assert "not supported" in backend.can_take(torch.ones(4, dtype=torch.int16,
-                                                              device=gpu_ctx.device))
+        assert "not supported" in backend.can_take(
+            torch.ones(4, dtype=torch.int16, device=gpu_ctx.device)
+        )
     finally:
         backend.release()
 
@@ -314,18 +353,44 @@ def test_fingerprint_names_the_gpu():
 def test_cuda_sweep_world_size_1(run_cli, tmp_path):
     out = tmp_path / "run"
     names = GPU_NAMES + ("custom_one_shot",)
-    proc = run_cli("bench", "sweep", "--device", "cuda", "--world-size", "1", "--backends",
-                   ",".join(names), "-b", "4K", "-e", "1M", "-f", "16", "--iters", "5",
-                   "--warmup", "2", "--timeout", "60", "--out", out, "-q", env=NO_MULTICAST,
-                   timeout=240)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--device",
+        "cuda",
+        "--world-size",
+        "1",
+        "--backends",
+        ",".join(names),
+        "-b",
+        "4K",
+        "-e",
+        "1M",
+        "-f",
+        "16",
+        "--iters",
+        "5",
+        "--warmup",
+        "2",
+        "--timeout",
+        "60",
+        "--out",
+        out,
+        "-q",
+        env=NO_MULTICAST,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _read_rows(out)
     assert {r["backend"] for r in rows} == set(names)
     for name in ("nccl", "pynccl"):
         for mode in ("eager", "graph"):
             measured = [r for r in rows if r["backend"] == name and r["mode"] == mode]
-            assert measured and all(r["latency_us"] and r["correct"] == "True"
-                                    for r in measured), (name, mode, measured[:1])
+            assert measured and all(r["latency_us"] and r["correct"] == "True" for r in measured), (
+                name,
+                mode,
+                measured[:1],
+            )
     multimem = [r for r in rows if r["backend"] == "symm_mem_multimem"]
     assert all(r["skipped_reason"].startswith("no NVLink multicast") for r in multimem)
     for row in rows:  # every row is either a correct measurement or a reason

@@ -1,7 +1,8 @@
 """The house rules, read from the source with `ast` (every import, function-level ones too):
 no import circles among the modules of bench/ and tuner/; bench/ never imports tuner/; nobody
 reaches into another module's private names (`from X import _y`, `X._y`, `import X._y`),
-tests and scripts included; no module of bench/ or tuner/ over 400 lines.
+tests and scripts included; no module of bench/ or tuner/ over 500 lines (as `ruff format`
+lays them out; the limit was 400 lines in the denser layout before it).
 
 The checks run per room (bench/launch, tuner/search, tests, ...), so a failure names the room
 it is in, and each lists every offender it finds, not the first."""
@@ -16,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("bench", "tuner")
-MAX_LINES = 400
+MAX_LINES = 500
 # private by name, public by documentation or by decision
 ALLOWED_PRIVATE = (
     "os._exit",  # the documented way to end a process without cleanup
@@ -59,20 +60,24 @@ def _project_modules() -> dict[str, Path]:
 def _imports(path: Path) -> list[tuple[int, str, str | None, str]]:
     """(line, module, name imported from it or None, the local name bound) for every import in
     the file; relative imports resolved."""
-    package = _module_name(path) if path.name == "__init__.py" else \
-        _module_name(path).rpartition(".")[0]
+    package = (
+        _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
+    )
     found = []
     for node in ast.walk(_sources()[path]):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, alias.name, None, alias.asname or alias.name.split(".")[0])
-                      for alias in node.names]
+            found += [
+                (node.lineno, alias.name, None, alias.asname or alias.name.split(".")[0])
+                for alias in node.names
+            ]
         elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
             base = node.module or ""
             if node.level:
-                parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parent + ([base] if base else []))
-            found += [(node.lineno, base, alias.name, alias.asname or alias.name)
-                      for alias in node.names]
+            found += [
+                (node.lineno, base, alias.name, alias.asname or alias.name) for alias in node.names
+            ]
     return found
 
 
@@ -168,12 +173,16 @@ def _reach_ins(path: Path) -> list[str]:
         for i, part in enumerate(parts):
             if not _private(part):
                 continue
-            owner = ".".join(parts[:i + 1])
+            owner = ".".join(parts[: i + 1])
             # a private module is its own package's to use (Optuna's `_imports` style)
-            inside = owner in modules and (here == owner or here.startswith(owner + ".") or
-                                            here.startswith(".".join(parts[:i]) + "."))
-            if not inside and not any(dotted == a or dotted.startswith(a + ".")
-                                      for a in ALLOWED_PRIVATE):
+            inside = owner in modules and (
+                here == owner
+                or here.startswith(owner + ".")
+                or here.startswith(".".join(parts[:i]) + ".")
+            )
+            if not inside and not any(
+                dotted == a or dotted.startswith(a + ".") for a in ALLOWED_PRIVATE
+            ):
                 found.append(f"{path}:{line}: {dotted}")
             break
     return found
@@ -193,10 +202,14 @@ def test_bench_never_imports_tuner():
     """The measuring rooms never import the deciding side. The analysis room reads both sides
     (a figure of a run next to the rules of its thresholds.json), through the runtime's own
     schema and rule lookup only: never the search or the table builder."""
-    edges = [f"{module} -> {target}" for module, targets in sorted(_graph().items())
-             for target in sorted(targets) if module.startswith("bench") and
-             target.startswith("tuner") and not (module.startswith("bench.analysis") and
-                                                 target.startswith("tuner.runtime"))]
+    edges = [
+        f"{module} -> {target}"
+        for module, targets in sorted(_graph().items())
+        for target in sorted(targets)
+        if module.startswith("bench")
+        and target.startswith("tuner")
+        and not (module.startswith("bench.analysis") and target.startswith("tuner.runtime"))
+    ]
     assert not edges, "bench/ imports tuner/: " + "; ".join(edges)
 
 
@@ -207,9 +220,14 @@ def test_no_reach_into_private_names(room):
 
 
 @pytest.mark.parametrize("room", _rooms(only_packages=True))
-def test_no_module_over_400_lines(room):
-    long = [f"{p}: {n} lines" for p in _sources() if _room(p) == room
-            for n in [len((REPO / p).read_text().splitlines())] if n > MAX_LINES]
+def test_no_module_over_max_lines(room):
+    long = [
+        f"{p}: {n} lines"
+        for p in _sources()
+        if _room(p) == room
+        for n in [len((REPO / p).read_text().splitlines())]
+        if n > MAX_LINES
+    ]
     assert not long, f"modules over {MAX_LINES} lines: " + "; ".join(long)
 
 

@@ -24,11 +24,25 @@ K = 1024
 
 def _thresholds(world_size: int) -> Thresholds:
     rules = (Rule(4 * K, "shm_one_shot"), Rule(64 * K, "shm_two_shot"), Rule(None, "gloo"))
-    evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
-                "gain_vs_nccl_geomean": None}
-    return Thresholds(tables=(Table(fingerprint("cpu")["hardware_key"], world_size, "float32",
-                                    "eager", rules, {"shm_one_shot": 4 * K,
-                                                     "shm_two_shot": 64 * K}, evidence),))
+    evidence = {
+        "run_id": "test",
+        "points": 0,
+        "regret_vs_oracle": 0.0,
+        "gain_vs_nccl_geomean": None,
+    }
+    return Thresholds(
+        tables=(
+            Table(
+                fingerprint("cpu")["hardware_key"],
+                world_size,
+                "float32",
+                "eager",
+                rules,
+                {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K},
+                evidence,
+            ),
+        )
+    )
 
 
 def _model(x: torch.Tensor) -> torch.Tensor:
@@ -43,10 +57,14 @@ def _exercise(dispatcher: Dispatcher, rank: int, world: int) -> dict:
         x = torch.full((nbytes // 4,), float(rank + 1))
         before = x.clone()
         y = op.all_reduce(x)
-        report["eager"].append({
-            "bytes": nbytes, "backend": dispatcher.last_backend,
-            "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))),
-            "input_kept": bool(torch.equal(x, before))})
+        report["eager"].append(
+            {
+                "bytes": nbytes,
+                "backend": dispatcher.last_backend,
+                "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))),
+                "input_kept": bool(torch.equal(x, before)),
+            }
+        )
     explain = dynamo_explain(_model)(torch.ones(256))
     report["graph_breaks"] = explain.graph_break_count
     report["graphs"] = explain.graph_count
@@ -56,8 +74,13 @@ def _exercise(dispatcher: Dispatcher, rank: int, world: int) -> dict:
         x = torch.full((nbytes // 4,), float(rank + 1))
         y = compiled(x)
         want = 2 * sum(range(1, world + 1)) + 1
-        report["compiled"].append({"bytes": nbytes, "backend": dispatcher.last_backend,
-                                   "sum_ok": bool(torch.equal(y, torch.full_like(x, want)))})
+        report["compiled"].append(
+            {
+                "bytes": nbytes,
+                "backend": dispatcher.last_backend,
+                "sum_ok": bool(torch.equal(y, torch.full_like(x, want))),
+            }
+        )
     return report
 
 
@@ -73,11 +96,15 @@ def test_op_routes_by_table_and_compiles_without_graph_breaks(tmp_path):
     world = 2
     path = tmp_path / "thresholds.json"
     _thresholds(world).save(path)
-    mp.start_processes(_rank_main, args=(world, free_port("127.0.0.1"), str(path), str(tmp_path)),
-                       nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(world, free_port("127.0.0.1"), str(path), str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     for report in read_reports(tmp_path, world):
-        assert [e["backend"] for e in report["eager"]] == ["shm_one_shot", "shm_two_shot",
-                                                            "gloo"]
+        assert [e["backend"] for e in report["eager"]] == ["shm_one_shot", "shm_two_shot", "gloo"]
         assert all(e["sum_ok"] and e["input_kept"] for e in report["eager"])
         assert report["graph_breaks"] == 0 and report["graphs"] == 1
         assert [e["backend"] for e in report["compiled"]] == ["shm_one_shot", "shm_two_shot"]
@@ -99,8 +126,9 @@ def test_op_registration_passes_torch_opcheck(tmp_path):
     try:
         with op.serving(Dispatcher.from_file(path), "opcheck"):
             for x in (torch.arange(12.0).reshape(3, 4), torch.ones(5, dtype=torch.bfloat16)):
-                torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,
-                                      (x, "opcheck"))
+                torch.library.opcheck(
+                    torch.ops.allreduce_autotune.all_reduce.default, (x, "opcheck")
+                )
     finally:
         dist.destroy_process_group()
 
@@ -137,16 +165,37 @@ def _register_gloo_into() -> None:
     from bench.backends import register
     from bench.backends.base import BackendSpec
 
-    register(BackendSpec(name="gloo_into", device="cpu", probe=lambda ctx: None,
-                         create=lambda ctx, max_bytes, **kw: _GlooInto(ctx), needs_buffer=False))
+    register(
+        BackendSpec(
+            name="gloo_into",
+            device="cpu",
+            probe=lambda ctx: None,
+            create=lambda ctx, max_bytes, **kw: _GlooInto(ctx),
+            needs_buffer=False,
+        )
+    )
 
 
 def _into_table(world_size: int) -> Thresholds:
-    evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
-                "gain_vs_nccl_geomean": None}
-    return Thresholds(tables=(Table(fingerprint("cpu")["hardware_key"], world_size, "float32",
-                                    "eager", (Rule(4 * K, "gloo_into"), Rule(None, "gloo")), {},
-                                    evidence),))
+    evidence = {
+        "run_id": "test",
+        "points": 0,
+        "regret_vs_oracle": 0.0,
+        "gain_vs_nccl_geomean": None,
+    }
+    return Thresholds(
+        tables=(
+            Table(
+                fingerprint("cpu")["hardware_key"],
+                world_size,
+                "float32",
+                "eager",
+                (Rule(4 * K, "gloo_into"), Rule(None, "gloo")),
+                {},
+                evidence,
+            ),
+        )
+    )
 
 
 def _into_rank(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -158,12 +207,18 @@ def _into_rank(rank: int, world: int, port: int, out_dir: str) -> None:
             for nbytes in (1 * K, 4 * K, 16 * K):
                 x = torch.full((nbytes // 4,), float(rank + 1))
                 y = op.all_reduce(x)
-                report.append({"bytes": nbytes, "into": backend.into_calls,
-                               "in_place": backend.in_place_calls,
-                               "sum_ok": bool(torch.equal(y, torch.full_like(x, sum(
-                                   range(1, world + 1))))),
-                               "input_kept": bool(torch.equal(x, torch.full_like(x, rank + 1))),
-                               "new_tensor": y.data_ptr() != x.data_ptr()})
+                report.append(
+                    {
+                        "bytes": nbytes,
+                        "into": backend.into_calls,
+                        "in_place": backend.in_place_calls,
+                        "sum_ok": bool(
+                            torch.equal(y, torch.full_like(x, sum(range(1, world + 1))))
+                        ),
+                        "input_kept": bool(torch.equal(x, torch.full_like(x, rank + 1))),
+                        "new_tensor": y.data_ptr() != x.data_ptr(),
+                    }
+                )
             write_report(out_dir, rank, report)
 
 
@@ -171,8 +226,13 @@ def test_op_writes_into_a_new_tensor_where_the_backend_can(tmp_path):
     """A backend with `all_reduce_into` gets the caller's tensor and an empty one (no copy
     first); above its range gloo reduces a copy. Two real ranks."""
     world = 2
-    mp.start_processes(_into_rank, args=(world, free_port("127.0.0.1"), str(tmp_path)),
-                       nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(
+        _into_rank,
+        args=(world, free_port("127.0.0.1"), str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     for report in read_reports(tmp_path, world):
         assert [(e["into"], e["in_place"]) for e in report] == [(1, 0), (2, 0), (2, 0)]
         assert all(e["sum_ok"] and e["input_kept"] and e["new_tensor"] for e in report)
@@ -184,8 +244,10 @@ def test_opcheck_passes_through_the_out_of_place_verb(tmp_path):
     _register_gloo_into()
     try:
         with op.serving(Dispatcher.from_thresholds(_into_table(1)), "into") as dispatcher:
-            torch.library.opcheck(torch.ops.allreduce_autotune.all_reduce.default,
-                                  (torch.arange(12.0).reshape(3, 4), "into"))
+            torch.library.opcheck(
+                torch.ops.allreduce_autotune.all_reduce.default,
+                (torch.arange(12.0).reshape(3, 4), "into"),
+            )
             assert dispatcher.backends["gloo_into"].into_calls > 0
     finally:
         dist.destroy_process_group()

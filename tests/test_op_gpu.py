@@ -21,18 +21,22 @@ from tuner.runtime import op
 from tuner.runtime.dispatch import Dispatcher
 from tuner.runtime.schema import Rule, Table, Thresholds
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 K, M = 1024, 1 << 20
 EVIDENCE = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0, "gain_vs_nccl_geomean": None}
 
 
 def _thresholds(world_size: int, eager: tuple, graph: tuple, max_size: dict) -> Thresholds:
     key = fingerprint("cuda")["hardware_key"]
-    return Thresholds(tables=(Table(key, world_size, "bfloat16", "eager", eager, max_size,
-                                    EVIDENCE),
-                              Table(key, world_size, "bfloat16", "graph", graph, max_size,
-                                    EVIDENCE)))
+    return Thresholds(
+        tables=(
+            Table(key, world_size, "bfloat16", "eager", eager, max_size, EVIDENCE),
+            Table(key, world_size, "bfloat16", "graph", graph, max_size, EVIDENCE),
+        )
+    )
 
 
 def _exercise(d: Dispatcher, rank: int, world: int, sizes: tuple[int, ...]) -> dict:
@@ -44,8 +48,9 @@ def _exercise(d: Dispatcher, rank: int, world: int, sizes: tuple[int, ...]) -> d
         x = torch.full((nbytes // 2,), float(rank + 1), dtype=torch.bfloat16, device="cuda")
         y = op.all_reduce(x)
         torch.cuda.synchronize()
-        out["eager"].append([nbytes, d.last_backend, bool((y == total).all()),
-                             bool((x == rank + 1).all())])
+        out["eager"].append(
+            [nbytes, d.last_backend, bool((y == total).all()), bool((x == rank + 1).all())]
+        )
     for nbytes in sizes:
         x = torch.full((nbytes // 2,), 1.0, dtype=torch.bfloat16, device="cuda")
         side = torch.cuda.Stream()
@@ -75,8 +80,9 @@ def test_op_one_rank_nccl_and_pynccl_eager_graph_and_compiled(tmp_path):
     rules = (Rule(8 * K, "pynccl"), Rule(None, "nccl"))
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    d = Dispatcher.from_thresholds(_thresholds(1, rules, (Rule(None, "nccl"),), {}), device="cuda:0",
-                                   count_calls=True)
+    d = Dispatcher.from_thresholds(
+        _thresholds(1, rules, (Rule(None, "nccl"),), {}), device="cuda:0", count_calls=True
+    )
     try:
         with op.serving(d):
             report = _exercise(d, 0, 1, (4 * K, 1 * M))
@@ -100,11 +106,9 @@ def _ipc_rank(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.cuda.set_device(0)  # every rank on the one GPU, through CUDA IPC
     eager = (Rule(64 * K, "custom_one_shot"), Rule(None, "custom_two_shot"))
     graph = (Rule(None, "custom_one_shot"),)
-    tables = _thresholds(world, eager, graph, {"custom_one_shot": 4 * M,
-                                               "custom_two_shot": 4 * M})
+    tables = _thresholds(world, eager, graph, {"custom_one_shot": 4 * M, "custom_two_shot": 4 * M})
     with gloo_rank(rank, world, port):
-        with op.serving(Dispatcher.from_thresholds(tables, device="cuda:0",
-                                                   count_calls=True)) as d:
+        with op.serving(Dispatcher.from_thresholds(tables, device="cuda:0", count_calls=True)) as d:
             report = _exercise(d, rank, world, (4 * K, 1 * M))
             report["notes"] = list(d.notes)
         write_report(out_dir, rank, report)
@@ -112,8 +116,13 @@ def _ipc_rank(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_op_own_ipc_kernels_several_ranks_on_one_gpu(world, tmp_path):
-    mp.start_processes(_ipc_rank, args=(world, free_port("127.0.0.1"), str(tmp_path)),
-                       nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(
+        _ipc_rank,
+        args=(world, free_port("127.0.0.1"), str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="spawn",
+    )
     for report in read_reports(tmp_path, world):
         assert [e[1] for e in report["eager"]] == ["custom_one_shot", "custom_two_shot"], report
         assert all(e[2] and e[3] for e in report["eager"]), report

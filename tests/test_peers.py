@@ -84,9 +84,26 @@ def test_mpi_rows_correct_under_mpirun(ws, run_cli, tmp_path):
         pytest.skip(reason)
     out = tmp_path / "run"
     # 256K: past 256 KiB Open MPI's coll/tuned switches to Rabenseifner (user op in pieces)
-    proc = run_cli("bench", "sweep", "--launcher", "mpirun", "--world-size", ws, "--backends",
-                   "mpi,shm_one_shot", "-b", "1K", "-e", "256K", "-f", "16", *SWEEP, "--out",
-                   out, timeout=240)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--launcher",
+        "mpirun",
+        "--world-size",
+        ws,
+        "--backends",
+        "mpi,shm_one_shot",
+        "-b",
+        "1K",
+        "-e",
+        "256K",
+        "-f",
+        "16",
+        *SWEEP,
+        "--out",
+        out,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(out)
     _check_rows(rows, "mpi", 2 * 3)
@@ -98,8 +115,24 @@ def test_mpi_under_torchrun_is_a_skipped_row(run_cli, tmp_path):
     if not installed("mpi4py"):
         pytest.skip(f"mpi4py is not installed: {PIP_PEERS}")
     out = tmp_path / "run"
-    proc = run_cli("bench", "sweep", "--world-size", "2", "--backends", "mpi,gloo", "-e", "1K",
-                   "--dtypes", "float32", "-n", "3", "-q", "--out", out, timeout=180)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "2",
+        "--backends",
+        "mpi,gloo",
+        "-e",
+        "1K",
+        "--dtypes",
+        "float32",
+        "-n",
+        "3",
+        "-q",
+        "--out",
+        out,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = [r for r in _rows(out) if r["backend"] == "mpi"]
     assert "needs --launcher mpirun" in row["skipped_reason"], row
@@ -111,8 +144,24 @@ def test_deepspeed_shm_rows_correct(ws, deepspeed_op, run_cli, tmp_path):
     before = _ds_files()
     out = tmp_path / "run"
     # 4M: past 1 MiB the op reduce-scatters and all-gathers through its 32 MiB buffers
-    proc = run_cli("bench", "sweep", "--world-size", ws, "--backends", "deepspeed_shm,gloo",
-                   "-b", "1K", "-e", "4M", "-f", "64", *SWEEP, "--out", out, timeout=240)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        ws,
+        "--backends",
+        "deepspeed_shm,gloo",
+        "-b",
+        "1K",
+        "-e",
+        "4M",
+        "-f",
+        "64",
+        *SWEEP,
+        "--out",
+        out,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_rows(_rows(out), "deepspeed_shm", 2 * 3)
     assert _ds_files() - before == set(), "the op's /dev/shm files were left behind"
@@ -133,11 +182,12 @@ def test_deepspeed_shm_refuses_what_it_would_not_reduce(deepspeed_op, run_cli, t
         "print(b.can_take(torch.ones(8, 8).t()))\n"
         "print(b.can_take(torch.ones(8, dtype=torch.int32)))\n"
         "print(b.can_take(torch.ones(8, dtype=torch.float16)))\n"
-        "dist.destroy_process_group()\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": "1"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env=env, timeout=180)
+        "dist.destroy_process_group()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=180
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert "dtype float64 not supported" in lines[0]
@@ -177,10 +227,37 @@ def test_mpirun_sweep_ends_when_a_rank_stops(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", "sweep", "--launcher", "mpirun", "--world-size",
-         "2", "--backends", "mpi", "-b", "1K", "-e", "1M", "--dtypes", "float32", "-n", "40",
-         "--timeout", "8", "--out", str(out), "-q"],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "bench.cli",
+            "sweep",
+            "--launcher",
+            "mpirun",
+            "--world-size",
+            "2",
+            "--backends",
+            "mpi",
+            "-b",
+            "1K",
+            "-e",
+            "1M",
+            "--dtypes",
+            "float32",
+            "-n",
+            "40",
+            "--timeout",
+            "8",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -239,19 +316,33 @@ def _thresholds(path: Path) -> Path:
     own two-shot, for this machine at 2 ranks."""
     from bench.run.hardware import fingerprint
 
-    rules = [{"max_bytes": 4096, "algorithm": "mpi"},
-             {"max_bytes": 65536, "algorithm": "deepspeed_shm"},
-             {"max_bytes": None, "algorithm": "shm_two_shot"}]
-    tables = [{"hardware_key": fingerprint("cpu")["hardware_key"], "world_size": 2,
-               "dtype": dtype, "mode": "eager", "rules": rules,
-               "max_size": {"shm_two_shot": 1 << 20},
-               "evidence": {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
-                            "gain_vs_nccl_geomean": None}}
-              for dtype in ("float32", "bfloat16")]
+    rules = [
+        {"max_bytes": 4096, "algorithm": "mpi"},
+        {"max_bytes": 65536, "algorithm": "deepspeed_shm"},
+        {"max_bytes": None, "algorithm": "shm_two_shot"},
+    ]
+    tables = [
+        {
+            "hardware_key": fingerprint("cpu")["hardware_key"],
+            "world_size": 2,
+            "dtype": dtype,
+            "mode": "eager",
+            "rules": rules,
+            "max_size": {"shm_two_shot": 1 << 20},
+            "evidence": {
+                "run_id": "test",
+                "points": 0,
+                "regret_vs_oracle": 0.0,
+                "gain_vs_nccl_geomean": None,
+            },
+        }
+        for dtype in ("float32", "bfloat16")
+    ]
     import json
 
-    path.write_text(json.dumps({"schema_version": 1, "generated_by": {"tool": "test"},
-                                "tables": tables}))
+    path.write_text(
+        json.dumps({"schema_version": 1, "generated_by": {"tool": "test"}, "tables": tables})
+    )
     return path
 
 
@@ -267,9 +358,14 @@ def _dispatch(launch: list[str], tmp_path: Path) -> dict:
 
     env["MASTER_PORT"] = str(free_port("127.0.0.1"))
     launch = [a.replace("PORT", env["MASTER_PORT"]) for a in launch]
-    proc = subprocess.run([*launch, str(script), str(_thresholds(tmp_path / "t.json"))],
-                          capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=240)
+    proc = subprocess.run(
+        [*launch, str(script), str(_thresholds(tmp_path / "t.json"))],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -278,8 +374,19 @@ def test_dispatcher_routes_to_the_peers_under_mpirun(deepspeed_op, tmp_path):
     reason = _mpi_reason()
     if reason:
         pytest.skip(reason)
-    mpirun = ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2", "-x",
-              "MASTER_ADDR", "-x", "MASTER_PORT", sys.executable]
+    mpirun = [
+        "mpirun",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        "2",
+        "-x",
+        "MASTER_ADDR",
+        "-x",
+        "MASTER_PORT",
+        sys.executable,
+    ]
     if os.geteuid() == 0:
         mpirun.insert(1, "--allow-run-as-root")
     out = _dispatch(mpirun, tmp_path)
@@ -288,8 +395,18 @@ def test_dispatcher_routes_to_the_peers_under_mpirun(deepspeed_op, tmp_path):
 
 
 def test_dispatcher_without_mpirun_falls_through_and_says_so(deepspeed_op, tmp_path):
-    out = _dispatch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                     "--master-port", "PORT"], tmp_path)
+    out = _dispatch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "PORT",
+        ],
+        tmp_path,
+    )
     assert out["wrong"] == [], out
     assert out["calls"] == {"deepspeed_shm": 4, "shm_two_shot": 2}, out
     assert any("mpi unavailable here" in n and "--launcher mpirun" in n for n in out["notes"])

@@ -27,8 +27,10 @@ from bench.backends.shm_segment import NAME_PREFIX, SHM_DIR, Segment, supported_
 from bench.run.inputs import check_result, fill_input
 from bench.run.session import collect_at_exit
 
-pytestmark = pytest.mark.skipif(not supported_isa() or not os.path.isdir(SHM_DIR),
-                                reason="shm backends need x86-64 and /dev/shm")
+pytestmark = pytest.mark.skipif(
+    not supported_isa() or not os.path.isdir(SHM_DIR),
+    reason="shm backends need x86-64 and /dev/shm",
+)
 
 BACKENDS = ("shm_one_shot", "shm_two_shot")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -39,6 +41,7 @@ def _segments(tag: str) -> list[str]:
 
 
 # -- scenarios, run inside each rank ------------------------------------------------------
+
 
 def _sums(ctx: CommContext) -> dict:
     """Every dtype, sizes not a multiple of the world size, pieces smaller than the message,
@@ -61,8 +64,9 @@ def _sums(ctx: CommContext) -> dict:
                         calls += 1
                         err = check_result(out, rank, ws, seed)
                         if out is not tensor or err != 0.0:
-                            wrong.append(f"{name} chunk={chunk_bytes} {dtype} {shape} "
-                                         f"call {call}: err {err}")
+                            wrong.append(
+                                f"{name} chunk={chunk_bytes} {dtype} {shape} call {call}: err {err}"
+                            )
             # non-integer data: every rank must get the same bits (sum in rank order)
             gen = torch.Generator().manual_seed(100 + rank)
             x = torch.randn(30_001, generator=gen)
@@ -150,12 +154,25 @@ SCENARIOS = {"sums": _sums, "timeout": _timeout, "killed": _killed, "paths": _pa
 def _rank_main(rank: int, ws: int, scenario: str, tmp: str, tag: str, timeout_s: float) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank,
-                                world_size=ws, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{tmp}/store",
+            rank=rank,
+            world_size=ws,
+            timeout=datetime.timedelta(seconds=60),
+        )
         collect_at_exit()  # no gloo group left to finalization (SIGABRT)
-        ctx = CommContext(rank=rank, world_size=ws, local_rank=rank, local_world_size=ws,
-                          nnodes=1, device=torch.device("cpu"), cpu_group=dist.group.WORLD,
-                          timeout_s=timeout_s, run_tag=tag)
+        ctx = CommContext(
+            rank=rank,
+            world_size=ws,
+            local_rank=rank,
+            local_world_size=ws,
+            nnodes=1,
+            device=torch.device("cpu"),
+            cpu_group=dist.group.WORLD,
+            timeout_s=timeout_s,
+            run_tag=tag,
+        )
         result = SCENARIOS[scenario](ctx)
     except BaseException:
         result = {"exception": traceback.format_exc()}
@@ -163,12 +180,15 @@ def _rank_main(rank: int, ws: int, scenario: str, tmp: str, tag: str, timeout_s:
     os._exit(0)  # no teardown handshake: in "killed" the peer is gone
 
 
-def _spawn(ws: int, scenario: str, tmp_path: Path, timeout_s: float = 30.0,
-           join_s: float = 120.0) -> tuple[list[dict | None], list[int | None], str]:
+def _spawn(
+    ws: int, scenario: str, tmp_path: Path, timeout_s: float = 30.0, join_s: float = 120.0
+) -> tuple[list[dict | None], list[int | None], str]:
     tag = f"t{uuid.uuid4().hex[:8]}"
     spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=_rank_main, args=(r, ws, scenario, str(tmp_path), tag,
-                                                    timeout_s)) for r in range(ws)]
+    procs = [
+        spawn.Process(target=_rank_main, args=(r, ws, scenario, str(tmp_path), tag, timeout_s))
+        for r in range(ws)
+    ]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + join_s
@@ -186,6 +206,7 @@ def _spawn(ws: int, scenario: str, tmp_path: Path, timeout_s: float = 30.0,
 
 
 # -- tests --------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ws", [2, 4])
@@ -246,8 +267,11 @@ def test_segment_is_private_to_the_user():
     try:
         segment = Segment.open(dist.group.WORLD, 0, 1, 8192, label=f"mode-{uuid.uuid4().hex[:8]}")
         try:
-            (span,) = [line.split()[0] for line in Path("/proc/self/maps").read_text().splitlines()
-                       if segment.name[1:] in line]
+            (span,) = [
+                line.split()[0]
+                for line in Path("/proc/self/maps").read_text().splitlines()
+                if segment.name[1:] in line
+            ]
             mode = os.stat(f"/proc/self/map_files/{span}").st_mode & 0o777
         finally:
             segment.close()
@@ -258,8 +282,16 @@ def test_segment_is_private_to_the_user():
 
 def test_probe_reasons():
     spec = get_spec("shm_one_shot")
-    ctx = CommContext(rank=0, world_size=2, local_rank=0, local_world_size=1, nnodes=2,
-                      device=torch.device("cpu"), cpu_group=None, same_host=False)
+    ctx = CommContext(
+        rank=0,
+        world_size=2,
+        local_rank=0,
+        local_world_size=1,
+        nnodes=2,
+        device=torch.device("cpu"),
+        cpu_group=None,
+        same_host=False,
+    )
     assert spec.probe(ctx) == "ranks span 2 hosts; shared memory needs one host"
     ctx.same_host, ctx.nnodes = True, 1
     assert spec.probe(ctx) is None
@@ -271,10 +303,32 @@ def test_probe_reasons():
 def test_sweep_end_to_end_four_ranks(run_cli, tmp_path):
     out = tmp_path / "run"
     before = set(glob.glob(os.path.join(SHM_DIR, f"{NAME_PREFIX}*")))
-    proc = run_cli("bench", "sweep", "--world-size", "4", "--backends", ",".join(BACKENDS),
-                   "-b", "1K", "-e", "256K", "-f", "16", "--dtypes", "float32,bfloat16,float16",
-                   "-n", "5", "-w", "2", "--out", out, "-q",
-                   "--param", "shm_two_shot.chunk_bytes=262144", timeout=180)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "4",
+        "--backends",
+        ",".join(BACKENDS),
+        "-b",
+        "1K",
+        "-e",
+        "256K",
+        "-f",
+        "16",
+        "--dtypes",
+        "float32,bfloat16,float16",
+        "-n",
+        "5",
+        "-w",
+        "2",
+        "--out",
+        out,
+        "-q",
+        "--param",
+        "shm_two_shot.chunk_bytes=262144",
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))

@@ -18,8 +18,23 @@ FAST = ["--iters", "3", "--warmup", "1", "--timeout", "60", "-q"]
 
 def test_sweep_two_ranks_gloo_every_dtype(run_cli, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("bench", "sweep", "--world-size", "2", "--backends", "gloo", "-b", "1K",
-                   "-e", "16K", "--dtypes", "float32,bfloat16,float16", "--out", out, *FAST)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "2",
+        "--backends",
+        "gloo",
+        "-b",
+        "1K",
+        "-e",
+        "16K",
+        "--dtypes",
+        "float32,bfloat16,float16",
+        "--out",
+        out,
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr
     frame = read_results(out)
     assert list(frame.columns) == list(COLUMNS)
@@ -32,9 +47,12 @@ def test_sweep_two_ranks_gloo_every_dtype(run_cli, tmp_path):
     # busbw = algbw * 2(n-1)/n, algbw = bytes / latency
     assert frame["busbw_gbps"].to_numpy() == pytest.approx(frame["algbw_gbps"].to_numpy())
     assert frame["algbw_gbps"].to_numpy() == pytest.approx(
-        (frame["bytes"] / frame["latency_us"] / 1e3).to_numpy(), rel=1e-4)
-    assert (frame["count"] * frame["dtype"].map({"float32": 4, "bfloat16": 2, "float16": 2})
-            == frame["bytes"]).all()
+        (frame["bytes"] / frame["latency_us"] / 1e3).to_numpy(), rel=1e-4
+    )
+    assert (
+        frame["count"] * frame["dtype"].map({"float32": 4, "bfloat16": 2, "float16": 2})
+        == frame["bytes"]
+    ).all()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["hardware_key"] == frame["hardware_key"].iloc[0]
     assert meta["fingerprint"]["cpu"]["cores"] >= 1 and "finished" in meta
@@ -43,9 +61,25 @@ def test_sweep_two_ranks_gloo_every_dtype(run_cli, tmp_path):
 
 def test_sweep_four_ranks_and_graph_mode_skips_on_cpu(run_cli, tmp_path):
     out = tmp_path / "run4"
-    proc = run_cli("bench", "sweep", "--world-size", "4", "--backends", "gloo", "-b", "4K",
-                   "-e", "8K", "--dtypes", "float32", "--modes", "eager,graph", "--out", out,
-                   *FAST)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "4",
+        "--backends",
+        "gloo",
+        "-b",
+        "4K",
+        "-e",
+        "8K",
+        "--dtypes",
+        "float32",
+        "--modes",
+        "eager,graph",
+        "--out",
+        out,
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr
     frame = read_results(out)
     eager = frame[frame["mode"] == "eager"]
@@ -56,8 +90,19 @@ def test_sweep_four_ranks_and_graph_mode_skips_on_cpu(run_cli, tmp_path):
 
 
 def test_resume_measures_only_missing_points(run_cli, tmp_path):
-    args = ["--world-size", "2", "--backends", "gloo", "-b", "1K", "-e", "32K",
-            "--dtypes", "float32", *FAST]
+    args = [
+        "--world-size",
+        "2",
+        "--backends",
+        "gloo",
+        "-b",
+        "1K",
+        "-e",
+        "32K",
+        "--dtypes",
+        "float32",
+        *FAST,
+    ]
     full = tmp_path / "full"
     assert run_cli("bench", "sweep", *args, "--out", full).returncode == 0
     part = tmp_path / "part"
@@ -78,9 +123,29 @@ def test_resume_measures_only_missing_points(run_cli, tmp_path):
 
 def test_worker_under_users_own_torchrun(tmp_path, subprocess_env):
     out = tmp_path / "trun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "bench.run.worker", "--world-size", "2", "--backends", "gloo", "-b", "1K",
-           "-e", "2K", "--dtypes", "float32", "--out", str(out), *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "bench.run.worker",
+        "--world-size",
+        "2",
+        "--backends",
+        "gloo",
+        "-b",
+        "1K",
+        "-e",
+        "2K",
+        "--dtypes",
+        "float32",
+        "--out",
+        str(out),
+        *FAST,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     frame = read_results(out)
@@ -90,7 +155,8 @@ def test_worker_under_users_own_torchrun(tmp_path, subprocess_env):
 def test_wrong_sum_is_reported_loudly(run_cli, tmp_path):
     plugin = tmp_path / "plugins"
     plugin.mkdir()
-    (plugin / "broken_sum.py").write_text(textwrap.dedent('''
+    (plugin / "broken_sum.py").write_text(
+        textwrap.dedent("""
         import torch.distributed as dist
         from bench.backends import register
         from bench.backends.base import BackendSpec
@@ -110,12 +176,31 @@ def test_wrong_sum_is_reported_loudly(run_cli, tmp_path):
 
         register(BackendSpec(name="broken_sum", device="cpu", probe=lambda ctx: None,
                              create=lambda ctx, max_bytes, **kw: OffByOne(ctx)))
-    '''))
+    """)
+    )
     out = tmp_path / "bad"
-    env = {"ALLREDUCE_AUTOTUNE_PLUGINS": "broken_sum",
-           "PYTHONPATH": os.pathsep.join([str(plugin), subprocess_path()])}
-    proc = run_cli("bench", "sweep", "--world-size", "2", "--backends", "broken_sum,gloo",
-                   "-b", "1K", "-e", "2K", "--dtypes", "float32", "--out", out, *FAST, env=env)
+    env = {
+        "ALLREDUCE_AUTOTUNE_PLUGINS": "broken_sum",
+        "PYTHONPATH": os.pathsep.join([str(plugin), subprocess_path()]),
+    }
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "2",
+        "--backends",
+        "broken_sum,gloo",
+        "-b",
+        "1K",
+        "-e",
+        "2K",
+        "--dtypes",
+        "float32",
+        "--out",
+        out,
+        *FAST,
+        env=env,
+    )
     assert proc.returncode == 1
     assert "WRONG SUM" in proc.stdout and "broken_sum" in proc.stdout
     frame = read_results(out)

@@ -21,8 +21,13 @@ SIZES = [1 << k for k in range(10, 20)]  # 1K .. 512K
 
 
 def _curve(alg, values, params=None, spread=0.0):
-    return Curve(alg, params or {}, list(values), [v * (1 - spread) for v in values],
-                 [v * (1 + spread) for v in values])
+    return Curve(
+        alg,
+        params or {},
+        list(values),
+        [v * (1 - spread) for v in values],
+        [v * (1 + spread) for v in values],
+    )
 
 
 def _three_backends():
@@ -69,7 +74,8 @@ def test_exact_optimum_with_a_middle_range_won_by_a_third_backend():
     assert build.buffer_bytes == (8192 + 65536) * 2
     weights = log_uniform_weights(SIZES)
     assert build.regret == pytest.approx(
-        _brute_force(SIZES, curves, 2, weights, 3, None), abs=1e-12)
+        _brute_force(SIZES, curves, 2, weights, 3, None), abs=1e-12
+    )
 
 
 @pytest.mark.parametrize("max_rules", [1, 2, 3])
@@ -106,10 +112,15 @@ def test_exact_on_random_instances_against_brute_force():
     rng = random.Random(7)
     sizes = SIZES[:6]
     for _ in range(6):
-        curves = [_curve(alg, [rng.uniform(5, 50) * (1 + i) for i in range(len(sizes))],
-                         params=params)
-                  for alg, params in [("gloo", None), ("shm_one_shot", {"chunk_bytes": 1}),
-                                      ("shm_one_shot", {"chunk_bytes": 2}), ("shm_two_shot", None)]]
+        curves = [
+            _curve(alg, [rng.uniform(5, 50) * (1 + i) for i in range(len(sizes))], params=params)
+            for alg, params in [
+                ("gloo", None),
+                ("shm_one_shot", {"chunk_bytes": 1}),
+                ("shm_one_shot", {"chunk_bytes": 2}),
+                ("shm_two_shot", None),
+            ]
+        ]
         weights = log_uniform_weights(sizes)
         for max_rules, budget in [(2, None), (3, None), (3, 2 * 4096)]:
             build = build_table(sizes, curves, 2, max_rules=max_rules, memory_budget=budget)

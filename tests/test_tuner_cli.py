@@ -18,9 +18,33 @@ def test_live_on_cpu_with_a_small_grid(run_cli, tmp_path):
     fixed = {k: v[0] for k, v in knobs.items() if k != "chunk_bytes"}
     out = tmp_path / "T.json"
     params = [f"--param=shm_one_shot.{k}={v}" for k, v in fixed.items()]
-    result = run_cli("tuner", "live", "--world-size", "2", "--backends", "gloo,shm_one_shot",
-                     "-b", "1K", "-e", "16K", "-f", "4", "--dtypes", "float32", "-n", "4",
-                     "-w", "1", "--rounds", "2", *params, "-o", out, "--patience", "2")
+    result = run_cli(
+        "tuner",
+        "live",
+        "--world-size",
+        "2",
+        "--backends",
+        "gloo,shm_one_shot",
+        "-b",
+        "1K",
+        "-e",
+        "16K",
+        "-f",
+        "4",
+        "--dtypes",
+        "float32",
+        "-n",
+        "4",
+        "-w",
+        "1",
+        "--rounds",
+        "2",
+        *params,
+        "-o",
+        out,
+        "--patience",
+        "2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     thresholds = load(out)
     (table,) = thresholds.tables
@@ -52,13 +76,32 @@ def _tuner(capsys, *args) -> tuple[int, str, str]:
 @pytest.mark.slow
 def test_fit_show_export_on_a_real_sweep(run_cli, tmp_path, capsys):
     run = tmp_path / "run"
-    sweep = run_cli("bench", "sweep", "--world-size", "2", "--backends",
-                    "gloo,shm_one_shot,shm_two_shot", "-b", "1K", "-e", "64K", "-f", "4",
-                    "--dtypes", "float32", "-n", "4", "-w", "1", "--out", run, "-q")
+    sweep = run_cli(
+        "bench",
+        "sweep",
+        "--world-size",
+        "2",
+        "--backends",
+        "gloo,shm_one_shot,shm_two_shot",
+        "-b",
+        "1K",
+        "-e",
+        "64K",
+        "-f",
+        "4",
+        "--dtypes",
+        "float32",
+        "-n",
+        "4",
+        "-w",
+        "1",
+        "--out",
+        run,
+        "-q",
+    )
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     out, db, pareto = tmp_path / "T.json", tmp_path / "s.db", tmp_path / "p.csv"
-    code, stdout, err = _tuner(capsys, "fit", run, "-o", out, "--study-db", db,
-                               "--pareto", pareto)
+    code, stdout, err = _tuner(capsys, "fit", run, "-o", out, "--study-db", db, "--pareto", pareto)
     assert code == 0, err
     assert "Pareto front" in stdout and "regret vs oracle" in stdout
     (table,) = load(out).tables
@@ -80,16 +123,19 @@ def test_fit_show_export_on_a_real_sweep(run_cli, tmp_path, capsys):
     assert code == 2 and "of --backends mpi" in err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["fit", "/nonexistent/run", "-o", "T.json"], "RUN_DIR: /nonexistent/run: not a run"),
-    (["show", "/nonexistent.json"], "no such file"),
-    (["export", "--format", "csv", "x.json"], "--format: expected vllm"),
-    (["fit", "."], "-o/--output"),
-    (["live", "--world-size", "2", "-o", "T.json", "--patience", "0"], "--patience: expected"),
-    (["live", "--world-size", "2", "-o", "T.json", "--dtypes", "int3"], "--dtypes: unknown"),
-    (["live", "--world-size", "2", "-o", "T.json", "--out", "x"], "--out: not used"),
-    (["bogus"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["fit", "/nonexistent/run", "-o", "T.json"], "RUN_DIR: /nonexistent/run: not a run"),
+        (["show", "/nonexistent.json"], "no such file"),
+        (["export", "--format", "csv", "x.json"], "--format: expected vllm"),
+        (["fit", "."], "-o/--output"),
+        (["live", "--world-size", "2", "-o", "T.json", "--patience", "0"], "--patience: expected"),
+        (["live", "--world-size", "2", "-o", "T.json", "--dtypes", "int3"], "--dtypes: unknown"),
+        (["live", "--world-size", "2", "-o", "T.json", "--out", "x"], "--out: not used"),
+        (["bogus"], "invalid choice"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     code, _, err = _tuner(capsys, *args)
@@ -104,14 +150,17 @@ def test_the_console_script_refuses_in_one_line(run_cli, tmp_path):
     bad.write_text('{"schema_version": 1, "generated_by": {}, "tables": [{}]}')
     result = run_cli("tuner", "show", bad)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"tuner: error: {bad}: tables[0].hardware_key: missing " \
-                                    "(required field)"
+    assert (
+        result.stderr.strip() == f"tuner: error: {bad}: tables[0].hardware_key: missing "
+        "(required field)"
+    )
 
 
 def test_bad_workload_is_refused(capsys, tmp_path):
     hist = tmp_path / "w.csv"
     hist.write_text("size,n\n1K,3\n")
     (tmp_path / "run").mkdir()
-    code, _, err = _tuner(capsys, "fit", tmp_path / "run", "-o", tmp_path / "T.json",
-                          "--workload", hist)
+    code, _, err = _tuner(
+        capsys, "fit", tmp_path / "run", "-o", tmp_path / "T.json", "--workload", hist
+    )
     assert code == 2 and "--workload" in err and "expected columns bytes,count" in err

@@ -25,12 +25,27 @@ CHUNK = get_spec("shm_one_shot").knobs["chunk_bytes"][1]
 
 
 def _table(hardware_key: str, world_size: int = 2) -> Thresholds:
-    rules = (Rule(4 * K, "shm_one_shot", {"chunk_bytes": CHUNK}),
-             Rule(64 * K, "shm_two_shot", {}), Rule(None, "gloo", {}))
-    evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0,
-                "gain_vs_nccl_geomean": None, "sizes": [K, 256 * K]}
-    table = Table(hardware_key, world_size, "float32", "eager", rules,
-                  {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K}, evidence)
+    rules = (
+        Rule(4 * K, "shm_one_shot", {"chunk_bytes": CHUNK}),
+        Rule(64 * K, "shm_two_shot", {}),
+        Rule(None, "gloo", {}),
+    )
+    evidence = {
+        "run_id": "test",
+        "points": 0,
+        "regret_vs_oracle": 0.0,
+        "gain_vs_nccl_geomean": None,
+        "sizes": [K, 256 * K],
+    }
+    table = Table(
+        hardware_key,
+        world_size,
+        "float32",
+        "eager",
+        rules,
+        {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K},
+        evidence,
+    )
     return Thresholds(tables=(table,))
 
 
@@ -53,19 +68,32 @@ def _exercise(dispatcher: Dispatcher, rank: int, world: int) -> list[dict]:
         for nbytes in SIZES:
             count = nbytes // torch.empty((), dtype=dtype).element_size()
             tensor = torch.arange(count, dtype=torch.float32).remainder(7).add(rank).to(dtype)
-            expected = sum(torch.arange(count, dtype=torch.float32).remainder(7).add(r)
-                           for r in range(world))
+            expected = sum(
+                torch.arange(count, dtype=torch.float32).remainder(7).add(r) for r in range(world)
+            )
             ran.clear()
             result = dispatcher.all_reduce(tensor)
-            out.append({"dtype": str(dtype), "bytes": nbytes, "ran": list(ran),
-                        "last": dispatcher.last_backend,
-                        "correct": bool(torch.equal(result.float(), expected))})
+            out.append(
+                {
+                    "dtype": str(dtype),
+                    "bytes": nbytes,
+                    "ran": list(ran),
+                    "last": dispatcher.last_backend,
+                    "correct": bool(torch.equal(result.float(), expected)),
+                }
+            )
     strided = torch.ones(4 * K, dtype=torch.float32)[::2]  # not contiguous: every gate refuses
     ran.clear()
     result = dispatcher.all_reduce(strided)
-    out.append({"dtype": "strided", "bytes": 8 * K, "ran": list(ran),
-                "last": dispatcher.last_backend,
-                "correct": bool(torch.equal(result, torch.full_like(result, world)))})
+    out.append(
+        {
+            "dtype": "strided",
+            "bytes": 8 * K,
+            "ran": list(ran),
+            "last": dispatcher.last_backend,
+            "correct": bool(torch.equal(result, torch.full_like(result, world))),
+        }
+    )
     return out
 
 
@@ -76,8 +104,9 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
         with Dispatcher.from_file(table_path, count_calls=True) as d:
             results["table"] = _exercise(d, rank, world)
             results["backends"] = sorted(d.backends)
-        with Dispatcher.from_file(table_path, overrides={"force": "shm_two_shot"},
-                                  count_calls=True) as d:
+        with Dispatcher.from_file(
+            table_path, overrides={"force": "shm_two_shot"}, count_calls=True
+        ) as d:
             results["force"] = _exercise(d, rank, world)
         os.environ["ALLREDUCE_AUTOTUNE_MAX_BYTES"] = "shm_one_shot=16K"
         with Dispatcher.from_file(table_path, count_calls=True) as d:
@@ -90,12 +119,20 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
 def test_dispatcher_routes_sizes_to_the_backends_the_table_names(tmp_path):
     path = tmp_path / "thresholds.json"
     _table(fingerprint("cpu")["hardware_key"]).save(path)
-    mp.start_processes(_rank_main, args=(2, free_port("127.0.0.1"), str(path), str(tmp_path)), nprocs=2,
-                       join=True, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(2, free_port("127.0.0.1"), str(path), str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     for results in read_reports(tmp_path, 2):
         # only what the table names was built (the floor is gloo)
-        assert results["backends"] == ["gloo", f'shm_one_shot{{"chunk_bytes": {CHUNK}}}',
-                                       "shm_two_shot"]
+        assert results["backends"] == [
+            "gloo",
+            f'shm_one_shot{{"chunk_bytes": {CHUNK}}}',
+            "shm_two_shot",
+        ]
         table = {(r["dtype"], r["bytes"]): r for r in results["table"]}
         for dtype in ("torch.float32", "torch.bfloat16"):  # bfloat16 uses float32's rules
             assert table[(dtype, 1 * K)]["ran"] == ["shm_one_shot"]
@@ -144,16 +181,24 @@ def test_mismatch_warns_once_and_uses_gloo(tmp_path):
 
 
 def test_override_parsing_and_rule_surgery(tmp_path):
-    env = {"ALLREDUCE_AUTOTUNE_FORCE": "shm_one_shot",
-           "ALLREDUCE_AUTOTUNE_MAX_BYTES": "shm_one_shot=64K, gloo=1M"}
-    assert parse_overrides(None, env) == {"force": "shm_one_shot",
-                                          "max_bytes": {"shm_one_shot": 65536, "gloo": 1 << 20}}
+    env = {
+        "ALLREDUCE_AUTOTUNE_FORCE": "shm_one_shot",
+        "ALLREDUCE_AUTOTUNE_MAX_BYTES": "shm_one_shot=64K, gloo=1M",
+    }
+    assert parse_overrides(None, env) == {
+        "force": "shm_one_shot",
+        "max_bytes": {"shm_one_shot": 65536, "gloo": 1 << 20},
+    }
     # the argument wins over the environment
-    assert parse_overrides({"force": None, "max_bytes": {}}, env) == {"force": None,
-                                                                      "max_bytes": {}}
-    for bad, message in [({"force": "warp_drive"}, "overrides['force']: unknown algorithm"),
-                         ({"max_bytes": {"gloo": "lots"}}, "overrides['max_bytes']: gloo"),
-                         ({"speed": 1}, "unknown key 'speed'")]:
+    assert parse_overrides({"force": None, "max_bytes": {}}, env) == {
+        "force": None,
+        "max_bytes": {},
+    }
+    for bad, message in [
+        ({"force": "warp_drive"}, "overrides['force']: unknown algorithm"),
+        ({"max_bytes": {"gloo": "lots"}}, "overrides['max_bytes']: gloo"),
+        ({"speed": 1}, "unknown key 'speed'"),
+    ]:
         with pytest.raises(OverrideError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_overrides(bad, {})
     with pytest.raises(OverrideError, match="ALLREDUCE_AUTOTUNE_MAX_BYTES: expected"):
@@ -168,22 +213,35 @@ def test_override_parsing_and_rule_surgery(tmp_path):
 
     assert shape(apply_max_bytes(table, "shm_one_shot", 16 * K)) == (
         [(16 * K, "shm_one_shot"), (64 * K, "shm_two_shot"), (None, "gloo")],
-        {"shm_one_shot": 16 * K, "shm_two_shot": 64 * K})
+        {"shm_one_shot": 16 * K, "shm_two_shot": 64 * K},
+    )
     assert shape(apply_max_bytes(table, "shm_one_shot", 1 << 20)) == (
-        [(1 << 20, "shm_one_shot"), (None, "gloo")], {"shm_one_shot": 1 << 20})
+        [(1 << 20, "shm_one_shot"), (None, "gloo")],
+        {"shm_one_shot": 1 << 20},
+    )
     assert shape(apply_max_bytes(table, "shm_two_shot", 2 * K)) == (
-        [(4 * K, "shm_one_shot"), (None, "gloo")], {"shm_one_shot": 4 * K})
+        [(4 * K, "shm_one_shot"), (None, "gloo")],
+        {"shm_one_shot": 4 * K},
+    )
     # the catch-all cut below its own start: it goes, the rule before becomes the catch-all
     # (sizes beyond two-shot's max_size still reach the floor through the gates)
     assert shape(apply_max_bytes(table, "gloo", 8 * K)) == (
         [(4 * K, "shm_one_shot"), (None, "shm_two_shot")],
-        {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K})
+        {"shm_one_shot": 4 * K, "shm_two_shot": 64 * K},
+    )
     # an algorithm the table does not name takes every size up to the bound
     assert shape(apply_max_bytes(table, "nccl", 8 * K))[0] == [
-        (8 * K, "nccl"), (64 * K, "shm_two_shot"), (None, "gloo")]
+        (8 * K, "nccl"),
+        (64 * K, "shm_two_shot"),
+        (None, "gloo"),
+    ]
     # the result is still a valid table
-    for name, nbytes in [("shm_one_shot", 16 * K), ("shm_two_shot", 2 * K), ("gloo", 8 * K),
-                         ("shm_two_shot", 1 << 30)]:
+    for name, nbytes in [
+        ("shm_one_shot", 16 * K),
+        ("shm_two_shot", 2 * K),
+        ("gloo", 8 * K),
+        ("shm_two_shot", 1 << 30),
+    ]:
         Thresholds(tables=(apply_max_bytes(table, name, nbytes),)).save(tmp_path / "u.json")
 
 
@@ -204,9 +262,11 @@ def test_describe_follows_dispatch_order_and_reused_rules_are_said(tmp_path):
         f32 = next(line for line in lines if line.strip().startswith("float32 eager:"))
         assert f32.split(": ", 1)[1] == (
             "1..4096: shm_one_shot > shm_two_shot > gloo; 4097..65536: shm_two_shot > gloo; "
-            "> 65536: gloo"), f32
-        assert any(line.strip().startswith("bfloat16 eager (rules of float32 eager):")
-                   for line in lines)
+            "> 65536: gloo"
+        ), f32
+        assert any(
+            line.strip().startswith("bfloat16 eager (rules of float32 eager):") for line in lines
+        )
         # no bookkeeping unless asked
         d.all_reduce(torch.ones(8))
         assert d.last_backend is None and d.calls == {}
@@ -220,8 +280,9 @@ def test_runtime_imports_no_tuner_or_analysis_dependencies():
     import subprocess
     import sys
 
-    code = ("import sys, tuner.runtime.dispatch, tuner.runtime.schema; "
-            "print(sorted(m for m in ('optuna', 'pandas', 'matplotlib') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, tuner.runtime.dispatch, tuner.runtime.schema; "
+        "print(sorted(m for m in ('optuna', 'pandas', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

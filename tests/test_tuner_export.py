@@ -31,26 +31,60 @@ def test_static_choice_follows_vllms_order_and_bounds():
 
 
 def test_reenact_on_a_results_frame():
-    rows = pd.DataFrame([
-        {"hardware_key": "h200", "world_size": 2, "dtype": "bfloat16", "mode": "graph",
-         "bytes": b, "backend": n, "latency_us": v, "correct": True}
-        for b, n, v in [(1024, "custom_one_shot", 5.0), (1024, "nccl", 20.0),
-                        (16 << 20, "nccl", 300.0), (16 << 20, "custom_one_shot", 280.0)]])
+    rows = pd.DataFrame(
+        [
+            {
+                "hardware_key": "h200",
+                "world_size": 2,
+                "dtype": "bfloat16",
+                "mode": "graph",
+                "bytes": b,
+                "backend": n,
+                "latency_us": v,
+                "correct": True,
+            }
+            for b, n, v in [
+                (1024, "custom_one_shot", 5.0),
+                (1024, "nccl", 20.0),
+                (16 << 20, "nccl", 300.0),
+                (16 << 20, "custom_one_shot", 280.0),
+            ]
+        ]
+    )
     out = reenact(rows, "9.0")
     assert list(out["vllm_backend"]) == ["custom_one_shot", "nccl"]  # pynccl not measured
     assert list(out["latency_us"]) == [5.0, 300.0]
 
 
 def test_export_walks_rules_in_vllms_order():
-    rules = (Rule(65536, "custom_one_shot"), Rule(1 << 20, "custom_two_shot"),
-             Rule(8 << 20, "symm_mem_two_shot"), Rule(None, "nccl"))
-    table = Table("nvidia-h200-x8-nvlink", 8, "bfloat16", "graph", rules,
-                  {"custom_one_shot": 65536, "custom_two_shot": 1 << 20,
-                   "symm_mem_two_shot": 8 << 20}, EVIDENCE)
-    odd = Table("nvidia-h200-x8-nvlink", 4, "bfloat16", "graph",
-                (Rule(65536, "symm_mem_two_shot"), Rule(1 << 20, "nccl"),
-                 Rule(None, "custom_two_shot", {"blocks": 16})),
-                {"symm_mem_two_shot": 65536, "custom_two_shot": 64 << 20}, EVIDENCE)
+    rules = (
+        Rule(65536, "custom_one_shot"),
+        Rule(1 << 20, "custom_two_shot"),
+        Rule(8 << 20, "symm_mem_two_shot"),
+        Rule(None, "nccl"),
+    )
+    table = Table(
+        "nvidia-h200-x8-nvlink",
+        8,
+        "bfloat16",
+        "graph",
+        rules,
+        {"custom_one_shot": 65536, "custom_two_shot": 1 << 20, "symm_mem_two_shot": 8 << 20},
+        EVIDENCE,
+    )
+    odd = Table(
+        "nvidia-h200-x8-nvlink",
+        4,
+        "bfloat16",
+        "graph",
+        (
+            Rule(65536, "symm_mem_two_shot"),
+            Rule(1 << 20, "nccl"),
+            Rule(None, "custom_two_shot", {"blocks": 16}),
+        ),
+        {"symm_mem_two_shot": 65536, "custom_two_shot": 64 << 20},
+        EVIDENCE,
+    )
     thresholds = Thresholds(tables=(table, odd))
     dicts, notes, used = vllm_dicts(thresholds)
     assert used == ("bfloat16", "graph")

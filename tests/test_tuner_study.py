@@ -17,11 +17,12 @@ from tuner.search.study import Space, enter_rows, measurements
 SIZES = [1 << k for k in range(10, 22, 2)]  # 1K .. 1M, six sizes
 SPACE = Space(
     algorithms=("alpha", "beta", "gamma"),
-    knobs={"alpha": {"blocks": (1, 2, 4, 8, 16, 32), "warps": (1, 2, 4, 8)},
-           "beta": {"blocks": (1, 2, 4, 8, 16, 32), "warps": (1, 2, 4, 8)},
-           "gamma": {}},
-    defaults={"alpha": {"blocks": 1, "warps": 1}, "beta": {"blocks": 1, "warps": 1},
-              "gamma": {}},
+    knobs={
+        "alpha": {"blocks": (1, 2, 4, 8, 16, 32), "warps": (1, 2, 4, 8)},
+        "beta": {"blocks": (1, 2, 4, 8, 16, 32), "warps": (1, 2, 4, 8)},
+        "gamma": {},
+    },
+    defaults={"alpha": {"blocks": 1, "warps": 1}, "beta": {"blocks": 1, "warps": 1}, "gamma": {}},
 )
 
 
@@ -32,16 +33,19 @@ def planted_latency(algorithm: str, params: dict, nbytes: int) -> float:
     if algorithm == "gamma":
         return 500.0
     target_blocks = 8 if algorithm == "alpha" else (4 if nbytes < 1 << 18 else 16)
-    base = 10 + (scale - 10) * (6 if algorithm == "alpha" else 2) + (0 if algorithm == "alpha"
-                                                                        else 15)
+    base = (
+        10 + (scale - 10) * (6 if algorithm == "alpha" else 2) + (0 if algorithm == "alpha" else 15)
+    )
     miss = abs(math.log2(params["blocks"]) - math.log2(target_blocks)) + abs(
-        math.log2(params["warps"]) - 2)
+        math.log2(params["warps"]) - 2
+    )
     return base * (1 + 0.25 * miss)
 
 
 def _oracle(nbytes):
-    return min(((a, p) for a, p in SPACE.configs()),
-               key=lambda c: planted_latency(c[0], c[1], nbytes))
+    return min(
+        ((a, p) for a, p in SPACE.configs()), key=lambda c: planted_latency(c[0], c[1], nbytes)
+    )
 
 
 def test_study_finds_the_planted_best_with_far_fewer_trials_than_the_grid():
@@ -53,8 +57,9 @@ def test_study_finds_the_planted_best_with_far_fewer_trials_than_the_grid():
         for step in range(3):  # rounds: the pruner may stop a clearly slower one
             if report(step, latency):
                 return Outcome("pruned", latency_us=latency, iters=step + 1)
-        return Outcome("ok", latency_us=latency, p10_us=latency * 0.98, p90_us=latency * 1.02,
-                       iters=4)
+        return Outcome(
+            "ok", latency_us=latency, p10_us=latency * 0.98, p90_us=latency * 1.02, iters=4
+        )
 
     storage = optuna.storages.InMemoryStorage()
     group = ("synthetic", 2, "float32", "eager")
@@ -81,12 +86,29 @@ def test_study_finds_the_planted_best_with_far_fewer_trials_than_the_grid():
 
 
 def test_rows_enter_as_completed_trials_once():
-    rows = pd.DataFrame([
-        {"run_id": "r1", "hardware_key": "hw", "world_size": 2, "dtype": "float32",
-         "mode": "eager", "bytes": 1024, "backend": b, "latency_us": v, "p10_us": v * 0.9,
-         "p90_us": v * 1.1, "iters": 20, "params": json.dumps(p, sort_keys=True)}
-        for b, p, v in [("alpha", {"blocks": 8, "warps": 4}, 10.0),
-                        ("alpha", {"blocks": 1, "warps": 1}, 14.0), ("gamma", {}, 50.0)]])
+    rows = pd.DataFrame(
+        [
+            {
+                "run_id": "r1",
+                "hardware_key": "hw",
+                "world_size": 2,
+                "dtype": "float32",
+                "mode": "eager",
+                "bytes": 1024,
+                "backend": b,
+                "latency_us": v,
+                "p10_us": v * 0.9,
+                "p90_us": v * 1.1,
+                "iters": 20,
+                "params": json.dumps(p, sort_keys=True),
+            }
+            for b, p, v in [
+                ("alpha", {"blocks": 8, "warps": 4}, 10.0),
+                ("alpha", {"blocks": 1, "warps": 1}, 14.0),
+                ("gamma", {}, 50.0),
+            ]
+        ]
+    )
     spaces = {("hw", 2, "float32", "eager"): SPACE}
     storage = optuna.storages.InMemoryStorage()
     assert enter_rows(storage, rows, spaces) == (3, 0)
@@ -94,7 +116,10 @@ def test_rows_enter_as_completed_trials_once():
     data = measurements(storage)
     points = data[("hw", 2, "float32", "eager")][1024]
     assert sorted((p.algorithm, p.latency_us) for p in points) == [
-        ("alpha", 10.0), ("alpha", 14.0), ("gamma", 50.0)]
+        ("alpha", 10.0),
+        ("alpha", 14.0),
+        ("gamma", 50.0),
+    ]
     study = optuna.load_study(study_name="hw/ws2/float32/eager/1024", storage=storage)
     assert study.best_trial.params == {"algorithm": "alpha", "alpha.blocks": 8, "alpha.warps": 4}
     assert study.best_trial.user_attrs["p90_us"] == 11.0
@@ -104,18 +129,29 @@ def test_confirmation_picks_the_truly_fastest_under_noise():
     """Three leaders within 6 %; the first measurement flatters the second-fastest, and one
     confirmation round of the fastest is an outlier: re-measured side by side, interleaved,
     the median picks the truly fastest (the single measurements and the mean would not)."""
-    space = Space(algorithms=("alpha", "beta", "gamma"),
-                  knobs={"alpha": {"blocks": (2, 4, 8), "warps": (2, 4)},
-                         "beta": {"blocks": (2, 4, 8), "warps": (2, 4)}, "gamma": {}},
-                  defaults={"alpha": {"blocks": 2, "warps": 2},
-                            "beta": {"blocks": 2, "warps": 2}, "gamma": {}})
+    space = Space(
+        algorithms=("alpha", "beta", "gamma"),
+        knobs={
+            "alpha": {"blocks": (2, 4, 8), "warps": (2, 4)},
+            "beta": {"blocks": (2, 4, 8), "warps": (2, 4)},
+            "gamma": {},
+        },
+        defaults={
+            "alpha": {"blocks": 2, "warps": 2},
+            "beta": {"blocks": 2, "warps": 2},
+            "gamma": {},
+        },
+    )
     fastest = ("alpha", json.dumps({"blocks": 8, "warps": 4}, sort_keys=True))
     lucky = ("alpha", json.dumps({"blocks": 8, "warps": 2}, sort_keys=True))
     third = ("beta", json.dumps({"blocks": 4, "warps": 4}, sort_keys=True))
     true_us = {fastest: 10.0, lucky: 10.4, third: 10.6}
     # multiplier of the n-th measurement of a configuration (deterministic noise)
-    noise = {fastest: [1.08, 1.0, 1.5, 1.01], lucky: [0.95, 1.02, 0.9, 1.0],
-             third: [0.97, 1.0, 1.0, 0.8]}
+    noise = {
+        fastest: [1.08, 1.0, 1.5, 1.01],
+        lucky: [0.95, 1.02, 0.9, 1.0],
+        third: [0.97, 1.0, 1.0, 0.8],
+    }
     calls: list[tuple] = []
 
     def measure(algorithm, params, nbytes, report):
@@ -133,11 +169,20 @@ def test_confirmation_picks_the_truly_fastest_under_noise():
         calls.clear()
         storage = optuna.storages.InMemoryStorage()
         options = SearchOptions(patience=100, budget_fraction=None, seed=0, **confirm)
-        return search_group(storage, ("synthetic", 2, "float32", "eager"), [4096], space,
-                            list(space.algorithms), measure, options)[0]
+        return search_group(
+            storage,
+            ("synthetic", 2, "float32", "eager"),
+            [4096],
+            space,
+            list(space.algorithms),
+            measure,
+            options,
+        )[0]
 
     single = search(confirm_top=1)
-    assert len(calls) == space.grid_size()  # the search measured each configuration once  # no confirmation: the lucky one wins
+    assert (
+        len(calls) == space.grid_size()
+    )  # the search measured each configuration once  # no confirmation: the lucky one wins
     assert (single.best[0], json.dumps(single.best[1], sort_keys=True)) == lucky
     assert single.confirmed == 0
 
@@ -160,8 +205,15 @@ def test_budget_fraction_bounds_every_size_confirmation_included():
         return Outcome("ok", latency_us=latency, iters=4)
 
     options = SearchOptions(patience=1000, budget_fraction=0.5, seed=0)
-    results = search_group(optuna.storages.InMemoryStorage(), ("synthetic", 2, "float32",
-                           "eager"), SIZES[:2], SPACE, list(SPACE.algorithms), measure, options)
+    results = search_group(
+        optuna.storages.InMemoryStorage(),
+        ("synthetic", 2, "float32", "eager"),
+        SIZES[:2],
+        SPACE,
+        list(SPACE.algorithms),
+        measure,
+        options,
+    )
     for result in results:
         assert result.measured == measured.count(result.nbytes)
         assert result.measured <= int(0.5 * result.grid), (result.measured, result.grid)

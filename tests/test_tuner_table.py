@@ -14,15 +14,27 @@ def _doc() -> dict:
     return {
         "schema_version": 1,
         "generated_by": {"tool": "tuner fit", "version": "0.1.0"},
-        "tables": [{
-            "hardware_key": "cpu-test-2c", "world_size": 2, "dtype": "float32", "mode": "eager",
-            "rules": [{"max_bytes": 65536, "algorithm": "shm_one_shot"},
-                      {"max_bytes": 1048576, "algorithm": "shm_two_shot"},
-                      {"max_bytes": None, "algorithm": "gloo"}],
-            "max_size": {"shm_one_shot": 65536, "shm_two_shot": 1048576},
-            "evidence": {"run_id": "r1", "points": 42, "regret_vs_oracle": 0.01,
-                         "gain_vs_nccl_geomean": 1.8, "baseline": "gloo"},
-        }],
+        "tables": [
+            {
+                "hardware_key": "cpu-test-2c",
+                "world_size": 2,
+                "dtype": "float32",
+                "mode": "eager",
+                "rules": [
+                    {"max_bytes": 65536, "algorithm": "shm_one_shot"},
+                    {"max_bytes": 1048576, "algorithm": "shm_two_shot"},
+                    {"max_bytes": None, "algorithm": "gloo"},
+                ],
+                "max_size": {"shm_one_shot": 65536, "shm_two_shot": 1048576},
+                "evidence": {
+                    "run_id": "r1",
+                    "points": 42,
+                    "regret_vs_oracle": 0.01,
+                    "gain_vs_nccl_geomean": 1.8,
+                    "baseline": "gloo",
+                },
+            }
+        ],
     }
 
 
@@ -37,14 +49,26 @@ def test_round_trip(tmp_path):
     table = again.find("cpu-test-2c", 2, "float32", "eager")
     assert table is not None
     assert [table.algorithm_for(n).algorithm for n in (1, 65536, 65537, 1 << 20, 1 << 30)] == [
-        "shm_one_shot", "shm_one_shot", "shm_two_shot", "shm_two_shot", "gloo"]
+        "shm_one_shot",
+        "shm_one_shot",
+        "shm_two_shot",
+        "shm_two_shot",
+        "gloo",
+    ]
     assert again.find("cpu-test-2c", 4, "float32", "eager") is None
 
 
 def test_params_round_trip():
     rules = (Rule(4096, "gloo", {}), Rule(None, "gloo", {}))
-    table = Table("k", 2, "bfloat16", "eager", rules, {}, {
-        "run_id": "x", "points": 1, "regret_vs_oracle": 0.0, "gain_vs_nccl_geomean": None})
+    table = Table(
+        "k",
+        2,
+        "bfloat16",
+        "eager",
+        rules,
+        {},
+        {"run_id": "x", "points": 1, "regret_vs_oracle": 0.0, "gain_vs_nccl_geomean": None},
+    )
     doc = Thresholds(tables=(table,)).to_json()
     assert loads(json.dumps(doc)).tables[0] == table
 
@@ -70,56 +94,110 @@ REFUSALS = [
     (lambda: _mutate(["generated_by"], "me"), "generated_by: expected an object"),
     (lambda: _mutate(["tables", 0, "world_size"], delete=True), "tables[0].world_size: missing"),
     (lambda: _mutate(["tables", 0, "color"], "red"), "tables[0].color: unexpected field"),
-    (lambda: _mutate(["tables", 0, "world_size"], "2"), "tables[0].world_size: expected an integer"),
-    (lambda: _mutate(["tables", 0, "world_size"], True), "tables[0].world_size: expected an integer"),
-    (lambda: _mutate(["tables", 0, "world_size"], 0), "tables[0].world_size: expected an integer >= 1"),
-    (lambda: _mutate(["tables", 0, "hardware_key"], 7), "tables[0].hardware_key: expected a non-empty"),
+    (
+        lambda: _mutate(["tables", 0, "world_size"], "2"),
+        "tables[0].world_size: expected an integer",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "world_size"], True),
+        "tables[0].world_size: expected an integer",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "world_size"], 0),
+        "tables[0].world_size: expected an integer >= 1",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "hardware_key"], 7),
+        "tables[0].hardware_key: expected a non-empty",
+    ),
     (lambda: _mutate(["tables", 0, "dtype"], "int8"), "tables[0].dtype: expected one of"),
     (lambda: _mutate(["tables", 0, "mode"], "lazy"), "tables[0].mode: expected one of"),
     (lambda: _mutate(["tables", 0, "rules"], []), "tables[0].rules: expected a non-empty list"),
-    (lambda: _mutate(["tables", 0, "rules", 1, "max_bytes"], 1024),
-     "tables[0].rules[1].max_bytes: expected more than 65536"),
-    (lambda: _mutate(["tables", 0, "rules", 1, "max_bytes"], 65536),
-     "tables[0].rules[1].max_bytes: expected more than 65536"),
-    (lambda: _mutate(["tables", 0, "rules", 2, "max_bytes"], 1 << 30),
-     "tables[0].rules[2].max_bytes: expected null (the last rule is the catch-all)"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], None),
-     "tables[0].rules[0].max_bytes: null is only allowed in the last rule"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], 1.5),
-     "tables[0].rules[0].max_bytes: expected an integer > 0 or null"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], -4),
-     "tables[0].rules[0].max_bytes: expected an integer > 0 or null"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "algorithm"], "magic_ar"),
-     "tables[0].rules[0].algorithm: expected a known algorithm"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "algorithm"], 3),
-     "tables[0].rules[0].algorithm: expected a string"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], delete=True),
-     "tables[0].rules[0].max_bytes: missing"),
-    (lambda: _mutate(["tables", 0, "rules", 0, "why"], "fast"),
-     "tables[0].rules[0].why: unexpected field"),
-    (lambda: _mutate(["tables", 0, "rules", 2, "params"], {"channels": [1]}),
-     "tables[0].rules[2].params.channels: expected"),
-    (lambda: _mutate(["tables", 0, "rules", 2, "params"], {"nonexistent_knob": 1}),
-     "tables[0].rules[2].params.nonexistent_knob: expected a knob of gloo"),
-    (lambda: _mutate(["tables", 0, "rules", 2, "params"], "fast"),
-     "tables[0].rules[2].params: expected an object"),
-    (lambda: _mutate(["tables", 0, "max_size", "shm_one_shot"], delete=True),
-     "tables[0].max_size.shm_one_shot: missing"),
-    (lambda: _mutate(["tables", 0, "max_size", "shm_one_shot"], 1024),
-     "tables[0].max_size.shm_one_shot: expected >= 65536"),
-    (lambda: _mutate(["tables", 0, "max_size", "shm_one_shot"], "64K"),
-     "tables[0].max_size.shm_one_shot: expected an integer > 0"),
-    (lambda: _mutate(["tables", 0, "max_size", "nccl"], 1024),
-     "tables[0].max_size.nccl: unexpected (no rule uses nccl)"),
+    (
+        lambda: _mutate(["tables", 0, "rules", 1, "max_bytes"], 1024),
+        "tables[0].rules[1].max_bytes: expected more than 65536",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 1, "max_bytes"], 65536),
+        "tables[0].rules[1].max_bytes: expected more than 65536",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 2, "max_bytes"], 1 << 30),
+        "tables[0].rules[2].max_bytes: expected null (the last rule is the catch-all)",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], None),
+        "tables[0].rules[0].max_bytes: null is only allowed in the last rule",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], 1.5),
+        "tables[0].rules[0].max_bytes: expected an integer > 0 or null",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], -4),
+        "tables[0].rules[0].max_bytes: expected an integer > 0 or null",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "algorithm"], "magic_ar"),
+        "tables[0].rules[0].algorithm: expected a known algorithm",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "algorithm"], 3),
+        "tables[0].rules[0].algorithm: expected a string",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "max_bytes"], delete=True),
+        "tables[0].rules[0].max_bytes: missing",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 0, "why"], "fast"),
+        "tables[0].rules[0].why: unexpected field",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 2, "params"], {"channels": [1]}),
+        "tables[0].rules[2].params.channels: expected",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 2, "params"], {"nonexistent_knob": 1}),
+        "tables[0].rules[2].params.nonexistent_knob: expected a knob of gloo",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "rules", 2, "params"], "fast"),
+        "tables[0].rules[2].params: expected an object",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "max_size", "shm_one_shot"], delete=True),
+        "tables[0].max_size.shm_one_shot: missing",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "max_size", "shm_one_shot"], 1024),
+        "tables[0].max_size.shm_one_shot: expected >= 65536",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "max_size", "shm_one_shot"], "64K"),
+        "tables[0].max_size.shm_one_shot: expected an integer > 0",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "max_size", "nccl"], 1024),
+        "tables[0].max_size.nccl: unexpected (no rule uses nccl)",
+    ),
     (lambda: _mutate(["tables", 0, "max_size"], []), "tables[0].max_size: expected an object"),
-    (lambda: _mutate(["tables", 0, "evidence", "points"], delete=True),
-     "tables[0].evidence.points: missing"),
-    (lambda: _mutate(["tables", 0, "evidence", "points"], "many"),
-     "tables[0].evidence.points: expected an integer >= 0"),
-    (lambda: _mutate(["tables", 0, "evidence", "regret_vs_oracle"], -0.5),
-     "tables[0].evidence.regret_vs_oracle: expected a number >= 0"),
-    (lambda: _mutate(["tables", 0, "evidence", "mood"], "good"),
-     "tables[0].evidence.mood: unexpected field"),
+    (
+        lambda: _mutate(["tables", 0, "evidence", "points"], delete=True),
+        "tables[0].evidence.points: missing",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "evidence", "points"], "many"),
+        "tables[0].evidence.points: expected an integer >= 0",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "evidence", "regret_vs_oracle"], -0.5),
+        "tables[0].evidence.regret_vs_oracle: expected a number >= 0",
+    ),
+    (
+        lambda: _mutate(["tables", 0, "evidence", "mood"], "good"),
+        "tables[0].evidence.mood: unexpected field",
+    ),
     (lambda: _mutate(["tables", 0, "evidence"], None), "tables[0].evidence: expected an object"),
 ]
 
@@ -141,13 +219,16 @@ def test_duplicate_tables_are_refused():
         loads(json.dumps(doc))
 
 
-@pytest.mark.parametrize("text,message", [
-    ("{not json", "not JSON"),
-    ("", "not JSON"),
-    ('{"schema_version": 1, "schema_version": 1}', "schema_version: appears twice"),
-    ('[1, 2]', "file: expected a JSON object"),
-    ('{"schema_version": NaN}', "not JSON: NaN"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("{not json", "not JSON"),
+        ("", "not JSON"),
+        ('{"schema_version": 1, "schema_version": 1}', "schema_version: appears twice"),
+        ("[1, 2]", "file: expected a JSON object"),
+        ('{"schema_version": NaN}', "not JSON: NaN"),
+    ],
+)
 def test_not_json_is_refused(text, message):
     with pytest.raises(TableError, match=message):
         loads(text)

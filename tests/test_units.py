@@ -20,10 +20,18 @@ from bench.run.timing import bandwidths_gbps, summarize
 from bench.sizes import format_size, parse_size, size_range
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("1K", 1024), ("4KiB", 4096), ("64M", 64 << 20), ("1G", 1 << 30), ("512", 512),
-    ("2kb", 2048), (" 8 M ", 8 << 20),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("1K", 1024),
+        ("4KiB", 4096),
+        ("64M", 64 << 20),
+        ("1G", 1 << 30),
+        ("512", 512),
+        ("2kb", 2048),
+        (" 8 M ", 8 << 20),
+    ],
+)
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
@@ -84,9 +92,21 @@ def test_check_result_catches_one_wrong_element_and_nan():
 
 def _row(**kw):
     row = dict.fromkeys(COLUMNS, None)
-    row.update(run_id="r", hardware_key="hk", backend="gloo", world_size=2, nnodes=1,
-               dtype="float32", bytes=1024, count=256, mode="eager", iters=5,
-               latency_us=10.0, correct=True, max_abs_err=0.0)
+    row.update(
+        run_id="r",
+        hardware_key="hk",
+        backend="gloo",
+        world_size=2,
+        nnodes=1,
+        dtype="float32",
+        bytes=1024,
+        count=256,
+        mode="eager",
+        iters=5,
+        latency_us=10.0,
+        correct=True,
+        max_abs_err=0.0,
+    )
     row.update(kw)
     return row
 
@@ -102,8 +122,10 @@ def test_results_writer_appends_and_locks(tmp_path):
     frame = read_results(tmp_path)
     assert list(frame.columns) == list(COLUMNS)
     assert len(frame) == 2 and frame["skipped_reason"].iloc[1] == "why"
-    assert completed_points(tmp_path) == {("gloo", 2, "float32", 1024, "eager"),
-                                          ("gloo", 2, "float32", 2048, "eager")}
+    assert completed_points(tmp_path) == {
+        ("gloo", 2, "float32", 1024, "eager"),
+        ("gloo", 2, "float32", 2048, "eager"),
+    }
     with ResultsWriter(tmp_path) as writer:  # reopening appends, header once
         writer.append(_row(bytes=4096))
     assert len(read_results(tmp_path)) == 3
@@ -142,9 +164,13 @@ def test_a_row_that_cannot_be_written_whole_is_cut_off(tmp_path, subprocess_env)
     import sys
     from pathlib import Path
 
-    proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path),
-                           str(Path(__file__).parent)], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", FSIZE_CHILD, str(tmp_path), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=60,
+    )
     code, rows, limit = proc.stdout.split()
     assert code == "EFBIG" and 1 <= int(rows) < 10, proc.stdout + proc.stderr
     data = (tmp_path / "results.csv").read_bytes()

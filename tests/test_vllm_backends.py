@@ -27,16 +27,32 @@ from bench.vllm.paths import (
 )
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (.ci/run installs "
-                                "it without its CUDA dependencies: docs/vllm.md)")
-NAMES = ("vllm_custom_ar", "vllm_custom_ar_one_shot", "vllm_custom_ar_two_shot",
-         "vllm_symm_mem_two_shot", "vllm_symm_mem_multimem", "vllm_pynccl", "vllm_quick_reduce")
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM,
+    reason="vLLM is not installed (.ci/run installs "
+    "it without its CUDA dependencies: docs/vllm.md)",
+)
+NAMES = (
+    "vllm_custom_ar",
+    "vllm_custom_ar_one_shot",
+    "vllm_custom_ar_two_shot",
+    "vllm_symm_mem_two_shot",
+    "vllm_symm_mem_multimem",
+    "vllm_pynccl",
+    "vllm_quick_reduce",
+)
 
 
 def _cpu_ctx(world_size: int = 2) -> CommContext:
-    return CommContext(rank=0, world_size=world_size, local_rank=0,
-                       local_world_size=world_size, nnodes=1, device=torch.device("cpu"),
-                       cpu_group=None)
+    return CommContext(
+        rank=0,
+        world_size=world_size,
+        local_rank=0,
+        local_world_size=world_size,
+        nnodes=1,
+        device=torch.device("cpu"),
+        cpu_group=None,
+    )
 
 
 def test_the_entry_point_registers_every_vllm_backend():
@@ -58,24 +74,28 @@ def test_probes_on_cpu_say_why(monkeypatch):
         return
     for name in NAMES[:-1]:
         assert reasons[name] == f"{name} needs a CUDA device (this sweep runs on cpu)"
-    assert reasons["vllm_quick_reduce"] == ("vllm_quick_reduce needs a ROCm GPU (AMD "
-                                            "MI300/MI350); this sweep runs on cpu")
+    assert reasons["vllm_quick_reduce"] == (
+        "vllm_quick_reduce needs a ROCm GPU (AMD MI300/MI350); this sweep runs on cpu"
+    )
 
 
 def test_probes_without_vllm_say_it_is_not_installed(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
     for name in NAMES:
-        assert get_spec(name).probe(_cpu_ctx()) == ("vLLM is not installed (pip install vllm; "
-                                                     "see docs/vllm.md)")
+        assert get_spec(name).probe(_cpu_ctx()) == (
+            "vLLM is not installed (pip install vllm; see docs/vllm.md)"
+        )
 
 
 def test_symmetric_memory_is_never_built_where_multicast_stays_off():
     off = vllm_backends.multicast_off_reason
     assert off({}) is None and off({"NCCL_NVLS_ENABLE": "1"}) is None
     assert off({"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}) == (
-        "no NVLink multicast (TORCH_SYMM_MEM_DISABLE_MULTICAST=1: kept off on this machine)")
+        "no NVLink multicast (TORCH_SYMM_MEM_DISABLE_MULTICAST=1: kept off on this machine)"
+    )
     assert off({"NCCL_NVLS_ENABLE": "0"}).startswith("no NVLink multicast (NCCL_NVLS_ENABLE=0")
     assert off({"NVSHMEM_DISABLE_NVLS": "true"})
 
@@ -83,21 +103,44 @@ def test_symmetric_memory_is_never_built_where_multicast_stays_off():
 @pytest.mark.slow
 def test_cpu_sweep_records_the_vllm_backends_as_skipped(run_cli, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli("bench", "sweep", "--device", "cpu", "--world-size", "1", "--backends",
-                   ",".join(NAMES) + ",gloo", "-b", "1K", "-e", "1K", "--dtypes", "float32",
-                   "--iters", "2", "--warmup", "1", "--out", out, "-q", timeout=180)
+    proc = run_cli(
+        "bench",
+        "sweep",
+        "--device",
+        "cpu",
+        "--world-size",
+        "1",
+        "--backends",
+        ",".join(NAMES) + ",gloo",
+        "-b",
+        "1K",
+        "-e",
+        "1K",
+        "--dtypes",
+        "float32",
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--out",
+        out,
+        "-q",
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open(out / "results.csv") as fh:
         rows = {r["backend"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {*NAMES, "gloo"}
     for name in NAMES:
         assert not rows[name]["latency_us"]
-        assert rows[name]["skipped_reason"].startswith("needs cuda tensors; these ranks run on "
-                                                       "cpu"), rows[name]
+        assert rows[name]["skipped_reason"].startswith(
+            "needs cuda tensors; these ranks run on cpu"
+        ), rows[name]
     assert rows["gloo"]["latency_us"] and rows["gloo"]["correct"] == "True"
 
 
 # -- the paths, against stand-ins with vLLM's method names ---------------------------------
+
 
 class FakeCustom:
     """CustomAllreduce's gate and graph-aware call; records VLLM_CUSTOM_ALLREDUCE_ALGO."""
@@ -173,8 +216,10 @@ def test_max_size_tables_grow_in_place_and_vllm_modules_see_it():
     from vllm.distributed.device_communicators import all_reduce_utils, custom_all_reduce
     from vllm.distributed.device_communicators import symm_mem as vllm_symm_mem
 
-    custom, symm = (all_reduce_utils.CUSTOM_ALL_REDUCE_MAX_SIZES,
-                    all_reduce_utils.SYMM_MEM_ALL_REDUCE_MAX_SIZES)
+    custom, symm = (
+        all_reduce_utils.CUSTOM_ALL_REDUCE_MAX_SIZES,
+        all_reduce_utils.SYMM_MEM_ALL_REDUCE_MAX_SIZES,
+    )
     saved = copy.deepcopy(custom), copy.deepcopy(symm)
     try:
         changes = grow_max_sizes("9.0", 8, custom_ar=1 << 20, symm_mem=1 << 10)
@@ -184,7 +229,8 @@ def test_max_size_tables_grow_in_place_and_vllm_modules_see_it():
         # a capability vLLM lacks: a symmetric-memory row is added, a custom one is not (no
         # row there means no clamp)
         assert grow_max_sizes("8.0", 4, custom_ar=4096, symm_mem=4096) == [
-            "SYMM_MEM_ALL_REDUCE_MAX_SIZES['8.0'][4] None -> 4096"]
+            "SYMM_MEM_ALL_REDUCE_MAX_SIZES['8.0'][4] None -> 4096"
+        ]
         assert "8.0" not in custom_all_reduce.CUSTOM_ALL_REDUCE_MAX_SIZES
         assert vllm_symm_mem.SYMM_MEM_ALL_REDUCE_MAX_SIZES["8.0"] == {4: 4096}
     finally:

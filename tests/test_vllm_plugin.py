@@ -45,18 +45,36 @@ K, M = 1024, 1024 * 1024
 KEY = "nvidia-h200-x2-nvlink"
 EVIDENCE = {"run_id": "test", "points": 1, "regret_vs_oracle": 0.0, "gain_vs_nccl_geomean": None}
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
-needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (.ci/run installs "
-                                "it without its CUDA dependencies: docs/vllm.md)")
+needs_vllm = pytest.mark.skipif(
+    not HAS_VLLM,
+    reason="vLLM is not installed (.ci/run installs "
+    "it without its CUDA dependencies: docs/vllm.md)",
+)
 
 
 def _tables(first_bound: int = 64 * K, key: str = KEY) -> Thresholds:
-    bf16 = Table(key, 2, "bfloat16", "eager",
-                 (Rule(first_bound, "custom_one_shot", {"blocks": 16}),
-                  Rule(16 * M, "vllm_symm_mem_two_shot"), Rule(None, "nccl")),
-                 {"custom_one_shot": first_bound, "vllm_symm_mem_two_shot": 16 * M}, EVIDENCE)
-    fp32 = Table(key, 2, "float32", "eager",
-                 (Rule(6 * M, "vllm_custom_ar"), Rule(None, "vllm_pynccl")),
-                 {"vllm_custom_ar": 6 * M}, EVIDENCE)
+    bf16 = Table(
+        key,
+        2,
+        "bfloat16",
+        "eager",
+        (
+            Rule(first_bound, "custom_one_shot", {"blocks": 16}),
+            Rule(16 * M, "vllm_symm_mem_two_shot"),
+            Rule(None, "nccl"),
+        ),
+        {"custom_one_shot": first_bound, "vllm_symm_mem_two_shot": 16 * M},
+        EVIDENCE,
+    )
+    fp32 = Table(
+        key,
+        2,
+        "float32",
+        "eager",
+        (Rule(6 * M, "vllm_custom_ar"), Rule(None, "vllm_pynccl")),
+        {"vllm_custom_ar": 6 * M},
+        EVIDENCE,
+    )
     return Thresholds(tables=(bf16, fp32))
 
 
@@ -74,6 +92,7 @@ def plugin_log():
 
 # -- names and settings (no vLLM needed) ----------------------------------------------------
 
+
 def test_every_name_maps_to_a_vllm_path_or_is_refused_with_a_reason():
     from bench.backends import known_names
     from bench.vllm.backends import NAMES
@@ -83,8 +102,13 @@ def test_every_name_maps_to_a_vllm_path_or_is_refused_with_a_reason():
     for name in known_names():
         path, reason = vllm_path(name)
         assert (path is None) == (name not in VLLM_PATH) and (reason is None) == bool(path)
-    assert set(NO_VLLM_PATH) == {"symm_mem_one_shot", "pynccl_symm", "gloo", "shm_one_shot",
-                                 "shm_two_shot"}
+    assert set(NO_VLLM_PATH) == {
+        "symm_mem_one_shot",
+        "pynccl_symm",
+        "gloo",
+        "shm_one_shot",
+        "shm_two_shot",
+    }
     assert vllm_path("custom_one_shot") == ("vllm_custom_ar_one_shot", None)
     assert vllm_path("mpi")[0] is None
 
@@ -109,28 +133,37 @@ def _unmapped(tmp_path) -> str:
     return _write(tmp_path, "unmapped.json", json.dumps(doc))
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "no such file"),
-    ("corrupt", "not JSON (Expecting value at line 1 column 1)"),
-    ("invalid", "tables[0].world_size: expected an integer >= 1, got 0"),
-    ("unmapped", "tables[1].rules[1].algorithm: symm_mem_one_shot has no vLLM path (vLLM "
-                 "never calls torch's one-shot symmetric-memory all-reduce); vLLM runs "),
-])
-def test_a_bad_table_refuses_in_one_line_naming_the_variable_and_the_file(tmp_path, case,
-                                                                          expected):
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "no such file"),
+        ("corrupt", "not JSON (Expecting value at line 1 column 1)"),
+        ("invalid", "tables[0].world_size: expected an integer >= 1, got 0"),
+        (
+            "unmapped",
+            "tables[1].rules[1].algorithm: symm_mem_one_shot has no vLLM path (vLLM "
+            "never calls torch's one-shot symmetric-memory all-reduce); vLLM runs ",
+        ),
+    ],
+)
+def test_a_bad_table_refuses_in_one_line_naming_the_variable_and_the_file(tmp_path, case, expected):
     doc = _tables().to_json()
     doc["tables"][0]["world_size"] = 0
-    path = {"missing": str(tmp_path / "none.json"),
-            "corrupt": _write(tmp_path, "corrupt.json", "nan"),
-            "invalid": _write(tmp_path, "invalid.json", json.dumps(doc)),
-            "unmapped": _unmapped(tmp_path)}[case]
+    path = {
+        "missing": str(tmp_path / "none.json"),
+        "corrupt": _write(tmp_path, "corrupt.json", "nan"),
+        "invalid": _write(tmp_path, "invalid.json", json.dumps(doc)),
+        "unmapped": _unmapped(tmp_path),
+    }[case]
     with pytest.raises(ThresholdsRefused) as info:
         vllm_plugin.register({ENV_THRESHOLDS: path})
     text = str(info.value)
     assert "\n" not in text
     assert text.startswith(f"{ENV_THRESHOLDS}: {path}: {expected}")
-    assert text.endswith("(vLLM does not start; ALLREDUCE_AUTOTUNE_STRICT=0 starts it with its "
-                         "own all-reduce choice)")
+    assert text.endswith(
+        "(vLLM does not start; ALLREDUCE_AUTOTUNE_STRICT=0 starts it with its "
+        "own all-reduce choice)"
+    )
 
 
 def test_strict_0_warns_once_and_keeps_vllms_choice(tmp_path, plugin_log):
@@ -139,10 +172,14 @@ def test_strict_0_warns_once_and_keeps_vllms_choice(tmp_path, plugin_log):
     assert setup.thresholds is None and not setup.strict
     assert len(plugin_log) == 1 and "\n" not in plugin_log[0]
     assert plugin_log[0].startswith(f"{ENV_THRESHOLDS}: {path}: tables[1].rules[1].algorithm")
-    assert plugin_log[0].endswith("; vLLM keeps its own all-reduce choice "
-                                  "(ALLREDUCE_AUTOTUNE_STRICT=0)")
-    with pytest.raises(ThresholdsRefused, match=r"^ALLREDUCE_AUTOTUNE_STRICT: expected 0 or 1, "
-                                                r"got 'maybe'$"):
+    assert plugin_log[0].endswith(
+        "; vLLM keeps its own all-reduce choice (ALLREDUCE_AUTOTUNE_STRICT=0)"
+    )
+    with pytest.raises(
+        ThresholdsRefused,
+        match=r"^ALLREDUCE_AUTOTUNE_STRICT: expected 0 or 1, "
+        r"got 'maybe'$",
+    ):
         vllm_plugin.register({ENV_THRESHOLDS: path, ENV_STRICT: "maybe"})
 
 
@@ -166,27 +203,49 @@ def test_a_table_fitted_on_vllms_own_backends_is_what_the_plugin_routes(tmp_path
     from tuner.cli import main as tuner_main
 
     run = tmp_path / "run"
-    latency = {"vllm_custom_ar_one_shot": (5, 2e4), "vllm_symm_mem_two_shot": (12, 8e4),
-               "vllm_pynccl": (19, 1e5), "nccl": (20, 1e5)}
+    latency = {
+        "vllm_custom_ar_one_shot": (5, 2e4),
+        "vllm_symm_mem_two_shot": (12, 8e4),
+        "vllm_pynccl": (19, 1e5),
+        "nccl": (20, 1e5),
+    }
     with ResultsWriter(run) as writer:
         for backend, (base, rate) in latency.items():
-            for nbytes in (4 ** i * K for i in range(9)):
+            for nbytes in (4**i * K for i in range(9)):
                 us = base + nbytes / rate
-                writer.append({"run_id": "r1", "hardware_key": KEY, "backend": backend,
-                               "world_size": 2, "nnodes": 1, "dtype": "bfloat16",
-                               "bytes": nbytes, "count": nbytes // 2, "mode": "graph",
-                               "iters": 5, "latency_us": us, "p10_us": us, "p90_us": us,
-                               "algbw_gbps": nbytes / us / 1e3, "busbw_gbps": nbytes / us / 1e3,
-                               "correct": True, "max_abs_err": 0.0, "skipped_reason": None})
+                writer.append(
+                    {
+                        "run_id": "r1",
+                        "hardware_key": KEY,
+                        "backend": backend,
+                        "world_size": 2,
+                        "nnodes": 1,
+                        "dtype": "bfloat16",
+                        "bytes": nbytes,
+                        "count": nbytes // 2,
+                        "mode": "graph",
+                        "iters": 5,
+                        "latency_us": us,
+                        "p10_us": us,
+                        "p90_us": us,
+                        "algbw_gbps": nbytes / us / 1e3,
+                        "busbw_gbps": nbytes / us / 1e3,
+                        "correct": True,
+                        "max_abs_err": 0.0,
+                        "skipped_reason": None,
+                    }
+                )
     write_meta(run, {"run_id": "r1", "hardware_key": KEY})
     assert tuner_main(["fit", str(run), "-o", str(tmp_path / "t.json")]) == 0
     setup = vllm_plugin.register({ENV_THRESHOLDS: str(tmp_path / "t.json")})
     assert vllm_comm.Routes(list(setup.thresholds.tables)).describe() == (
         "bfloat16 graph: <=64K vllm_custom_ar_one_shot, <=1M vllm_symm_mem_two_shot, "
-        "rest vllm_pynccl")
+        "rest vllm_pynccl"
+    )
 
 
 # -- the routing decision, against stand-ins -------------------------------------------------
+
 
 class FakeCustom:
     disabled = False
@@ -222,8 +281,10 @@ def test_routes_choose_by_bytes_dtype_and_mode():
     assert choose(6 * M + 4, fp32, "eager").name == "vllm_pynccl"
     assert choose(1 * K, torch.float16, "eager") is None  # no table: vLLM's own
     assert choose(1 * K, bf16, "graph") is None
-    assert routes.describe().startswith("bfloat16 eager: <=64K vllm_custom_ar_one_shot, "
-                                        "<=16M vllm_symm_mem_two_shot, rest nccl; float32 eager")
+    assert routes.describe().startswith(
+        "bfloat16 eager: <=64K vllm_custom_ar_one_shot, "
+        "<=16M vllm_symm_mem_two_shot, rest nccl; float32 eager"
+    )
 
 
 def test_the_wrapped_all_reduce_routes_and_falls_back_to_vllms_order():
@@ -280,20 +341,37 @@ def test_vllms_plugin_loader_finds_and_runs_register(tmp_path, subprocess_env):
     _tables().save(path)
     env = subprocess_env()
     env.pop(ENV_THRESHOLDS, None)
-    proc = subprocess.run([sys.executable, "-c", DISCOVERY, str(path)], capture_output=True,
-                          text=True, env=env, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", DISCOVERY, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines()
-             if line.startswith(("found", "off", "on", "wrapped"))]
-    assert lines == ["found True", "off None False", f"on {path} False",
-                     "wrapped True"]
+    lines = [
+        line
+        for line in proc.stdout.splitlines()
+        if line.startswith(("found", "off", "on", "wrapped"))
+    ]
+    assert lines == ["found True", "off None False", f"on {path} False", "wrapped True"]
 
 
-CASES = [(64 * K, "bfloat16", "eager"), (64 * K + 2, "bfloat16", "eager"),
-         (16 * M + 2, "bfloat16", "eager"), (1 * K, "float16", "eager"),
-         (6 * M, "float32", "eager"), (6 * M + 4, "float32", "eager")]
-CALLS = [(1 * K, "bfloat16"), (2 * M, "bfloat16"), (20 * M, "bfloat16"), (1 * K, "float32"),
-         (8 * M, "float32")]
+CASES = [
+    (64 * K, "bfloat16", "eager"),
+    (64 * K + 2, "bfloat16", "eager"),
+    (16 * M + 2, "bfloat16", "eager"),
+    (1 * K, "float16", "eager"),
+    (6 * M, "float32", "eager"),
+    (6 * M + 4, "float32", "eager"),
+]
+CALLS = [
+    (1 * K, "bfloat16"),
+    (2 * M, "bfloat16"),
+    (20 * M, "bfloat16"),
+    (1 * K, "float32"),
+    (8 * M, "float32"),
+]
 
 
 def _phase(build, log: list, report: dict, name: str) -> object:
@@ -309,8 +387,9 @@ def _phase(build, log: list, report: dict, name: str) -> object:
 
 
 def _rank_main(rank: int, world: int, port: int, files: dict, out_dir: str) -> None:
-    os.environ.update({"OMP_NUM_THREADS": "1", ENV_THRESHOLDS: files["good"],
-                       ENV_HARDWARE_KEY: KEY})
+    os.environ.update(
+        {"OMP_NUM_THREADS": "1", ENV_THRESHOLDS: files["good"], ENV_HARDWARE_KEY: KEY}
+    )
     os.environ.pop(ENV_STRICT, None)
     with gloo_rank(rank, world, port):
         write_report(out_dir, rank, _rank_report(rank, files))
@@ -335,21 +414,31 @@ def _rank_report(rank: int, files: dict) -> dict:
     group, report = dist.group.WORLD, {}
 
     def build(name: str = "tp:0"):
-        return CudaCommunicator(cpu_group=group, device=torch.device("cpu"),
-                                device_group=group, unique_name=name)
+        return CudaCommunicator(
+            cpu_group=group, device=torch.device("cpu"), device_group=group, unique_name=name
+        )
 
     routes = _phase(build, log, report, "agreed")
-    report["choices"] = [getattr(routes.choose(n, getattr(torch, d), m), "name", None)
-                         for n, d, m in CASES]
+    report["choices"] = [
+        getattr(routes.choose(n, getattr(torch, d), m), "name", None) for n, d, m in CASES
+    ]
     comm, sums = build(), []
     for nbytes, dtype in CALLS:
-        x = torch.full((nbytes // torch.tensor([], dtype=getattr(torch, dtype)).element_size(),),
-                       float(rank + 1), dtype=getattr(torch, dtype))
+        x = torch.full(
+            (nbytes // torch.tensor([], dtype=getattr(torch, dtype)).element_size(),),
+            float(rank + 1),
+            dtype=getattr(torch, dtype),
+        )
         y = comm.all_reduce(x)
         sums.append(bool((y == 3).all()) and bool((x == rank + 1).all()))
-    report.update(sums=sums, ran=ran, sizes=[
-        custom_all_reduce.CUSTOM_ALL_REDUCE_MAX_SIZES["10.3"][2],
-        symm_mem.SYMM_MEM_ALL_REDUCE_MAX_SIZES["10.3"][2]])
+    report.update(
+        sums=sums,
+        ran=ran,
+        sizes=[
+            custom_all_reduce.CUSTOM_ALL_REDUCE_MAX_SIZES["10.3"][2],
+            symm_mem.SYMM_MEM_ALL_REDUCE_MAX_SIZES["10.3"][2],
+        ],
+    )
     report["pp_routes"] = getattr(build("pp:0"), vllm_comm.ROUTES_ATTRIBUTE)
     env = {ENV_THRESHOLDS: files["good" if rank == 0 else "other"], ENV_HARDWARE_KEY: KEY}
     vllm_plugin.register(env)
@@ -367,17 +456,33 @@ def test_two_ranks_build_vllms_communicator_agree_size_and_route(tmp_path):
     files = {"good": str(tmp_path / "good.json"), "other": str(tmp_path / "other.json")}
     _tables().save(files["good"])
     _tables(32 * K).save(files["other"])
-    mp.start_processes(_rank_main, args=(2, free_port("127.0.0.1"), files, str(tmp_path)),
-                       nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _rank_main,
+        args=(2, free_port("127.0.0.1"), files, str(tmp_path)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     reports = read_reports(tmp_path, 2)
     for report in reports:
         assert report["agreed"]["routes"] and report["pp_routes"] is None
-        assert report["choices"] == ["vllm_custom_ar_one_shot", "vllm_symm_mem_two_shot",
-                                     "nccl", None, "vllm_custom_ar", "vllm_pynccl"]
+        assert report["choices"] == [
+            "vllm_custom_ar_one_shot",
+            "vllm_symm_mem_two_shot",
+            "nccl",
+            None,
+            "vllm_custom_ar",
+            "vllm_pynccl",
+        ]
         # on CPU every vLLM communicator declines: all but the nccl path fall back to vLLM's
         # own order, and every sum is right with the input left alone
-        assert report["ran"] == ["vllm_custom_ar_one_shot", "vllm_symm_mem_two_shot", "nccl",
-                                 "vllm_custom_ar", "vllm_pynccl"]
+        assert report["ran"] == [
+            "vllm_custom_ar_one_shot",
+            "vllm_symm_mem_two_shot",
+            "nccl",
+            "vllm_custom_ar",
+            "vllm_pynccl",
+        ]
         assert all(report["sums"]), report["sums"]
         # grown in place, seen through vLLM's own module names: 4 MiB -> 6 MiB + 16 (custom
         # all-reduce takes bytes < max_size), 4 MiB -> 16 MiB (symmetric memory)
@@ -385,25 +490,31 @@ def test_two_ranks_build_vllms_communicator_agree_size_and_route(tmp_path):
         refused = report["different"]["refused"]
         assert "\n" not in refused and refused.startswith(
             f"{ENV_THRESHOLDS}: the ranks of tp:0 loaded different tables (rank 0: "
-            f"{files['good']} (")
+            f"{files['good']} ("
+        )
         assert f"rank 1: {files['other']} (" in refused and "vLLM does not start" in refused
         lenient = report["different_lenient"]
         assert not lenient["routes"] and len(lenient["log"]) == 1
         assert "loaded different tables" in lenient["log"][0]
-        assert lenient["log"][0].endswith("vLLM keeps its own all-reduce choice "
-                                          "(ALLREDUCE_AUTOTUNE_STRICT=0)")
+        assert lenient["log"][0].endswith(
+            "vLLM keeps its own all-reduce choice (ALLREDUCE_AUTOTUNE_STRICT=0)"
+        )
         assert not report["no_table"]["routes"]
     agreed = reports[0]["agreed"]["log"]
     assert len(agreed) == 1 and agreed[0].startswith(
         f"allreduce-autotune: tp:0 all_reduce follows {files['good']} ({KEY}, world_size 2): "
-        "bfloat16 eager: <=64K vllm_custom_ar_one_shot")
+        "bfloat16 eager: <=64K vllm_custom_ar_one_shot"
+    )
     assert "CUSTOM_ALL_REDUCE_MAX_SIZES['10.3'][2] 4194304 -> 6291472" in agreed[0]
     assert "params of custom_one_shot not applied" in agreed[0]
-    assert agreed[0].endswith("not available here, their sizes go vLLM's own way: "
-                              "vllm_custom_ar_one_shot, vllm_symm_mem_two_shot, vllm_custom_ar, "
-                              "vllm_pynccl")
+    assert agreed[0].endswith(
+        "not available here, their sizes go vLLM's own way: "
+        "vllm_custom_ar_one_shot, vllm_symm_mem_two_shot, vllm_custom_ar, "
+        "vllm_pynccl"
+    )
     assert reports[1]["agreed"]["log"] == []
     assert reports[0]["no_table"]["log"] == [
         f"allreduce-autotune: no table for nvidia-b200-x2-nvlink world_size 2 in "
-        f"{files['good']} (it has: {KEY} ws2); vLLM keeps its own all-reduce choice"]
+        f"{files['good']} (it has: {KEY} ws2); vLLM keeps its own all-reduce choice"
+    ]
     assert reports[1]["no_table"]["log"] == []

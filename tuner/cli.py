@@ -20,28 +20,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(prog="tuner", description="Decide: thresholds.json from measurements.")
     sub = parser.add_subparsers(dest="command", parser_class=UsageParser)
     fit = sub.add_parser("fit", help="fit tables from sweep runs (rows enter an Optuna study)")
-    fit.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                     help="run directories, or folders holding them")
+    fit.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them"
+    )
     fit.add_argument("-o", "--output", required=True, help="thresholds.json to write")
-    fit.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
-                     help="SQLite file for the Optuna studies (default: in memory)")
+    fit.add_argument(
+        "--study-db",
+        dest="study_db",
+        default=None,
+        metavar="PATH",
+        help="SQLite file for the Optuna studies (default: in memory)",
+    )
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the summary line")
-    fit.add_argument("--backends", default=None,
-                     help="comma list: fit on these backends' rows only (default: every one)")
+    fit.add_argument(
+        "--backends",
+        default=None,
+        help="comma list: fit on these backends' rows only (default: every one)",
+    )
     add_table_flags(fit)
     show = sub.add_parser("show", help="a readable view of a thresholds.json")
     show.add_argument("path")
     export = sub.add_parser("export", help="other formats of a thresholds.json")
     export.add_argument("path")
-    export.add_argument("--format", required=True,
-                        help="vllm, sglang-env, nccl-tuner or nccl-env")
+    export.add_argument("--format", required=True, help="vllm, sglang-env, nccl-tuner or nccl-env")
     export.add_argument("--dtype", default=None, help="tables of this dtype (default bfloat16)")
-    export.add_argument("--mode", default=None,
-                        help="tables of this mode (vllm: default graph; others: both)")
-    export.add_argument("--world-size", dest="world_size", default=None,
-                        help="tables of this world size (default: all)")
-    export.add_argument("--capability", default=None,
-                        help="key the dictionaries by this CUDA capability (e.g. 9.0)")
+    export.add_argument(
+        "--mode", default=None, help="tables of this mode (vllm: default graph; others: both)"
+    )
+    export.add_argument(
+        "--world-size",
+        dest="world_size",
+        default=None,
+        help="tables of this world size (default: all)",
+    )
+    export.add_argument(
+        "--capability", default=None, help="key the dictionaries by this CUDA capability (e.g. 9.0)"
+    )
     export.add_argument("-o", "--output", default=None, help="write here instead of stdout")
     return parser
 
@@ -62,8 +76,10 @@ def _cmd_fit(args, argv: list[str]) -> int:
         wanted = {b.strip() for b in args.backends.split(",") if b.strip()}
         rows = rows[rows["backend"].isin(wanted)]
     if rows.empty:
-        raise UsageError(f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)"
-                         + (f" of --backends {args.backends}" if args.backends else ""))
+        raise UsageError(
+            f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)"
+            + (f" of --backends {args.backends}" if args.backends else "")
+        )
     import json
 
     import optuna
@@ -74,8 +90,9 @@ def _cmd_fit(args, argv: list[str]) -> int:
         storage = optuna.storages.InMemoryStorage()
     spaces = {}
     for group, part in rows.groupby(["hardware_key", "world_size", "dtype", "mode"]):
-        seen = {b: [json.loads(p) for p in grp["params"].unique()]
-                for b, grp in part.groupby("backend")}
+        seen = {
+            b: [json.loads(p) for p in grp["params"].unique()] for b, grp in part.groupby("backend")
+        }
         hw = group[0]
         # every algorithm of this device class registered here, plus any measured one
         from bench.backends import all_specs
@@ -93,8 +110,10 @@ def _cmd_fit(args, argv: list[str]) -> int:
     if not args.quiet:
         print_fits(fits)
     save_outputs(thresholds, fits, args.output, args.pareto)
-    print(f"# {len(rows)} measured rows from {len(run_dirs)} run(s): {added} trials added, "
-          f"{present} already in the study; {len(fits)} table(s) -> {args.output}")
+    print(
+        f"# {len(rows)} measured rows from {len(run_dirs)} run(s): {added} trials added, "
+        f"{present} already in the study; {len(fits)} table(s) -> {args.output}"
+    )
     return 0
 
 
@@ -125,8 +144,9 @@ def _cmd_export(args) -> int:
         writable_file("-o", args.output)
     try:
         thresholds = load(args.path)
-        text = export(thresholds, args.format, args.path, args.dtype, args.mode, world_size,
-                      args.capability)
+        text = export(
+            thresholds, args.format, args.path, args.dtype, args.mode, world_size, args.capability
+        )
     except (TableError, ExportError) as exc:
         raise UsageError(str(exc)) from None
     if args.output:

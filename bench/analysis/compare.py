@@ -35,8 +35,17 @@ from pathlib import Path
 
 from bench.sizes import format_size, parse_size
 
-__all__ = ["Baseline", "add_arguments", "run", "parse_baseline", "short_labels", "ratios",
-           "table", "verdicts", "targets"]
+__all__ = [
+    "Baseline",
+    "add_arguments",
+    "run",
+    "parse_baseline",
+    "short_labels",
+    "ratios",
+    "table",
+    "verdicts",
+    "targets",
+]
 
 BACKENDS = "gloo,shm_one_shot,shm_two_shot"
 SMALL_BYTES = 64 << 10
@@ -58,8 +67,11 @@ class Baseline:
 
     def chosen(self, backends: Sequence[str]) -> list[str]:
         """The candidates among `backends`, in their order."""
-        return [b for b in backends if b not in self.members and
-                (not self.candidates or b in self.candidates)]
+        return [
+            b
+            for b in backends
+            if b not in self.members and (not self.candidates or b in self.candidates)
+        ]
 
     @property
     def label(self) -> str:
@@ -77,34 +89,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-e", "--max-bytes", default="64M")
     parser.add_argument("--dtypes", "--dtype", dest="dtypes", default="float32")
     parser.add_argument("--backends", default=BACKENDS, help="comma list (default: %(default)s)")
-    parser.add_argument("--baseline", default=None,
-                        help="BACKEND, or best-of:A,B (the fastest of them at each point); "
-                             "default: the device's floor (gloo on CPU, nccl on GPU)")
-    parser.add_argument("--candidates", default=None,
-                        help="comma list of backends given ratios (default: all but the baseline)")
-    parser.add_argument("--latency-target", type=float, default=None,
-                        help="default 0.1 against the floor, 1.0 against any other baseline")
-    parser.add_argument("--bandwidth-target", type=float, default=None,
-                        help="default 2.0 against the floor, 1.0 against any other baseline")
-    parser.add_argument("--launcher", default="torchrun",
-                        help="the sweeps' launcher: torchrun, or mpirun (the mpi peer needs it)")
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="BACKEND, or best-of:A,B (the fastest of them at each point); "
+        "default: the device's floor (gloo on CPU, nccl on GPU)",
+    )
+    parser.add_argument(
+        "--candidates",
+        default=None,
+        help="comma list of backends given ratios (default: all but the baseline)",
+    )
+    parser.add_argument(
+        "--latency-target",
+        type=float,
+        default=None,
+        help="default 0.1 against the floor, 1.0 against any other baseline",
+    )
+    parser.add_argument(
+        "--bandwidth-target",
+        type=float,
+        default=None,
+        help="default 2.0 against the floor, 1.0 against any other baseline",
+    )
+    parser.add_argument(
+        "--launcher",
+        default="torchrun",
+        help="the sweeps' launcher: torchrun, or mpirun (the mpi peer needs it)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("-n", "--iters", type=int, default=20)
     parser.add_argument("-w", "--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=1, help="full sweeps per world size")
-    parser.add_argument("--runs", nargs="*", default=None,
-                        help="report existing run directories instead of measuring")
-    parser.add_argument("--out", default="results",
-                        help="run directories go to OUT/<hardware_key>/ (default: results)")
-    parser.add_argument("--label", default=None, help="run directory names: "
-                        "<time>-LABEL-ws<N>[-r<repeat>] (default: <candidates>-vs-<baseline>)")
+    parser.add_argument(
+        "--runs",
+        nargs="*",
+        default=None,
+        help="report existing run directories instead of measuring",
+    )
+    parser.add_argument(
+        "--out",
+        default="results",
+        help="run directories go to OUT/<hardware_key>/ (default: results)",
+    )
+    parser.add_argument(
+        "--label",
+        default=None,
+        help="run directory names: "
+        "<time>-LABEL-ws<N>[-r<repeat>] (default: <candidates>-vs-<baseline>)",
+    )
     parser.add_argument("--markdown", default=None, help="also write the figures to this file")
     parser.add_argument("extra", nargs="*", help="more `bench sweep` flags after --")
 
 
 def parse_baseline(text: str, backends: Sequence[str]) -> Baseline:
     """`NAME` or `best-of:A,B`, each a backend of `backends`; raises ValueError naming it."""
-    names = text[len(BEST_OF):].split(",") if text.startswith(BEST_OF) else [text]
+    names = text[len(BEST_OF) :].split(",") if text.startswith(BEST_OF) else [text]
     names = [n.strip() for n in names if n.strip()]
     if not names:
         raise ValueError(f"expected BACKEND or {BEST_OF}A,B, got {text!r}")
@@ -130,7 +170,7 @@ def short_labels(names: Sequence[str]) -> tuple[str, dict[str, str], dict[str, s
         return "", {n: n for n in names}, {n: n for n in names}
     group = "_".join(parts[0][:front])
     columns = {n: "-".join(p[front:]) for n, p in zip(names, parts, strict=True)}
-    ratio = {n: "-".join(p[front:len(p) - back]) for n, p in zip(names, parts, strict=True)}
+    ratio = {n: "-".join(p[front : len(p) - back]) for n, p in zip(names, parts, strict=True)}
     return group, columns, ratio
 
 
@@ -141,10 +181,16 @@ def ratios(frame, backends: Sequence[str], baseline: Baseline):
 
     ok = correct_rows(frame)
     index = ["world_size", "dtype", "bytes"]
-    wide = ok.pivot_table(index=index, columns="backend", values="latency_us",
-                          aggfunc="min").reindex(columns=list(backends)).reset_index()
-    worst = ok.pivot_table(index=index, columns="backend", values="latency_us",
-                           aggfunc="max").reindex(columns=list(backends)).reset_index()
+    wide = (
+        ok.pivot_table(index=index, columns="backend", values="latency_us", aggfunc="min")
+        .reindex(columns=list(backends))
+        .reset_index()
+    )
+    worst = (
+        ok.pivot_table(index=index, columns="backend", values="latency_us", aggfunc="max")
+        .reindex(columns=list(backends))
+        .reset_index()
+    )
     candidates = baseline.chosen(backends)
     for name in backends:
         wide[f"{name}_max"] = worst[name]
@@ -206,23 +252,47 @@ def verdicts(wide, backends: Sequence[str], baseline: Baseline) -> list[str]:
             f"{latency_target:g}: {'met' if worst <= latency_target else 'MISSED'}); at "
             f"{format_size(nbytes)} algbw {algbw} GB/s, {best.replace('-', ' ', 1)} = "
             f"{bw:.2f}x {baseline.label} (target >= {bandwidth_target:g}: "
-            f"{'met' if bw >= bandwidth_target else 'MISSED'})")
+            f"{'met' if bw >= bandwidth_target else 'MISSED'})"
+        )
     return lines
 
 
 def _sweep(world_size: int, out: Path, backends: Sequence[str], args) -> int:
-    cmd = [sys.executable, "-m", "bench.cli", "sweep", "--world-size", str(world_size),
-           "--backends", ",".join(backends), "-b", args.min_bytes, "-e", args.max_bytes,
-           "--dtypes", args.dtypes, "--device", args.device, "-n", str(args.iters),
-           "-w", str(args.warmup), "--out", str(out), "-q", *args.extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "sweep",
+        "--world-size",
+        str(world_size),
+        "--backends",
+        ",".join(backends),
+        "-b",
+        args.min_bytes,
+        "-e",
+        args.max_bytes,
+        "--dtypes",
+        args.dtypes,
+        "--device",
+        args.device,
+        "-n",
+        str(args.iters),
+        "-w",
+        str(args.warmup),
+        "--out",
+        str(out),
+        "-q",
+        *args.extra,
+    ]
     if args.launcher != "torchrun":
-        cmd[cmd.index("-q"):cmd.index("-q")] = ["--launcher", args.launcher]
+        cmd[cmd.index("-q") : cmd.index("-q")] = ["--launcher", args.launcher]
     print("$", " ".join(cmd[1:]), flush=True)
     return subprocess.run(cmd).returncode
 
 
-def _measure(args, backends: Sequence[str], baseline: Baseline, hardware_key: str
-             ) -> tuple[list[Path], int]:
+def _measure(
+    args, backends: Sequence[str], baseline: Baseline, hardware_key: str
+) -> tuple[list[Path], int]:
     """The sweeps, R rounds alternating world sizes: their run directories, and the exit
     status of the first sweep that failed (0: none did)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -235,8 +305,7 @@ def _measure(args, backends: Sequence[str], baseline: Baseline, hardware_key: st
             out = Path(args.out) / hardware_key / name
             code = _sweep(ws, out, backends, args)
             if code:
-                print(f"bench compare: the sweep into {out} failed (exit {code})",
-                      file=sys.stderr)
+                print(f"bench compare: the sweep into {out} failed (exit {code})", file=sys.stderr)
                 return runs, code
             runs.append(out)
     return runs, 0
@@ -249,8 +318,7 @@ def _world_sizes(text: str) -> list[int]:
 def _shown(path: Path) -> str:
     """A run directory as the user would type it: relative to here when below here."""
     here = Path.cwd()
-    return str(path.relative_to(here)) if path.is_absolute() and here in path.parents \
-        else str(path)
+    return str(path.relative_to(here)) if path.is_absolute() and here in path.parents else str(path)
 
 
 def _check(args) -> tuple[list[str], Baseline]:
@@ -267,8 +335,9 @@ def _check(args) -> tuple[list[str], Baseline]:
         if min(_world_sizes(args.world_sizes)) < 1:
             raise ValueError
     except ValueError:
-        raise UsageError(f"--world-sizes: expected a comma list of integers >= 1, got "
-                         f"{args.world_sizes!r}") from None
+        raise UsageError(
+            f"--world-sizes: expected a comma list of integers >= 1, got {args.world_sizes!r}"
+        ) from None
     if args.repeats < 1:
         raise UsageError(f"--repeats: expected an integer >= 1, got {args.repeats}")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -290,16 +359,21 @@ def targets(baseline: Baseline, args, backends: Sequence[str], floor: str) -> Ba
     candidates = tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip())
     bad = [c for c in candidates if c not in backends or c in baseline.members]
     if bad:
-        raise UsageError(f"--candidates: {','.join(bad)} is not a backend of --backends "
-                         f"outside the baseline")
+        raise UsageError(
+            f"--candidates: {','.join(bad)} is not a backend of --backends outside the baseline"
+        )
     if args.launcher not in ("torchrun", "mpirun"):
         raise UsageError(f"--launcher: expected torchrun or mpirun, got {args.launcher!r}")
     return dataclasses.replace(
-        baseline, candidates=candidates,
-        latency_target=args.latency_target if args.latency_target is not None else
-        (LATENCY_TARGET if against_floor else PARITY),
-        bandwidth_target=args.bandwidth_target if args.bandwidth_target is not None else
-        (BANDWIDTH_TARGET if against_floor else PARITY))
+        baseline,
+        candidates=candidates,
+        latency_target=args.latency_target
+        if args.latency_target is not None
+        else (LATENCY_TARGET if against_floor else PARITY),
+        bandwidth_target=args.bandwidth_target
+        if args.bandwidth_target is not None
+        else (BANDWIDTH_TARGET if against_floor else PARITY),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -312,22 +386,29 @@ def run(args: argparse.Namespace) -> int:
     backends, baseline = _check(args)
     _check_outputs(args)
     fp = fingerprint(args.device)
-    runs, code = (([Path(r) for r in args.runs], 0) if args.runs
-                  else _measure(args, backends, baseline, fp["hardware_key"]))
+    runs, code = (
+        ([Path(r) for r in args.runs], 0)
+        if args.runs
+        else _measure(args, backends, baseline, fp["hardware_key"])
+    )
     if code:
         return code
     frame = pd.concat([read_results(r) for r in runs], ignore_index=True)
     wide = ratios(frame, backends, baseline)
     cpu, versions = fp.get("cpu", {}), fp.get("versions", {})
-    head = [f"machine: {cpu.get('model')}, {cpu.get('cores', os.cpu_count())} cores, "
-            f"{cpu.get('memory_gib')} GiB; hardware_key {fp['hardware_key']}; torch "
-            f"{versions.get('torch')}, Python {versions.get('python')}; dtype {args.dtypes}",
-            "runs: " + ", ".join(_shown(r) for r in runs), ""]
+    head = [
+        f"machine: {cpu.get('model')}, {cpu.get('cores', os.cpu_count())} cores, "
+        f"{cpu.get('memory_gib')} GiB; hardware_key {fp['hardware_key']}; torch "
+        f"{versions.get('torch')}, Python {versions.get('python')}; dtype {args.dtypes}",
+        "runs: " + ", ".join(_shown(r) for r in runs),
+        "",
+    ]
     repeats = max(1, len(runs) // max(1, frame["world_size"].nunique()))
     if repeats > 1:
         head.append(f"fastest of {repeats} full sweeps per world size (slowest in brackets)")
-    text = "\n".join(head + table(wide, backends, baseline, repeats) + [""]
-                     + verdicts(wide, backends, baseline))
+    text = "\n".join(
+        head + table(wide, backends, baseline, repeats) + [""] + verdicts(wide, backends, baseline)
+    )
     print(text)
     if args.markdown:
         from bench.launch.paths import write_output

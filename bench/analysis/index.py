@@ -33,12 +33,21 @@ REGENERATED = (".db", ".db-journal", ".pyc", ".lock")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`--index [ROOT]` and `--write FILE` (on `bench report`, beside its `--plots`)."""
-    parser.add_argument("--index", nargs="?", const="results", default=None, metavar="ROOT",
-                        help="print the markdown index of every run and thresholds.json under "
-                             "ROOT (default: results)")
-    parser.add_argument("--write", default=None, metavar="FILE",
-                        help="with --index: replace the index between FILE's markers instead "
-                             "of printing it")
+    parser.add_argument(
+        "--index",
+        nargs="?",
+        const="results",
+        default=None,
+        metavar="ROOT",
+        help="print the markdown index of every run and thresholds.json under "
+        "ROOT (default: results)",
+    )
+    parser.add_argument(
+        "--write",
+        default=None,
+        metavar="FILE",
+        help="with --index: replace the index between FILE's markers instead of printing it",
+    )
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -60,18 +69,23 @@ def _ratio_cells(group, default: str, rel: str) -> tuple[list[str], list[str]]:
         base = at[at["backend"] == default]
         size = format_size(int(nbytes))
         if base.empty:
-            cells.append(f"{size}: {best['backend']} {best['latency_us']:.1f} us "
-                         f"({default} not measured)")
+            cells.append(
+                f"{size}: {best['backend']} {best['latency_us']:.1f} us ({default} not measured)"
+            )
             lines.append(_line(best, rel))
             continue
         base = base.iloc[0]
         ratio = base["latency_us"] / best["latency_us"]
         if nbytes == group["bytes"].min():
-            cells.append(f"{size}: {best['backend']} {best['latency_us']:.1f} us vs "
-                         f"{base['latency_us']:.1f} us (x{ratio:.1f})")
+            cells.append(
+                f"{size}: {best['backend']} {best['latency_us']:.1f} us vs "
+                f"{base['latency_us']:.1f} us (x{ratio:.1f})"
+            )
         else:
-            cells.append(f"{size}: {best['backend']} {best['busbw_gbps']:.2f} GB/s vs "
-                         f"{base['busbw_gbps']:.2f} GB/s (x{ratio:.1f})")
+            cells.append(
+                f"{size}: {best['backend']} {best['busbw_gbps']:.2f} GB/s vs "
+                f"{base['busbw_gbps']:.2f} GB/s (x{ratio:.1f})"
+            )
         lines += [_line(best, rel), _line(base, rel)]
     return cells, lines
 
@@ -86,25 +100,33 @@ def run_index(run: Path, base: Path) -> list[str]:
     rel = _rel(run, base)
     status = plots.status_table(frame)
     figures = sorted(plots.figure_names(run, frame))
-    out = [f"### `{rel}`", "",
-           f"- machine `{frame['hardware_key'].iloc[0]}`, run `{frame['run_id'].iloc[0]}`; "
-           f"raw rows: [results.csv]({rel}/results.csv), [meta.json]({rel}/meta.json)",
-           f"- backends {', '.join(sorted(set(frame['backend'])))}; world sizes "
-           f"{', '.join(map(str, sorted(set(frame['world_size']))))}; dtypes "
-           f"{', '.join(sorted(set(frame['dtype'])))}; modes {', '.join(sorted(set(frame['mode'])))}; "
-           f"sizes {format_size(int(frame['bytes'].min()))}..{format_size(int(frame['bytes'].max()))}",
-           f"- rows: {int(status['correct'].sum())} correct, {int(status['WRONG'].sum())} WRONG, "
-           f"{int(status['skipped'].sum())} skipped",
-           "- figures: " + ", ".join(f"[{name}]({rel}/{name}.png)" for name in figures), ""]
+    out = [
+        f"### `{rel}`",
+        "",
+        f"- machine `{frame['hardware_key'].iloc[0]}`, run `{frame['run_id'].iloc[0]}`; "
+        f"raw rows: [results.csv]({rel}/results.csv), [meta.json]({rel}/meta.json)",
+        f"- backends {', '.join(sorted(set(frame['backend'])))}; world sizes "
+        f"{', '.join(map(str, sorted(set(frame['world_size']))))}; dtypes "
+        f"{', '.join(sorted(set(frame['dtype'])))}; modes {', '.join(sorted(set(frame['mode'])))}; "
+        f"sizes {format_size(int(frame['bytes'].min()))}..{format_size(int(frame['bytes'].max()))}",
+        f"- rows: {int(status['correct'].sum())} correct, {int(status['WRONG'].sum())} WRONG, "
+        f"{int(status['skipped'].sum())} skipped",
+        "- figures: " + ", ".join(f"[{name}]({rel}/{name}.png)" for name in figures),
+        "",
+    ]
     ok = correct_rows(frame)
     default = plots.default_baseline(ok)
-    out += [f"| world size | dtype | mode | smallest size: fastest vs {default} (latency) "
-            f"| largest size: fastest vs {default} (busbw) | rows |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    out += [
+        f"| world size | dtype | mode | smallest size: fastest vs {default} (latency) "
+        f"| largest size: fastest vs {default} (busbw) | rows |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for (ws, dtype, mode), group in ok.groupby(["world_size", "dtype", "mode"]):
         cells, lines = _ratio_cells(group, default, rel)
-        out.append(f"| {ws} | {dtype} | {mode} | {cells[0]} | {cells[1]} | "
-                   f"{', '.join(dict.fromkeys(lines))} |")
+        out.append(
+            f"| {ws} | {dtype} | {mode} | {cells[0]} | {cells[1]} | "
+            f"{', '.join(dict.fromkeys(lines))} |"
+        )
     return out + [""]
 
 
@@ -112,27 +134,40 @@ def thresholds_index(path: Path, base: Path) -> list[str]:
     """A thresholds.json's section: one row per table, its rules and evidence."""
     doc = json.loads(path.read_text())
     rel = _rel(path, base)
-    out = [f"### [`{rel}`]({rel})", "",
-           "| machine | world size | dtype | mode | rules | regret vs oracle | gain vs default "
-           "(geomean) | fitted from |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out = [
+        f"### [`{rel}`]({rel})",
+        "",
+        "| machine | world size | dtype | mode | rules | regret vs oracle | gain vs default "
+        "(geomean) | fitted from |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for t in doc.get("tables", []):
-        rules = "; ".join(f"<= {format_size(r['max_bytes'])}: {r['algorithm']}"
-                          if r.get("max_bytes") is not None else f"rest: {r['algorithm']}"
-                          for r in t["rules"])
+        rules = "; ".join(
+            f"<= {format_size(r['max_bytes'])}: {r['algorithm']}"
+            if r.get("max_bytes") is not None
+            else f"rest: {r['algorithm']}"
+            for r in t["rules"]
+        )
         ev = t.get("evidence", {})
         gain = ev.get("gain_vs_nccl_geomean")
-        out.append(f"| `{t['hardware_key']}` | {t['world_size']} | {t['dtype']} | {t['mode']} | "
-                   f"{rules} | {ev.get('regret_vs_oracle', float('nan')):.3f} | "
-                   f"{'-' if gain is None else f'x{gain:.2f}'} "
-                   f"({ev.get('baseline', 'nccl')}) | {', '.join(ev.get('run_ids') or [ev.get('run_id', '?')])} |")
+        out.append(
+            f"| `{t['hardware_key']}` | {t['world_size']} | {t['dtype']} | {t['mode']} | "
+            f"{rules} | {ev.get('regret_vs_oracle', float('nan')):.3f} | "
+            f"{'-' if gain is None else f'x{gain:.2f}'} "
+            f"({ev.get('baseline', 'nccl')}) | {', '.join(ev.get('run_ids') or [ev.get('run_id', '?')])} |"
+        )
     return out + [""]
 
 
 def _is_evidence(path: Path, runs: set[Path]) -> bool:
     """A committed file beside the runs: not in a run directory, not a table, not made."""
-    return (path.is_file() and not any(parent.resolve() in runs for parent in path.parents)
-            and path.name != "thresholds.json" and "__pycache__" not in path.parts
-            and not path.name.endswith(REGENERATED))
+    return (
+        path.is_file()
+        and not any(parent.resolve() in runs for parent in path.parents)
+        and path.name != "thresholds.json"
+        and "__pycache__" not in path.parts
+        and not path.name.endswith(REGENERATED)
+    )
 
 
 def evidence_index(root: Path, runs: list[Path], base: Path) -> list[str]:
@@ -141,9 +176,12 @@ def evidence_index(root: Path, runs: list[Path], base: Path) -> list[str]:
     others = [p for p in sorted(root.glob("*/**/*")) if _is_evidence(p, runs_set)]
     if not others:
         return []
-    lines = ["## Other committed evidence", "",
-             "Files beside the runs (logs, studies, kernel figures), described in the "
-             "write-ups:", ""]
+    lines = [
+        "## Other committed evidence",
+        "",
+        "Files beside the runs (logs, studies, kernel figures), described in the write-ups:",
+        "",
+    ]
     for folder in sorted({p.parent for p in others}):
         names = ", ".join(f"[{p.name}]({_rel(p, base)})" for p in others if p.parent == folder)
         lines.append(f"- `{_rel(folder, base)}/`: {names}")
@@ -178,7 +216,7 @@ def _around_markers(readme: Path) -> tuple[str, str]:
     start, stop = doc.find(BEGIN), doc.find(END)
     if start < 0 or stop < start:
         raise UsageError(f"--write: {readme}: no '{BEGIN} ...' and '{END}' markers")
-    return doc[:doc.index("\n", start) + 1], doc[stop:]
+    return doc[: doc.index("\n", start) + 1], doc[stop:]
 
 
 def write_into(readme: Path, text: str) -> None:

@@ -25,9 +25,18 @@ def format_run(frame) -> str:
     measured = frame[frame["latency_us"].notna()]
     best = best_per_size(frame)
     for (ws, dtype, mode), group in frame.groupby(["world_size", "dtype", "mode"], sort=True):
-        names = [b for b in dict.fromkeys(group["backend"]) if b in set(
-            measured[(measured.world_size == ws) & (measured.dtype == dtype) &
-                     (measured["mode"] == mode)]["backend"])]
+        names = [
+            b
+            for b in dict.fromkeys(group["backend"])
+            if b
+            in set(
+                measured[
+                    (measured.world_size == ws)
+                    & (measured.dtype == dtype)
+                    & (measured["mode"] == mode)
+                ]["backend"]
+            )
+        ]
         if not names:
             continue
         lines.append(f"# world_size {ws}  dtype {dtype}  mode {mode}  redop sum")
@@ -52,12 +61,19 @@ def format_run(frame) -> str:
                 mark = "" if row["correct"] else "!"
                 wrong += 0 if row["correct"] else 1
                 cells.append(f"{row['latency_us']:>15.1f}{mark or ' '}")
-            pick = best[(best.world_size == ws) & (best.dtype == dtype) &
-                        (best["mode"] == mode) & (best.bytes == nbytes)]
+            pick = best[
+                (best.world_size == ws)
+                & (best.dtype == dtype)
+                & (best["mode"] == mode)
+                & (best.bytes == nbytes)
+            ]
             best_name = pick["backend"].iloc[0] if len(pick) else "-"
             busbw = f"{pick['busbw_gbps'].iloc[0]:.2f}" if len(pick) else "-"
-            lines.append(f"{format_size(int(nbytes)):>8} {count:>10} " + " ".join(cells) +
-                         f"  {best_name:<18} {busbw:>8} {wrong:>6}")
+            lines.append(
+                f"{format_size(int(nbytes)):>8} {count:>10} "
+                + " ".join(cells)
+                + f"  {best_name:<18} {busbw:>8} {wrong:>6}"
+            )
         lines.append("")
     skipped = frame[frame["latency_us"].isna()]
     if len(skipped):
@@ -81,8 +97,11 @@ def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
         print("\n" + "!" * 72, file=stream)
         print(f"!! {len(wrong)} MEASURED POINTS RETURNED A WRONG SUM:", file=stream)
         for _, row in wrong.head(20).iterrows():
-            print(f"!!   {row['backend']} ws={row['world_size']} {row['dtype']} {row['mode']} "
-                  f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}", file=stream)
+            print(
+                f"!!   {row['backend']} ws={row['world_size']} {row['dtype']} {row['mode']} "
+                f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}",
+                file=stream,
+            )
         print("!" * 72, file=stream)
     print(f"# results: {Path(run_dir) / 'results.csv'}", file=stream)
     return len(wrong)
@@ -93,8 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bench.analysis import index
 
     parser.add_argument("run_dir", nargs="?", default=None)
-    parser.add_argument("--plots", action="store_true",
-                        help="also write PNG figures beside it (with --index: beside every run)")
+    parser.add_argument(
+        "--plots",
+        action="store_true",
+        help="also write PNG figures beside it (with --index: beside every run)",
+    )
     index.add_arguments(parser)
 
 
@@ -106,15 +128,18 @@ def _report_run(args: argparse.Namespace) -> int:
     if args.write is not None:
         raise UsageError("--write: goes with --index")
     if args.run_dir is None:
-        raise UsageError("report: run_dir: give a run directory, or --index [ROOT] for a "
-                         "results folder")
+        raise UsageError(
+            "report: run_dir: give a run directory, or --index [ROOT] for a results folder"
+        )
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"report: {run_dir} is not a directory")
     read_results(run_dir)  # a missing or bad table is named before anything is printed
     if count_rows(run_dir) == 0:
-        raise UsageError(f"report: {run_dir / 'results.csv'} holds no row yet (the sweep "
-                         "that made it wrote none)")
+        raise UsageError(
+            f"report: {run_dir / 'results.csv'} holds no row yet (the sweep "
+            "that made it wrote none)"
+        )
     if args.plots:
         writable_dir("--plots", run_dir)  # the figures go beside the table
     wrong = print_summary(run_dir)

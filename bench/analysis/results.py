@@ -39,13 +39,37 @@ __all__ = [
 ]
 
 COLUMNS: tuple[str, ...] = (
-    "run_id", "hardware_key", "backend", "world_size", "nnodes", "dtype", "bytes", "count",
-    "mode", "iters", "latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps", "correct",
-    "max_abs_err", "skipped_reason",
+    "run_id",
+    "hardware_key",
+    "backend",
+    "world_size",
+    "nnodes",
+    "dtype",
+    "bytes",
+    "count",
+    "mode",
+    "iters",
+    "latency_us",
+    "p10_us",
+    "p90_us",
+    "algbw_gbps",
+    "busbw_gbps",
+    "correct",
+    "max_abs_err",
+    "skipped_reason",
 )
 NUMERIC_COLUMNS: tuple[str, ...] = (
-    "world_size", "nnodes", "bytes", "count", "iters", "latency_us", "p10_us", "p90_us",
-    "algbw_gbps", "busbw_gbps", "max_abs_err",
+    "world_size",
+    "nnodes",
+    "bytes",
+    "count",
+    "iters",
+    "latency_us",
+    "p10_us",
+    "p90_us",
+    "algbw_gbps",
+    "busbw_gbps",
+    "max_abs_err",
 )
 # what identifies a point (a rerun with --resume skips keys already present)
 POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
@@ -133,7 +157,7 @@ class ResultsWriter:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
             os.fsync(self._fd)
         except OSError:
             try:
@@ -185,8 +209,9 @@ def _take_lock(run_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunDirLocked(f"{run_dir} is being written by another sweep; use another --out") \
-            from None
+        raise RunDirLocked(
+            f"{run_dir} is being written by another sweep; use another --out"
+        ) from None
     return fd
 
 
@@ -228,10 +253,18 @@ def read_results(run_dir: str | os.PathLike):
             _check_header(next(csv.reader(fh), []), path)
         data = path.read_bytes()
         if not data.endswith(b"\n"):  # a row cut short by a crash: left out, as --resume does
-            data = data[:data.rfind(b"\n") + 1]
-        frame = pd.read_csv(io.BytesIO(data), dtype={
-            "skipped_reason": "string", "run_id": "string", "hardware_key": "string",
-            "backend": "string", "dtype": "string", "mode": "string"})
+            data = data[: data.rfind(b"\n") + 1]
+        frame = pd.read_csv(
+            io.BytesIO(data),
+            dtype={
+                "skipped_reason": "string",
+                "run_id": "string",
+                "hardware_key": "string",
+                "backend": "string",
+                "dtype": "string",
+                "mode": "string",
+            },
+        )
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SchemaError(f"{path}: not a results table ({str(exc).splitlines()[0]})") from None
     for column in NUMERIC_COLUMNS:  # a cell that is not a number is named, not crashed on
@@ -239,12 +272,16 @@ def read_results(run_dir: str | os.PathLike):
         bad = frame[column].notna() & numbers.isna()
         if bad.any():
             index = bad.to_numpy().nonzero()[0][0]
-            raise SchemaError(f"{path} line {index + 2}: {column}: expected a number, got "
-                              f"{frame[column].iloc[index]!r}")
+            raise SchemaError(
+                f"{path} line {index + 2}: {column}: expected a number, got "
+                f"{frame[column].iloc[index]!r}"
+            )
         frame[column] = numbers
-    frame["correct"] = frame["correct"].map(
-        {True: True, False: False, "True": True, "False": False}
-    ).astype("boolean")
+    frame["correct"] = (
+        frame["correct"]
+        .map({True: True, False: False, "True": True, "False": False})
+        .astype("boolean")
+    )
     return frame
 
 
@@ -256,8 +293,13 @@ def correct_rows(frame):
 
 def point_key(**fields: Any) -> tuple:
     """The POINT_KEY of a row, or of a planned point given by name."""
-    return (fields["backend"], int(fields["world_size"]), fields["dtype"], int(fields["bytes"]),
-            fields["mode"])
+    return (
+        fields["backend"],
+        int(fields["world_size"]),
+        fields["dtype"],
+        int(fields["bytes"]),
+        fields["mode"],
+    )
 
 
 def fastest_rows(frame, keys: Iterable[str]):
@@ -277,8 +319,9 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         _check_header(list(reader.fieldnames or []), path)
-        return {point_key(**r) for r in reader
-                if r.get(COLUMNS[-1]) is not None}  # a row cut short by a crash is not complete
+        return {
+            point_key(**r) for r in reader if r.get(COLUMNS[-1]) is not None
+        }  # a row cut short by a crash is not complete
 
 
 def count_rows(run_dir: str | os.PathLike) -> int | None:
@@ -288,7 +331,7 @@ def count_rows(run_dir: str | os.PathLike) -> int | None:
         data = (Path(run_dir) / RESULTS_FILE).read_bytes()
     except OSError:
         return None
-    data = data[:data.rfind(b"\n") + 1]
+    data = data[: data.rfind(b"\n") + 1]
     records = csv.reader(io.StringIO(data.decode(errors="replace"), newline=""))
     return max(0, sum(1 for record in records if record) - 1)
 

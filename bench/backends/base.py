@@ -139,8 +139,13 @@ def basic_gate(
     `tensor.nbytes` cost ~0.1 us each, where `tensor.device` builds a device object (~0.5 us)
     and the dispatcher's whole decision should stay under 1 us. `device_index`: the GPU a
     communicator serves (a tensor of another GPU is refused: never launch on it)."""
-    on_device = (tensor.is_cuda if device_type == "cuda" else tensor.is_cpu
-                 if device_type == "cpu" else tensor.device.type == device_type)
+    on_device = (
+        tensor.is_cuda
+        if device_type == "cuda"
+        else tensor.is_cpu
+        if device_type == "cpu"
+        else tensor.device.type == device_type
+    )
     if not on_device:
         return f"tensor on {tensor.device.type}, backend needs {device_type}"
     if device_index is not None and tensor.get_device() != device_index:

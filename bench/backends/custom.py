@@ -71,11 +71,9 @@ def probe(ctx: CommContext) -> str | None:
     if not ctx.is_cuda:
         return f"custom all-reduce needs CUDA tensors (this sweep runs on {ctx.device.type})"
     if not 2 <= ctx.world_size <= _MAX_RANKS:
-        return (f"world size {ctx.world_size}: the custom all-reduce takes 2..{_MAX_RANKS} "
-                "ranks")
+        return f"world size {ctx.world_size}: the custom all-reduce takes 2..{_MAX_RANKS} ranks"
     if ctx.nnodes > 1 or not ctx.same_host:
-        return (f"ranks span {ctx.nnodes} hosts: CUDA IPC buffers need every rank on one "
-                "host")
+        return f"ranks span {ctx.nnodes} hosts: CUDA IPC buffers need every rank on one host"
     if ctx.local_world_size != ctx.world_size:
         return "not every rank is on this host: CUDA IPC buffers need one host"
     try:
@@ -89,8 +87,10 @@ def probe(ctx: CommContext) -> str | None:
     used = sorted({lr % visible for lr in range(ctx.local_world_size)})
     for other in used:
         if other != mine and not torch.cuda.can_device_access_peer(mine, other):
-            return (f"GPU {mine} cannot access GPU {other} peer-to-peer: a peer's IPC buffer "
-                    "would be unreachable from this rank's kernel")
+            return (
+                f"GPU {mine} cannot access GPU {other} peer-to-peer: a peer's IPC buffer "
+                "would be unreachable from this rank's kernel"
+            )
     return None
 
 
@@ -99,14 +99,23 @@ class CustomAllReduce:
 
     in_place = True
 
-    def __init__(self, ctx: CommContext, max_bytes: int, *, algorithm: str,
-                 blocks: int = KNOBS["blocks"][0], num_warps: int = KNOBS["num_warps"][0],
-                 vec_bytes: int = KNOBS["vec_bytes"][0], chunk: int = KNOBS["chunk"][0],
-                 max_spins: int = DEFAULT_MAX_SPINS) -> None:
+    def __init__(
+        self,
+        ctx: CommContext,
+        max_bytes: int,
+        *,
+        algorithm: str,
+        blocks: int = KNOBS["blocks"][0],
+        num_warps: int = KNOBS["num_warps"][0],
+        vec_bytes: int = KNOBS["vec_bytes"][0],
+        chunk: int = KNOBS["chunk"][0],
+        max_spins: int = DEFAULT_MAX_SPINS,
+    ) -> None:
         if algorithm not in ("one_shot", "two_shot"):
             raise ValueError(f"algorithm: expected one_shot or two_shot, got {algorithm!r}")
-        reason = check_knobs({"blocks": blocks, "num_warps": num_warps,
-                              "vec_bytes": vec_bytes, "chunk": chunk})
+        reason = check_knobs(
+            {"blocks": blocks, "num_warps": num_warps, "vec_bytes": vec_bytes, "chunk": chunk}
+        )
         if reason:
             raise ValueError(reason)
         if max_spins < 1:
@@ -123,27 +132,35 @@ class CustomAllReduce:
         self.vec_bytes, self.chunk, self.max_spins = vec_bytes, chunk, max_spins
         self.max_bytes = max(int(max_bytes), _ALIGNMENT)
         self._cpu_group = ctx.cpu_group
-        self._kernel = (kernels.one_shot_kernel if algorithm == "one_shot"
-                        else kernels.two_shot_kernel)
+        self._kernel = (
+            kernels.one_shot_kernel if algorithm == "one_shot" else kernels.two_shot_kernel
+        )
         self._flag_bytes = kernels.FLAG_BYTES
         self._max_blocks = kernels.MAX_BLOCKS
         self._half_bytes = _round_up(self.max_bytes, 256)
         self._failure: str | None = None
         self._views: dict[torch.dtype, list[torch.Tensor]] = {}
-        self._buffer = IpcBuffer(self._flag_bytes + 2 * self._half_bytes, ctx.device,
-                                 ctx.cpu_group, ctx.rank, ctx.world_size,
-                                 zero_bytes=self._flag_bytes)
-        self._flag_table = torch.tensor(self._buffer.addresses(), dtype=torch.int64,
-                                        device=ctx.device)
-        self._own_flags = self._buffer.local[:self._flag_bytes].view(torch.int32)
+        self._buffer = IpcBuffer(
+            self._flag_bytes + 2 * self._half_bytes,
+            ctx.device,
+            ctx.cpu_group,
+            ctx.rank,
+            ctx.world_size,
+            zero_bytes=self._flag_bytes,
+        )
+        self._flag_table = torch.tensor(
+            self._buffer.addresses(), dtype=torch.int64, device=ctx.device
+        )
+        self._own_flags = self._buffer.local[: self._flag_bytes].view(torch.int32)
         self._counters = torch.zeros(kernels.MAX_BLOCKS, dtype=torch.int32, device=ctx.device)
         # the timeout word: pinned host memory the kernel writes through its device address
         # (unified addressing), so the host reads it without synchronising
         self._status = torch.zeros(1, dtype=torch.int64, pin_memory=True)
         self._status_np = self._status.numpy()
         self._decode = kernels.decode_status
-        self._tile_elems = {size: kernels.tile_elems(num_warps, vec_bytes, chunk, size)
-                            for size in (2, 4)}
+        self._tile_elems = {
+            size: kernels.tile_elems(num_warps, vec_bytes, chunk, size) for size in (2, 4)
+        }
         # the release's meeting gives up after this long (a peer gone, or on an error path)
         self._meet_timeout_s = min(float(ctx.timeout_s), 30.0)
         self._warm_up()
@@ -153,8 +170,14 @@ class CustomAllReduce:
     def can_take(self, tensor: torch.Tensor) -> str | None:
         if self._failure:
             return self._failure
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=_ALIGNMENT,
-                          max_bytes=self.max_bytes, device_index=self._index)
+        return basic_gate(
+            tensor,
+            dtypes=_DTYPES,
+            device_type="cuda",
+            alignment=_ALIGNMENT,
+            max_bytes=self.max_bytes,
+            device_index=self._index,
+        )
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`. Stream-ordered: every rank
@@ -200,10 +223,24 @@ class CustomAllReduce:
         peers = views + [views[0]] * (_MAX_RANKS - self.world_size)
         half_elems = self._half_bytes // tensor.element_size()
         self._kernel[(self.blocks,)](
-            tensor, out, views[self.rank], *peers, self._flag_table, self._own_flags,
-            self._counters, self._status.data_ptr(), count, -(-count // tile), half_elems,
-            self.rank, max_spins,
-            W=self.world_size, TILE=tile, MAXB=self._max_blocks, num_warps=self.num_warps)
+            tensor,
+            out,
+            views[self.rank],
+            *peers,
+            self._flag_table,
+            self._own_flags,
+            self._counters,
+            self._status.data_ptr(),
+            count,
+            -(-count // tile),
+            half_elems,
+            self.rank,
+            max_spins,
+            W=self.world_size,
+            TILE=tile,
+            MAXB=self._max_blocks,
+            num_warps=self.num_warps,
+        )
 
     def _warm_up(self) -> None:
         """Collective, at creation: compile and load every kernel variant this communicator
@@ -238,8 +275,12 @@ class CustomAllReduce:
         self._raise_if_failed()
 
     def knobs(self) -> dict[str, int]:
-        return {"blocks": self.blocks, "num_warps": self.num_warps,
-                "vec_bytes": self.vec_bytes, "chunk": self.chunk}
+        return {
+            "blocks": self.blocks,
+            "num_warps": self.num_warps,
+            "vec_bytes": self.vec_bytes,
+            "chunk": self.chunk,
+        }
 
     def _data_views(self, dtype: torch.dtype) -> list[torch.Tensor]:
         views = self._views.get(dtype)
@@ -259,7 +300,8 @@ class CustomAllReduce:
                 f"{self.name}: rank {self.rank} timed out after {self.max_spins} spins waiting "
                 f"for peer {info['peer']}'s flag (barrier {info['phase']}, program "
                 f"{info['block']}, epoch {info['epoch']}); the communicator is unusable: "
-                "release it")
+                "release it"
+            )
         raise TimeoutError(self._failure)
 
 
@@ -267,8 +309,7 @@ def _meet(group, timeout_s: float) -> bool:
     """A barrier of the CPU group that gives up after `timeout_s` (a peer gone, or busy in
     another collective on an error path); True when every rank came."""
     try:
-        dist.barrier(group=group, async_op=True).wait(
-            timeout=datetime.timedelta(seconds=timeout_s))
+        dist.barrier(group=group, async_op=True).wait(timeout=datetime.timedelta(seconds=timeout_s))
     except Exception:
         return False
     return True
@@ -276,10 +317,16 @@ def _meet(group, timeout_s: float) -> bool:
 
 def _spec(algorithm: str) -> BackendSpec:
     return BackendSpec(
-        name=f"custom_{algorithm}", device="cuda", probe=probe,
+        name=f"custom_{algorithm}",
+        device="cuda",
+        probe=probe,
         create=lambda ctx, max_bytes, **params: CustomAllReduce(
-            ctx, max_bytes, algorithm=algorithm, **params),
-        knobs=KNOBS, dtypes=_DTYPES, alignment=_ALIGNMENT)
+            ctx, max_bytes, algorithm=algorithm, **params
+        ),
+        knobs=KNOBS,
+        dtypes=_DTYPES,
+        alignment=_ALIGNMENT,
+    )
 
 
 # one_shot: copy in, one flag barrier, every rank reads all buffers;

@@ -20,8 +20,7 @@ class GlooAllReduce:
         self._max_bytes = max_bytes
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1,
-                          max_bytes=None)
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=self._group)
@@ -37,8 +36,15 @@ def _probe(ctx: CommContext) -> str | None:
     return None
 
 
-register(BackendSpec(
-    name="gloo", device="cpu", probe=_probe,
-    create=lambda ctx, max_bytes, **params: GlooAllReduce(ctx, max_bytes, **params),
-    dtypes=_DTYPES, alignment=1, needs_buffer=False, is_floor=True,
-))
+register(
+    BackendSpec(
+        name="gloo",
+        device="cpu",
+        probe=_probe,
+        create=lambda ctx, max_bytes, **params: GlooAllReduce(ctx, max_bytes, **params),
+        dtypes=_DTYPES,
+        alignment=1,
+        needs_buffer=False,
+        is_floor=True,
+    )
+)

@@ -65,11 +65,27 @@ _CONFIG_VERSION = 21700  # ncclConfig_t prefix below (minCTAs/maxCTAs/netName) a
 _CONFIG_MAGIC = 0xCAFEBEEF
 _UNDEF_INT = -(2**31)
 _SUM = 0
-_RESULTS = {0: "ncclSuccess", 1: "ncclUnhandledCudaError", 2: "ncclSystemError",
-            3: "ncclInternalError", 4: "ncclInvalidArgument", 5: "ncclInvalidUsage",
-            6: "ncclRemoteError", 7: "ncclInProgress", 8: "ncclTimeout"}
-_DTYPES = {torch.int8: 0, torch.uint8: 1, torch.int32: 2, torch.int64: 4, torch.float16: 6,
-           torch.float32: 7, torch.float64: 8, torch.bfloat16: 9}
+_RESULTS = {
+    0: "ncclSuccess",
+    1: "ncclUnhandledCudaError",
+    2: "ncclSystemError",
+    3: "ncclInternalError",
+    4: "ncclInvalidArgument",
+    5: "ncclInvalidUsage",
+    6: "ncclRemoteError",
+    7: "ncclInProgress",
+    8: "ncclTimeout",
+}
+_DTYPES = {
+    torch.int8: 0,
+    torch.uint8: 1,
+    torch.int32: 2,
+    torch.int64: 4,
+    torch.float16: 6,
+    torch.float32: 7,
+    torch.float64: 8,
+    torch.bfloat16: 9,
+}
 
 
 class NcclLoadError(RuntimeError):
@@ -87,10 +103,16 @@ class NcclUniqueId(ctypes.Structure):
 class NcclConfig(ctypes.Structure):
     """The ncclConfig_t prefix this project sets (see the module docstring)."""
 
-    _fields_ = [("size", ctypes.c_size_t), ("magic", ctypes.c_uint), ("version", ctypes.c_uint),
-                ("blocking", ctypes.c_int), ("cgaClusterSize", ctypes.c_int),
-                ("minCTAs", ctypes.c_int), ("maxCTAs", ctypes.c_int),
-                ("netName", ctypes.c_char_p)]
+    _fields_ = [
+        ("size", ctypes.c_size_t),
+        ("magic", ctypes.c_uint),
+        ("version", ctypes.c_uint),
+        ("blocking", ctypes.c_int),
+        ("cgaClusterSize", ctypes.c_int),
+        ("minCTAs", ctypes.c_int),
+        ("maxCTAs", ctypes.c_int),
+        ("netName", ctypes.c_char_p),
+    ]
 
 
 def nccl_dtype(dtype: torch.dtype) -> int | None:
@@ -144,10 +166,14 @@ def _platform_note() -> str:
     if torch.version.cuda is None:
         return f"platform {where}, torch {torch.__version__} without CUDA: expected, no NVIDIA GPU"
     if not torch.cuda.is_available():
-        return (f"platform {where}, torch built for CUDA {torch.version.cuda} but no CUDA device "
-                "visible: expected without an NVIDIA GPU")
-    return (f"platform {where}, CUDA {torch.version.cuda} with {torch.cuda.device_count()} GPU(s): "
-            f"unexpected, set {ENV_PATH} to a libnccl.so.2")
+        return (
+            f"platform {where}, torch built for CUDA {torch.version.cuda} but no CUDA device "
+            "visible: expected without an NVIDIA GPU"
+        )
+    return (
+        f"platform {where}, CUDA {torch.version.cuda} with {torch.cuda.device_count()} GPU(s): "
+        f"unexpected, set {ENV_PATH} to a libnccl.so.2"
+    )
 
 
 @functools.cache
@@ -190,14 +216,16 @@ class NcclLibrary:
         self._destroy = _fn(lib, "ncclCommDestroy", [vp])
         self._abort = _fn(lib, "ncclCommAbort", [vp])
         self._async_error = _fn(lib, "ncclCommGetAsyncError", [vp, ctypes.POINTER(i)])
-        self._init_config = self._optional("ncclCommInitRankConfig",
-                                           [ctypes.POINTER(vp), i, NcclUniqueId, i,
-                                            ctypes.POINTER(NcclConfig)])
+        self._init_config = self._optional(
+            "ncclCommInitRankConfig",
+            [ctypes.POINTER(vp), i, NcclUniqueId, i, ctypes.POINTER(NcclConfig)],
+        )
         self._last_error = self._optional("ncclGetLastError", [vp], cp)
         self._mem_alloc = self._optional("ncclMemAlloc", [ctypes.POINTER(vp), sz])
         self._mem_free = self._optional("ncclMemFree", [vp])
-        self._win_register = self._optional("ncclCommWindowRegister",
-                                            [vp, vp, sz, ctypes.POINTER(vp), i])
+        self._win_register = self._optional(
+            "ncclCommWindowRegister", [vp, vp, sz, ctypes.POINTER(vp), i]
+        )
         self._win_deregister = self._optional("ncclCommWindowDeregister", [vp, vp])
         code = ctypes.c_int()
         self._check("ncclGetVersion", self._get_version(ctypes.byref(code)))
@@ -228,8 +256,11 @@ class NcclLibrary:
         if self._last_error is not None:
             last = self._last_error(comm)
             detail = f": {last.decode().strip()}" if last else ""
-        raise NcclError(f"{call} failed with {_RESULTS.get(result, result)} ({words}){detail}"
-                        .replace("\n", " "))
+        raise NcclError(
+            f"{call} failed with {_RESULTS.get(result, result)} ({words}){detail}".replace(
+                "\n", " "
+            )
+        )
 
     # -- communicator --------------------------------------------------------------------------
     def unique_id(self) -> bytes:
@@ -237,8 +268,9 @@ class NcclLibrary:
         self._check("ncclGetUniqueId", self._unique_id(ctypes.byref(uid)))
         return ctypes.string_at(ctypes.addressof(uid), ctypes.sizeof(uid))
 
-    def comm_init_rank(self, nranks: int, unique_id: bytes, rank: int, *, min_ctas: int = 0,
-                       max_ctas: int = 0) -> int:
+    def comm_init_rank(
+        self, nranks: int, unique_id: bytes, rank: int, *, min_ctas: int = 0, max_ctas: int = 0
+    ) -> int:
         """A communicator on the current CUDA device; CTA bounds through ncclConfig_t."""
         if len(unique_id) != 128:
             raise ValueError(f"ncclUniqueId must be 128 bytes, got {len(unique_id)}")
@@ -247,21 +279,36 @@ class NcclLibrary:
         comm = ctypes.c_void_p()
         if min_ctas or max_ctas:
             if self._init_config is None or self.version_code < _CONFIG_VERSION:
-                raise NcclError(f"NCCL {self.version} cannot bound CTAs per communicator "
-                                "(ncclCommInitRankConfig with minCTAs/maxCTAs needs >= 2.17)")
-            config = NcclConfig(ctypes.sizeof(NcclConfig), _CONFIG_MAGIC, _CONFIG_VERSION, _UNDEF_INT,
-                             _UNDEF_INT, min_ctas or _UNDEF_INT, max_ctas or _UNDEF_INT, None)
-            self._check("ncclCommInitRankConfig", self._init_config(
-                ctypes.byref(comm), nranks, uid, rank, ctypes.byref(config)))
+                raise NcclError(
+                    f"NCCL {self.version} cannot bound CTAs per communicator "
+                    "(ncclCommInitRankConfig with minCTAs/maxCTAs needs >= 2.17)"
+                )
+            config = NcclConfig(
+                ctypes.sizeof(NcclConfig),
+                _CONFIG_MAGIC,
+                _CONFIG_VERSION,
+                _UNDEF_INT,
+                _UNDEF_INT,
+                min_ctas or _UNDEF_INT,
+                max_ctas or _UNDEF_INT,
+                None,
+            )
+            self._check(
+                "ncclCommInitRankConfig",
+                self._init_config(ctypes.byref(comm), nranks, uid, rank, ctypes.byref(config)),
+            )
         else:
-            self._check("ncclCommInitRank",
-                        self._init_rank(ctypes.byref(comm), nranks, uid, rank))
+            self._check("ncclCommInitRank", self._init_rank(ctypes.byref(comm), nranks, uid, rank))
         return int(comm.value or 0)
 
-    def all_reduce(self, send_ptr: int, recv_ptr: int, count: int, dtype: int, comm: int,
-                   stream: int) -> None:
-        self._check("ncclAllReduce", self._all_reduce(send_ptr, recv_ptr, count, dtype, _SUM,
-                                                      comm, stream), comm)
+    def all_reduce(
+        self, send_ptr: int, recv_ptr: int, count: int, dtype: int, comm: int, stream: int
+    ) -> None:
+        self._check(
+            "ncclAllReduce",
+            self._all_reduce(send_ptr, recv_ptr, count, dtype, _SUM, comm, stream),
+            comm,
+        )
 
     def async_error(self, comm: int) -> str | None:
         code = ctypes.c_int()
@@ -281,9 +328,15 @@ class NcclLibrary:
         """None when windows can be registered, else why not."""
         if self.version_code < SYMMETRIC_MIN_VERSION:
             return f"NCCL {self.version} has no symmetric windows (needs >= 2.27)"
-        missing = [n for n, f in (("ncclMemAlloc", self._mem_alloc),
-                                  ("ncclCommWindowRegister", self._win_register),
-                                  ("ncclCommWindowDeregister", self._win_deregister)) if f is None]
+        missing = [
+            n
+            for n, f in (
+                ("ncclMemAlloc", self._mem_alloc),
+                ("ncclCommWindowRegister", self._win_register),
+                ("ncclCommWindowDeregister", self._win_deregister),
+            )
+            if f is None
+        ]
         if missing:
             return f"{self.path} (NCCL {self.version}) lacks {', '.join(missing)}"
         return None
@@ -298,8 +351,11 @@ class NcclLibrary:
 
     def window_register(self, comm: int, ptr: int, nbytes: int, flags: int) -> int:
         win = ctypes.c_void_p()
-        self._check("ncclCommWindowRegister",
-                    self._win_register(comm, ptr, nbytes, ctypes.byref(win), flags), comm)
+        self._check(
+            "ncclCommWindowRegister",
+            self._win_register(comm, ptr, nbytes, ctypes.byref(win), flags),
+            comm,
+        )
         return int(win.value or 0)
 
     def window_deregister(self, comm: int, window: int) -> None:

@@ -28,8 +28,14 @@ class NcclAllReduce:
     name = "nccl"
     in_place = True
 
-    def __init__(self, ctx: CommContext, max_bytes: int | None = None, ctas: int = 0,
-                 algo: str = "default", proto: str = "default") -> None:
+    def __init__(
+        self,
+        ctx: CommContext,
+        max_bytes: int | None = None,
+        ctas: int = 0,
+        algo: str = "default",
+        proto: str = "default",
+    ) -> None:
         self.device = ctx.device
         self._index = device_index(ctx.device)
         options = None
@@ -39,18 +45,27 @@ class NcclAllReduce:
             options.config.max_ctas = ctas
         with algo_proto_env(algo, proto):  # NCCL reads them when the first call creates it
             self._group = dist.new_group(
-                backend="nccl", timeout=datetime.timedelta(seconds=ctx.timeout_s),
-                pg_options=options)
+                backend="nccl",
+                timeout=datetime.timedelta(seconds=ctx.timeout_s),
+                pg_options=options,
+            )
             warm = torch.ones(16, dtype=torch.float32, device=self.device)
             dist.all_reduce(warm, group=self._group)
             torch.cuda.synchronize(self.device)
         if warm[0].item() != ctx.world_size:
-            raise RuntimeError(f"NCCL warm-up all-reduce gave {warm[0].item()}, "
-                               f"expected {ctx.world_size}")
+            raise RuntimeError(
+                f"NCCL warm-up all-reduce gave {warm[0].item()}, expected {ctx.world_size}"
+            )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=1,
-                          max_bytes=None, device_index=self._index)
+        return basic_gate(
+            tensor,
+            dtypes=_DTYPES,
+            device_type="cuda",
+            alignment=1,
+            max_bytes=None,
+            device_index=self._index,
+        )
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=self._group)
@@ -72,10 +87,16 @@ def _probe(ctx: CommContext) -> str | None:
     return None
 
 
-register(BackendSpec(
-    name="nccl", device="cuda", probe=_probe,
-    create=lambda ctx, max_bytes, **params: NcclAllReduce(ctx, max_bytes, **params),
-    knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS}, dtypes=_DTYPES, alignment=1,
-    needs_buffer=False,
-    is_floor=True,
-))
+register(
+    BackendSpec(
+        name="nccl",
+        device="cuda",
+        probe=_probe,
+        create=lambda ctx, max_bytes, **params: NcclAllReduce(ctx, max_bytes, **params),
+        knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS},
+        dtypes=_DTYPES,
+        alignment=1,
+        needs_buffer=False,
+        is_floor=True,
+    )
+)

@@ -43,8 +43,13 @@ class _CudaArray:
     """`__cuda_array_interface__` over raw device bytes, so torch can alias NCCL's memory."""
 
     def __init__(self, ptr: int, nbytes: int) -> None:
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
-                                         "data": (ptr, False), "version": 2, "strides": None}
+        self.__cuda_array_interface__ = {
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "data": (ptr, False),
+            "version": 2,
+            "strides": None,
+        }
 
 
 class PyNcclAllReduce:
@@ -54,8 +59,15 @@ class PyNcclAllReduce:
     in_place = True
     alignment_bytes = 1
 
-    def __init__(self, ctx: CommContext, max_bytes: int | None = None, *, ctas: int = 0,
-                 algo: str = "default", proto: str = "default") -> None:
+    def __init__(
+        self,
+        ctx: CommContext,
+        max_bytes: int | None = None,
+        *,
+        ctas: int = 0,
+        algo: str = "default",
+        proto: str = "default",
+    ) -> None:
         self.device = ctx.device
         self._index = device_index(ctx.device)
         self.lib: NcclLibrary = load_library()
@@ -67,8 +79,9 @@ class PyNcclAllReduce:
         src = dist.get_global_rank(ctx.cpu_group, 0) if ctx.cpu_group is not None else 0
         dist.broadcast(payload, src=src, group=ctx.cpu_group)
         with torch.cuda.device(self.device), algo_proto_env(algo, proto):
-            self.comm = self.lib.comm_init_rank(ctx.world_size, bytes(payload.tolist()), ctx.rank,
-                                                min_ctas=ctas, max_ctas=ctas)
+            self.comm = self.lib.comm_init_rank(
+                ctx.world_size, bytes(payload.tolist()), ctx.rank, min_ctas=ctas, max_ctas=ctas
+            )
         self._check_warm_up(ctx.world_size)
 
     def _check_warm_up(self, world_size: int) -> None:
@@ -76,19 +89,31 @@ class PyNcclAllReduce:
         self._launch(warm, warm)
         torch.cuda.synchronize(self.device)
         if warm[0].item() != world_size:
-            raise RuntimeError(f"pynccl warm-up all-reduce gave {warm[0].item()}, "
-                               f"expected {world_size}")
+            raise RuntimeError(
+                f"pynccl warm-up all-reduce gave {warm[0].item()}, expected {world_size}"
+            )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cuda",
-                          alignment=self.alignment_bytes, max_bytes=self._max_bytes,
-                          device_index=self._index)
+        return basic_gate(
+            tensor,
+            dtypes=_DTYPES,
+            device_type="cuda",
+            alignment=self.alignment_bytes,
+            max_bytes=self._max_bytes,
+            device_index=self._index,
+        )
 
     def _launch(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         # no per-call checks: the caller took `can_take` (device, dtype, size) first
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        self.lib.all_reduce(send.data_ptr(), recv.data_ptr(), send.numel(),
-                            nccl_dtype(send.dtype), self.comm, stream)
+        self.lib.all_reduce(
+            send.data_ptr(),
+            recv.data_ptr(),
+            send.numel(),
+            nccl_dtype(send.dtype),
+            self.comm,
+            stream,
+        )
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_into(tensor, tensor)
@@ -119,8 +144,7 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
     name = "pynccl_symm"
     alignment_bytes = 4
 
-    def __init__(self, ctx: CommContext, max_bytes: int | None = None, *,
-                 ctas: int = 0) -> None:
+    def __init__(self, ctx: CommContext, max_bytes: int | None = None, *, ctas: int = 0) -> None:
         super().__init__(ctx, max_bytes, ctas=ctas)
         nbytes = max(int(max_bytes or 0), _WINDOW_ALIGN_BYTES)
         nbytes = -(-nbytes // _WINDOW_ALIGN_BYTES) * _WINDOW_ALIGN_BYTES
@@ -128,8 +152,9 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
         try:
             with torch.cuda.device(self.device):
                 self._ptr = self.lib.mem_alloc(nbytes)
-                self._window = self.lib.window_register(self.comm, self._ptr, nbytes,
-                                                        WIN_COLL_SYMMETRIC)
+                self._window = self.lib.window_register(
+                    self.comm, self._ptr, nbytes, WIN_COLL_SYMMETRIC
+                )
             self._buffer = torch.as_tensor(_CudaArray(self._ptr, nbytes), device=self.device)
             if self._buffer.data_ptr() != self._ptr:
                 raise RuntimeError("torch did not alias the ncclMemAlloc buffer")
@@ -142,13 +167,14 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
         self._launch(view, view)
         torch.cuda.synchronize(self.device)
         if view[0].item() != ctx.world_size:
-            raise RuntimeError(f"pynccl_symm warm-up gave {view[0].item()}, "
-                               f"expected {ctx.world_size}")
+            raise RuntimeError(
+                f"pynccl_symm warm-up gave {view[0].item()}, expected {ctx.world_size}"
+            )
 
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Through the window (NCCL's symmetric kernels need both buffers in it; within it:
         the caller took `can_take` first), the result copied into `out` (may be `tensor`)."""
-        window = self._buffer[:tensor.nbytes].view(tensor.dtype)
+        window = self._buffer[: tensor.nbytes].view(tensor.dtype)
         window.copy_(tensor.reshape(-1))
         self._launch(window, window)
         out.view(-1).copy_(window)
@@ -192,14 +218,26 @@ def _probe_symm(ctx: CommContext) -> str | None:
     return reason or lib.symmetric_support()
 
 
-register(BackendSpec(
-    name="pynccl", device="cuda", probe=_probe,
-    create=lambda ctx, max_bytes, **params: PyNcclAllReduce(ctx, max_bytes, **params),
-    knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS},
-    dtypes=_DTYPES, alignment=1, needs_buffer=False,
-))
-register(BackendSpec(
-    name="pynccl_symm", device="cuda", probe=_probe_symm,
-    create=lambda ctx, max_bytes, **params: PyNcclSymmAllReduce(ctx, max_bytes, **params),
-    knobs={"ctas": _CTAS}, dtypes=_DTYPES, alignment=PyNcclSymmAllReduce.alignment_bytes,
-))
+register(
+    BackendSpec(
+        name="pynccl",
+        device="cuda",
+        probe=_probe,
+        create=lambda ctx, max_bytes, **params: PyNcclAllReduce(ctx, max_bytes, **params),
+        knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS},
+        dtypes=_DTYPES,
+        alignment=1,
+        needs_buffer=False,
+    )
+)
+register(
+    BackendSpec(
+        name="pynccl_symm",
+        device="cuda",
+        probe=_probe_symm,
+        create=lambda ctx, max_bytes, **params: PyNcclSymmAllReduce(ctx, max_bytes, **params),
+        knobs={"ctas": _CTAS},
+        dtypes=_DTYPES,
+        alignment=PyNcclSymmAllReduce.alignment_bytes,
+    )
+)

@@ -89,8 +89,11 @@ _STACKED_SUM_ELEMENTS = 4096
 # rank could build it, else the Python path; 0: never; 1: required (create fails without it)
 _NATIVE = (-1, 0, 1)
 _NATIVE_BYTES = 256 << 10
-_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16",
-                      torch.float16: "float16"}
+_TORCH_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
 
 
 class ShmAllReduce:
@@ -98,10 +101,18 @@ class ShmAllReduce:
 
     in_place = True
 
-    def __init__(self, ctx: CommContext, max_bytes: int, *, algorithm: str,
-                 chunk_bytes: int = _CHUNK_BYTES[0], threads: int = _THREADS[0],
-                 spin: int = _SPIN[0], yield_us: int = _YIELD_US[0],
-                 native: int = _NATIVE[0]) -> None:
+    def __init__(
+        self,
+        ctx: CommContext,
+        max_bytes: int,
+        *,
+        algorithm: str,
+        chunk_bytes: int = _CHUNK_BYTES[0],
+        threads: int = _THREADS[0],
+        spin: int = _SPIN[0],
+        yield_us: int = _YIELD_US[0],
+        native: int = _NATIVE[0],
+    ) -> None:
         self.name = f"shm_{algorithm}"
         self.algorithm = algorithm
         self.rank, self.world_size = ctx.rank, ctx.world_size
@@ -119,15 +130,26 @@ class ShmAllReduce:
         self._segment: Segment | None = None
         if ctx.world_size == 1:
             return
-        self._segment = Segment.open(ctx.cpu_group, ctx.rank, ctx.world_size,
-                                     slots * self.slot_bytes, f"{ctx.run_tag}-{self.name}")
+        self._segment = Segment.open(
+            ctx.cpu_group,
+            ctx.rank,
+            ctx.world_size,
+            slots * self.slot_bytes,
+            f"{ctx.run_tag}-{self.name}",
+        )
         has_core = ctx.local_world_size <= cores
         python_spin = (_AUTO_SPIN["python"] if has_core else 0) if spin < 0 else spin
         if yield_us < 0:
             yield_us = _DEFAULT_YIELD_US
-        self._barrier = FlagBarrier(self._segment.flags, ctx.rank, ctx.world_size,
-                                    timeout_s=ctx.timeout_s, spin=python_spin, label=self.name,
-                                    yield_s=yield_us * 1e-6)
+        self._barrier = FlagBarrier(
+            self._segment.flags,
+            ctx.rank,
+            ctx.world_size,
+            timeout_s=ctx.timeout_s,
+            spin=python_spin,
+            label=self.name,
+            yield_s=yield_us * 1e-6,
+        )
         # the short path: this rank's slot of each parity, and the largest message it takes
         self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
         self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
@@ -147,11 +169,17 @@ class ShmAllReduce:
                 raise RuntimeError(f"{self.name}.native=1: {reason}")
             return
         self._call = shm_native.Call(
-            world_size=ctx.world_size, slots=self._segment.data_ptr,
-            slot_bytes=self.slot_bytes, flags=ctypes.addressof(self._segment.flags),
-            rank=ctx.rank, stride=FLAG_STRIDE_BYTES // 8, spin=spin,
-            yield_ns=int(yield_us * 1e3), timeout_ns=int(ctx.timeout_s * 1e9),
-            nap_ns=int(self._barrier.nap_s * 1e9))
+            world_size=ctx.world_size,
+            slots=self._segment.data_ptr,
+            slot_bytes=self.slot_bytes,
+            flags=ctypes.addressof(self._segment.flags),
+            rank=ctx.rank,
+            stride=FLAG_STRIDE_BYTES // 8,
+            spin=spin,
+            yield_ns=int(yield_us * 1e3),
+            timeout_ns=int(ctx.timeout_s * 1e9),
+            nap_ns=int(self._barrier.nap_s * 1e9),
+        )
         self._call_ref = ctypes.byref(self._call)
         self._native_one_shot = lib.aat_one_shot
         codes = dict(shm_native.DTYPE_CODES)
@@ -163,8 +191,7 @@ class ShmAllReduce:
     # -- the three verbs ------------------------------------------------------------------
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1,
-                          max_bytes=None)
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`."""
@@ -221,8 +248,16 @@ class ShmAllReduce:
         code = self._native_one_shot(self._call_ref)
         barrier.epoch = call.epoch
         if code != shm_native.OK:
-            exc = TimeoutError(timeout_message(self.name, self.rank, barrier.timeout_s,
-                                               call.late_rank, call.epoch, call.late_seen))
+            exc = TimeoutError(
+                timeout_message(
+                    self.name,
+                    self.rank,
+                    barrier.timeout_s,
+                    call.late_rank,
+                    call.epoch,
+                    call.late_seen,
+                )
+            )
             self._break(exc)
             raise exc
         return tensor
@@ -270,9 +305,12 @@ class ShmAllReduce:
         if ws == 2:
             views = [typed.narrow(0, (p * ws + 1 - me) * slot_elems, count) for p in (0, 1)]
         elif count <= _STACKED_SUM_ELEMENTS:
-            views = [typed.as_strided((ws, count), (slot_elems, 1),
-                                      typed.storage_offset() + p * ws * slot_elems)
-                     for p in (0, 1)]
+            views = [
+                typed.as_strided(
+                    (ws, count), (slot_elems, 1), typed.storage_offset() + p * ws * slot_elems
+                )
+                for p in (0, 1)
+            ]
         else:
             views = self._piece_views(dtype, count)
         if len(self._small) >= _VIEW_CACHE_ENTRIES:
@@ -312,8 +350,10 @@ class ShmAllReduce:
         slot_elems = self.slot_bytes // typed.element_size()
         ws, me = self.world_size, self.rank
         if self.algorithm == "one_shot":
-            views = [[typed.narrow(0, (p * ws + j) * slot_elems, count) for j in range(ws)]
-                     for p in (0, 1)]
+            views = [
+                [typed.narrow(0, (p * ws + j) * slot_elems, count) for j in range(ws)]
+                for p in (0, 1)
+            ]
         else:
             align = max(1, _ALIGN_BYTES // typed.element_size())
             part = -(-count // ws)
@@ -329,8 +369,9 @@ class ShmAllReduce:
         size = flat.element_size()
         ws, me = self.world_size, self.rank
         parity = (self._barrier.epoch + 1) & 1
-        ctypes.memmove(self._slot_ptr(parity * ws + me), flat.data_ptr() + offset * size,
-                       count * size)
+        ctypes.memmove(
+            self._slot_ptr(parity * ws + me), flat.data_ptr() + offset * size, count * size
+        )
         self._barrier.arrive_and_wait()
         slots = self._piece_views(flat.dtype, count)[parity]
         dest = flat if count == total else flat.narrow(0, offset, count)
@@ -369,8 +410,10 @@ def _probe(ctx: CommContext) -> str | None:
     if not ctx.same_host:
         return f"ranks span {ctx.nnodes} hosts; shared memory needs one host"
     if not supported_isa():
-        return (f"needs x86-64 store ordering to publish flags without fences; this is "
-                f"{platform.machine()}")
+        return (
+            f"needs x86-64 store ordering to publish flags without fences; this is "
+            f"{platform.machine()}"
+        )
     return shm_dir_reason()
 
 
@@ -381,14 +424,33 @@ def _creator(algorithm: str):
     return create
 
 
-_KNOBS = {"chunk_bytes": _CHUNK_BYTES, "threads": _THREADS, "spin": _SPIN,
-          "yield_us": _YIELD_US, "native": _NATIVE}
+_KNOBS = {
+    "chunk_bytes": _CHUNK_BYTES,
+    "threads": _THREADS,
+    "spin": _SPIN,
+    "yield_us": _YIELD_US,
+    "native": _NATIVE,
+}
 
-register(BackendSpec(
-    name="shm_one_shot", device="cpu", probe=_probe, create=_creator("one_shot"),
-    knobs=_KNOBS, dtypes=_DTYPES, alignment=1,
-))
-register(BackendSpec(
-    name="shm_two_shot", device="cpu", probe=_probe, create=_creator("two_shot"),
-    knobs=_KNOBS, dtypes=_DTYPES, alignment=1,
-))
+register(
+    BackendSpec(
+        name="shm_one_shot",
+        device="cpu",
+        probe=_probe,
+        create=_creator("one_shot"),
+        knobs=_KNOBS,
+        dtypes=_DTYPES,
+        alignment=1,
+    )
+)
+register(
+    BackendSpec(
+        name="shm_two_shot",
+        device="cpu",
+        probe=_probe,
+        create=_creator("two_shot"),
+        knobs=_KNOBS,
+        dtypes=_DTYPES,
+        alignment=1,
+    )
+)

@@ -35,12 +35,22 @@ class Call(ctypes.Structure):
     """`aat_call` of shm_native.c, field for field."""
 
     _fields_ = [
-        ("tensor", ctypes.c_void_p), ("nbytes", ctypes.c_int64), ("dtype", ctypes.c_int32),
-        ("world_size", ctypes.c_int32), ("slots", ctypes.c_void_p),
-        ("slot_bytes", ctypes.c_int64), ("flags", ctypes.c_void_p), ("rank", ctypes.c_int32),
-        ("stride", ctypes.c_int32), ("spin", ctypes.c_int32), ("unused", ctypes.c_int32),
-        ("yield_ns", ctypes.c_int64), ("timeout_ns", ctypes.c_int64),
-        ("nap_ns", ctypes.c_int64), ("epoch", ctypes.c_int64), ("late_rank", ctypes.c_int64),
+        ("tensor", ctypes.c_void_p),
+        ("nbytes", ctypes.c_int64),
+        ("dtype", ctypes.c_int32),
+        ("world_size", ctypes.c_int32),
+        ("slots", ctypes.c_void_p),
+        ("slot_bytes", ctypes.c_int64),
+        ("flags", ctypes.c_void_p),
+        ("rank", ctypes.c_int32),
+        ("stride", ctypes.c_int32),
+        ("spin", ctypes.c_int32),
+        ("unused", ctypes.c_int32),
+        ("yield_ns", ctypes.c_int64),
+        ("timeout_ns", ctypes.c_int64),
+        ("nap_ns", ctypes.c_int64),
+        ("epoch", ctypes.c_int64),
+        ("late_rank", ctypes.c_int64),
         ("late_seen", ctypes.c_int64),
     ]
 
@@ -54,8 +64,9 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or \
-        shutil.which("clang")
+    return (
+        os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    )
 
 
 def _build(compiler: str, target: Path) -> str | None:

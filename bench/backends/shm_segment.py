@@ -54,8 +54,15 @@ import uuid
 import torch
 import torch.distributed as dist
 
-__all__ = ["Segment", "FlagBarrier", "supported_isa", "shm_dir_reason", "NAME_PREFIX",
-           "FLAG_STRIDE_BYTES", "timeout_message"]
+__all__ = [
+    "Segment",
+    "FlagBarrier",
+    "supported_isa",
+    "shm_dir_reason",
+    "NAME_PREFIX",
+    "FLAG_STRIDE_BYTES",
+    "timeout_message",
+]
 
 NAME_PREFIX = "aat-"  # every segment of this project is /dev/shm/aat-<run_tag>-...
 FLAG_STRIDE_BYTES = 128
@@ -81,8 +88,10 @@ def shm_dir_reason(nbytes: int = 0) -> str | None:
     free = os.statvfs(SHM_DIR)
     free_bytes = free.f_bavail * free.f_frsize
     if nbytes and free_bytes < nbytes:
-        return (f"{SHM_DIR} has {free_bytes >> 20} MiB free, the segment needs "
-                f"{(nbytes + (1 << 20) - 1) >> 20} MiB")
+        return (
+            f"{SHM_DIR} has {free_bytes >> 20} MiB free, the segment needs "
+            f"{(nbytes + (1 << 20) - 1) >> 20} MiB"
+        )
     return None
 
 
@@ -210,12 +219,20 @@ class _Futex:
         """Sleep while the word at `address` equals the low 32 bits of `expected`, at most
         `timeout_ns` (returns at once if it already differs)."""
         spec = _Timespec(timeout_ns // 1_000_000_000, timeout_ns % 1_000_000_000)
-        self._syscall(self.SYS_FUTEX, ctypes.c_void_p(address), self.WAIT,
-                      ctypes.c_int(expected & 0xFFFFFFFF), ctypes.byref(spec), None, 0)
+        self._syscall(
+            self.SYS_FUTEX,
+            ctypes.c_void_p(address),
+            self.WAIT,
+            ctypes.c_int(expected & 0xFFFFFFFF),
+            ctypes.byref(spec),
+            None,
+            0,
+        )
 
     def wake(self, address: int) -> None:
-        self._syscall(self.SYS_FUTEX, ctypes.c_void_p(address), self.WAKE, 0x7FFFFFFF,
-                      None, None, 0)
+        self._syscall(
+            self.SYS_FUTEX, ctypes.c_void_p(address), self.WAKE, 0x7FFFFFFF, None, None, 0
+        )
 
 
 class _Timespec(ctypes.Structure):
@@ -240,8 +257,18 @@ class FlagBarrier:
     naming the first rank whose flag had not reached the epoch.
     """
 
-    def __init__(self, flags, rank: int, world_size: int, *, timeout_s: float, spin: int,
-                 label: str, nap_s: float = 1e-3, yield_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        flags,
+        rank: int,
+        world_size: int,
+        *,
+        timeout_s: float,
+        spin: int,
+        label: str,
+        nap_s: float = 1e-3,
+        yield_s: float = 0.0,
+    ) -> None:
         self._flags = flags
         stride = FLAG_STRIDE_BYTES // 8
         self._stride = stride
@@ -340,12 +367,16 @@ class FlagBarrier:
         flags = self._flags
         late = [(w // self._stride, flags[w]) for w in self._others if flags[w] < target]
         peer, seen = late[0] if late else (self.rank, flags[self._mine])
-        raise TimeoutError(timeout_message(self.label, self.rank, self.timeout_s, peer, target,
-                                           seen))
+        raise TimeoutError(
+            timeout_message(self.label, self.rank, self.timeout_s, peer, target, seen)
+        )
 
 
-def timeout_message(label: str, rank: int, timeout_s: float, peer: int, target: int,
-                    seen: int) -> str:
+def timeout_message(
+    label: str, rank: int, timeout_s: float, peer: int, target: int, seen: int
+) -> str:
     """What a barrier that gave up says (the Python one here, the C one of shm_native)."""
-    return (f"{label}: rank {rank} waited {timeout_s:g} s for rank {peer}'s flag to reach "
-            f"epoch {target} (it is at {seen}); did rank {peer} die or stop calling all_reduce?")
+    return (
+        f"{label}: rank {rank} waited {timeout_s:g} s for rank {peer}'s flag to reach "
+        f"epoch {target} (it is at {seen}); did rank {peer} die or stop calling all_reduce?"
+    )

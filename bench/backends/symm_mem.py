@@ -28,8 +28,11 @@ from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _ALIGNMENT = 16  # the ops load and store 16-byte vectors
-_OPS = {"one_shot": "one_shot_all_reduce_out", "two_shot": "two_shot_all_reduce_",
-        "multimem": "multimem_all_reduce_"}
+_OPS = {
+    "one_shot": "one_shot_all_reduce_out",
+    "two_shot": "two_shot_all_reduce_",
+    "multimem": "multimem_all_reduce_",
+}
 DISABLE_MULTICAST_ENV = "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 
 
@@ -68,8 +71,9 @@ class SymmMemAllReduce:
         self._index = device_index(ctx.device)
         self._op = getattr(torch.ops.symm_mem, _OPS[algorithm])
         symm_mem = _symm_module()
-        self._group = dist.new_group(backend="nccl",
-                                     timeout=datetime.timedelta(seconds=ctx.timeout_s))
+        self._group = dist.new_group(
+            backend="nccl", timeout=datetime.timedelta(seconds=ctx.timeout_s)
+        )
         self.group_name = self._group.group_name
         try:
             _enable_for_group(symm_mem, self.group_name)
@@ -79,8 +83,9 @@ class SymmMemAllReduce:
             self._handle = symm_mem.rendezvous(self._buffer, self.group_name)
             self.multicast_ptr = int(getattr(self._handle, "multicast_ptr", 0) or 0)
             if algorithm == "multimem" and not self.multicast_ptr:
-                raise BackendUnavailable("no NVLink multicast (the rendezvous handle has no "
-                                         "multicast pointer)")
+                raise BackendUnavailable(
+                    "no NVLink multicast (the rendezvous handle has no multicast pointer)"
+                )
             self._warm_up(ctx.world_size)
         except Exception:
             self.release()
@@ -95,12 +100,19 @@ class SymmMemAllReduce:
             self.all_reduce(probe)
             torch.cuda.synchronize(self.device)
             if probe[0].item() != world_size:
-                raise RuntimeError(f"{self.name} warm-up gave {probe[0].item()}, "
-                                   f"expected {world_size}")
+                raise RuntimeError(
+                    f"{self.name} warm-up gave {probe[0].item()}, expected {world_size}"
+                )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return (basic_gate(tensor, dtypes=_DTYPES, device_type="cuda", alignment=_ALIGNMENT,
-                           max_bytes=self._max_bytes, device_index=self._index))
+        return basic_gate(
+            tensor,
+            dtypes=_DTYPES,
+            device_type="cuda",
+            alignment=_ALIGNMENT,
+            max_bytes=self._max_bytes,
+            device_index=self._index,
+        )
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_into(tensor, tensor)
@@ -108,7 +120,7 @@ class SymmMemAllReduce:
     def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Staged through the symmetric buffer; the sum written into `out` (may be `tensor`).
         No second gate: the caller took `can_take` first."""
-        staged = self._buffer[:tensor.nbytes].view(tensor.dtype)
+        staged = self._buffer[: tensor.nbytes].view(tensor.dtype)
         staged.copy_(tensor.reshape(-1))
         if self.algorithm == "one_shot":
             self._op(staged, "sum", self.group_name, out.view(-1))  # the out argument
@@ -167,7 +179,13 @@ def _create(algorithm: str):
 # one_shot: every rank reads all peers' buffers and sums; two_shot: reduce-scatter then
 # all-gather over peer buffers; multimem: NVLink multicast loads/stores (needs NVLS)
 for _algorithm in ("one_shot", "two_shot", "multimem"):
-    register(BackendSpec(
-        name=f"symm_mem_{_algorithm}", device="cuda", probe=_probe(_algorithm),
-        create=_create(_algorithm), dtypes=_DTYPES, alignment=_ALIGNMENT,
-    ))
+    register(
+        BackendSpec(
+            name=f"symm_mem_{_algorithm}",
+            device="cuda",
+            probe=_probe(_algorithm),
+            create=_create(_algorithm),
+            dtypes=_DTYPES,
+            alignment=_ALIGNMENT,
+        )
+    )

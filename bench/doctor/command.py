@@ -27,8 +27,9 @@ TIMEOUT_S = 120.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = UsageParser(prog="bench doctor",
-                    description="What this node offers, and why a backend cannot run.")
+    p = UsageParser(
+        prog="bench doctor", description="What this node offers, and why a backend cannot run."
+    )
     p.add_argument("--world-size", "-g", dest="world_size", default="1")
     p.add_argument("--device", default="auto")
     p.add_argument("--nnodes", default="1")
@@ -44,11 +45,20 @@ def _config(args: argparse.Namespace) -> SweepConfig:
     from bench import backends as registry
 
     world_size, nnodes, node_rank, port = layout_from_args(args)
-    return SweepConfig(world_size=world_size, backends=registry.known_names(),
-                       sizes=[CHECK_BYTES], dtypes=["float32"], modes=["eager"],
-                       device=resolve_device(args.device), timeout_s=TIMEOUT_S, nnodes=nnodes,
-                       node_rank=node_rank, master_addr=args.master_addr or "127.0.0.1",
-                       master_port=port, quiet=True)
+    return SweepConfig(
+        world_size=world_size,
+        backends=registry.known_names(),
+        sizes=[CHECK_BYTES],
+        dtypes=["float32"],
+        modes=["eager"],
+        device=resolve_device(args.device),
+        timeout_s=TIMEOUT_S,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=args.master_addr or "127.0.0.1",
+        master_port=port,
+        quiet=True,
+    )
 
 
 def main(argv: list[str], fingerprint: Fingerprint = rank_fingerprint) -> int:
@@ -62,8 +72,7 @@ def main(argv: list[str], fingerprint: Fingerprint = rank_fingerprint) -> int:
     else:
         ranks, failure = ranks_launched(cfg, fingerprint)
     if args.json:
-        print(json.dumps({"node": node, "ranks": ranks, "failure": failure}, indent=2,
-                         default=str))
+        print(json.dumps({"node": node, "ranks": ranks, "failure": failure}, indent=2, default=str))
     else:
         print(format_report(node, ranks, failure, cfg))
     if failure:

@@ -67,11 +67,15 @@ def _shm_limits() -> dict[str, Any]:
                 out[f"kernel_{name}"] = int(fh.read().split()[0])
         except (OSError, ValueError, IndexError):
             pass
-    for name, limit in (("open_files", resource.RLIMIT_NOFILE),
-                        ("locked_memory_bytes", resource.RLIMIT_MEMLOCK)):
+    for name, limit in (
+        ("open_files", resource.RLIMIT_NOFILE),
+        ("locked_memory_bytes", resource.RLIMIT_MEMLOCK),
+    ):
         soft, hard = resource.getrlimit(limit)
-        out[name] = {"soft": "unlimited" if soft == resource.RLIM_INFINITY else soft,
-                     "hard": "unlimited" if hard == resource.RLIM_INFINITY else hard}
+        out[name] = {
+            "soft": "unlimited" if soft == resource.RLIM_INFINITY else soft,
+            "hard": "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        }
     return out
 
 
@@ -89,8 +93,10 @@ def check_rendezvous(addr: str, port: int, node_rank: int, timeout_s: float = 2.
         return f"ok: {addr}:{port} answers"
     if code == errno.ECONNREFUSED:
         if node_rank > 0:
-            return (f"not yet: {addr} is reachable but nothing listens on {port} "
-                    "(start node 0 first, or check the port)")
+            return (
+                f"not yet: {addr} is reachable but nothing listens on {port} "
+                "(start node 0 first, or check the port)"
+            )
         with socket.socket(family, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(sockaddr)
@@ -102,8 +108,9 @@ def check_rendezvous(addr: str, port: int, node_rank: int, timeout_s: float = 2.
     return f"FAIL: {addr}:{port}: {os.strerror(code)}"
 
 
-def node_report(master_addr: str | None = None, master_port: int | None = None,
-                node_rank: int = 0) -> dict[str, Any]:
+def node_report(
+    master_addr: str | None = None, master_port: int | None = None, node_rank: int = 0
+) -> dict[str, Any]:
     """Everything this process can tell about the node, without any process group."""
     import torch
 
@@ -112,10 +119,15 @@ def node_report(master_addr: str | None = None, master_port: int | None = None,
 
     gpu = gpu_fingerprint()
     report: dict[str, Any] = {
-        "host": socket.gethostname(), "host_id": host_id(),
+        "host": socket.gethostname(),
+        "host_id": host_id(),
         "cpu": {"model": cpu_model(), "cores": os.cpu_count()},
-        "versions": {**versions(), "bench": __version__, "driver": gpu.get("driver"),
-                     "cuda_driver": gpu.get("cuda_driver")},
+        "versions": {
+            **versions(),
+            "bench": __version__,
+            "driver": gpu.get("driver"),
+            "cuda_driver": gpu.get("cuda_driver"),
+        },
         "cuda_available": torch.cuda.is_available(),
         "libnccl": nccl_library(),
         "gpu": gpu,

@@ -12,13 +12,31 @@ from typing import Any
 from bench.backends import CommContext
 from bench.launch.config import SweepConfig
 
-__all__ = ["rank_fingerprint", "compare_fingerprints", "ranks_in_process", "ranks_launched",
-           "COMPARED", "CHECK_BYTES", "Fingerprint"]
+__all__ = [
+    "rank_fingerprint",
+    "compare_fingerprints",
+    "ranks_in_process",
+    "ranks_launched",
+    "COMPARED",
+    "CHECK_BYTES",
+    "Fingerprint",
+]
 
 CHECK_BYTES = 4096
 # fingerprint fields that must be equal on every rank of one sweep
-COMPARED = ("python", "torch", "cuda", "nccl", "libnccl", "triton", "driver", "gpu", "cc", "arch",
-            "bench")
+COMPARED = (
+    "python",
+    "torch",
+    "cuda",
+    "nccl",
+    "libnccl",
+    "triton",
+    "driver",
+    "gpu",
+    "cc",
+    "arch",
+    "bench",
+)
 # what a rank reports about itself; `rank_fingerprint` unless a caller passes another
 Fingerprint = Callable[[CommContext], dict[str, Any]]
 
@@ -36,9 +54,17 @@ def rank_fingerprint(ctx: CommContext) -> dict[str, Any]:
     v = versions()
     fp: dict[str, Any] = {
         "host": host_id(),
-        "python": v["python"], "torch": v["torch"], "cuda": v["cuda"], "nccl": v["nccl"],
-        "triton": v["triton"], "arch": platform.machine(), "bench": __version__,
-        "libnccl": nccl_library().get("version"), "driver": None, "gpu": None, "cc": None,
+        "python": v["python"],
+        "torch": v["torch"],
+        "cuda": v["cuda"],
+        "nccl": v["nccl"],
+        "triton": v["triton"],
+        "arch": platform.machine(),
+        "bench": __version__,
+        "libnccl": nccl_library().get("version"),
+        "driver": None,
+        "gpu": None,
+        "cc": None,
     }
     if ctx.device.type == "cuda":
         fp["driver"] = gpu_fingerprint().get("driver")
@@ -55,8 +81,10 @@ def compare_fingerprints(fps: list[dict[str, Any]]) -> list[str]:
         for rank, fp in enumerate(fps):
             groups.setdefault(str(fp.get(field)), []).append(rank)
         if len(groups) > 1:
-            parts = [f"{value} on rank{'s' if len(ranks) > 1 else ''} "
-                     f"{','.join(map(str, ranks))}" for value, ranks in groups.items()]
+            parts = [
+                f"{value} on rank{'s' if len(ranks) > 1 else ''} {','.join(map(str, ranks))}"
+                for value, ranks in groups.items()
+            ]
             lines.append(f"{field}: {'; '.join(parts)}")
     return lines
 
@@ -75,8 +103,10 @@ def _check_backend(name: str, cfg: SweepConfig, ctx: CommContext) -> dict[str, A
         try:
             backend.release()
         except Exception as exc:  # reported, not fatal: the other backends still get checked
-            print(f"bench: doctor: {name}.release() failed: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+            print(
+                f"bench: doctor: {name}.release() failed: {type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
 
 
 def _checked_sum(backend, ctx: CommContext) -> tuple[str, str | None]:
@@ -87,8 +117,9 @@ def _checked_sum(backend, ctx: CommContext) -> tuple[str, str | None]:
     from bench.run.context import agreed_reason
     from bench.run.inputs import check_result, fill_input
 
-    tensor = fill_input(torch.empty(CHECK_BYTES // 4, dtype=torch.float32, device=ctx.device),
-                        ctx.rank, seed=7)
+    tensor = fill_input(
+        torch.empty(CHECK_BYTES // 4, dtype=torch.float32, device=ctx.device), ctx.rank, seed=7
+    )
     error = float("inf")
     try:
         local = backend.can_take(tensor)
@@ -112,8 +143,9 @@ def _checked_sum(backend, ctx: CommContext) -> tuple[str, str | None]:
     return "ok", None
 
 
-def _ranks_report(cfg: SweepConfig, layout: dict[str, int], watchdog,
-                 fingerprint: Fingerprint = rank_fingerprint) -> dict[str, Any]:
+def _ranks_report(
+    cfg: SweepConfig, layout: dict[str, int], watchdog, fingerprint: Fingerprint = rank_fingerprint
+) -> dict[str, Any]:
     """Runs on every rank inside an initialised gloo world group: fingerprints all-gathered
     and compared, every backend's verdict agreed."""
     import torch.distributed as dist
@@ -128,12 +160,17 @@ def _ranks_report(cfg: SweepConfig, layout: dict[str, int], watchdog,
     for name in registry.known_names():
         watchdog.beat(f"doctor {name}")
         results.append(_check_backend(name, cfg, ctx))
-    return {"world_size": ctx.world_size, "hosts": ctx.nnodes, "device": str(ctx.device),
-            "fingerprints": fps, "differences": compare_fingerprints(fps), "backends": results}
+    return {
+        "world_size": ctx.world_size,
+        "hosts": ctx.nnodes,
+        "device": str(ctx.device),
+        "fingerprints": fps,
+        "differences": compare_fingerprints(fps),
+        "backends": results,
+    }
 
 
-def _rank_main(cfg: SweepConfig, fingerprint: Fingerprint, alone: bool = False
-               ) -> dict[str, Any]:
+def _rank_main(cfg: SweepConfig, fingerprint: Fingerprint, alone: bool = False) -> dict[str, Any]:
     """One rank: launched, or (`alone`) the only rank, in this process."""
     from bench.run.session import rank_session
 
@@ -141,14 +178,16 @@ def _rank_main(cfg: SweepConfig, fingerprint: Fingerprint, alone: bool = False
         return _ranks_report(cfg, layout, watchdog, fingerprint)
 
 
-def ranks_in_process(cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint
-                     ) -> dict[str, Any]:
+def ranks_in_process(
+    cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint
+) -> dict[str, Any]:
     """World size 1: a one-rank gloo group in this process, no launcher needed."""
     return _rank_main(cfg, fingerprint, alone=True)
 
 
-def ranks_launched(cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint
-                   ) -> tuple[dict[str, Any] | None, str | None]:
+def ranks_launched(
+    cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint
+) -> tuple[dict[str, Any] | None, str | None]:
     """Start this node's ranks through the sweep's launcher; (report or None, failure)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -163,7 +202,9 @@ def ranks_launched(cfg: SweepConfig, fingerprint: Fingerprint = rank_fingerprint
     except SignalException as exc:  # Ctrl-C: the ranks are ended, one line from the CLI
         raise KeyboardInterrupt from exc
     except ChildFailedError as exc:
-        ranks = ", ".join(f"rank {r} ({failure_reason(f)})" for r, f in sorted(exc.failures.items()))
+        ranks = ", ".join(
+            f"rank {r} ({failure_reason(f)})" for r, f in sorted(exc.failures.items())
+        )
         return None, f"failed: {ranks}"
     except Exception as exc:  # rendezvous timeout, unreachable store
         return None, f"launch failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

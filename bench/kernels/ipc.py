@@ -25,8 +25,15 @@ class IpcBuffer:
     in this process (this rank's own allocation at index `rank`). The first `zero_bytes` are
     zeroed before any peer can see the buffer (flag areas)."""
 
-    def __init__(self, nbytes: int, device: torch.device, cpu_group, rank: int,
-                 world_size: int, zero_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        nbytes: int,
+        device: torch.device,
+        cpu_group,
+        rank: int,
+        world_size: int,
+        zero_bytes: int = 0,
+    ) -> None:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
         self.rank, self.world_size, self.nbytes = rank, world_size, nbytes

@@ -67,13 +67,30 @@ def decode_status(word: int) -> dict[str, int] | None:
     """The timeout word a program stored, as fields; None when no program timed out."""
     if not word & 1:
         return None
-    return {"peer": (word >> 4) & 0xFF, "phase": (word >> 12) & 0xF,
-            "block": (word >> 16) & 0xFFFF, "epoch": (word >> 32) & 0x7FFFFFFF}
+    return {
+        "peer": (word >> 4) & 0xFF,
+        "phase": (word >> 12) & 0xF,
+        "block": (word >> 16) & 0xFFFF,
+        "epoch": (word >> 32) & 0x7FFFFFFF,
+    }
 
 
 @triton.jit
-def _sum_tile(p0, p1, p2, p3, p4, p5, p6, p7, offs, mask, N: tl.constexpr,
-              CACHE: tl.constexpr, EVICT: tl.constexpr):
+def _sum_tile(
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    offs,
+    mask,
+    N: tl.constexpr,
+    CACHE: tl.constexpr,
+    EVICT: tl.constexpr,
+):
     """float32 sum of N inputs at `offs`, in input order (unrolled at compile time)."""
     ptrs = (p0, p1, p2, p3, p4, p5, p6, p7)
     acc = _load_f32(p0, offs, mask, CACHE, EVICT)
@@ -84,13 +101,27 @@ def _sum_tile(p0, p1, p2, p3, p4, p5, p6, p7, offs, mask, N: tl.constexpr,
 
 @triton.jit
 def _load_f32(ptr, offs, mask, CACHE: tl.constexpr, EVICT: tl.constexpr):
-    return tl.load(ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE,
-                   eviction_policy=EVICT).to(tl.float32)
+    return tl.load(
+        ptr + offs, mask=mask, other=0.0, cache_modifier=CACHE, eviction_policy=EVICT
+    ).to(tl.float32)
 
 
 @triton.jit
-def reduce_n_kernel(x0, x1, x2, x3, x4, x5, x6, x7, out, n, N: tl.constexpr,
-                    BLOCK: tl.constexpr, EVICT: tl.constexpr):
+def reduce_n_kernel(
+    x0,
+    x1,
+    x2,
+    x3,
+    x4,
+    x5,
+    x6,
+    x7,
+    out,
+    n,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    EVICT: tl.constexpr,
+):
     """out = x0 + ... + x(N-1), one BLOCK per program (unused inputs may alias x0)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -99,8 +130,18 @@ def reduce_n_kernel(x0, x1, x2, x3, x4, x5, x6, x7, out, n, N: tl.constexpr,
 
 
 @triton.jit
-def _barrier(flag_table, own_flags, status_addr, phase: tl.constexpr, b, rank, epoch,
-             max_spins, W: tl.constexpr, MAXB: tl.constexpr):
+def _barrier(
+    flag_table,
+    own_flags,
+    status_addr,
+    phase: tl.constexpr,
+    b,
+    rank,
+    epoch,
+    max_spins,
+    W: tl.constexpr,
+    MAXB: tl.constexpr,
+):
     """Signal every peer that program b of this rank reached `phase` of `epoch`; wait for
     all peers' program b. Bounded: on timeout, record the late peer in the status word.
 
@@ -120,8 +161,13 @@ def _barrier(flag_table, own_flags, status_addr, phase: tl.constexpr, b, rank, e
                 seen = tl.atomic_add(own_flags + row + p, 0, sem="acquire", scope="sys")
                 spins += 1
             if (seen - epoch) < 0:
-                word = ((epoch.to(tl.int64) << 32) | (b.to(tl.int64) << 16) | (phase << 12)
-                        | (p << 4) | 1)
+                word = (
+                    (epoch.to(tl.int64) << 32)
+                    | (b.to(tl.int64) << 16)
+                    | (phase << 12)
+                    | (p << 4)
+                    | 1
+                )
                 tl.store(status_addr.to(tl.pointer_type(tl.int64)), word)
     tl.debug_barrier()
 
@@ -141,8 +187,22 @@ _RUNTIME_ONLY = ["num_tiles", "rank", "max_spins"]
 
 
 @triton.jit
-def _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles, half_elems,
-            rank, max_spins, W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
+def _arrive(
+    inp,
+    own,
+    flag_table,
+    own_flags,
+    counters,
+    status_addr,
+    n,
+    num_tiles,
+    half_elems,
+    rank,
+    max_spins,
+    W: tl.constexpr,
+    TILE: tl.constexpr,
+    MAXB: tl.constexpr,
+):
     """This call's epoch and buffer half; the input copied into this rank's buffer; met."""
     b = tl.program_id(0)
     epoch = tl.load(counters + b) + 1
@@ -153,42 +213,145 @@ def _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles
 
 
 @triton.jit
-def _reduce_tiles(d0, d1, d2, d3, d4, d5, d6, d7, half, dst, first, step, n, num_tiles,
-                  W: tl.constexpr, TILE: tl.constexpr):
+def _reduce_tiles(
+    d0,
+    d1,
+    d2,
+    d3,
+    d4,
+    d5,
+    d6,
+    d7,
+    half,
+    dst,
+    first,
+    step,
+    n,
+    num_tiles,
+    W: tl.constexpr,
+    TILE: tl.constexpr,
+):
     """dst[tile] = the sum over ranks of tile, for tiles first, first + step, ..."""
     lanes = tl.arange(0, TILE)
     for t in range(first, num_tiles, step):
         offs = t * TILE + lanes
         mask = offs < n
-        acc = _sum_tile(d0 + half, d1 + half, d2 + half, d3 + half, d4 + half, d5 + half,
-                        d6 + half, d7 + half, offs, mask, W, ".cg", "")
+        acc = _sum_tile(
+            d0 + half,
+            d1 + half,
+            d2 + half,
+            d3 + half,
+            d4 + half,
+            d5 + half,
+            d6 + half,
+            d7 + half,
+            offs,
+            mask,
+            W,
+            ".cg",
+            "",
+        )
         tl.store(dst + offs, acc.to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ONLY)
-def one_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
-                    counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
-                    W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
+def one_shot_kernel(
+    inp,
+    out,
+    own,
+    d0,
+    d1,
+    d2,
+    d3,
+    d4,
+    d5,
+    d6,
+    d7,
+    flag_table,
+    own_flags,
+    counters,
+    status_addr,
+    n,
+    num_tiles,
+    half_elems,
+    rank,
+    max_spins,
+    W: tl.constexpr,
+    TILE: tl.constexpr,
+    MAXB: tl.constexpr,
+):
     """Copy the input into this rank's buffer, meet, then sum every rank's buffer."""
     b = tl.program_id(0)
-    epoch, half = _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles,
-                          half_elems, rank, max_spins, W, TILE, MAXB)
-    _reduce_tiles(d0, d1, d2, d3, d4, d5, d6, d7, half, out, b, tl.num_programs(0), n,
-                  num_tiles, W, TILE)
+    epoch, half = _arrive(
+        inp,
+        own,
+        flag_table,
+        own_flags,
+        counters,
+        status_addr,
+        n,
+        num_tiles,
+        half_elems,
+        rank,
+        max_spins,
+        W,
+        TILE,
+        MAXB,
+    )
+    _reduce_tiles(
+        d0, d1, d2, d3, d4, d5, d6, d7, half, out, b, tl.num_programs(0), n, num_tiles, W, TILE
+    )
     tl.store(counters + b, epoch)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_ONLY)
-def two_shot_kernel(inp, out, own, d0, d1, d2, d3, d4, d5, d6, d7, flag_table, own_flags,
-                    counters, status_addr, n, num_tiles, half_elems, rank, max_spins,
-                    W: tl.constexpr, TILE: tl.constexpr, MAXB: tl.constexpr):
+def two_shot_kernel(
+    inp,
+    out,
+    own,
+    d0,
+    d1,
+    d2,
+    d3,
+    d4,
+    d5,
+    d6,
+    d7,
+    flag_table,
+    own_flags,
+    counters,
+    status_addr,
+    n,
+    num_tiles,
+    half_elems,
+    rank,
+    max_spins,
+    W: tl.constexpr,
+    TILE: tl.constexpr,
+    MAXB: tl.constexpr,
+):
     """Copy in, meet, reduce the tiles this rank owns into its buffer, meet, gather."""
     b = tl.program_id(0)
     G = tl.num_programs(0)
-    epoch, half = _arrive(inp, own, flag_table, own_flags, counters, status_addr, n, num_tiles,
-                          half_elems, rank, max_spins, W, TILE, MAXB)
-    _reduce_tiles(d0, d1, d2, d3, d4, d5, d6, d7, half, own + half, b + G * rank, G * W, n,
-                  num_tiles, W, TILE)
+    epoch, half = _arrive(
+        inp,
+        own,
+        flag_table,
+        own_flags,
+        counters,
+        status_addr,
+        n,
+        num_tiles,
+        half_elems,
+        rank,
+        max_spins,
+        W,
+        TILE,
+        MAXB,
+    )
+    _reduce_tiles(
+        d0, d1, d2, d3, d4, d5, d6, d7, half, own + half, b + G * rank, G * W, n, num_tiles, W, TILE
+    )
     _barrier(flag_table, own_flags, status_addr, 1, b, rank, epoch, max_spins, W, MAXB)
     peers = (d0, d1, d2, d3, d4, d5, d6, d7)
     for r in tl.static_range(W):  # every rank's reduced tiles, from its buffer
@@ -203,4 +366,5 @@ def reduce_n(xs, out, *, block: int = 4096, num_warps: int = 8, evict: str = "")
         raise ValueError(f"reduce_n: expected 2..{MAX_RANKS} inputs, got {len(xs)}")
     ptrs = list(xs) + [xs[0]] * (MAX_RANKS - len(xs))
     reduce_n_kernel[(triton.cdiv(count, block),)](
-        *ptrs, out, count, N=len(xs), BLOCK=block, EVICT=evict, num_warps=num_warps)
+        *ptrs, out, count, N=len(xs), BLOCK=block, EVICT=evict, num_warps=num_warps
+    )

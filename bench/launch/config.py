@@ -14,16 +14,30 @@ from bench.launch.flags import UsageError, UsageParser, int_flag, seconds_flag
 from bench.launch.paths import writable_dir
 from bench.sizes import parse_size, size_range
 
-__all__ = ["SweepConfig", "UsageError", "add_sweep_arguments", "config_from_args",
-           "parse_sweep_config", "layout_from_args", "resolve_device", "DTYPES", "DTYPE_ALIASES"]
+__all__ = [
+    "SweepConfig",
+    "UsageError",
+    "add_sweep_arguments",
+    "config_from_args",
+    "parse_sweep_config",
+    "layout_from_args",
+    "resolve_device",
+    "DTYPES",
+    "DTYPE_ALIASES",
+]
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
-                 "float": "float32"}
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "float": "float32",
+}
 MODES = ("eager", "graph")
 LAUNCHERS = ("torchrun", "mpirun")  # mpirun: for the `mpi` peer (bench.launch.mpirun)
 
@@ -67,33 +81,55 @@ def _split(value: str) -> list[str]:
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     """The sweep's flags, nccl-tests' short forms where it has them. Values stay strings
     here; `config_from_args` checks them so that every error names its flag."""
-    p.add_argument("--world-size", "-g", dest="world_size", default="1",
-                   help="ranks in total (over all nodes)")
+    p.add_argument(
+        "--world-size", "-g", dest="world_size", default="1", help="ranks in total (over all nodes)"
+    )
     p.add_argument("--backends", default="all", help="all, or a comma list of backend names")
     p.add_argument("-b", "--min-bytes", dest="min_bytes", default="1K", help="smallest size")
     p.add_argument("-e", "--max-bytes", dest="max_bytes", default="64M", help="largest size")
     p.add_argument("-f", "--factor", default="2", help="size step factor")
     p.add_argument("--dtypes", default="bfloat16,float32", help="comma list: " + ",".join(DTYPES))
-    p.add_argument("--modes", default=None, help="eager,graph (default: eager on CPU, both on CUDA)")
+    p.add_argument(
+        "--modes", default=None, help="eager,graph (default: eager on CPU, both on CUDA)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("-n", "--iters", default="20", help="timed iterations per point")
     p.add_argument("-w", "--warmup", default="5", help="warm-up iterations per point")
-    p.add_argument("--timeout", default="300", help="seconds without progress before the sweep "
-                   "is ended (a dead or hung rank)")
-    p.add_argument("--out", default=None, help="run directory (default results/<hardware_key>/<run_id>)")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR, measuring only missing points")
+    p.add_argument(
+        "--timeout",
+        default="300",
+        help="seconds without progress before the sweep is ended (a dead or hung rank)",
+    )
+    p.add_argument(
+        "--out", default=None, help="run directory (default results/<hardware_key>/<run_id>)"
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR, measuring only missing points",
+    )
     p.add_argument("--graph-calls", default="10", help="all-reduces captured per CUDA graph")
-    p.add_argument("--l2-flush", action="store_true", help="evict L2 between timed iterations (CUDA)")
+    p.add_argument(
+        "--l2-flush", action="store_true", help="evict L2 between timed iterations (CUDA)"
+    )
     p.add_argument("--nnodes", default="1", help="nodes (torchrun's c10d rendezvous)")
     p.add_argument("--node-rank", dest="node_rank", default="0")
     p.add_argument("--master-addr", dest="master_addr", default="127.0.0.1")
     p.add_argument("--master-port", dest="master_port", default=None)
-    p.add_argument("--param", action="append", default=[], metavar="BACKEND.KNOB=VALUE",
-                   help="set a backend knob, e.g. shm_two_shot.chunk_bytes=262144")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="BACKEND.KNOB=VALUE",
+        help="set a backend knob, e.g. shm_two_shot.chunk_bytes=262144",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--launcher", default="torchrun",
-                   help="torchrun, or mpirun (ranks an MPI library can join: the mpi peer)")
+    p.add_argument(
+        "--launcher",
+        default="torchrun",
+        help="torchrun, or mpirun (ranks an MPI library can join: the mpi peer)",
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -141,11 +177,15 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     dtypes = [DTYPE_ALIASES.get(d, d) for d in _split(args.dtypes)]
     bad = [d for d in dtypes if d not in DTYPES]
     if bad or not dtypes:
-        raise UsageError(f"--dtypes: unknown {','.join(bad) or '(empty)'} "
-                         f"(accepted: {', '.join(DTYPES)})")
+        raise UsageError(
+            f"--dtypes: unknown {','.join(bad) or '(empty)'} (accepted: {', '.join(DTYPES)})"
+        )
     device = resolve_device(args.device)
-    modes = _split(args.modes) if args.modes else (["eager", "graph"] if device == "cuda"
-                                                   else ["eager"])
+    modes = (
+        _split(args.modes)
+        if args.modes
+        else (["eager", "graph"] if device == "cuda" else ["eager"])
+    )
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise UsageError(f"--modes: unknown {','.join(bad) or '(empty)'} (accepted: eager, graph)")
@@ -157,11 +197,26 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     out, resume = _run_dir(args, node_rank)
     launcher = _launcher(args.launcher, nnodes)
     return SweepConfig(
-        world_size=world_size, backends=backends, sizes=sizes, dtypes=dtypes, modes=modes,
-        device=device, iters=iters, warmup=warmup, timeout_s=timeout_s, out=out, resume=resume,
-        graph_calls=graph_calls, l2_flush=bool(args.l2_flush), nnodes=nnodes,
-        node_rank=node_rank, master_addr=args.master_addr, master_port=master_port,
-        params=params, quiet=bool(args.quiet), launcher=launcher,
+        world_size=world_size,
+        backends=backends,
+        sizes=sizes,
+        dtypes=dtypes,
+        modes=modes,
+        device=device,
+        iters=iters,
+        warmup=warmup,
+        timeout_s=timeout_s,
+        out=out,
+        resume=resume,
+        graph_calls=graph_calls,
+        l2_flush=bool(args.l2_flush),
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=args.master_addr,
+        master_port=master_port,
+        params=params,
+        quiet=bool(args.quiet),
+        launcher=launcher,
     )
 
 
@@ -172,11 +227,13 @@ def layout_from_args(args: argparse.Namespace) -> tuple[int, int, int, int | Non
     nnodes = int_flag("--nnodes", args.nnodes)
     node_rank = int_flag("--node-rank", args.node_rank, minimum=0)
     if node_rank >= nnodes:
-        raise UsageError(f"--node-rank: expected 0..{nnodes - 1} for --nnodes {nnodes}, "
-                         f"got {node_rank}")
+        raise UsageError(
+            f"--node-rank: expected 0..{nnodes - 1} for --nnodes {nnodes}, got {node_rank}"
+        )
     if world_size % nnodes:
-        raise UsageError(f"--world-size: {world_size} ranks do not split evenly over "
-                         f"--nnodes {nnodes}")
+        raise UsageError(
+            f"--world-size: {world_size} ranks do not split evenly over --nnodes {nnodes}"
+        )
     master_port = None
     if args.master_port is not None:
         master_port = int_flag("--master-port", args.master_port, 1, 65535)
@@ -189,8 +246,10 @@ def _launcher(name: str, nnodes: int) -> str:
     if name not in LAUNCHERS:
         raise UsageError(f"--launcher: expected {' or '.join(LAUNCHERS)}, got {name!r}")
     if name == "mpirun" and nnodes > 1:
-        raise UsageError("--launcher mpirun: one node only; across nodes start `mpirun -H ... "
-                         "python -m bench.run.worker` yourself")
+        raise UsageError(
+            "--launcher mpirun: one node only; across nodes start `mpirun -H ... "
+            "python -m bench.run.worker` yourself"
+        )
     return name
 
 
@@ -200,8 +259,9 @@ def _backends(text: str, known: list[str]) -> list[str]:
     backends = _split(text)
     unknown = [b for b in backends if b not in known]
     if unknown or not backends:
-        raise UsageError(f"--backends: unknown {','.join(unknown) or '(empty)'} "
-                         f"(known: all, {', '.join(known)})")
+        raise UsageError(
+            f"--backends: unknown {','.join(unknown) or '(empty)'} (known: all, {', '.join(known)})"
+        )
     return backends
 
 
@@ -216,8 +276,9 @@ def _sizes(args: argparse.Namespace) -> list[int]:
         raise UsageError(f"--max-bytes: {exc}") from None
     factor = int_flag("--factor", args.factor, minimum=2)
     if min_bytes > max_bytes:
-        raise UsageError(f"--min-bytes: {args.min_bytes} is larger than --max-bytes "
-                         f"{args.max_bytes}")
+        raise UsageError(
+            f"--min-bytes: {args.min_bytes} is larger than --max-bytes {args.max_bytes}"
+        )
     return size_range(min_bytes, max_bytes, factor)
 
 
@@ -254,10 +315,16 @@ def _run_dir(args: argparse.Namespace, node_rank: int) -> tuple[str | None, bool
     if out is not None:
         flag = "--resume" if resume else "--out"
         _check_run_dir(Path(out), flag)
-        if not resume and node_rank == 0 and (Path(out) / "results.csv").is_file() and \
-                (Path(out) / "results.csv").stat().st_size > 0:
-            raise UsageError(f"--out: {out} already holds a run (results.csv); continue it "
-                             f"with --resume {out}, or pick another --out")
+        if (
+            not resume
+            and node_rank == 0
+            and (Path(out) / "results.csv").is_file()
+            and (Path(out) / "results.csv").stat().st_size > 0
+        ):
+            raise UsageError(
+                f"--out: {out} already holds a run (results.csv); continue it "
+                f"with --resume {out}, or pick another --out"
+            )
         if node_rank == 0:
             writable_dir(flag, out)
     return out, resume

@@ -10,8 +10,16 @@ from collections.abc import Callable
 
 from bench.extras import missing_dependency
 
-__all__ = ["UsageError", "OutputError", "UsageParser", "int_flag", "seconds_flag", "run_command",
-           "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = [
+    "UsageError",
+    "OutputError",
+    "UsageParser",
+    "int_flag",
+    "seconds_flag",
+    "run_command",
+    "EXIT_USAGE",
+    "EXIT_INTERRUPTED",
+]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -23,8 +23,14 @@ from bench.backends.base import scoped_env
 from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
-__all__ = ["free_port", "start_ranks", "launch", "failure_reason",
-           "remove_shm_leftovers", "PIDS_DIR_ENV"]
+__all__ = [
+    "free_port",
+    "start_ranks",
+    "launch",
+    "failure_reason",
+    "remove_shm_leftovers",
+    "PIDS_DIR_ENV",
+]
 
 
 _AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
@@ -38,8 +44,9 @@ def free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
-def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
-                name: str = "sweep") -> dict[int, Any]:
+def start_ranks(
+    cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple, name: str = "sweep"
+) -> dict[int, Any]:
     """Run `entrypoint(*args)` in cfg.world_size / cfg.nnodes local ranks, one rendezvous over
     all nodes; {local rank: return value}. A failed rank raises ChildFailedError (the others
     are ended by the launcher). `name` names the rendezvous that every node's launch joins."""
@@ -58,12 +65,18 @@ def start_ranks(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     # a fresh /tmp/torchelastic_* directory per launch, is never cleaned up)
     log_dir = tempfile.mkdtemp(prefix="bench-launch-")
     config = LaunchConfig(
-        min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, nproc_per_node=cfg.world_size // cfg.nnodes,
+        min_nodes=cfg.nnodes,
+        max_nodes=cfg.nnodes,
+        nproc_per_node=cfg.world_size // cfg.nnodes,
         run_id=f"bench-{name}-{uuid.uuid4().hex[:8]}" if cfg.nnodes == 1 else f"bench-{name}",
-        rdzv_backend="c10d", rdzv_endpoint=f"{cfg.master_addr}:{port}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"{cfg.master_addr}:{port}",
         rdzv_configs={"is_host": cfg.node_rank == 0, "join_timeout": cfg.timeout_s},
-        max_restarts=0, monitor_interval=0.5, start_method="spawn",
-        logs_specs=DefaultLogsSpecs(log_dir=log_dir), **extra,
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        **extra,
     )
     # the agent turns SIGTERM, SIGINT, SIGHUP and SIGQUIT into an exception for the rest of
     # this process's life: ours again once the ranks are gone
@@ -93,8 +106,9 @@ def _check_listen(host: str, port: int) -> None:
             sock.bind((host, port))
             sock.listen()
         except OSError as exc:
-            raise UsageError(f"--master-port: cannot listen on {host}:{port} on node 0: "
-                             f"{os_error(exc)}") from None
+            raise UsageError(
+                f"--master-port: cannot listen on {host}:{port} on node 0: {os_error(exc)}"
+            ) from None
 
 
 def failure_reason(failure) -> str:
@@ -103,8 +117,12 @@ def failure_reason(failure) -> str:
     return f"signal {signal_name}" if signal_name != "<N/A>" else f"exit code {failure.exitcode}"
 
 
-def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
-           kept: Callable[[], str] | None = None) -> int:
+def launch(
+    cfg: SweepConfig,
+    entrypoint: Callable[..., Any],
+    args: tuple,
+    kept: Callable[[], str] | None = None,
+) -> int:
     """`start_ranks` as an exit code: the largest nonzero code a rank returned; 1 with one
     line per failed rank; 128 + N (130 for Ctrl-C) with one line when this process gets
     signal N (the launcher ends the ranks first). `kept()` ends those lines with what the run
@@ -118,22 +136,31 @@ def launch(cfg: SweepConfig, entrypoint: Callable[..., Any], args: tuple,
     except RendezvousError as exc:  # the nodes never met: nothing ran
         cause = exc.__cause__ or exc
         detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        print(f"bench: the ranks could not meet at {cfg.master_addr}:{cfg.master_port or '?'} "
-              f"(--master-addr/--master-port): {detail}", file=sys.stderr, flush=True)
+        print(
+            f"bench: the ranks could not meet at {cfg.master_addr}:{cfg.master_port or '?'} "
+            f"(--master-addr/--master-port): {detail}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     except ChildFailedError as exc:
         tail = kept() if kept else ""
         for rank, failure in sorted(exc.failures.items()):
             why = failure_reason(failure)
             if failure.exitcode == EXIT_WATCHDOG:
-                why = f"no progress for --timeout {cfg.timeout_s:g} s; its line above names " \
-                      "the silent ranks"
+                why = (
+                    f"no progress for --timeout {cfg.timeout_s:g} s; its line above names "
+                    "the silent ranks"
+                )
             print(f"bench: rank {rank} failed ({why}){tail}", file=sys.stderr, flush=True)
         return 1
     except (SignalException, KeyboardInterrupt) as exc:
         number = getattr(exc, "sigval", signal.SIGINT)
-        what = "interrupted" if number == signal.SIGINT else \
-            f"stopped by {signal.Signals(number).name}"
+        what = (
+            "interrupted"
+            if number == signal.SIGINT
+            else f"stopped by {signal.Signals(number).name}"
+        )
         tail = kept() if kept else ""
         print(f"bench: {what}; the ranks were ended{tail}", file=sys.stderr, flush=True)
         return 128 + int(number)

@@ -32,8 +32,15 @@ from pathlib import Path
 
 from bench.launch.watchdog import EXIT_WATCHDOG
 
-__all__ = ["MPIRUN_INSTALL", "mpirun_reason", "mpi_layout", "export_layout", "mpirun_command",
-           "launch_mpirun", "cma_usable"]
+__all__ = [
+    "MPIRUN_INSTALL",
+    "mpirun_reason",
+    "mpi_layout",
+    "export_layout",
+    "mpirun_command",
+    "launch_mpirun",
+    "cma_usable",
+]
 
 MPIRUN_INSTALL = "apt-get install -y openmpi-bin libopenmpi-dev"
 
@@ -44,8 +51,9 @@ def mpirun_reason() -> str | None:
     if path is None:
         return f"mpirun is not on PATH (install Open MPI: {MPIRUN_INSTALL})"
     try:
-        version = subprocess.run([path, "--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
+        version = subprocess.run(
+            [path, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{path} --version failed: {exc}"
     if "Open MPI" not in version:
@@ -59,14 +67,20 @@ def mpi_layout(env: Mapping[str, str] = os.environ) -> dict[str, int] | None:
     None when no MPI launcher started this process."""
     if "OMPI_COMM_WORLD_RANK" in env:
         size = int(env["OMPI_COMM_WORLD_SIZE"])
-        return {"rank": int(env["OMPI_COMM_WORLD_RANK"]), "world_size": size,
-                "local_rank": int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-                "local_world_size": int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", size))}
+        return {
+            "rank": int(env["OMPI_COMM_WORLD_RANK"]),
+            "world_size": size,
+            "local_rank": int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+            "local_world_size": int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", size)),
+        }
     if "PMI_RANK" in env and "PMI_SIZE" in env:
         size = int(env["PMI_SIZE"])
-        return {"rank": int(env["PMI_RANK"]), "world_size": size,
-                "local_rank": int(env.get("MPI_LOCALRANKID", 0)),
-                "local_world_size": int(env.get("MPI_LOCALNRANKS", size))}
+        return {
+            "rank": int(env["PMI_RANK"]),
+            "world_size": size,
+            "local_rank": int(env.get("MPI_LOCALRANKID", 0)),
+            "local_world_size": int(env.get("MPI_LOCALNRANKS", size)),
+        }
     return None
 
 
@@ -75,8 +89,12 @@ def export_layout(layout: Mapping[str, int]) -> None:
     srun: mpirun itself sets none)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    for name, key in (("RANK", "rank"), ("WORLD_SIZE", "world_size"),
-                      ("LOCAL_RANK", "local_rank"), ("LOCAL_WORLD_SIZE", "local_world_size")):
+    for name, key in (
+        ("RANK", "rank"),
+        ("WORLD_SIZE", "world_size"),
+        ("LOCAL_RANK", "local_rank"),
+        ("LOCAL_WORLD_SIZE", "local_world_size"),
+    ):
         os.environ[name] = str(layout[key])
 
 
@@ -103,8 +121,17 @@ def mpirun_command(cfg, argv: list[str], port: int) -> list[str]:
         cmd.append("--allow-run-as-root")
     if not cma_usable():  # single copies through the shared segment instead
         cmd += ["--mca", "btl_vader_single_copy_mechanism", "none"]
-    cmd += ["--oversubscribe", "--bind-to", "none", "-np", str(cfg.world_size),
-            "-x", f"MASTER_ADDR={cfg.master_addr}", "-x", f"MASTER_PORT={port}"]
+    cmd += [
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        str(cfg.world_size),
+        "-x",
+        f"MASTER_ADDR={cfg.master_addr}",
+        "-x",
+        f"MASTER_PORT={port}",
+    ]
     return cmd + [sys.executable, "-m", "bench.run.worker", *argv]
 
 
@@ -117,8 +144,14 @@ def launch_mpirun(cfg, argv: list[str]) -> int:
     code = subprocess.run(mpirun_command(cfg, argv, port)).returncode
     if code in (0, 1, 2):  # done; wrong sums (the summary said so); a usage error (said)
         return code
-    why = (f"no progress for --timeout {cfg.timeout_s:g} s; the line above names the silent "
-           "ranks" if code == EXIT_WATCHDOG else f"mpirun exit code {code}")
-    print(f"bench: the mpirun launch failed ({why}); finished rows are kept"
-          + (f" in {cfg.out}" if cfg.out else ""), file=sys.stderr)
+    why = (
+        f"no progress for --timeout {cfg.timeout_s:g} s; the line above names the silent ranks"
+        if code == EXIT_WATCHDOG
+        else f"mpirun exit code {code}"
+    )
+    print(
+        f"bench: the mpirun launch failed ({why}); finished rows are kept"
+        + (f" in {cfg.out}" if cfg.out else ""),
+        file=sys.stderr,
+    )
     return 1

@@ -51,8 +51,11 @@ def rows_kept(cfg: SweepConfig, before: int = 0) -> str:
 
     if cfg.node_rank != 0:
         return "; node 0 keeps the rows written so far"
-    run_dir = Path(cfg.out) if cfg.out else next(
-        iter(sorted(Path(DEFAULT_ROOT).glob(f"*/{cfg.run_id}"))), None)
+    run_dir = (
+        Path(cfg.out)
+        if cfg.out
+        else next(iter(sorted(Path(DEFAULT_ROOT).glob(f"*/{cfg.run_id}"))), None)
+    )
     rows = (count_rows(run_dir) or 0) if run_dir is not None else 0
     if not rows:
         return "; no row was written"

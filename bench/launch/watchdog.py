@@ -36,8 +36,7 @@ class Watchdog:
         self._world_size = 1
         self._ending = threading.Lock()  # the watchdog or the main thread ends the rank, once
         # the rank in the thread name lets `top -H` (and the fault tests) tell ranks apart
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"bench-wd-r{rank}")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"bench-wd-r{rank}")
         self._thread.start()
 
     def beat(self, where: str) -> None:
@@ -46,16 +45,19 @@ class Watchdog:
     def attach_heartbeat(self, world_size: int, tag: str) -> None:
         """Start the heartbeat through a store client of our own; without one, no names."""
         try:
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                  is_master=False, timeout=datetime.timedelta(seconds=10))
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=10),
+            )
         except Exception:
             return
         self._store = dist.PrefixStore(f"bench-heartbeat/{tag}", store)
         self._world_size = world_size
         self._store.set(f"at/{self.rank}", self.where)
         self._store.set(f"pid/{self.rank}", f"{host_id()}|{os.getpid()}")
-        threading.Thread(target=self._heartbeat, daemon=True,
-                         name=f"bench-hb-r{self.rank}").start()
+        threading.Thread(target=self._heartbeat, daemon=True, name=f"bench-hb-r{self.rank}").start()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(1.0):
@@ -97,8 +99,12 @@ class Watchdog:
                 who = "no peer went silent (a collective or kernel is stuck?)"
                 if silent:
                     who = "silent: " + _describe(silent) + " (dead, stopped or stuck)"
-                print(f"bench: rank {self.rank}: no progress for {idle:.0f} s at {self.where}; "
-                      f"{who}; ending this rank", file=sys.stderr, flush=True)
+                print(
+                    f"bench: rank {self.rank}: no progress for {idle:.0f} s at {self.where}; "
+                    f"{who}; ending this rank",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 _kill_local(silent.values())
                 os._exit(EXIT_WATCHDOG)
 
@@ -110,8 +116,12 @@ class Watchdog:
             return
         silent = self.silent_peers()
         if silent:
-            print(f"bench: rank {self.rank}: failed at {self.where}; silent: "
-                  f"{_describe(silent)} (dead, stopped or stuck)", file=sys.stderr, flush=True)
+            print(
+                f"bench: rank {self.rank}: failed at {self.where}; silent: "
+                f"{_describe(silent)} (dead, stopped or stuck)",
+                file=sys.stderr,
+                flush=True,
+            )
             _kill_local(silent.values())
 
     def stop(self) -> None:

@@ -24,7 +24,8 @@ ONECCL_REASON = (
     "oneCCL cannot be had for torch 2.13 on PyPI: oneccl_bind_pt/torch-ccl are published only "
     "on Intel's own index, intel-extension-for-pytorch 2.8 refuses torch 2.13 at import, and "
     "the oneccl-cpu wheels' libccl.so.1 needs libccl.so.2, which only the full oneccl wheel "
-    "ships (its tcp-only transport also measured 10x behind MPI here)")
+    "ships (its tcp-only transport also measured 10x behind MPI here)"
+)
 
 
 def installed(module: str) -> bool:

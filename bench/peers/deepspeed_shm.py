@@ -64,8 +64,10 @@ def _sources() -> tuple[list[Path], Path]:
 
     spec = importlib.util.find_spec("deepspeed")
     root = Path(next(iter(spec.submodule_search_locations))) / "ops" / "csrc"
-    return [root / "cpu" / "comm" / "shm_interface.cpp", root / "cpu" / "comm" / "shm.cpp"], \
-        root / "includes"
+    return [
+        root / "cpu" / "comm" / "shm_interface.cpp",
+        root / "cpu" / "comm" / "shm.cpp",
+    ], root / "includes"
 
 
 def load_op(verbose: bool = False):
@@ -78,9 +80,14 @@ def load_op(verbose: bool = False):
 
         os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
     sources, include = _sources()
-    return load(name=_NAME, sources=[str(s) for s in sources],
-                extra_include_paths=[str(include)], extra_cflags=["-O2", "-fopenmp"],
-                extra_ldflags=["-fopenmp"], verbose=verbose)
+    return load(
+        name=_NAME,
+        sources=[str(s) for s in sources],
+        extra_include_paths=[str(include)],
+        extra_cflags=["-O2", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
 
 
 def shm_files(tag: str) -> list[Path]:
@@ -113,8 +120,12 @@ def _bounded(seconds: float):
 
 def _initialize(module, ctx: CommContext) -> None:
     """DeepSpeed's `initialize` under this run's names; then every rank unlinks its file."""
-    with scoped_env({"LOCAL_SIZE": str(ctx.world_size), "MASTER_ADDR": "aat",
-                     "MASTER_PORT": ctx.run_tag}), _bounded(ctx.timeout_s):
+    with (
+        scoped_env(
+            {"LOCAL_SIZE": str(ctx.world_size), "MASTER_ADDR": "aat", "MASTER_PORT": ctx.run_tag}
+        ),
+        _bounded(ctx.timeout_s),
+    ):
         module.initialize(ctx.world_size, ctx.rank)
     _initialized.append((ctx.world_size, ctx.rank, ctx.run_tag))
     dist.barrier(group=ctx.cpu_group)  # every rank has mapped every file
@@ -133,8 +144,9 @@ class DeepSpeedShm:
             # when the op loads: the cores per local rank, as DeepSpeed's launcher sets it
             # with --bind_cores_to_rank (2 threads per rank on 2 cores spin against each other)
             cores = len(os.sched_getaffinity(0)) // max(1, ctx.local_world_size)
-            with scoped_env({"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS",
-                                                               str(max(1, cores)))}):
+            with scoped_env(
+                {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores)))}
+            ):
                 module = load_op()
             self._op = torch.ops.deepspeed.inference_all_reduce_  # AttributeError: absent
             if module.vector_kernel_level() < 2:
@@ -149,17 +161,21 @@ class DeepSpeedShm:
             _initialize(module, ctx)
         elif _initialized[0][:2] != (ctx.world_size, ctx.rank):
             size, rank, _ = _initialized[0]
-            raise RuntimeError(f"DeepSpeed's shm op was initialised once in this process, for "
-                               f"rank {rank} of {size}; it cannot serve another group")
+            raise RuntimeError(
+                f"DeepSpeed's shm op was initialised once in this process, for "
+                f"rank {rank} of {size}; it cannot serve another group"
+            )
         check = torch.ones(16)
         self._op(check)
         if not bool((check == ctx.world_size).all()):
-            raise RuntimeError(f"the op did not reduce (got {check[0].item()} for "
-                               f"{ctx.world_size} ranks of ones)")
+            raise RuntimeError(
+                f"the op did not reduce (got {check[0].item()} for {ctx.world_size} ranks of ones)"
+            )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1,
-                          max_bytes=_MAX_BYTES)
+        return basic_gate(
+            tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=_MAX_BYTES
+        )
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self._op(tensor)
@@ -189,8 +205,14 @@ def _probe(ctx: CommContext) -> str | None:
     return None
 
 
-register(BackendSpec(
-    name="deepspeed_shm", device="cpu", probe=_probe,
-    create=lambda ctx, max_bytes, **params: DeepSpeedShm(ctx, max_bytes, **params),
-    dtypes=_DTYPES, alignment=1, needs_buffer=False,
-))
+register(
+    BackendSpec(
+        name="deepspeed_shm",
+        device="cpu",
+        probe=_probe,
+        create=lambda ctx, max_bytes, **params: DeepSpeedShm(ctx, max_bytes, **params),
+        dtypes=_DTYPES,
+        alignment=1,
+        needs_buffer=False,
+    )
+)

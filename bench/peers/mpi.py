@@ -33,8 +33,10 @@ __all__ = ["MpiAllReduce", "launched_by_mpi"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # set by an MPI launcher in every rank (Open MPI's mpirun, MPICH/Intel's hydra, PMIx)
 _LAUNCHER_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
-_NEEDS_LAUNCHER = ("needs --launcher mpirun: ranks started by torchrun are MPI singletons that "
-                   "cannot join one communicator (Open MPI supports no MPI_Comm_join)")
+_NEEDS_LAUNCHER = (
+    "needs --launcher mpirun: ranks started by torchrun are MPI singletons that "
+    "cannot join one communicator (Open MPI supports no MPI_Comm_join)"
+)
 
 
 def launched_by_mpi(env=os.environ) -> bool:
@@ -64,13 +66,14 @@ class MpiAllReduce:
         group = world.Get_group().Incl(ranks)
         self._comm = world.Create_group(group)
         group.Free()
-        self._ops = {dtype: MPI.Op.Create(_half_sum(dtype), commute=True)
-                     for dtype in (torch.bfloat16, torch.float16)}
+        self._ops = {
+            dtype: MPI.Op.Create(_half_sum(dtype), commute=True)
+            for dtype in (torch.bfloat16, torch.float16)
+        }
         self._last: tuple[Any, ...] = (None, 0, None)  # (tensor, data_ptr, MPI buffer spec)
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1,
-                          max_bytes=None)
+        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         last, ptr, spec = self._last
@@ -108,17 +111,27 @@ def _probe(ctx: CommContext) -> str | None:
     try:
         from mpi4py import MPI
     except Exception as exc:  # mpi4py without a loadable MPI library
-        return (f"mpi4py cannot load an MPI library ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}): {APT_MPI}")
+        return (
+            f"mpi4py cannot load an MPI library ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}): {APT_MPI}"
+        )
     size = MPI.COMM_WORLD.Get_size()
     if size < ctx.world_size:
-        return (f"MPI_COMM_WORLD has {size} rank(s), the group {ctx.world_size}: start every "
-                f"rank with the same mpirun (--launcher mpirun)")
+        return (
+            f"MPI_COMM_WORLD has {size} rank(s), the group {ctx.world_size}: start every "
+            f"rank with the same mpirun (--launcher mpirun)"
+        )
     return None
 
 
-register(BackendSpec(
-    name="mpi", device="cpu", probe=_probe,
-    create=lambda ctx, max_bytes, **params: MpiAllReduce(ctx, max_bytes, **params),
-    dtypes=_DTYPES, alignment=1, needs_buffer=False,
-))
+register(
+    BackendSpec(
+        name="mpi",
+        device="cpu",
+        probe=_probe,
+        create=lambda ctx, max_bytes, **params: MpiAllReduce(ctx, max_bytes, **params),
+        dtypes=_DTYPES,
+        alignment=1,
+        needs_buffer=False,
+    )
+)

@@ -21,6 +21,7 @@ from bench.run.hardware import host_id
 
 __all__ = ["make_context", "agreed_reason", "build_backend", "broadcast_object"]
 
+
 def broadcast_object(value: Any, group) -> Any:
     """Rank 0 of `group`'s value, on every rank."""
     payload = [value]
@@ -28,8 +29,12 @@ def broadcast_object(value: Any, group) -> Any:
     return payload[0]
 
 
-def make_context(group=None, device: torch.device | str | None = None,
-                 timeout_s: float = 60.0, run_tag: str | None = None) -> CommContext:
+def make_context(
+    group=None,
+    device: torch.device | str | None = None,
+    timeout_s: float = 60.0,
+    run_tag: str | None = None,
+) -> CommContext:
     """Collective over `group` (default: the world group)."""
     group = group or dist.group.WORLD
     if dist.get_backend(group) == "gloo":
@@ -38,20 +43,29 @@ def make_context(group=None, device: torch.device | str | None = None,
         cpu_group = dist.new_group(dist.get_process_group_ranks(group), backend="gloo")
     if device is None:
         backend = dist.get_backend(group)
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if backend == "nccl" and torch.cuda.is_available() else torch.device("cpu"))
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if backend == "nccl" and torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     device = torch.device(device)
     rank, world = dist.get_rank(cpu_group), dist.get_world_size(cpu_group)
     hosts: list = [None] * world
     dist.all_gather_object(hosts, host_id(), group=cpu_group)
     local = [r for r in range(world) if hosts[r] == hosts[rank]]
     if run_tag is None:
-        run_tag = "ar-" + broadcast_object(uuid.uuid4().hex[:10] if rank == 0 else None,
-                                           cpu_group)
+        run_tag = "ar-" + broadcast_object(uuid.uuid4().hex[:10] if rank == 0 else None, cpu_group)
     return CommContext(
-        rank=rank, world_size=world, local_rank=local.index(rank), local_world_size=len(local),
-        nnodes=len(set(hosts)), device=device, cpu_group=cpu_group, timeout_s=timeout_s,
-        run_tag=run_tag, same_host=len(set(hosts)) == 1,
+        rank=rank,
+        world_size=world,
+        local_rank=local.index(rank),
+        local_world_size=len(local),
+        nnodes=len(set(hosts)),
+        device=device,
+        cpu_group=cpu_group,
+        timeout_s=timeout_s,
+        run_tag=run_tag,
+        same_host=len(set(hosts)) == 1,
         visible_gpus=torch.cuda.device_count() if device.type == "cuda" else 0,
         extra={"hosts": hosts},
     )
@@ -67,8 +81,9 @@ def agreed_reason(reason: str | None, ctx: CommContext) -> str | None:
     return None
 
 
-def build_backend(name: str, params: Mapping[str, Any], max_bytes: int,
-                  ctx: CommContext, instance: str = "") -> tuple[Any, str | None]:
+def build_backend(
+    name: str, params: Mapping[str, Any], max_bytes: int, ctx: CommContext, instance: str = ""
+) -> tuple[Any, str | None]:
     """Probe and create on every rank (collective); a reason on any rank skips it everywhere.
 
     `instance` makes the run tag unique when one group holds several backends of one

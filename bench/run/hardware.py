@@ -21,8 +21,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["fingerprint", "hardware_key", "host_id", "cpu_model", "slug", "versions",
-           "gpu_fingerprint", "KEY_PATTERN", "device_of_key"]
+__all__ = [
+    "fingerprint",
+    "hardware_key",
+    "host_id",
+    "cpu_model",
+    "slug",
+    "versions",
+    "gpu_fingerprint",
+    "KEY_PATTERN",
+    "device_of_key",
+]
 
 
 def slug(text: str) -> str:
@@ -109,11 +118,14 @@ def gpu_fingerprint() -> dict[str, Any]:
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         gpus = []
         for h in handles:
-            gpu = {"name": _nvml_text(pynvml.nvmlDeviceGetName(h)),
-                   "memory_gib": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / (1 << 30), 1)}
+            gpu = {
+                "name": _nvml_text(pynvml.nvmlDeviceGetName(h)),
+                "memory_gib": round(pynvml.nvmlDeviceGetMemoryInfo(h).total / (1 << 30), 1),
+            }
             try:
                 gpu["compute_capability"] = ".".join(
-                    map(str, pynvml.nvmlDeviceGetCudaComputeCapability(h)))
+                    map(str, pynvml.nvmlDeviceGetCudaComputeCapability(h))
+                )
             except Exception as exc:
                 gpu["compute_capability"] = f"unknown: {exc}"
             try:
@@ -136,9 +148,15 @@ def gpu_fingerprint() -> dict[str, Any]:
 # nvmlGpuP2PCapsIndex_t values from nvml.h (some nvidia-ml-py releases define the READ
 # constant as a one-element tuple, which NVML then rejects: use the C values)
 _P2P_READ, _P2P_NVLINK = 0, 2
-_P2P_STATUS = {0: "OK", 1: "ChipsetNotSupported", 2: "GpuNotSupported",
-               3: "IOHTopologyNotSupported", 4: "DisabledByRegKey", 5: "NotSupported",
-               6: "Unknown"}
+_P2P_STATUS = {
+    0: "OK",
+    1: "ChipsetNotSupported",
+    2: "GpuNotSupported",
+    3: "IOHTopologyNotSupported",
+    4: "DisabledByRegKey",
+    5: "NotSupported",
+    6: "Unknown",
+}
 
 
 def _active_nvlinks(pynvml, handle) -> int | str:
@@ -181,7 +199,8 @@ def _link_type(gpu: dict[str, Any]) -> str:
     if len(gpus) < 2:
         return "single"
     if _all_ok(gpu.get("p2p_nvlink")) or all(
-            isinstance(g.get("nvlink_active"), int) and g["nvlink_active"] > 0 for g in gpus):
+        isinstance(g.get("nvlink_active"), int) and g["nvlink_active"] > 0 for g in gpus
+    ):
         return "nvlink"
     if _all_ok(gpu.get("p2p")):
         return "pcie"
@@ -211,8 +230,12 @@ def device_of_key(key: str) -> str:
 def fingerprint(device_type: str = "cpu") -> dict[str, Any]:
     """Everything a run's meta.json records about this node."""
     fp: dict[str, Any] = {
-        "cpu": {"model": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
-                "memory_gib": _mem_total_gib()},
+        "cpu": {
+            "model": cpu_model(),
+            "cores": os.cpu_count(),
+            "arch": platform.machine(),
+            "memory_gib": _mem_total_gib(),
+        },
         "host_hash": hashlib.sha256(host_id().encode()).hexdigest()[:12],
         "platform": sys.platform,
         "versions": versions(),

@@ -51,15 +51,25 @@ def barrier(ctx: CommContext) -> None:
     dist.barrier(group=ctx.cpu_group)
 
 
-def prepare_point(backend, ctx: CommContext, dtype: torch.dtype, mode: str, nbytes: int,
-                  seed: int, *, graph_calls: int = 10, warmup: int = 5) -> PreparedPoint:
+def prepare_point(
+    backend,
+    ctx: CommContext,
+    dtype: torch.dtype,
+    mode: str,
+    nbytes: int,
+    seed: int,
+    *,
+    graph_calls: int = 10,
+    warmup: int = 5,
+) -> PreparedPoint:
     """Collective: gate, check one call, build the timing step (see the module doc)."""
     is_cuda = ctx.device.type == "cuda"
     itemsize = torch.empty((), dtype=dtype).element_size()
     reason = None
     if nbytes % itemsize:
-        reason = f"{nbytes} bytes is not a whole number of {str(dtype).removeprefix('torch.')} " \
-                 "elements"
+        reason = (
+            f"{nbytes} bytes is not a whole number of {str(dtype).removeprefix('torch.')} elements"
+        )
     tensor = torch.empty(max(nbytes // itemsize, 1), dtype=dtype, device=ctx.device)
     fill_input(tensor, ctx.rank, seed)
     if reason is None:
@@ -97,37 +107,63 @@ def prepare_point(backend, ctx: CommContext, dtype: torch.dtype, mode: str, nbyt
     reason = agreed_reason(local, ctx)
     if reason:
         return PreparedPoint(reason=reason)
-    err = torch.tensor([check_result(out_holder[0], ctx.rank, ctx.world_size, seed)],
-                       dtype=torch.float64)
+    err = torch.tensor(
+        [check_result(out_holder[0], ctx.rank, ctx.world_size, seed)], dtype=torch.float64
+    )
     dist.all_reduce(err, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
 
     if mode == "graph":
         step, _graph = capture_graph(once, calls=graph_calls)
-        return PreparedPoint(max_abs_err=float(err.item()), step=step,
-                             calls_per_step=graph_calls, warmup=max(1, warmup // graph_calls))
+        return PreparedPoint(
+            max_abs_err=float(err.item()),
+            step=step,
+            calls_per_step=graph_calls,
+            warmup=max(1, warmup // graph_calls),
+        )
     return PreparedPoint(max_abs_err=float(err.item()), step=once, warmup=warmup)
 
 
 class PointRunner:
     """The sweep's measurement of one (backend, dtype, mode, size) point on this rank."""
 
-    def __init__(self, ctx: CommContext, *, iters: int, warmup: int, graph_calls: int = 10,
-                 l2_flush: bool = False) -> None:
+    def __init__(
+        self,
+        ctx: CommContext,
+        *,
+        iters: int,
+        warmup: int,
+        graph_calls: int = 10,
+        l2_flush: bool = False,
+    ) -> None:
         self.ctx, self.iters, self.warmup, self.graph_calls = ctx, iters, warmup, graph_calls
         is_cuda = ctx.device.type == "cuda"
         between = flush_l2(ctx.device) if (l2_flush and is_cuda) else None
         self.clock = CudaEventClock(between) if is_cuda else CpuClock()
 
-    def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int
-            ) -> tuple[str | None, Stats | None, bool | None, float | None]:
+    def run(
+        self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int
+    ) -> tuple[str | None, Stats | None, bool | None, float | None]:
         """(skip reason, stats, correct, max_abs_err); one of the first two is None."""
-        point = prepare_point(backend, self.ctx, dtype, mode, nbytes, seed,
-                              graph_calls=self.graph_calls, warmup=self.warmup)
+        point = prepare_point(
+            backend,
+            self.ctx,
+            dtype,
+            mode,
+            nbytes,
+            seed,
+            graph_calls=self.graph_calls,
+            warmup=self.warmup,
+        )
         if point.reason:
             return point.reason, None, None, None
-        per_call = measure(self.clock, point.step, iters=self.iters, warmup=point.warmup,
-                           calls_per_step=point.calls_per_step,
-                           before=lambda: barrier(self.ctx))
+        per_call = measure(
+            self.clock,
+            point.step,
+            iters=self.iters,
+            warmup=point.warmup,
+            calls_per_step=point.calls_per_step,
+            before=lambda: barrier(self.ctx),
+        )
         per_call = slowest_rank(per_call, self.ctx.cpu_group)
         stats = summarize(per_call, nbytes, self.ctx.world_size)
         return None, stats, point.correct, point.max_abs_err

@@ -26,7 +26,14 @@ from bench.launch.mpirun import export_layout, mpi_layout
 from bench.launch.watchdog import Watchdog
 from bench.run.context import broadcast_object, build_backend, make_context
 
-__all__ = ["dist_env", "collect_at_exit", "rank_session", "shared_tag", "sweep_context", "create_backend"]
+__all__ = [
+    "dist_env",
+    "collect_at_exit",
+    "rank_session",
+    "shared_tag",
+    "sweep_context",
+    "create_backend",
+]
 
 # the layout of a one-rank group in this process (`rank_session(..., alone=True)`)
 _ALONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
@@ -37,20 +44,29 @@ def dist_env() -> dict[str, int]:
     when started by srun."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
-                "local_rank": int(env.get("LOCAL_RANK", 0)),
-                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))}
+        return {
+            "rank": int(env["RANK"]),
+            "world_size": int(env["WORLD_SIZE"]),
+            "local_rank": int(env.get("LOCAL_RANK", 0)),
+            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+        }
     layout = mpi_layout(env)
     if layout is not None:  # the gloo group is then MPI_COMM_WORLD's processes, rank for rank
         export_layout(layout)
         return layout
     if "SLURM_PROCID" in env:
-        layout = {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
-                  "local_rank": int(env.get("SLURM_LOCALID", 0)),
-                  "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
+        layout = {
+            "rank": int(env["SLURM_PROCID"]),
+            "world_size": int(env["SLURM_NTASKS"]),
+            "local_rank": int(env.get("SLURM_LOCALID", 0)),
+            "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+        }
         os.environ.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
         os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(layout["rank"]), str(layout["world_size"])
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = (
+            str(layout["rank"]),
+            str(layout["world_size"]),
+        )
         return layout
     raise RuntimeError("no rank layout: run through `bench sweep`, torchrun or srun")
 
@@ -66,8 +82,9 @@ def collect_at_exit() -> None:
 
 
 @contextlib.contextmanager
-def rank_session(timeout_s: float, alone: bool = False
-                 ) -> Iterator[tuple[dict[str, int], Watchdog]]:
+def rank_session(
+    timeout_s: float, alone: bool = False
+) -> Iterator[tuple[dict[str, int], Watchdog]]:
     """This rank's layout and a running watchdog, inside the gloo world group; torn down on
     exit. gloo's own timeout is set past the watchdog's, so that the watchdog, which names the
     silent peers, acts first. `alone`: a one-rank group in this process, no launcher."""
@@ -77,8 +94,9 @@ def rank_session(timeout_s: float, alone: bool = False
     watchdog = Watchdog(layout["rank"], timeout_s)
     gloo_timeout = datetime.timedelta(seconds=timeout_s + 30)
     if alone:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=gloo_timeout)
+        dist.init_process_group(
+            "gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=gloo_timeout
+        )
     else:
         dist.init_process_group("gloo", timeout=gloo_timeout)
     collect_at_exit()
@@ -112,7 +130,7 @@ def _leave_nothing_behind() -> None:
 def shared_tag(prefix: str = "") -> str:
     """A fresh tag of 10 characters that every rank of the world group shares (rank 0's):
     names of shm segments, IPC handles and heartbeat keys."""
-    mine = prefix + uuid.uuid4().hex[:10 - len(prefix)] if dist.get_rank() == 0 else None
+    mine = prefix + uuid.uuid4().hex[: 10 - len(prefix)] if dist.get_rank() == 0 else None
     return broadcast_object(mine, dist.group.WORLD)
 
 

@@ -89,8 +89,9 @@ class _Soak:
         if not torch.equal(result, expected):
             self.errors[backend.name] += 1
             if self.first_error is None:
-                self.first_error = (f"iteration {i}: {backend.name} {expected.dtype} "
-                                    f"{expected.numel()} elements")
+                self.first_error = (
+                    f"iteration {i}: {backend.name} {expected.dtype} {expected.numel()} elements"
+                )
 
 
 def _soak_rank(cfg, iters: int, out: str | None) -> int:
@@ -126,11 +127,17 @@ def _soak_rank(cfg, iters: int, out: str | None) -> int:
             for backend in backends:
                 backend.release()
         dist.barrier()
-        mine = {"rank": ctx.rank, "errors": soak.errors, "calls": soak.calls,
-                "first_error": soak.first_error, "rss_start_kib": rss_start,
-                "rss_end_kib": rss_end, "elapsed_s": elapsed_s,
-                "fds": (fds_before, len(os.listdir("/proc/self/fd"))),
-                "shm": (shm_before, _shm_entries())}
+        mine = {
+            "rank": ctx.rank,
+            "errors": soak.errors,
+            "calls": soak.calls,
+            "first_error": soak.first_error,
+            "rss_start_kib": rss_start,
+            "rss_end_kib": rss_end,
+            "elapsed_s": elapsed_s,
+            "fds": (fds_before, len(os.listdir("/proc/self/fd"))),
+            "shm": (shm_before, _shm_entries()),
+        }
         gathered: list = [None] * ctx.world_size
         dist.all_gather_object(gathered, mine)
         if ctx.rank == 0:
@@ -175,8 +182,7 @@ def _report(ranks: list[dict], iters: int, world_size: int) -> str:
         f"({', '.join(f'{n} {c:,}' for n, c in calls.items())}), after {WARMUP} warm-up calls; "
         f"sizes {', '.join(map(str, SIZES_BYTES))} bytes x {', '.join(DTYPES)}, inputs cycling "
         f"through {SEEDS} seeds, every result compared with the exact sum.",
-        f"Wall time {elapsed:.1f} s ({iters / elapsed:,.0f} all-reduces/s, verification "
-        "included).",
+        f"Wall time {elapsed:.1f} s ({iters / elapsed:,.0f} all-reduces/s, verification included).",
         "",
         f"**Errors: {total_errors}**" + (" (must be 0)" if total_errors else ""),
         "",
@@ -188,7 +194,8 @@ def _report(ranks: list[dict], iters: int, world_size: int) -> str:
         lines.append(
             f"| {r['rank']} | {sum(r['errors'].values())} | {r['rss_start_kib'] / 1024:.1f} | "
             f"{r['rss_end_kib'] / 1024:.1f} | {r['rss_end_kib'] - r['rss_start_kib']:+d} | "
-            f"{r['fds'][0]}/{r['fds'][1]} | {r['shm'][0]}/{r['shm'][1]} |")
+            f"{r['fds'][0]}/{r['fds'][1]} | {r['shm'][0]}/{r['shm'][1]} |"
+        )
         if r["first_error"]:
             lines.append(f"\nrank {r['rank']} first error: {r['first_error']}")
     return "\n".join(lines)
@@ -202,14 +209,21 @@ def main(argv: list[str]) -> int:
     parser = UsageParser(prog="bench soak", description=__doc__.splitlines()[0])
     parser.add_argument("--iters", default="100000", help="verified all-reduces per rank")
     parser.add_argument("--world-size", dest="world_size", default="2", help="ranks (>= 2)")
-    parser.add_argument("--timeout", default="60", help="seconds without progress before a "
-                        "rank is ended")
+    parser.add_argument(
+        "--timeout", default="60", help="seconds without progress before a rank is ended"
+    )
     parser.add_argument("--out", default=None, help="also write the report here (markdown)")
     args = parser.parse_args(argv)
-    cfg = SweepConfig(world_size=int_flag("--world-size", args.world_size, minimum=2),
-                      backends=list(ALGORITHMS), sizes=[max(SIZES_BYTES)], dtypes=list(DTYPES),
-                      modes=["eager"], device="cpu",
-                      timeout_s=seconds_flag("--timeout", args.timeout), quiet=True)
+    cfg = SweepConfig(
+        world_size=int_flag("--world-size", args.world_size, minimum=2),
+        backends=list(ALGORITHMS),
+        sizes=[max(SIZES_BYTES)],
+        dtypes=list(DTYPES),
+        modes=["eager"],
+        device="cpu",
+        timeout_s=seconds_flag("--timeout", args.timeout),
+        quiet=True,
+    )
     iters = int_flag("--iters", args.iters)
     if args.out:
         from bench.launch.paths import writable_file

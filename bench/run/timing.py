@@ -74,8 +74,15 @@ class CudaEventClock:
         return [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
 
 
-def measure(clock: Clock, step: Step, *, iters: int, warmup: int,
-            calls_per_step: int = 1, before: Step | None = None) -> list[float]:
+def measure(
+    clock: Clock,
+    step: Step,
+    *,
+    iters: int,
+    warmup: int,
+    calls_per_step: int = 1,
+    before: Step | None = None,
+) -> list[float]:
     """Warm up, then time `iters` steps; per-call microseconds for this rank.
 
     `before` runs once after warm-up (a cross-rank barrier, so every rank starts together).

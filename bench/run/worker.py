@@ -96,10 +96,20 @@ def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
 
 
 def _skip_row(base: dict, nbytes: int, itemsize: int, reason: str) -> dict:
-    return {**base, "bytes": nbytes, "count": nbytes // itemsize, "iters": 0,
-            "latency_us": None, "p10_us": None, "p90_us": None, "algbw_gbps": None,
-            "busbw_gbps": None, "correct": None, "max_abs_err": None,
-            "skipped_reason": reason.replace("\n", " ")[:300]}
+    return {
+        **base,
+        "bytes": nbytes,
+        "count": nbytes // itemsize,
+        "iters": 0,
+        "latency_us": None,
+        "p10_us": None,
+        "p90_us": None,
+        "algbw_gbps": None,
+        "busbw_gbps": None,
+        "correct": None,
+        "max_abs_err": None,
+        "skipped_reason": reason.replace("\n", " ")[:300],
+    }
 
 
 def run_worker(cfg: SweepConfig) -> int:
@@ -129,28 +139,47 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     hardware_key, done, failed = shared
     if failed:
         raise SweepStopped(*failed)
-    plan = [p for p in point_plan(cfg)
-            if point_key(backend=p[0], world_size=ctx.world_size, dtype=p[1], bytes=p[3],
-                         mode=p[2]) not in done]
+    plan = [
+        p
+        for p in point_plan(cfg)
+        if point_key(backend=p[0], world_size=ctx.world_size, dtype=p[1], bytes=p[3], mode=p[2])
+        not in done
+    ]
     progress = None
     if rank == 0 and not cfg.quiet:
         from tqdm import tqdm
 
-        progress = tqdm(total=len(plan), unit="pt", desc=f"sweep ws={ctx.world_size}",
-                        dynamic_ncols=True, file=sys.stderr)
-    runner = PointRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, graph_calls=cfg.graph_calls,
-                         l2_flush=cfg.l2_flush)
+        progress = tqdm(
+            total=len(plan),
+            unit="pt",
+            desc=f"sweep ws={ctx.world_size}",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+    runner = PointRunner(
+        ctx, iters=cfg.iters, warmup=cfg.warmup, graph_calls=cfg.graph_calls, l2_flush=cfg.l2_flush
+    )
     held = _Held()
     try:
         stop = None  # rank 0: why the table cannot be written any more
         for index, (name, dtype_name, mode, nbytes) in enumerate(plan):
             watchdog.beat(f"{name} {dtype_name} {mode} {nbytes}B")
-            _agree((name, dtype_name, mode, nbytes), ctx.cpu_group,
-                   "the next point (backend, dtype, mode, bytes)", stop)
+            _agree(
+                (name, dtype_name, mode, nbytes),
+                ctx.cpu_group,
+                "the next point (backend, dtype, mode, bytes)",
+                stop,
+            )
             backend, backend_reason = held.get(name, cfg, ctx)
-            base = {"run_id": run_id, "hardware_key": hardware_key, "backend": name,
-                    "world_size": ctx.world_size, "nnodes": ctx.nnodes, "dtype": dtype_name,
-                    "mode": mode}
+            base = {
+                "run_id": run_id,
+                "hardware_key": hardware_key,
+                "backend": name,
+                "world_size": ctx.world_size,
+                "nnodes": ctx.nnodes,
+                "dtype": dtype_name,
+                "mode": mode,
+            }
             row = _point_row(runner, backend, backend_reason, base, nbytes, seed=1 + index)
             if table is not None:
                 stop = table.append(row)
@@ -196,8 +225,9 @@ class _Table:
         self.writer, self.meta, self.done = writer, meta, done
 
     @classmethod
-    def open(cls, cfg: SweepConfig, ctx: CommContext, fp: dict, out: str, run_id: str
-             ) -> tuple[_Table | None, tuple[str, int] | None]:
+    def open(
+        cls, cfg: SweepConfig, ctx: CommContext, fp: dict, out: str, run_id: str
+    ) -> tuple[_Table | None, tuple[str, int] | None]:
         """(the table, None), or (None, (why it cannot be written, exit code))."""
         try:
             writer = ResultsWriter(out)
@@ -208,10 +238,18 @@ class _Table:
         try:
             done = completed_points(out) if cfg.resume else set()
             meta = read_meta(out) if cfg.resume else {}
-            meta.update({"run_id": run_id, "hardware_key": fp["hardware_key"],
-                         "fingerprint": fp, "arguments": cfg.to_json(), "nnodes": ctx.nnodes,
-                         "hosts": len(set(ctx.extra["hosts"])), "l2_flush": cfg.l2_flush,
-                         "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter"})
+            meta.update(
+                {
+                    "run_id": run_id,
+                    "hardware_key": fp["hardware_key"],
+                    "fingerprint": fp,
+                    "arguments": cfg.to_json(),
+                    "nnodes": ctx.nnodes,
+                    "hosts": len(set(ctx.extra["hosts"])),
+                    "l2_flush": cfg.l2_flush,
+                    "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter",
+                }
+            )
             meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
             write_meta(out, meta)
         except OSError as exc:
@@ -231,20 +269,27 @@ class _Table:
                 writer.restore()
                 write_meta(writer.run_dir, self.meta)
             except OSError as exc:
-                return (f"{writer.path} was removed during the sweep; writing its "
-                        f"{writer.rows} rows again failed: {os_error(exc)}")
-            return (f"{writer.path} was removed during the sweep; its {writer.rows} rows "
-                    f"were written again; {resume}")
+                return (
+                    f"{writer.path} was removed during the sweep; writing its "
+                    f"{writer.rows} rows again failed: {os_error(exc)}"
+                )
+            return (
+                f"{writer.path} was removed during the sweep; its {writer.rows} rows "
+                f"were written again; {resume}"
+            )
         except OSError as exc:
-            return (f"cannot append to {writer.path}: {os_error(exc)}; its {writer.rows} "
-                    f"rows are kept; {resume} once it can be written")
+            return (
+                f"cannot append to {writer.path}: {os_error(exc)}; its {writer.rows} "
+                f"rows are kept; {resume} once it can be written"
+            )
 
     def close(self) -> None:
         self.writer.close()
 
 
-def _point_row(runner: PointRunner, backend, backend_reason: str | None, base: dict,
-               nbytes: int, seed: int) -> dict:
+def _point_row(
+    runner: PointRunner, backend, backend_reason: str | None, base: dict, nbytes: int, seed: int
+) -> dict:
     """One row of the table: measured and checked, or skipped with the reason."""
     dtype_name = base["dtype"]
     dtype = DTYPES[dtype_name]
@@ -252,15 +297,26 @@ def _point_row(runner: PointRunner, backend, backend_reason: str | None, base: d
     if backend_reason:
         return _skip_row(base, nbytes, itemsize, backend_reason)
     if nbytes % itemsize:
-        return _skip_row(base, nbytes, itemsize, f"{nbytes} bytes is not a whole number "
-                         f"of {dtype_name} elements")
+        return _skip_row(
+            base, nbytes, itemsize, f"{nbytes} bytes is not a whole number of {dtype_name} elements"
+        )
     reason, stats, correct, err = runner.run(backend, dtype, base["mode"], nbytes, seed=seed)
     if reason:
         return _skip_row(base, nbytes, itemsize, reason)
-    return {**base, "bytes": nbytes, "count": nbytes // itemsize, "iters": runner.iters,
-            "latency_us": stats.latency_us, "p10_us": stats.p10_us, "p90_us": stats.p90_us,
-            "algbw_gbps": stats.algbw_gbps, "busbw_gbps": stats.busbw_gbps,
-            "correct": correct, "max_abs_err": err, "skipped_reason": None}
+    return {
+        **base,
+        "bytes": nbytes,
+        "count": nbytes // itemsize,
+        "iters": runner.iters,
+        "latency_us": stats.latency_us,
+        "p10_us": stats.p10_us,
+        "p90_us": stats.p90_us,
+        "algbw_gbps": stats.algbw_gbps,
+        "busbw_gbps": stats.busbw_gbps,
+        "correct": correct,
+        "max_abs_err": err,
+        "skipped_reason": None,
+    }
 
 
 def _finish(out: str) -> int:
@@ -270,8 +326,12 @@ def _finish(out: str) -> int:
         meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         write_meta(out, meta)
     except OSError as exc:
-        print(f"bench: error: cannot write {Path(out) / META_FILE}: {os_error(exc)}; the "
-              f"rows are in {Path(out) / RESULTS_FILE}", file=sys.stderr, flush=True)
+        print(
+            f"bench: error: cannot write {Path(out) / META_FILE}: {os_error(exc)}; the "
+            f"rows are in {Path(out) / RESULTS_FILE}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     from bench.analysis.report import print_summary
 

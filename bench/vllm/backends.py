@@ -69,8 +69,11 @@ def multicast_off_reason(environ=None) -> str | None:
     together there): vLLM's symmetric memory must not be built, its rendezvous would create
     multicast objects."""
     environ = os.environ if environ is None else environ
-    for name, off in (("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NCCL_NVLS_ENABLE", "0"),
-                      ("NVSHMEM_DISABLE_NVLS", "1")):
+    for name, off in (
+        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+        ("NCCL_NVLS_ENABLE", "0"),
+        ("NVSHMEM_DISABLE_NVLS", "1"),
+    ):
         if environ.get(name, "").strip().lower() in ((off, "true") if off == "1" else (off,)):
             return f"no NVLink multicast ({name}={environ[name]}: kept off on this machine)"
     return None
@@ -85,8 +88,9 @@ class VllmAllReduce:
 
     in_place = False
 
-    def __init__(self, path: Path, comms: Communicators, max_bytes: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, path: Path, comms: Communicators, max_bytes: int, device: torch.device
+    ) -> None:
         self.name = path.name
         self.max_bytes = max_bytes
         self._path, self._comms = path, comms
@@ -95,9 +99,14 @@ class VllmAllReduce:
         self._index = device_index(device)
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        reason = basic_gate(tensor, dtypes=self._dtypes, device_type="cuda",
-                            alignment=self._alignment, max_bytes=self.max_bytes,
-                            device_index=self._index)
+        reason = basic_gate(
+            tensor,
+            dtypes=self._dtypes,
+            device_type="cuda",
+            alignment=self._alignment,
+            max_bytes=self.max_bytes,
+            device_index=self._index,
+        )
         if reason is None and not accepts(self._path, self._comms, tensor):
             reason = f"vLLM's {type(self._comm).__name__}.{self._path.gate} declines it"
         return reason
@@ -119,8 +128,10 @@ class VllmAllReduce:
 def _family_reason(path: Path, ctx: CommContext) -> str | None:
     cls, module, _, _, _, sizes = _FAMILIES[path.communicator]
     if sizes and ctx.world_size not in sizes:
-        return (f"vLLM's {cls} takes world sizes {', '.join(map(str, sizes))} "
-                f"(this sweep has {ctx.world_size})")
+        return (
+            f"vLLM's {cls} takes world sizes {', '.join(map(str, sizes))} "
+            f"(this sweep has {ctx.world_size})"
+        )
     if path.communicator != "pynccl_comm" and (ctx.nnodes > 1 or not ctx.same_host):
         return f"vLLM's {cls} needs every rank on one host ({ctx.nnodes} hosts)"
     if path.communicator == "symm_mem_comm":
@@ -135,10 +146,14 @@ def _family_reason(path: Path, ctx: CommContext) -> str | None:
     flag = {"ca_comm": "custom_ar", "qr_comm": "quick_ar"}.get(path.communicator)
     if flag and not getattr(loaded, flag, False):
         return f"vLLM's {cls} library did not load (vllm._C ops missing: not a GPU build?)"
-    if path.communicator == "qr_comm" and \
-            os.environ.get(QUICK_REDUCE_ENV, "NONE").upper() == "NONE":
-        return (f"vLLM's {cls} is off: {QUICK_REDUCE_ENV} is NONE (vLLM's default); set FP, "
-                "INT8, INT6 or INT4")
+    if (
+        path.communicator == "qr_comm"
+        and os.environ.get(QUICK_REDUCE_ENV, "NONE").upper() == "NONE"
+    ):
+        return (
+            f"vLLM's {cls} is off: {QUICK_REDUCE_ENV} is NONE (vLLM's default); set FP, "
+            "INT8, INT6 or INT4"
+        )
     return None
 
 
@@ -147,13 +162,20 @@ def _probe(path: Path):
         reason = vllm_missing()
         if reason is None and path.communicator == "qr_comm":
             if ctx.device.type != "cuda":
-                reason = (f"{path.name} needs a ROCm GPU (AMD MI300/MI350); this sweep runs on "
-                          f"{ctx.device.type}")
+                reason = (
+                    f"{path.name} needs a ROCm GPU (AMD MI300/MI350); this sweep runs on "
+                    f"{ctx.device.type}"
+                )
             elif torch.version.hip is None:
-                reason = (f"{path.name} runs on ROCm only (AMD MI300/MI350); torch "
-                          f"{torch.__version__} is a CUDA build")
-        reason = reason or cuda_reason(ctx, path.name) or one_gpu_per_rank_reason(
-            ctx, f"vLLM's {_FAMILIES[path.communicator][0]}")
+                reason = (
+                    f"{path.name} runs on ROCm only (AMD MI300/MI350); torch "
+                    f"{torch.__version__} is a CUDA build"
+                )
+        reason = (
+            reason
+            or cuda_reason(ctx, path.name)
+            or one_gpu_per_rank_reason(ctx, f"vLLM's {_FAMILIES[path.communicator][0]}")
+        )
         return reason or _family_reason(path, ctx)
 
     return probe
@@ -169,20 +191,24 @@ def _build(path: Path, ctx: CommContext, max_bytes: int):
         capability = device_capability()
         if capability:  # without a row for this capability the communicator stays off
             grow_max_sizes(capability, ctx.world_size, symm_mem=size)
-        return cls(group=group, device=device, force_multimem=path.multimem,
-                   max_size_override=size)
+        return cls(group=group, device=device, force_multimem=path.multimem, max_size_override=size)
     return cls(group=group, device=device)
 
 
 def _create(path: Path):
     def create(ctx: CommContext, max_bytes: int | None, **params) -> VllmAllReduce:
         comm = _build(path, ctx, max(int(max_bytes or 0), 16))
-        backend = VllmAllReduce(path, Communicators(**{path.communicator: comm}),
-                                int(max_bytes or 0) or None, ctx.device)
+        backend = VllmAllReduce(
+            path,
+            Communicators(**{path.communicator: comm}),
+            int(max_bytes or 0) or None,
+            ctx.device,
+        )
         if comm.disabled:
             backend.release()
-            raise RuntimeError(f"vLLM's {type(comm).__name__} disabled itself (its log line "
-                               "above says why)")
+            raise RuntimeError(
+                f"vLLM's {type(comm).__name__} disabled itself (its log line above says why)"
+            )
         return backend
 
     return create
@@ -191,5 +217,14 @@ def _create(path: Path):
 for _name in NAMES:
     _path = PATHS[_name]
     _, _, _dtypes, _alignment, _needs_buffer, _ = _FAMILIES[_path.communicator]
-    register(BackendSpec(name=_name, device="cuda", probe=_probe(_path), create=_create(_path),
-                         dtypes=_dtypes, alignment=_alignment, needs_buffer=_needs_buffer))
+    register(
+        BackendSpec(
+            name=_name,
+            device="cuda",
+            probe=_probe(_path),
+            create=_create(_path),
+            dtypes=_dtypes,
+            alignment=_alignment,
+            needs_buffer=_needs_buffer,
+        )
+    )

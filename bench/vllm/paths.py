@@ -27,9 +27,20 @@ import torch.distributed as dist
 
 from bench.backends.base import scoped_env
 
-__all__ = ["Path", "PATHS", "Communicators", "ALGO_ENV", "CUSTOM_AR_DEFAULT_MAX_SIZE",
-           "accepts", "reduce", "run", "custom_ar_max_size", "symm_mem_max_size",
-           "grow_max_sizes", "device_capability"]
+__all__ = [
+    "Path",
+    "PATHS",
+    "Communicators",
+    "ALGO_ENV",
+    "CUSTOM_AR_DEFAULT_MAX_SIZE",
+    "accepts",
+    "reduce",
+    "run",
+    "custom_ar_max_size",
+    "symm_mem_max_size",
+    "grow_max_sizes",
+    "device_capability",
+]
 
 ALGO_ENV = "VLLM_CUSTOM_ALLREDUCE_ALGO"
 # CustomAllreduce's constructor default; CudaCommunicator passes no max_size of its own
@@ -48,16 +59,19 @@ class Path:
     multimem: bool | None = None  # SymmMemCommunicator.force_multimem for the call
 
 
-PATHS: dict[str, Path] = {p.name: p for p in (
-    Path("vllm_custom_ar", "ca_comm", "should_custom_ar"),
-    Path("vllm_custom_ar_one_shot", "ca_comm", "should_custom_ar", algo="1stage"),
-    Path("vllm_custom_ar_two_shot", "ca_comm", "should_custom_ar", algo="2stage"),
-    Path("vllm_symm_mem_two_shot", "symm_mem_comm", "should_use_symm_mem", multimem=False),
-    Path("vllm_symm_mem_multimem", "symm_mem_comm", "should_use_symm_mem", multimem=True),
-    Path("vllm_pynccl", "pynccl_comm", "disabled"),
-    Path("vllm_quick_reduce", "qr_comm", "should_quick_allreduce"),
-    Path("nccl", "device_group", "none"),
-)}
+PATHS: dict[str, Path] = {
+    p.name: p
+    for p in (
+        Path("vllm_custom_ar", "ca_comm", "should_custom_ar"),
+        Path("vllm_custom_ar_one_shot", "ca_comm", "should_custom_ar", algo="1stage"),
+        Path("vllm_custom_ar_two_shot", "ca_comm", "should_custom_ar", algo="2stage"),
+        Path("vllm_symm_mem_two_shot", "symm_mem_comm", "should_use_symm_mem", multimem=False),
+        Path("vllm_symm_mem_multimem", "symm_mem_comm", "should_use_symm_mem", multimem=True),
+        Path("vllm_pynccl", "pynccl_comm", "disabled"),
+        Path("vllm_quick_reduce", "qr_comm", "should_quick_allreduce"),
+        Path("nccl", "device_group", "none"),
+    )
+}
 
 
 @dataclasses.dataclass
@@ -81,13 +95,16 @@ def _symm_gate(symm, tensor: torch.Tensor) -> bool:
 
 
 def _pynccl_gate(pynccl, tensor: torch.Tensor) -> bool:
-    return (pynccl is not None and not pynccl.disabled and tensor.is_contiguous()
-            and tensor.device == pynccl.device)
+    return (
+        pynccl is not None
+        and not pynccl.disabled
+        and tensor.is_contiguous()
+        and tensor.device == pynccl.device
+    )
 
 
 def _quick_gate(quick, tensor: torch.Tensor) -> bool:
-    return (quick is not None and not quick.disabled
-            and bool(quick.should_quick_allreduce(tensor)))
+    return quick is not None and not quick.disabled and bool(quick.should_quick_allreduce(tensor))
 
 
 def _nccl_gate(group, tensor: torch.Tensor) -> bool:
@@ -117,11 +134,15 @@ def _nccl_call(path: Path, group, tensor: torch.Tensor) -> torch.Tensor:
 
 
 _GATES: dict[str, Callable[[Any, torch.Tensor], bool]] = {
-    "ca_comm": _custom_gate, "symm_mem_comm": _symm_gate, "pynccl_comm": _pynccl_gate,
-    "qr_comm": _quick_gate, "device_group": _nccl_gate,
+    "ca_comm": _custom_gate,
+    "symm_mem_comm": _symm_gate,
+    "pynccl_comm": _pynccl_gate,
+    "qr_comm": _quick_gate,
+    "device_group": _nccl_gate,
 }
 _CALLS: dict[str, Callable[[Path, Any, torch.Tensor], Any]] = {
-    "ca_comm": _custom_call, "symm_mem_comm": _symm_call,
+    "ca_comm": _custom_call,
+    "symm_mem_comm": _symm_call,
     "pynccl_comm": lambda path, pynccl, tensor: pynccl.all_reduce(tensor),
     "qr_comm": lambda path, quick, tensor: quick.quick_all_reduce(tensor),
     "device_group": _nccl_call,
@@ -163,8 +184,9 @@ def symm_mem_max_size(largest_bytes: int) -> int:
     return _round_up(int(largest_bytes), 16)
 
 
-def grow_max_sizes(capability: str, world_size: int, *, custom_ar: int | None = None,
-                   symm_mem: int | None = None) -> list[str]:
+def grow_max_sizes(
+    capability: str, world_size: int, *, custom_ar: int | None = None, symm_mem: int | None = None
+) -> list[str]:
     """Raise vLLM's max-size entries for (capability, world_size) to at least the given
     max_size values, in place (never rebinding: custom_all_reduce.py and symm_mem.py import the
     dicts by name, and read them when a communicator is constructed). Entries are never
@@ -174,8 +196,10 @@ def grow_max_sizes(capability: str, world_size: int, *, custom_ar: int | None = 
     from vllm.distributed.device_communicators import all_reduce_utils as utils
 
     changes = []
-    for table_name, need, add_row in (("CUSTOM_ALL_REDUCE_MAX_SIZES", custom_ar, False),
-                                      ("SYMM_MEM_ALL_REDUCE_MAX_SIZES", symm_mem, True)):
+    for table_name, need, add_row in (
+        ("CUSTOM_ALL_REDUCE_MAX_SIZES", custom_ar, False),
+        ("SYMM_MEM_ALL_REDUCE_MAX_SIZES", symm_mem, True),
+    ):
         table = getattr(utils, table_name)
         if need is None or (capability not in table and not add_row):
             continue

@@ -72,7 +72,8 @@ class Routes:
             bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
             paths = tuple(PATHS[vllm_path(r.algorithm)[0]] for r in table.rules)
             self.by_key[(_DTYPES[table.dtype], table.mode)] = Route(
-                bounds, paths, source=f"{table.dtype} {table.mode}")
+                bounds, paths, source=f"{table.dtype} {table.mode}"
+            )
 
     def choose(self, nbytes: int, dtype: torch.dtype, mode: str) -> Path | None:
         """The path the table names for this call; None: no table for (dtype, mode)."""
@@ -93,9 +94,12 @@ class Routes:
     def describe(self) -> str:
         parts = []
         for table in self.tables:
-            spans = [f"<={format_size(r.max_bytes)} {vllm_path(r.algorithm)[0]}"
-                     if r.max_bytes is not None else f"rest {vllm_path(r.algorithm)[0]}"
-                     for r in table.rules]
+            spans = [
+                f"<={format_size(r.max_bytes)} {vllm_path(r.algorithm)[0]}"
+                if r.max_bytes is not None
+                else f"rest {vllm_path(r.algorithm)[0]}"
+                for r in table.rules
+            ]
             parts.append(f"{table.dtype} {table.mode}: {', '.join(spans)}")
         return "; ".join(parts)
 
@@ -116,19 +120,23 @@ class Prepared:
         """One line on the group's first rank: what vLLM now follows, what it cannot."""
         if self.rank != 0:
             return
-        missing = [p.name for p in self.routes.paths()
-                   if getattr(comm, p.communicator, None) is None
-                   or getattr(getattr(comm, p.communicator), "disabled", False)]
+        missing = [
+            p.name
+            for p in self.routes.paths()
+            if getattr(comm, p.communicator, None) is None
+            or getattr(getattr(comm, p.communicator), "disabled", False)
+        ]
         ignored = sorted({r.algorithm for t in self.routes.tables for r in t.rules if r.params})
-        text = (f"allreduce-autotune: {self.unique_name} all_reduce follows {self.source} "
-                f"({self.hardware_key}, world_size {comm.world_size}): "
-                f"{self.routes.describe()}")
+        text = (
+            f"allreduce-autotune: {self.unique_name} all_reduce follows {self.source} "
+            f"({self.hardware_key}, world_size {comm.world_size}): "
+            f"{self.routes.describe()}"
+        )
         text += "".join(f"; {note}" for note in self.notes)
         if ignored:
             text += f"; params of {', '.join(ignored)} not applied (vLLM's kernels take none)"
         if missing:
-            text += (f"; not available here, their sizes go vLLM's own way: "
-                     f"{', '.join(missing)}")
+            text += f"; not available here, their sizes go vLLM's own way: {', '.join(missing)}"
         (logger.warning if missing else logger.info)(text)
 
 
@@ -139,10 +147,14 @@ def _agree(gathered: list[tuple], setup: Setup, unique_name: str) -> bool:
     ranks: dict[tuple[str, str], list[str]] = {}
     for rank, (digest, path, _) in enumerate(gathered):
         ranks.setdefault((digest, path), []).append(str(rank))
-    listing = "; ".join(f"rank {','.join(r)}: {path} ({digest})"
-                        for (digest, path), r in ranks.items())
-    refuse(f"{ENV_THRESHOLDS}: the ranks of {unique_name} loaded different tables ({listing}); "
-           "every rank must load the same file", setup.strict)
+    listing = "; ".join(
+        f"rank {','.join(r)}: {path} ({digest})" for (digest, path), r in ranks.items()
+    )
+    refuse(
+        f"{ENV_THRESHOLDS}: the ranks of {unique_name} loaded different tables ({listing}); "
+        "every rank must load the same file",
+        setup.strict,
+    )
     return False
 
 
@@ -189,15 +201,22 @@ def prepare(setup: Setup | None, cpu_group, unique_name: str) -> Prepared | None
     if not _agree(gathered, setup, unique_name) or setup.thresholds is None:
         return None
     key = gathered[0][2]
-    found = [(i, t) for i, t in enumerate(setup.thresholds.tables)
-             if t.hardware_key == key and t.world_size == world_size]
+    found = [
+        (i, t)
+        for i, t in enumerate(setup.thresholds.tables)
+        if t.hardware_key == key and t.world_size == world_size
+    ]
     if not found:
         if rank == 0:
-            has = sorted({f"{t.hardware_key} ws{t.world_size}"
-                          for t in setup.thresholds.tables})
-            logger.warning("allreduce-autotune: no table for %s world_size %d in %s (it has: "
-                           "%s); vLLM keeps its own all-reduce choice", key, world_size,
-                           setup.path, ", ".join(has) or "no tables")
+            has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in setup.thresholds.tables})
+            logger.warning(
+                "allreduce-autotune: no table for %s world_size %d in %s (it has: "
+                "%s); vLLM keeps its own all-reduce choice",
+                key,
+                world_size,
+                setup.path,
+                ", ".join(has) or "no tables",
+            )
         return None
     unmapped = first_unmapped(found, skip_cpu=False)
     if unmapped:
@@ -250,8 +269,7 @@ def install(module, current: Callable[[], Setup | None]) -> None:
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         arguments = signature.bind(self, *args, **kwargs).arguments
-        prepared = prepare(current(), arguments.get("cpu_group"),
-                           arguments.get("unique_name", ""))
+        prepared = prepare(current(), arguments.get("cpu_group"), arguments.get("unique_name", ""))
         setattr(self, ROUTES_ATTRIBUTE, None)
         with _custom_ar_max_size(prepared.custom_ar_max_size if prepared else None):
             init(self, *args, **kwargs)

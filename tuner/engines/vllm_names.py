@@ -37,7 +37,7 @@ VLLM_PATH: dict[str, str] = {
 NO_VLLM_PATH: dict[str, str] = {
     "symm_mem_one_shot": "vLLM never calls torch's one-shot symmetric-memory all-reduce",
     "pynccl_symm": "vLLM's NCCL symmetric-memory path (VLLM_USE_NCCL_SYMM_MEM) allocates and "
-                   "copies per call, not the registered window measured here",
+    "copies per call, not the registered window measured here",
     "gloo": "CPU only: vLLM's CudaCommunicator has no gloo path",
     "shm_one_shot": "CPU only: vLLM's CudaCommunicator has no shared-memory path",
     "shm_two_shot": "CPU only: vLLM's CudaCommunicator has no shared-memory path",
@@ -61,6 +61,8 @@ def first_unmapped(tables, skip_cpu: bool = True) -> str | None:
         for number, rule in enumerate(table.rules):
             path, reason = vllm_path(rule.algorithm)
             if path is None:
-                return (f"tables[{index}].rules[{number}].algorithm: {rule.algorithm} has no "
-                        f"vLLM path ({reason}); vLLM runs {', '.join(VLLM_PATH)}")
+                return (
+                    f"tables[{index}].rules[{number}].algorithm: {rule.algorithm} has no "
+                    f"vLLM path ({reason}); vLLM runs {', '.join(VLLM_PATH)}"
+                )
     return None

@@ -20,8 +20,18 @@ from collections.abc import Mapping
 from tuner.engines.vllm_names import first_unmapped
 from tuner.runtime.schema import TableError, Thresholds, load
 
-__all__ = ["ENV_THRESHOLDS", "ENV_STRICT", "ENV_HARDWARE_KEY", "ThresholdsRefused", "Setup",
-           "settings_of", "load_setup", "refuse", "node_hardware_key", "logger"]
+__all__ = [
+    "ENV_THRESHOLDS",
+    "ENV_STRICT",
+    "ENV_HARDWARE_KEY",
+    "ThresholdsRefused",
+    "Setup",
+    "settings_of",
+    "load_setup",
+    "refuse",
+    "node_hardware_key",
+    "logger",
+]
 
 ENV_THRESHOLDS = "ALLREDUCE_AUTOTUNE_THRESHOLDS"
 ENV_STRICT = "ALLREDUCE_AUTOTUNE_STRICT"
@@ -69,8 +79,10 @@ def settings_of(environ: Mapping[str, str]) -> tuple | None:
 def refuse(message: str, strict: bool) -> None:
     """Stop vLLM (strict) or warn that vLLM keeps its own choice."""
     if strict:
-        raise ThresholdsRefused(f"{message} (vLLM does not start; {ENV_STRICT}=0 starts it with "
-                                "its own all-reduce choice)")
+        raise ThresholdsRefused(
+            f"{message} (vLLM does not start; {ENV_STRICT}=0 starts it with "
+            "its own all-reduce choice)"
+        )
     logger.warning("%s; vLLM keeps its own all-reduce choice (%s=0)", message, ENV_STRICT)
 
 

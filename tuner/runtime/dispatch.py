@@ -53,8 +53,9 @@ class Dispatcher:
         self._fallback = Route([], (((self.floor, NO_LIMIT),),), source="floor")
         self._cuda = self.ctx.device.type == "cuda"
         # how each backend makes an out-of-place result, chosen once
-        self._out_of_place = {id(b): _out_of_place(b)
-                              for b in [*self.backends.values(), self.floor]}
+        self._out_of_place = {
+            id(b): _out_of_place(b) for b in [*self.backends.values(), self.floor]
+        }
         self.last_backend: str | None = None
         self.calls: dict[str, int] = {}
         # an instance attribute: the plain path keeps no books
@@ -63,21 +64,50 @@ class Dispatcher:
     # -- start-up ---------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path, group=None, device=None, overrides: Mapping[str, Any] | None = None,
-                  timeout_s: float = 60.0, count_calls: bool = False) -> Dispatcher:
-        return cls.from_thresholds(load(path), group=group, device=device, overrides=overrides,
-                                   timeout_s=timeout_s, source=str(path),
-                                   count_calls=count_calls)
+    def from_file(
+        cls,
+        path,
+        group=None,
+        device=None,
+        overrides: Mapping[str, Any] | None = None,
+        timeout_s: float = 60.0,
+        count_calls: bool = False,
+    ) -> Dispatcher:
+        return cls.from_thresholds(
+            load(path),
+            group=group,
+            device=device,
+            overrides=overrides,
+            timeout_s=timeout_s,
+            source=str(path),
+            count_calls=count_calls,
+        )
 
     @classmethod
-    def from_thresholds(cls, thresholds: Thresholds, group=None, device=None,
-                        overrides: Mapping[str, Any] | None = None, timeout_s: float = 60.0,
-                        source: str = "thresholds", count_calls: bool = False) -> Dispatcher:
-        built = plan(thresholds, group=group, device=device, overrides=overrides,
-                     timeout_s=timeout_s, source=source)
+    def from_thresholds(
+        cls,
+        thresholds: Thresholds,
+        group=None,
+        device=None,
+        overrides: Mapping[str, Any] | None = None,
+        timeout_s: float = 60.0,
+        source: str = "thresholds",
+        count_calls: bool = False,
+    ) -> Dispatcher:
+        built = plan(
+            thresholds,
+            group=group,
+            device=device,
+            overrides=overrides,
+            timeout_s=timeout_s,
+            source=source,
+        )
         if built.notes and built.ctx.rank == 0:
-            warnings.warn("allreduce-autotune dispatcher: " + "; ".join(built.notes),
-                          DispatchWarning, stacklevel=3)
+            warnings.warn(
+                "allreduce-autotune dispatcher: " + "; ".join(built.notes),
+                DispatchWarning,
+                stacklevel=3,
+            )
         return cls(built, count_calls=count_calls)
 
     # -- per call ---------------------------------------------------------------------------
@@ -126,8 +156,10 @@ class Dispatcher:
     def describe(self) -> list[str]:
         """One line per (dtype, mode): its size ranges and the backends each tries, in the
         order the dispatcher tries them."""
-        lines = [f"dispatcher for {self.hardware_key} world_size {self.ctx.world_size}: "
-                 f"{len(self.tables)} table(s), floor {self.floor.name}"]
+        lines = [
+            f"dispatcher for {self.hardware_key} world_size {self.ctx.world_size}: "
+            f"{len(self.tables)} table(s), floor {self.floor.name}"
+        ]
         for (dtype, mode), route in sorted(self._routes.items(), key=lambda kv: str(kv[0])):
             ranges, low = [], 0
             for i, chain in enumerate(route.chains):

@@ -36,8 +36,10 @@ def install(dispatcher, group: str = DEFAULT_GROUP) -> None:
     anything with its `all_reduce`)."""
     out_of_place = getattr(dispatcher, "all_reduce_out", None)
     if out_of_place is None:
+
         def out_of_place(tensor: torch.Tensor) -> torch.Tensor:
             return dispatcher.all_reduce(tensor.clone())
+
     _INSTALLED[group] = (dispatcher, out_of_place)
 
 
@@ -65,9 +67,11 @@ def serving(dispatcher, group: str = DEFAULT_GROUP) -> Iterator:
 def _all_reduce(tensor: torch.Tensor, group: str) -> torch.Tensor:
     installed = _INSTALLED.get(group)
     if installed is None:
-        raise RuntimeError(f"{OP_NAME}: no dispatcher installed for group {group!r} (call "
-                           "tuner.runtime.op.install(dispatcher, group) at start-up; installed: "
-                           f"{', '.join(sorted(_INSTALLED)) or 'none'})")
+        raise RuntimeError(
+            f"{OP_NAME}: no dispatcher installed for group {group!r} (call "
+            "tuner.runtime.op.install(dispatcher, group) at start-up; installed: "
+            f"{', '.join(sorted(_INSTALLED)) or 'none'})"
+        )
     return installed[1](tensor)  # out of place: the caller's tensor stays as it was
 
 

@@ -17,8 +17,14 @@ from bench.backends import known_names, needs_buffer
 from bench.sizes import parse_size
 from tuner.runtime.schema import Rule, Table
 
-__all__ = ["OverrideError", "parse_overrides", "apply_max_bytes", "ENV_FORCE", "ENV_MAX_BYTES",
-           "DEFAULT_MAX_BYTES"]
+__all__ = [
+    "OverrideError",
+    "parse_overrides",
+    "apply_max_bytes",
+    "ENV_FORCE",
+    "ENV_MAX_BYTES",
+    "DEFAULT_MAX_BYTES",
+]
 
 ENV_FORCE = "ALLREDUCE_AUTOTUNE_FORCE"
 ENV_MAX_BYTES = "ALLREDUCE_AUTOTUNE_MAX_BYTES"
@@ -29,16 +35,18 @@ class OverrideError(ValueError):
     """A bad override (one line, names the variable or argument)."""
 
 
-def parse_overrides(overrides: Mapping[str, Any] | None = None,
-                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def parse_overrides(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """{"force": name | None, "max_bytes": {name: bytes}}; the argument wins over the
     environment, key by key."""
     environ = os.environ if environ is None else environ
     overrides = dict(overrides or {})
     unknown = set(overrides) - {"force", "max_bytes"}
     if unknown:
-        raise OverrideError(f"overrides: unknown key {sorted(unknown)[0]!r} "
-                            "(accepted: force, max_bytes)")
+        raise OverrideError(
+            f"overrides: unknown key {sorted(unknown)[0]!r} (accepted: force, max_bytes)"
+        )
     known = known_names()
     force = overrides.get("force", environ.get(ENV_FORCE) or None)
     where = "overrides['force']" if "force" in overrides else ENV_FORCE
@@ -55,8 +63,9 @@ def parse_overrides(overrides: Mapping[str, Any] | None = None,
         for part in filter(None, (p.strip() for p in environ.get(ENV_MAX_BYTES, "").split(","))):
             name, sep, value = part.partition("=")
             if not sep:
-                raise OverrideError(f"{ENV_MAX_BYTES}: expected ALGORITHM=BYTES[,...], "
-                                    f"got {part!r}")
+                raise OverrideError(
+                    f"{ENV_MAX_BYTES}: expected ALGORITHM=BYTES[,...], got {part!r}"
+                )
             items.append((name.strip(), value.strip()))
     max_bytes: dict[str, int] = {}
     for name, value in items:
@@ -84,11 +93,12 @@ def apply_max_bytes(table: Table, name: str, nbytes: int) -> Table:
                 last = rules[-1]
                 rules[-1] = Rule(None, last.algorithm, last.params)
             rules = _dedupe(rules)
-            return dataclasses.replace(table, rules=tuple(rules),
-                                       max_size=_max_sizes(rules, table.max_size))
+            return dataclasses.replace(
+                table, rules=tuple(rules), max_size=_max_sizes(rules, table.max_size)
+            )
         params = rules[index].params
         head = rules[:index] + [Rule(nbytes, name, params)]
-        tail = [r for r in rules[index + 1:] if r.max_bytes is None or r.max_bytes > nbytes]
+        tail = [r for r in rules[index + 1 :] if r.max_bytes is None or r.max_bytes > nbytes]
         if rules[index].max_bytes is None:  # it was the catch-all: the floor takes the rest
             tail = [Rule(None, _floor_name(table), {})]
         rules = head + tail

@@ -55,6 +55,7 @@ __all__ = [
     "table_key",
 ]
 
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Sizes up to and including `max_bytes` (None: every larger size) go to `algorithm`."""
@@ -96,10 +97,15 @@ class Table:
         return self.rules[-1]
 
     def to_json(self) -> dict[str, Any]:
-        return {"hardware_key": self.hardware_key, "world_size": self.world_size,
-                "dtype": self.dtype, "mode": self.mode,
-                "rules": [r.to_json() for r in self.rules],
-                "max_size": dict(self.max_size), "evidence": dict(self.evidence)}
+        return {
+            "hardware_key": self.hardware_key,
+            "world_size": self.world_size,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "rules": [r.to_json() for r in self.rules],
+            "max_size": dict(self.max_size),
+            "evidence": dict(self.evidence),
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +122,11 @@ class Thresholds:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema_version": self.schema_version, "generated_by": dict(self.generated_by),
-                "tables": [t.to_json() for t in self.tables]}
+        return {
+            "schema_version": self.schema_version,
+            "generated_by": dict(self.generated_by),
+            "tables": [t.to_json() for t in self.tables],
+        }
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
@@ -137,13 +146,22 @@ def from_json(obj: Any) -> Thresholds:
     """Validate a decoded JSON document, then build it; raises TableError naming the field."""
     check_document(obj)
     tables = tuple(
-        Table(hardware_key=t["hardware_key"], world_size=t["world_size"], dtype=t["dtype"],
-              mode=t["mode"], max_size=dict(t["max_size"]), evidence=dict(t["evidence"]),
-              rules=tuple(Rule(r["max_bytes"], r["algorithm"], dict(r.get("params", {})))
-                          for r in t["rules"]))
-        for t in obj["tables"])
-    return Thresholds(tables=tables, generated_by=dict(obj["generated_by"]),
-                      schema_version=SCHEMA_VERSION)
+        Table(
+            hardware_key=t["hardware_key"],
+            world_size=t["world_size"],
+            dtype=t["dtype"],
+            mode=t["mode"],
+            max_size=dict(t["max_size"]),
+            evidence=dict(t["evidence"]),
+            rules=tuple(
+                Rule(r["max_bytes"], r["algorithm"], dict(r.get("params", {}))) for r in t["rules"]
+            ),
+        )
+        for t in obj["tables"]
+    )
+    return Thresholds(
+        tables=tables, generated_by=dict(obj["generated_by"]), schema_version=SCHEMA_VERSION
+    )
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -163,11 +181,13 @@ def loads(text: str, source: str = "thresholds.json") -> Thresholds:
     """Parse and validate; every error is one line starting with `source`."""
     try:
         try:
-            obj = json.loads(text, object_pairs_hook=_no_duplicate_keys,
-                             parse_constant=_no_constants)
+            obj = json.loads(
+                text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants
+            )
         except json.JSONDecodeError as exc:
-            raise TableError(f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") \
-                from None
+            raise TableError(
+                f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+            ) from None
         return from_json(obj)
     except TableError as exc:
         raise TableError(f"{source}: {exc}") from None

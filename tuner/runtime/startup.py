@@ -28,8 +28,7 @@ from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
 __all__ = ["Route", "Plan", "plan", "backend_key", "NO_LIMIT"]
 
 NO_LIMIT = 1 << 62
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Route:
@@ -40,8 +39,9 @@ class Route:
     __slots__ = ("bounds", "chains", "by_size", "source")
     _CACHE_LIMIT = 4096
 
-    def __init__(self, bounds: list[int], chains: tuple[tuple[Any, ...], ...],
-                 source: str = "") -> None:
+    def __init__(
+        self, bounds: list[int], chains: tuple[tuple[Any, ...], ...], source: str = ""
+    ) -> None:
         self.bounds, self.chains, self.source = bounds, chains, source
         self.by_size: dict[int, tuple] = {}
 
@@ -88,16 +88,22 @@ def backend_key(rule: Rule) -> str:
     return rule.algorithm if not rule.params else f"{rule.algorithm}{params_key(rule.params)}"
 
 
-def plan(thresholds: Thresholds, group=None, device=None,
-         overrides: Mapping[str, Any] | None = None, timeout_s: float = 60.0,
-         source: str = "thresholds") -> Plan:
+def plan(
+    thresholds: Thresholds,
+    group=None,
+    device=None,
+    overrides: Mapping[str, Any] | None = None,
+    timeout_s: float = 60.0,
+    source: str = "thresholds",
+) -> Plan:
     """Collective over `group`: every rank returns the same plan (see the module docstring)."""
     options = parse_overrides(overrides)
     ctx = make_context(group, device, timeout_s)
     from bench.run.hardware import fingerprint
 
     hardware_key = broadcast_object(
-        fingerprint(ctx.device.type)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group)
+        fingerprint(ctx.device.type)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group
+    )
     floor_of = floor_name(ctx.device.type)
     notes: list[str] = []
     tables = _select(thresholds, hardware_key, ctx.world_size, floor_of, source, notes)
@@ -107,43 +113,67 @@ def plan(thresholds: Thresholds, group=None, device=None,
         notes.append(f"floor {floor_of} unavailable ({reason}); using torch.distributed")
         floor = TorchFloor(floor_of, group or dist.group.WORLD)
     backends, limits = _build(tables, ctx, floor, floor_of, notes)
-    routes = {(_TORCH_DTYPES[t.dtype], t.mode): _route(t, backends, limits, floor)
-              for t in tables}
+    routes = {(_TORCH_DTYPES[t.dtype], t.mode): _route(t, backends, limits, floor) for t in tables}
     modes = MODES if ctx.device.type == "cuda" else ("eager",)
     if routes:
         _reuse_for_missing(routes, modes, notes)
     return Plan(ctx, floor, routes, backends, hardware_key, tuple(tables), notes)
 
 
-def _select(thresholds: Thresholds, hardware_key: str, world_size: int, floor_of: str,
-            source: str, notes: list[str]) -> list[Table]:
-    tables = [t for t in thresholds.tables
-              if t.hardware_key == hardware_key and t.world_size == world_size]
+def _select(
+    thresholds: Thresholds,
+    hardware_key: str,
+    world_size: int,
+    floor_of: str,
+    source: str,
+    notes: list[str],
+) -> list[Table]:
+    tables = [
+        t
+        for t in thresholds.tables
+        if t.hardware_key == hardware_key and t.world_size == world_size
+    ]
     if not tables:
         has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in thresholds.tables})
-        notes.append(f"no table for {hardware_key} world_size {world_size} in {source} "
-                     f"(it has: {', '.join(has) or 'no tables'}); using {floor_of} for every size")
+        notes.append(
+            f"no table for {hardware_key} world_size {world_size} in {source} "
+            f"(it has: {', '.join(has) or 'no tables'}); using {floor_of} for every size"
+        )
     return tables
 
 
-def _apply(tables: list[Table], options: Mapping[str, Any], hardware_key: str,
-           world_size: int, floor_of: str) -> list[Table]:
+def _apply(
+    tables: list[Table],
+    options: Mapping[str, Any],
+    hardware_key: str,
+    world_size: int,
+    floor_of: str,
+) -> list[Table]:
     for name, nbytes in options["max_bytes"].items():
         tables = [apply_max_bytes(t, name, nbytes) for t in tables]
     forced = options["force"]
     if not forced:
         return tables
     if not tables:
-        tables = [Table(hardware_key, world_size, "float32", "eager", (Rule(None, floor_of),),
-                        {}, {})]
-    size = max([t.max_size.get(forced, 0) for t in tables] +
-               [r.max_bytes or 0 for t in tables for r in t.rules]) or DEFAULT_MAX_BYTES
-    return [dataclasses.replace(t, rules=(Rule(None, forced, {}),), max_size={forced: size})
-            for t in tables]
+        tables = [
+            Table(hardware_key, world_size, "float32", "eager", (Rule(None, floor_of),), {}, {})
+        ]
+    size = (
+        max(
+            [t.max_size.get(forced, 0) for t in tables]
+            + [r.max_bytes or 0 for t in tables for r in t.rules]
+        )
+        or DEFAULT_MAX_BYTES
+    )
+    return [
+        dataclasses.replace(t, rules=(Rule(None, forced, {}),), max_size={forced: size})
+        for t in tables
+    ]
 
 
-def _build(tables: Sequence[Table], ctx, floor, floor_of: str,
-           notes: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+def _build(
+    tables: Sequence[Table], ctx, floor, floor_of: str, notes: list[str]
+) -> tuple[dict[str, Any], dict[str, int]]:
     """Every backend the rules name, once per knob setting, with the largest buffer any of its
     rules needs (the builder's memory model)."""
     wanted: dict[str, tuple[str, dict, int]] = {}
@@ -180,8 +210,7 @@ def _instance_bytes(table: Table, rule: Rule) -> int:
     return rule.max_bytes or table.max_size.get(rule.algorithm) or _largest([table])
 
 
-def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int],
-           floor) -> Route:
+def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int], floor) -> Route:
     """Per rule, (backend, largest bytes it may take) to try in order: the rule's own, those
     of the following rules, then the floor (no size limit)."""
     bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
@@ -190,8 +219,11 @@ def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int],
         chain: list[tuple[Any, int]] = []
         for rule in table.rules[i:]:
             backend = backends.get(backend_key(rule))
-            if backend is not None and backend is not floor and all(
-                    b is not backend for b, _ in chain):
+            if (
+                backend is not None
+                and backend is not floor
+                and all(b is not backend for b, _ in chain)
+            ):
                 limit = limits[backend_key(rule)] if needs_buffer(rule.algorithm) else NO_LIMIT
                 chain.append((backend, limit))
         chain.append((floor, NO_LIMIT))
@@ -199,8 +231,7 @@ def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int],
     return Route(bounds, tuple(chains), source=f"{table.dtype} {table.mode}")
 
 
-def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str],
-                       notes: list[str]) -> None:
+def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str], notes: list[str]) -> None:
     """A (dtype, mode) without a table takes the rules of another dtype in the same mode
     (bfloat16, float32, float16 in that order), else of the same dtype in the other mode, else
     any; said in one note (the backends' gates still apply)."""
@@ -211,8 +242,11 @@ def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str],
             dtype = _TORCH_DTYPES[dtype_name]
             if (dtype, mode) in routes:
                 continue
-            donor = (next(((d, mode) for d in order if (d, mode) in routes), None)
-                     or next((k for k in routes if k[0] == dtype), None) or next(iter(routes)))
+            donor = (
+                next(((d, mode) for d in order if (d, mode) in routes), None)
+                or next((k for k in routes if k[0] == dtype), None)
+                or next(iter(routes))
+            )
             routes[(dtype, mode)] = routes[donor]
             reused.append(f"{dtype_name} {mode} <- {routes[donor].source}")
     if reused:

@@ -22,8 +22,17 @@ _TABLE_FIELDS = ("hardware_key", "world_size", "dtype", "mode", "rules", "max_si
 _RULE_REQUIRED = ("max_bytes", "algorithm")
 _RULE_OPTIONAL = ("params",)
 _EVIDENCE_REQUIRED = ("run_id", "points", "regret_vs_oracle", "gain_vs_nccl_geomean")
-_EVIDENCE_OPTIONAL = ("baseline", "run_ids", "buffer_bytes", "regret_max", "sizes", "weights",
-                      "rules_limit", "memory_budget", "source")
+_EVIDENCE_OPTIONAL = (
+    "baseline",
+    "run_ids",
+    "buffer_bytes",
+    "regret_max",
+    "sizes",
+    "weights",
+    "rules_limit",
+    "memory_budget",
+    "source",
+)
 
 
 class TableError(ValueError):
@@ -31,8 +40,15 @@ class TableError(ValueError):
 
 
 # JSON kinds by Python type, bool before int (a bool is an int)
-_KINDS = ((type(None), "null"), (bool, "a boolean"), (int, "an integer"), (float, "a number"),
-          (str, "a string"), (list, "a list"), (dict, "an object"))
+_KINDS = (
+    (type(None), "null"),
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (list, "a list"),
+    (dict, "an object"),
+)
 
 
 def _kind(value: Any) -> str:
@@ -40,7 +56,11 @@ def _kind(value: Any) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else _kind(value)
+    text = (
+        json.dumps(value)
+        if isinstance(value, (str, int, float, bool, type(None)))
+        else _kind(value)
+    )
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -54,8 +74,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fields(obj: Any, where: str, required: Iterable[str], optional: Iterable[str] = ()) -> None:
@@ -108,14 +127,18 @@ def _check_hardware(table: dict, where: str) -> None:
     if node is None:
         return
     if node == "cpu" and table["mode"] == "graph":
-        raise TableError(f"{where}.mode: graph needs CUDA, but hardware_key "
-                         f"{table['hardware_key']!r} names a CPU node")
+        raise TableError(
+            f"{where}.mode: graph needs CUDA, but hardware_key "
+            f"{table['hardware_key']!r} names a CPU node"
+        )
     for i, rule in enumerate(table["rules"]):
         device = _device_of(rule["algorithm"])
         if device is not None and device != node:
-            raise TableError(f"{where}.rules[{i}].algorithm: {rule['algorithm']} runs on "
-                             f"{device}, but hardware_key {table['hardware_key']!r} names a "
-                             f"{node} node")
+            raise TableError(
+                f"{where}.rules[{i}].algorithm: {rule['algorithm']} runs on "
+                f"{device}, but hardware_key {table['hardware_key']!r} names a "
+                f"{node} node"
+            )
 
 
 def _rule(obj: Any, where: str, known: list[str]) -> None:
@@ -134,11 +157,14 @@ def _rule(obj: Any, where: str, known: list[str]) -> None:
     knobs = _knobs_of(algorithm)
     for knob, value in params.items():
         if not isinstance(value, (str, int, float, bool)) or (
-                isinstance(value, float) and not math.isfinite(value)):
+            isinstance(value, float) and not math.isfinite(value)
+        ):
             raise _fail(f"{where}.params.{knob}", "a string, number or boolean", value)
         if knobs is not None and knob not in knobs:
-            raise _fail(f"{where}.params.{knob}",
-                        f"a knob of {algorithm} ({', '.join(knobs) or 'it has none'})")
+            raise _fail(
+                f"{where}.params.{knob}",
+                f"a knob of {algorithm} ({', '.join(knobs) or 'it has none'})",
+            )
 
 
 def _evidence(obj: Any, where: str) -> None:
@@ -147,19 +173,27 @@ def _evidence(obj: Any, where: str) -> None:
         "run_id": (lambda v: isinstance(v, str), "a string"),
         "points": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "regret_vs_oracle": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "gain_vs_nccl_geomean": (lambda v: v is None or (_is_number(v) and v > 0),
-                                 "a number > 0 or null"),
+        "gain_vs_nccl_geomean": (
+            lambda v: v is None or (_is_number(v) and v > 0),
+            "a number > 0 or null",
+        ),
         "baseline": (lambda v: isinstance(v, str), "a string"),
-        "run_ids": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-                    "a list of strings"),
+        "run_ids": (
+            lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+            "a list of strings",
+        ),
         "buffer_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "regret_max": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "sizes": (lambda v: isinstance(v, list) and len(v) == 2 and all(
-            _is_int(x) and x > 0 for x in v), "[smallest, largest] bytes"),
+        "sizes": (
+            lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v),
+            "[smallest, largest] bytes",
+        ),
         "weights": (lambda v: isinstance(v, str), "a string"),
         "rules_limit": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-        "memory_budget": (lambda v: v is None or (_is_int(v) and v >= 0),
-                          "an integer >= 0 or null"),
+        "memory_budget": (
+            lambda v: v is None or (_is_int(v) and v >= 0),
+            "an integer >= 0 or null",
+        ),
         "source": (lambda v: v in ("fit", "live"), '"fit" or "live"'),
     }
     for name, value in obj.items():
@@ -191,15 +225,21 @@ def _rules(rules: Any, where: str, known: list[str]) -> None:
         _rule(rule, f"{where}.rules[{i}]", known)
     for i, rule in enumerate(rules[:-1]):
         if rule["max_bytes"] is None:
-            raise TableError(f"{where}.rules[{i}].max_bytes: null is only allowed in the last "
-                             "rule (the catch-all)")
+            raise TableError(
+                f"{where}.rules[{i}].max_bytes: null is only allowed in the last "
+                "rule (the catch-all)"
+            )
         after = rules[i + 1]["max_bytes"]
         if after is not None and after <= rule["max_bytes"]:
-            raise TableError(f"{where}.rules[{i + 1}].max_bytes: expected more than "
-                             f"{rule['max_bytes']} (rules increase), got {after}")
+            raise TableError(
+                f"{where}.rules[{i + 1}].max_bytes: expected more than "
+                f"{rule['max_bytes']} (rules increase), got {after}"
+            )
     if rules[-1]["max_bytes"] is not None:
-        raise TableError(f"{where}.rules[{len(rules) - 1}].max_bytes: expected null (the last "
-                         f"rule is the catch-all), got {rules[-1]['max_bytes']}")
+        raise TableError(
+            f"{where}.rules[{len(rules) - 1}].max_bytes: expected null (the last "
+            f"rule is the catch-all), got {rules[-1]['max_bytes']}"
+        )
 
 
 def _max_size(max_size: Any, rules: list[dict], where: str) -> None:
@@ -220,11 +260,14 @@ def _max_size(max_size: Any, rules: list[dict], where: str) -> None:
         if not needs_buffer(name):
             continue
         if name not in max_size:
-            raise TableError(f"{where}.max_size.{name}: missing (rules[{i}] uses {name}, which "
-                             "needs a buffer)")
+            raise TableError(
+                f"{where}.max_size.{name}: missing (rules[{i}] uses {name}, which needs a buffer)"
+            )
         if upper is not None and max_size[name] < upper:
-            raise TableError(f"{where}.max_size.{name}: expected >= {upper} "
-                             f"(rules[{i}].max_bytes), got {max_size[name]}")
+            raise TableError(
+                f"{where}.max_size.{name}: expected >= {upper} "
+                f"(rules[{i}].max_bytes), got {max_size[name]}"
+            )
 
 
 def check_document(obj: Any) -> None:
@@ -232,8 +275,11 @@ def check_document(obj: Any) -> None:
     if not isinstance(obj, dict):
         raise _fail("file", "a JSON object at the top level", obj)
     if "schema_version" in obj and obj["schema_version"] != SCHEMA_VERSION:
-        raise _fail("schema_version", f"{SCHEMA_VERSION} (the only version this tuner reads)",
-                    obj["schema_version"])
+        raise _fail(
+            "schema_version",
+            f"{SCHEMA_VERSION} (the only version this tuner reads)",
+            obj["schema_version"],
+        )
     _fields(obj, "", _TOP_FIELDS)
     if not isinstance(obj["generated_by"], dict):
         raise _fail("generated_by", "an object", obj["generated_by"])
@@ -248,6 +294,8 @@ def check_document(obj: Any) -> None:
         key = (table["hardware_key"], table["world_size"], table["dtype"], table["mode"])
         if key in seen:
             hw, ws, dtype, mode = key
-            raise TableError(f"tables[{i}]: duplicate of tables[{seen[key]}] "
-                             f"({hw}, world_size {ws}, {dtype}, {mode})")
+            raise TableError(
+                f"tables[{i}]: duplicate of tables[{seen[key]}] "
+                f"({hw}, world_size {ws}, {dtype}, {mode})"
+            )
         seen[key] = i

@@ -12,8 +12,14 @@ from optuna.trial import TrialState
 from bench.backends import params_key
 from tuner.search.study import Space, config_of
 
-__all__ = ["known_values", "best_configs", "medians", "confirmation_candidates", "neighbours",
-           "next_neighbour"]
+__all__ = [
+    "known_values",
+    "best_configs",
+    "medians",
+    "confirmation_candidates",
+    "neighbours",
+    "next_neighbour",
+]
 
 
 def known_values(study: optuna.Study) -> dict[tuple[str, str], float | None]:
@@ -25,7 +31,9 @@ def known_values(study: optuna.Study) -> dict[tuple[str, str], float | None]:
         if "algorithm" not in trial.params:
             continue
         if trial.state == TrialState.FAIL and trial.user_attrs.get("status") not in (
-                "skip", "wrong"):
+            "skip",
+            "wrong",
+        ):
             continue  # not measured (unavailable here, or an interrupted run): try again
         algorithm, params = config_of(trial)
         key = (algorithm, params_key(params))
@@ -56,8 +64,9 @@ def medians(study: optuna.Study) -> dict[tuple[str, str], float]:
     return {key: statistics.median(v) for key, v in values.items()}
 
 
-def confirmation_candidates(study: optuna.Study, available: Sequence[str],
-                            top: int) -> list[tuple[str, dict]]:
+def confirmation_candidates(
+    study: optuna.Study, available: Sequence[str], top: int
+) -> list[tuple[str, dict]]:
     """The `top` fastest distinct configurations by their first measurement (a confirmation
     must not feed on itself), with the best of the second-fastest algorithm always among them
     (the leaders are often near-identical variants of one algorithm)."""
@@ -76,12 +85,13 @@ def confirmation_candidates(study: optuna.Study, available: Sequence[str],
     algorithms = list(dict.fromkeys(alg for alg, _ in ranked))
     if top > 1 and len(algorithms) > 1 and algorithms[1] not in {a for a, _ in chosen}:
         runner_up = next(k for k in ranked if k[0] == algorithms[1])
-        chosen = chosen[:top - 1] + [runner_up]
+        chosen = chosen[: top - 1] + [runner_up]
     return [(alg, json.loads(key)) for alg, key in chosen]
 
 
-def neighbours(space: Space, available: Sequence[str], algorithm: str,
-               params: dict) -> list[tuple[str, dict]]:
+def neighbours(
+    space: Space, available: Sequence[str], algorithm: str, params: dict
+) -> list[tuple[str, dict]]:
     """One step away: one knob moved to an adjacent value (knob values are ordered), or
     another algorithm with the same knobs at the same values."""
     out = []
@@ -94,8 +104,11 @@ def neighbours(space: Space, available: Sequence[str], algorithm: str,
                 out.append((algorithm, {**params, knob: values[other]}))
     for other in available:
         knobs = space.knobs.get(other, {})
-        if other != algorithm and set(knobs) == set(params) and all(
-                params[k] in v for k, v in knobs.items()):
+        if (
+            other != algorithm
+            and set(knobs) == set(params)
+            and all(params[k] in v for k, v in knobs.items())
+        ):
             out.append((other, dict(params)))
     return out
 
@@ -105,8 +118,11 @@ def next_neighbour(space, available, known, climb: int) -> tuple[str, dict] | No
     algorithms (a hill climb over the ordered knobs, proposed to the study by enqueueing)."""
     best: dict[str, tuple[float, str]] = {}
     for (algorithm, key), value in known.items():
-        if value is not None and algorithm in available and (
-                algorithm not in best or value < best[algorithm][0]):
+        if (
+            value is not None
+            and algorithm in available
+            and (algorithm not in best or value < best[algorithm][0])
+        ):
             best[algorithm] = (value, key)
     for algorithm, (_, key) in sorted(best.items(), key=lambda b: b[1][0])[:climb]:
         for candidate in neighbours(space, available, algorithm, json.loads(key)):

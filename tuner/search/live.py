@@ -57,35 +57,76 @@ class LiveOptions:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = UsageParser(prog="tuner live", description="Search algorithms x knobs with real "
-                "measurements (Optuna), then write thresholds.json.")
+    p = UsageParser(
+        prog="tuner live",
+        description="Search algorithms x knobs with real "
+        "measurements (Optuna), then write thresholds.json.",
+    )
     add_sweep_arguments(p)
     p.add_argument("-o", "--output", required=True, help="thresholds.json to write")
-    p.add_argument("--study-db", dest="study_db", default=None, metavar="PATH",
-                   help="SQLite file of the studies (default: <output>.study.db; resumable)")
-    p.add_argument("--patience", default="20",
-                   help="explored trials in a row without a better best before a size stops")
-    p.add_argument("--max-trials", dest="max_trials", default=None,
-                   help="at most this many measurements per size (confirmation included)")
-    p.add_argument("--budget-fraction", dest="budget_fraction", default="0.25",
-                   help="at most this fraction of a size's grid is measured, confirmation "
-                        "included (0.25 = 25%%; 'none': no limit)")
-    p.add_argument("--confirm-top", dest="confirm_top", default="3",
-                   help="the fastest N distinct configurations of a size are re-measured side "
-                        "by side before its best is chosen (1: no confirmation)")
-    p.add_argument("--confirm-rounds", dest="confirm_rounds", default="3",
-                   help="interleaved rounds of that re-measurement; the best median wins")
-    p.add_argument("--rounds", default="4",
-                   help="the timed iterations come in this many rounds; the pruner may stop a "
-                        "configuration after any but the last")
-    p.add_argument("--prune-margin", dest="prune_margin", default="0.5",
-                   help="prune a configuration this much slower than the best (0.5 = 50%%)")
+    p.add_argument(
+        "--study-db",
+        dest="study_db",
+        default=None,
+        metavar="PATH",
+        help="SQLite file of the studies (default: <output>.study.db; resumable)",
+    )
+    p.add_argument(
+        "--patience",
+        default="20",
+        help="explored trials in a row without a better best before a size stops",
+    )
+    p.add_argument(
+        "--max-trials",
+        dest="max_trials",
+        default=None,
+        help="at most this many measurements per size (confirmation included)",
+    )
+    p.add_argument(
+        "--budget-fraction",
+        dest="budget_fraction",
+        default="0.25",
+        help="at most this fraction of a size's grid is measured, confirmation "
+        "included (0.25 = 25%%; 'none': no limit)",
+    )
+    p.add_argument(
+        "--confirm-top",
+        dest="confirm_top",
+        default="3",
+        help="the fastest N distinct configurations of a size are re-measured side "
+        "by side before its best is chosen (1: no confirmation)",
+    )
+    p.add_argument(
+        "--confirm-rounds",
+        dest="confirm_rounds",
+        default="3",
+        help="interleaved rounds of that re-measurement; the best median wins",
+    )
+    p.add_argument(
+        "--rounds",
+        default="4",
+        help="the timed iterations come in this many rounds; the pruner may stop a "
+        "configuration after any but the last",
+    )
+    p.add_argument(
+        "--prune-margin",
+        dest="prune_margin",
+        default="0.5",
+        help="prune a configuration this much slower than the best (0.5 = 50%%)",
+    )
     p.add_argument("--seed", default="0", help="sampler seed")
-    p.add_argument("--grid", action="store_true",
-                   help="no search: measure every configuration at every size (the reference "
-                        "a search is judged against)")
-    p.add_argument("--cache-backends", dest="cache_backends", default="6",
-                   help="built backends kept alive at once")
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="no search: measure every configuration at every size (the reference "
+        "a search is judged against)",
+    )
+    p.add_argument(
+        "--cache-backends",
+        dest="cache_backends",
+        default="6",
+        help="built backends kept alive at once",
+    )
     from tuner.table.options import add_table_flags
 
     add_table_flags(p)
@@ -117,8 +158,10 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
         except ValueError:
             fraction = -1.0
         if not 0 < fraction <= 1:
-            raise UsageError("--budget-fraction: expected a number in (0, 1] or 'none', got "
-                             f"{args.budget_fraction!r}")
+            raise UsageError(
+                "--budget-fraction: expected a number in (0, 1] or 'none', got "
+                f"{args.budget_fraction!r}"
+            )
     output = Path(args.output)
     from tuner.table.options import probe_outputs, table_options
 
@@ -126,15 +169,22 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
     probe_outputs(str(output), study_db, args.pareto)
     opts = LiveOptions(
-        output=str(output), study_db=study_db, patience=_int("--patience", args.patience),
-        max_trials=_int("--max-trials", args.max_trials), budget_fraction=fraction,
+        output=str(output),
+        study_db=study_db,
+        patience=_int("--patience", args.patience),
+        max_trials=_int("--max-trials", args.max_trials),
+        budget_fraction=fraction,
         confirm_top=_int("--confirm-top", args.confirm_top),
         confirm_rounds=_int("--confirm-rounds", args.confirm_rounds),
-        rounds=_int("--rounds", args.rounds), seed=_int("--seed", args.seed, 0),
-        prune_margin=margin, cache_backends=_int("--cache-backends", args.cache_backends),
+        rounds=_int("--rounds", args.rounds),
+        seed=_int("--seed", args.seed, 0),
+        prune_margin=margin,
+        cache_backends=_int("--cache-backends", args.cache_backends),
         grid=bool(args.grid),
-        max_rules=table["max_rules"], memory_budget=table["memory_budget"],
-        workload=table["workload"], pareto=args.pareto,
+        max_rules=table["max_rules"],
+        memory_budget=table["memory_budget"],
+        workload=table["workload"],
+        pareto=args.pareto,
         run_id=datetime.datetime.now().strftime("live-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6],
         command="tuner live " + " ".join(argv),
     )
@@ -168,18 +218,27 @@ def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int
         torch.cuda.set_device(device)
     ctx = make_context(device=device, timeout_s=cfg.timeout_s)
     hardware_key = broadcast_object(
-        fingerprint(cfg.device)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group)
+        fingerprint(cfg.device)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group
+    )
     cache = BackendCache(ctx, max(cfg.sizes), opts.cache_backends)
-    runner = TrialRunner(ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=opts.rounds,
-                         graph_calls=cfg.graph_calls)
+    runner = TrialRunner(
+        ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=opts.rounds, graph_calls=cfg.graph_calls
+    )
 
     def execute(job: dict[str, Any], on_round=None) -> Outcome:
         watchdog.beat(f"{job['algorithm']} {job['dtype']} {job['mode']} {job['bytes']}B")
         backend, reason = cache.get(job["algorithm"], job["params"])
         if backend is None:
             return Outcome("skip", reason=reason)
-        return runner.run(backend, DTYPES[job["dtype"]], job["mode"], job["bytes"],
-                          seed=job["seed"], prunable=True, on_round=on_round)
+        return runner.run(
+            backend,
+            DTYPES[job["dtype"]],
+            job["mode"],
+            job["bytes"],
+            seed=job["seed"],
+            prunable=True,
+            on_round=on_round,
+        )
 
     # what can run here: every backend built once with its default knobs (collective)
     available, unavailable = [], {}
@@ -224,12 +283,16 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
         return 1
     space = Space.for_algorithms(available).restrict(cfg.params)
     storage = optuna.storages.RDBStorage(storage_url(opts.study_db))
-    options = SearchOptions(
-        **{f: getattr(opts, f) for f in _SEARCH_FIELDS}, exhaustive=opts.grid)
+    options = SearchOptions(**{f: getattr(opts, f) for f in _SEARCH_FIELDS}, exhaustive=opts.grid)
     counter = [0]
-    summary: dict[str, Any] = {"run_id": opts.run_id, "hardware_key": hardware_key,
-                               "world_size": ctx.world_size, "algorithms": available,
-                               "study_db": opts.study_db, "groups": []}
+    summary: dict[str, Any] = {
+        "run_id": opts.run_id,
+        "hardware_key": hardware_key,
+        "world_size": ctx.world_size,
+        "algorithms": available,
+        "study_db": opts.study_db,
+        "groups": [],
+    }
     groups = []
     for dtype in cfg.dtypes:
         for mode in cfg.modes:
@@ -238,36 +301,63 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
 
             def measure(algorithm, params, nbytes, report, _dtype=dtype, _mode=mode):
                 counter[0] += 1
-                job = {"algorithm": algorithm, "params": params, "dtype": _dtype,
-                       "mode": _mode, "bytes": nbytes, "seed": counter[0]}
+                job = {
+                    "algorithm": algorithm,
+                    "params": params,
+                    "dtype": _dtype,
+                    "mode": _mode,
+                    "bytes": nbytes,
+                    "seed": counter[0],
+                }
                 broadcast_object(job, ctx.cpu_group)
                 return execute(job, on_round=report)
 
             def show(point, _dtype=dtype, _mode=mode):
                 from tuner.table.builder import config_label
 
-                best = "none" if point.best is None else (
-                    f"{config_label(*point.best)} {point.best_latency_us:.1f} us")
-                print(f"# ws{ctx.world_size} {_dtype} {_mode} {format_size(point.nbytes):>5}: "
-                      f"{point.measured:3d} measured ({point.pruned} pruned, "
-                      f"{point.confirmed} confirming) of "
-                      f"{point.grid} configurations; best {best}", flush=True)
+                best = (
+                    "none"
+                    if point.best is None
+                    else (f"{config_label(*point.best)} {point.best_latency_us:.1f} us")
+                )
+                print(
+                    f"# ws{ctx.world_size} {_dtype} {_mode} {format_size(point.nbytes):>5}: "
+                    f"{point.measured:3d} measured ({point.pruned} pruned, "
+                    f"{point.confirmed} confirming) of "
+                    f"{point.grid} configurations; best {best}",
+                    flush=True,
+                )
 
-            results = search_group(storage, group, cfg.sizes, space, available, measure,
-                                   options, on_point=show)
-            summary["groups"].append({
-                "dtype": dtype, "mode": mode,
-                "points": [dataclasses.asdict(r) for r in results],
-                "measured": sum(r.measured for r in results),
-                "grid": sum(r.grid for r in results)})
+            results = search_group(
+                storage, group, cfg.sizes, space, available, measure, options, on_point=show
+            )
+            summary["groups"].append(
+                {
+                    "dtype": dtype,
+                    "mode": mode,
+                    "points": [dataclasses.asdict(r) for r in results],
+                    "measured": sum(r.measured for r in results),
+                    "grid": sum(r.grid for r in results),
+                }
+            )
     data = {g: v for g, v in measurements(storage).items() if g in groups}
     _write_outputs(opts, data, summary)
     return 0
 
 
 # the LiveOptions fields SearchOptions takes under the same name
-_SEARCH_FIELDS = ("patience", "max_trials", "seed", "prune_margin", "run_id", "climb_algorithms",
-                  "seed_algorithms", "budget_fraction", "confirm_top", "confirm_rounds")
+_SEARCH_FIELDS = (
+    "patience",
+    "max_trials",
+    "seed",
+    "prune_margin",
+    "run_id",
+    "climb_algorithms",
+    "seed_algorithms",
+    "budget_fraction",
+    "confirm_top",
+    "confirm_rounds",
+)
 
 
 def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> None:
@@ -277,9 +367,14 @@ def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> No
     summary["measured"] = sum(g["measured"] for g in summary["groups"])
     summary["grid"] = sum(g["grid"] for g in summary["groups"])
     summary["fraction"] = summary["measured"] / summary["grid"] if summary["grid"] else None
-    thresholds, fits = fit_tables(data, workload=opts.workload, max_rules=opts.max_rules,
-                                  memory_budget=opts.memory_budget, source="live",
-                                  command=opts.command)
+    thresholds, fits = fit_tables(
+        data,
+        workload=opts.workload,
+        max_rules=opts.max_rules,
+        memory_budget=opts.memory_budget,
+        source="live",
+        command=opts.command,
+    )
     print_fits(fits)
     from bench.launch.paths import write_output
     from tuner.table.options import save_outputs
@@ -288,9 +383,12 @@ def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> No
     path = Path(opts.output)
     live_json = path.with_name(path.stem + ".live.json")
     write_output("-o", live_json, json.dumps(summary, indent=2, default=str) + "\n")
-    print(f"# {summary['measured']} configurations measured of {summary['grid']} in the grid "
-          f"({100 * (summary['fraction'] or 0):.0f}%); tables -> {opts.output}; study -> "
-          f"{opts.study_db}; summary -> {live_json}", flush=True)
+    print(
+        f"# {summary['measured']} configurations measured of {summary['grid']} in the grid "
+        f"({100 * (summary['fraction'] or 0):.0f}%); tables -> {opts.output}; study -> "
+        f"{opts.study_db}; summary -> {live_json}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,8 +57,9 @@ class BackendCache:
             _, old = self._alive.popitem(last=False)
             old.release()
         self._built += 1
-        backend, reason = build_backend(name, params, self.max_bytes, self.ctx,
-                                        instance=f"t{self._built}")
+        backend, reason = build_backend(
+            name, params, self.max_bytes, self.ctx, instance=f"t{self._built}"
+        )
         if backend is None:
             self._failed[key] = reason or "unavailable"
             return None, self._failed[key]
@@ -72,8 +73,9 @@ class BackendCache:
 
 
 class TrialRunner:
-    def __init__(self, ctx, *, iters: int, warmup: int, rounds: int = 4,
-                 graph_calls: int = 10) -> None:
+    def __init__(
+        self, ctx, *, iters: int, warmup: int, rounds: int = 4, graph_calls: int = 10
+    ) -> None:
         self.ctx = ctx
         self.iters, self.warmup = iters, warmup
         self.rounds = max(1, min(rounds, iters))
@@ -84,14 +86,29 @@ class TrialRunner:
     def _barrier(self) -> None:
         barrier(self.ctx)
 
-    def run(self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int,
-            prunable: bool = False,
-            on_round: Callable[[int, float], bool] | None = None) -> Outcome:
+    def run(
+        self,
+        backend,
+        dtype: torch.dtype,
+        mode: str,
+        nbytes: int,
+        seed: int,
+        prunable: bool = False,
+        on_round: Callable[[int, float], bool] | None = None,
+    ) -> Outcome:
         """Collective. With `prunable` (the same on every rank), rank 0 calls
         `on_round(step, median_us)` after each round but the last; True prunes everywhere."""
         ctx = self.ctx
-        point = prepare_point(backend, ctx, dtype, mode, nbytes, seed,
-                              graph_calls=self.graph_calls, warmup=self.warmup)
+        point = prepare_point(
+            backend,
+            ctx,
+            dtype,
+            mode,
+            nbytes,
+            seed,
+            graph_calls=self.graph_calls,
+            warmup=self.warmup,
+        )
         if point.reason:
             return Outcome("skip", reason=point.reason)
         if not point.correct:
@@ -101,8 +118,14 @@ class TrialRunner:
         times: list[float] = []
         for index in range(self.rounds):
             warm = point.warmup if index == 0 else 0
-            part = measure(self.clock, step, iters=per_round, warmup=warm, calls_per_step=calls,
-                           before=self._barrier)
+            part = measure(
+                self.clock,
+                step,
+                iters=per_round,
+                warmup=warm,
+                calls_per_step=calls,
+                before=self._barrier,
+            )
             times += slowest_rank(part, ctx.cpu_group)
             if not prunable or index == self.rounds - 1:
                 continue
@@ -113,5 +136,11 @@ class TrialRunner:
                 median = statistics.median(times)
                 return Outcome("pruned", latency_us=median, iters=len(times))
         stats = summarize(times, nbytes, ctx.world_size)
-        return Outcome("ok", latency_us=stats.latency_us, p10_us=stats.p10_us,
-                       p90_us=stats.p90_us, iters=len(times), max_abs_err=0.0)
+        return Outcome(
+            "ok",
+            latency_us=stats.latency_us,
+            p10_us=stats.p10_us,
+            p90_us=stats.p90_us,
+            iters=len(times),
+            max_abs_err=0.0,
+        )

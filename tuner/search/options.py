@@ -30,8 +30,9 @@ class SearchOptions:
     def sampler(self, fixed: dict | None = None) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            tpe = optuna.samplers.TPESampler(n_startup_trials=self.startup_trials,
-                                             seed=self.seed, multivariate=True, group=True)
+            tpe = optuna.samplers.TPESampler(
+                n_startup_trials=self.startup_trials, seed=self.seed, multivariate=True, group=True
+            )
         return optuna.samplers.PartialFixedSampler(fixed, tpe) if fixed else tpe
 
     def pruner(self) -> optuna.pruners.BasePruner:

@@ -54,14 +54,21 @@ __all__ = ["search_point", "grid_point", "confirm_point", "search_group", "Measu
 Measure = Callable[[str, dict, int, Callable[[int, float], bool]], Outcome]
 
 
-def search_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
-                 nbytes: int, seeds: Sequence[tuple[str, dict]],
-                 options: SearchOptions) -> PointResult:
+def search_point(
+    study: optuna.Study,
+    space: Space,
+    available: Sequence[str],
+    measure: Measure,
+    nbytes: int,
+    seeds: Sequence[tuple[str, dict]],
+    options: SearchOptions,
+) -> PointResult:
     """Seeds first, then a hill climb around the incumbents, then TPE exploration until
     `patience` explored trials bring no improvement."""
     known = known_values(study)
-    best = min((v for (alg, _), v in known.items() if v is not None and alg in available),
-               default=None)
+    best = min(
+        (v for (alg, _), v in known.items() if v is not None and alg in available), default=None
+    )
     for algorithm, params in seeds:
         if algorithm in available and (algorithm, params_key(params)) not in known:
             study.enqueue_trial(space.trial_params(algorithm, params))
@@ -91,23 +98,30 @@ def search_point(study: optuna.Study, space: Space, available: Sequence[str], me
             continue
         outcome = _measure_trial(study, trial, algorithm, params, nbytes, measure, options)
         known[(algorithm, params_key(params))] = (
-            outcome.latency_us if outcome.status == "ok" else None)
+            outcome.latency_us if outcome.status == "ok" else None
+        )
         measured += outcome.status in ("ok", "pruned", "wrong")
         pruned += outcome.status == "pruned"
         improved = outcome.status == "ok" and (
-            best is None or outcome.latency_us < best * (1 - options.min_improvement))
+            best is None or outcome.latency_us < best * (1 - options.min_improvement)
+        )
         if outcome.status == "ok":
             best = outcome.latency_us if best is None else min(best, outcome.latency_us)
         if exploring:
             streak = 0 if improved else streak + 1
     confirmed, candidates = confirm_point(study, space, available, measure, nbytes, options)
-    counts = {"grid": len(grid), "measured": measured + confirmed, "pruned": pruned,
-              "asked": asked}
+    counts = {"grid": len(grid), "measured": measured + confirmed, "pruned": pruned, "asked": asked}
     return _point_result(study, available, nbytes, counts, confirmed, candidates)
 
 
-def _answered(study: optuna.Study, trial: optuna.Trial, algorithm: str, params: dict,
-              known: dict, available: Sequence[str]) -> bool:
+def _answered(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    algorithm: str,
+    params: dict,
+    known: dict,
+    available: Sequence[str],
+) -> bool:
     """Finish a trial that needs no measurement: its algorithm cannot run here, or it was
     measured before (answered from the study, never measured twice)."""
     key = (algorithm, params_key(params))
@@ -125,8 +139,15 @@ def _answered(study: optuna.Study, trial: optuna.Trial, algorithm: str, params: 
     return True
 
 
-def _measure_trial(study: optuna.Study, trial: optuna.Trial, algorithm: str, params: dict,
-                   nbytes: int, measure: Measure, options: SearchOptions) -> Outcome:
+def _measure_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    algorithm: str,
+    params: dict,
+    nbytes: int,
+    measure: Measure,
+    options: SearchOptions,
+) -> Outcome:
     def report(step: int, median_us: float) -> bool:
         trial.report(median_us, step)
         return trial.should_prune()
@@ -136,26 +157,46 @@ def _measure_trial(study: optuna.Study, trial: optuna.Trial, algorithm: str, par
     return outcome
 
 
-def _point_result(study: optuna.Study, available: Sequence[str], nbytes: int, counts: dict,
-                  confirmed: int = 0, candidates: list | None = None) -> PointResult:
+def _point_result(
+    study: optuna.Study,
+    available: Sequence[str],
+    nbytes: int,
+    counts: dict,
+    confirmed: int = 0,
+    candidates: list | None = None,
+) -> PointResult:
     """The confirmed leader when there was a confirmation, else the study's best."""
     if candidates:
         algorithm, params, median_us, _ = candidates[0]
-        return PointResult(nbytes=nbytes, **counts, best=(algorithm, params),
-                           best_latency_us=median_us, confirmed=confirmed,
-                           candidates=candidates)
+        return PointResult(
+            nbytes=nbytes,
+            **counts,
+            best=(algorithm, params),
+            best_latency_us=median_us,
+            confirmed=confirmed,
+            candidates=candidates,
+        )
     found = best_configs(study, available)
-    return PointResult(nbytes=nbytes, **counts, best=(found[0][0], found[0][1]) if found else None,
-                       best_latency_us=found[0][2] if found else None)
+    return PointResult(
+        nbytes=nbytes,
+        **counts,
+        best=(found[0][0], found[0][1]) if found else None,
+        best_latency_us=found[0][2] if found else None,
+    )
 
 
 def _label(algorithm: str, params: dict) -> tuple[str, str]:
     return algorithm, params_key(params)
 
 
-def confirm_point(study: optuna.Study, space: Space, available: Sequence[str],
-                  measure: Measure, nbytes: int,
-                  options: SearchOptions) -> tuple[int, list | None]:
+def confirm_point(
+    study: optuna.Study,
+    space: Space,
+    available: Sequence[str],
+    measure: Measure,
+    nbytes: int,
+    options: SearchOptions,
+) -> tuple[int, list | None]:
     """Re-measure the leaders side by side, interleaved, `confirm_rounds` rounds; returns
     (new measurements, [[algorithm, params, median_us, latencies], ...] fastest first) or
     (0, None) when there is nothing to choose between. The result is kept on the study
@@ -187,14 +228,25 @@ def confirm_point(study: optuna.Study, space: Space, available: Sequence[str],
             if outcome.status == "ok":
                 times[index].append(outcome.latency_us)
     candidates = sorted(
-        ([alg, params, statistics.median(times[i]), times[i]]
-         for i, (alg, params) in enumerate(chosen) if times[i]), key=lambda c: c[2])
+        (
+            [alg, params, statistics.median(times[i]), times[i]]
+            for i, (alg, params) in enumerate(chosen)
+            if times[i]
+        ),
+        key=lambda c: c[2],
+    )
     study.set_user_attr("confirmed", {"labels": labels, "candidates": candidates})
     return measured, candidates or None
 
 
-def grid_point(study: optuna.Study, space: Space, available: Sequence[str], measure: Measure,
-               nbytes: int, options: SearchOptions) -> PointResult:
+def grid_point(
+    study: optuna.Study,
+    space: Space,
+    available: Sequence[str],
+    measure: Measure,
+    nbytes: int,
+    options: SearchOptions,
+) -> PointResult:
     """Every configuration once, in order, never pruned (the grid the search is judged by)."""
     known = known_values(study)
     measured = asked = 0
@@ -212,8 +264,12 @@ def grid_point(study: optuna.Study, space: Space, available: Sequence[str], meas
         outcome = measure(algorithm, dict(params), nbytes, lambda step, median_us: False)
         _tell(study, trial, outcome, options.run_id)
         measured += outcome.status in ("ok", "wrong")
-    counts = {"grid": len(space.configs(available)), "measured": measured, "pruned": 0,
-              "asked": asked}
+    counts = {
+        "grid": len(space.configs(available)),
+        "measured": measured,
+        "pruned": 0,
+        "asked": asked,
+    }
     return _point_result(study, available, nbytes, counts)
 
 
@@ -230,8 +286,12 @@ def _tell(study: optuna.Study, trial: optuna.Trial, outcome: Outcome, run_id: st
 
 
 def _record(trial: optuna.Trial, outcome: Outcome, run_id: str) -> None:
-    attrs: dict[str, Any] = {"origin": "live", "status": outcome.status, "iters": outcome.iters,
-                             "run_id": run_id}
+    attrs: dict[str, Any] = {
+        "origin": "live",
+        "status": outcome.status,
+        "iters": outcome.iters,
+        "run_id": run_id,
+    }
     for name in ("p10_us", "p90_us", "reason", "max_abs_err"):
         value = getattr(outcome, name)
         if value is not None:
@@ -240,19 +300,30 @@ def _record(trial: optuna.Trial, outcome: Outcome, run_id: str) -> None:
         trial.set_user_attr(name, value)
 
 
-def search_group(storage, group: tuple, sizes: Sequence[int], space: Space,
-                 available: Sequence[str], measure: Measure, options: SearchOptions,
-                 on_point: Callable[[PointResult], None] | None = None) -> list[PointResult]:
+def search_group(
+    storage,
+    group: tuple,
+    sizes: Sequence[int],
+    space: Space,
+    available: Sequence[str],
+    measure: Measure,
+    options: SearchOptions,
+    on_point: Callable[[PointResult], None] | None = None,
+) -> list[PointResult]:
     """Every size of one group, smallest first, each warm-started from the one before."""
     hardware_key, world_size, dtype, mode = group
     results = []
     seeds: list[tuple[str, dict]] = [(name, dict(space.defaults[name])) for name in available]
     for nbytes in sizes:
-        study = open_study(storage, study_name(hardware_key, world_size, dtype, mode, nbytes),
-                           sampler=options.sampler(space.fixed_params()),
-                           pruner=options.pruner())
-        for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,
-                                                              TrialState.WAITING)):
+        study = open_study(
+            storage,
+            study_name(hardware_key, world_size, dtype, mode, nbytes),
+            sampler=options.sampler(space.fixed_params()),
+            pruner=options.pruner(),
+        )
+        for stale in study.get_trials(
+            deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)
+        ):
             # left by an interrupted run (this process is the study's only writer)
             if stale.state == TrialState.WAITING:
                 stale_trial = study.ask()  # a waiting trial is handed out first: finish it
@@ -266,8 +337,10 @@ def search_group(storage, group: tuple, sizes: Sequence[int], space: Space,
         results.append(result)
         if on_point is not None:
             on_point(result)
-        ranked = [(alg, params) for alg, params, _ in
-                  best_configs(study, available)[:max(1, options.seed_algorithms)]]
+        ranked = [
+            (alg, params)
+            for alg, params, _ in best_configs(study, available)[: max(1, options.seed_algorithms)]
+        ]
         if result.best is not None:  # the confirmed best first
             ranked = [result.best] + [c for c in ranked if c != result.best]
         seeds = ranked or seeds

@@ -29,8 +29,16 @@ from optuna.trial import TrialState
 from bench.analysis.results import TABLE_KEY
 from bench.backends import params_key
 
-__all__ = ["Space", "study_name", "parse_study_name", "open_study", "enter_rows",
-           "measurements", "storage_url", "StudyError"]
+__all__ = [
+    "Space",
+    "study_name",
+    "parse_study_name",
+    "open_study",
+    "enter_rows",
+    "measurements",
+    "storage_url",
+    "StudyError",
+]
 
 ALGORITHM = "algorithm"
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -75,8 +83,9 @@ class Space:
     fixed: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def for_algorithms(cls, names: Iterable[str],
-                       seen: Mapping[str, Iterable[Mapping[str, Any]]] | None = None) -> Space:
+    def for_algorithms(
+        cls, names: Iterable[str], seen: Mapping[str, Iterable[Mapping[str, Any]]] | None = None
+    ) -> Space:
         """Knob values from the registry, plus any value seen in `seen` (algorithm -> list of
         params; covers backends whose family does not import here)."""
         from bench.backends import get_spec
@@ -104,15 +113,19 @@ class Space:
     def restrict(self, fixed: Mapping[str, Mapping[str, Any]]) -> Space:
         """Knobs given a value (`--param BACKEND.KNOB=VALUE`) keep their distribution (so a
         study stays compatible) but are only ever sampled at that value."""
-        keep = {name: {k: v for k, v in values.items()
-                       if name in self.knobs and k in self.knobs[name]}
-                for name, values in fixed.items()}
+        keep = {
+            name: {k: v for k, v in values.items() if name in self.knobs and k in self.knobs[name]}
+            for name, values in fixed.items()
+        }
         defaults = {name: {**d, **keep.get(name, {})} for name, d in self.defaults.items()}
         return Space(self.algorithms, self.knobs, defaults, keep)
 
     def fixed_params(self) -> dict[str, Any]:
-        return {f"{name}.{knob}": value for name, values in self.fixed.items()
-                for knob, value in values.items()}
+        return {
+            f"{name}.{knob}": value
+            for name, values in self.fixed.items()
+            for knob, value in values.items()
+        }
 
     def distributions(self, algorithm: str) -> dict[str, CategoricalDistribution]:
         out = {ALGORITHM: CategoricalDistribution(self.algorithms)}
@@ -126,20 +139,25 @@ class Space:
             out[f"{algorithm}.{knob}"] = params[knob]
         return out
 
-    def suggest(self, trial: optuna.Trial,
-                algorithms: Sequence[str] | None = None) -> tuple[str, dict[str, Any]]:
+    def suggest(
+        self, trial: optuna.Trial, algorithms: Sequence[str] | None = None
+    ) -> tuple[str, dict[str, Any]]:
         """Ask the trial for a configuration (define-by-run: knobs follow the algorithm)."""
         algorithm = trial.suggest_categorical(ALGORITHM, list(self.algorithms))
-        params = {knob: trial.suggest_categorical(f"{algorithm}.{knob}", list(values))
-                  for knob, values in self.knobs[algorithm].items()}
+        params = {
+            knob: trial.suggest_categorical(f"{algorithm}.{knob}", list(values))
+            for knob, values in self.knobs[algorithm].items()
+        }
         return algorithm, params
 
     def configs(self, algorithms: Iterable[str] | None = None) -> list[tuple[str, dict]]:
         """Every configuration (the full grid)."""
         out = []
-        for name in (self.algorithms if algorithms is None else algorithms):
-            knobs = {k: ((self.fixed[name][k],) if k in self.fixed.get(name, {}) else v)
-                     for k, v in self.knobs[name].items()}
+        for name in self.algorithms if algorithms is None else algorithms:
+            knobs = {
+                k: ((self.fixed[name][k],) if k in self.fixed.get(name, {}) else v)
+                for k, v in self.knobs[name].items()
+            }
             for combo in itertools.product(*knobs.values()):
                 out.append((name, dict(zip(knobs, combo, strict=True))))
         return out
@@ -151,13 +169,19 @@ class Space:
 def config_of(trial: optuna.trial.FrozenTrial) -> tuple[str, dict[str, Any]]:
     algorithm = trial.params[ALGORITHM]
     prefix = f"{algorithm}."
-    params = {k[len(prefix):]: v for k, v in trial.params.items() if k.startswith(prefix)}
+    params = {k[len(prefix) :]: v for k, v in trial.params.items() if k.startswith(prefix)}
     return algorithm, params
 
 
 def open_study(storage, name: str, sampler=None, pruner=None) -> optuna.Study:
-    return optuna.create_study(storage=storage, study_name=name, direction="minimize",
-                               load_if_exists=True, sampler=sampler, pruner=pruner)
+    return optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction="minimize",
+        load_if_exists=True,
+        sampler=sampler,
+        pruner=pruner,
+    )
 
 
 def _check_space(study: optuna.Study, space: Space, name: str) -> None:
@@ -165,9 +189,11 @@ def _check_space(study: optuna.Study, space: Space, name: str) -> None:
     for trial in study.get_trials(deepcopy=False):
         dist = trial.distributions.get(ALGORITHM)
         if dist is not None and tuple(dist.choices) != space.algorithms:
-            raise StudyError(f"--study-db: study {name} was made over algorithms "
-                             f"{list(dist.choices)}, these rows need {list(space.algorithms)}; "
-                             "use another --study-db")
+            raise StudyError(
+                f"--study-db: study {name} was made over algorithms "
+                f"{list(dist.choices)}, these rows need {list(space.algorithms)}; "
+                "use another --study-db"
+            )
         return
 
 
@@ -193,14 +219,21 @@ def enter_rows(storage, rows, spaces: Mapping[tuple, Space]) -> tuple[int, int]:
                 continue
             sources.add(source)
             params = json.loads(row.params)
-            new.append(optuna.trial.create_trial(
-                params=space.trial_params(row.backend, params),
-                distributions=space.distributions(row.backend),
-                value=float(row.latency_us),
-                user_attrs={"source": source, "origin": "sweep", "run_id": str(row.run_id),
-                            "p10_us": _num(row.p10_us), "p90_us": _num(row.p90_us),
-                            "iters": int(row.iters)},
-            ))
+            new.append(
+                optuna.trial.create_trial(
+                    params=space.trial_params(row.backend, params),
+                    distributions=space.distributions(row.backend),
+                    value=float(row.latency_us),
+                    user_attrs={
+                        "source": source,
+                        "origin": "sweep",
+                        "run_id": str(row.run_id),
+                        "p10_us": _num(row.p10_us),
+                        "p90_us": _num(row.p90_us),
+                        "iters": int(row.iters),
+                    },
+                )
+            )
         if new:
             study.add_trials(new)
             added += len(new)
@@ -250,12 +283,17 @@ def measurements(storage, group: tuple | None = None) -> dict[tuple, dict[int, l
         for (algorithm, key), trials in sorted(by_config.items()):
             trials = sorted(trials, key=lambda t: t.value)
             middle = trials[(len(trials) - 1) // 2]
-            points.append(Point(
-                algorithm=algorithm, params=json.loads(key),
-                latency_us=statistics.median(t.value for t in trials),
-                p10_us=middle.user_attrs.get("p10_us"), p90_us=middle.user_attrs.get("p90_us"),
-                trials=len(trials),
-                run_ids=tuple(sorted({str(t.user_attrs.get("run_id", "")) for t in trials}))))
+            points.append(
+                Point(
+                    algorithm=algorithm,
+                    params=json.loads(key),
+                    latency_us=statistics.median(t.value for t in trials),
+                    p10_us=middle.user_attrs.get("p10_us"),
+                    p90_us=middle.user_attrs.get("p90_us"),
+                    trials=len(trials),
+                    run_ids=tuple(sorted({str(t.user_attrs.get("run_id", "")) for t in trials})),
+                )
+            )
         if points:
             out.setdefault((hw, ws, dtype, mode), {})[nbytes] = points
     return out

@@ -45,8 +45,16 @@ from typing import Any
 from bench.backends import needs_buffer
 from tuner.runtime.schema import Rule
 
-__all__ = ["config_label", "Curve", "FrontPoint", "Build", "BuildError", "build_table",
-           "log_uniform_weights", "workload_weights"]
+__all__ = [
+    "config_label",
+    "Curve",
+    "FrontPoint",
+    "Build",
+    "BuildError",
+    "build_table",
+    "log_uniform_weights",
+    "workload_weights",
+]
 
 INF = math.inf
 
@@ -142,10 +150,20 @@ def _prepare(sizes, curves):
     """Fill sparse points, compute oracle, and the two per-point cost components."""
     n = len(sizes)
     lat = [[INF if _nan(x) else float(x) for x in c.latency_us] for c in curves]
-    p10 = [[lat[k][i] if (c.p10_us is None or _nan(c.p10_us[i])) else float(c.p10_us[i])
-            for i in range(n)] for k, c in enumerate(curves)]
-    p90 = [[lat[k][i] if (c.p90_us is None or _nan(c.p90_us[i])) else float(c.p90_us[i])
-            for i in range(n)] for k, c in enumerate(curves)]
+    p10 = [
+        [
+            lat[k][i] if (c.p10_us is None or _nan(c.p10_us[i])) else float(c.p10_us[i])
+            for i in range(n)
+        ]
+        for k, c in enumerate(curves)
+    ]
+    p90 = [
+        [
+            lat[k][i] if (c.p90_us is None or _nan(c.p90_us[i])) else float(c.p90_us[i])
+            for i in range(n)
+        ]
+        for k, c in enumerate(curves)
+    ]
     oracle, oracle_spread = [], []
     for i in range(n):
         best = min(range(len(curves)), key=lambda k: lat[k][i])
@@ -164,8 +182,10 @@ def _prepare(sizes, curves):
             for k in members:
                 if lat[k][i] == INF:
                     lat[k][i], p10[k][i], p90[k][i] = lat[worst][i], p10[worst][i], p90[worst][i]
-    true_cost = [[lat[k][i] / oracle[i] - 1.0 if lat[k][i] < INF else INF for i in range(n)]
-                 for k in range(len(curves))]
+    true_cost = [
+        [lat[k][i] / oracle[i] - 1.0 if lat[k][i] < INF else INF for i in range(n)]
+        for k in range(len(curves))
+    ]
     clear_cost = [[INF] * n for _ in curves]
     for k in range(len(curves)):
         for i in range(n):
@@ -196,9 +216,14 @@ def _insert(bucket: list[_Entry], entry: _Entry) -> None:
     bucket.append(entry)
 
 
-def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
-                weights: Sequence[float] | None = None, max_rules: int = 8,
-                memory_budget: int | None = None) -> Build:
+def build_table(
+    sizes: Sequence[int],
+    curves: Sequence[Curve],
+    world_size: int,
+    weights: Sequence[float] | None = None,
+    max_rules: int = 8,
+    memory_budget: int | None = None,
+) -> Build:
     """The exact optimum (see the module docstring) and the Pareto front."""
     sizes = [int(s) for s in sizes]
     weights = _checked_weights(sizes, curves, weights, max_rules)
@@ -212,8 +237,10 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
     finals = _pareto_states(sizes, world_size, best_of, buffered, max_rules, memory_budget)
     if not finals:
         budget = f" within {memory_budget} bytes of buffer" if memory_budget is not None else ""
-        raise BuildError(f"no table with at most {max_rules} rules{budget} covers every "
-                         "measured size (raise --max-rules or --memory-budget)")
+        raise BuildError(
+            f"no table with at most {max_rules} rules{budget} covers every "
+            "measured size (raise --max-rules or --memory-budget)"
+        )
 
     def objective(item):
         entry, used = item
@@ -223,12 +250,14 @@ def build_table(sizes: Sequence[int], curves: Sequence[Curve], world_size: int,
     best_entry, _ = finals[0]
     ranges = _ranges(best_entry)
     front = _front(finals, curves, sizes, world_size)
-    return _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost,
-                     best_entry, front)
+    return _assemble(
+        ranges, sizes, curves, world_size, weights, lat, oracle, true_cost, best_entry, front
+    )
 
 
-def _checked_weights(sizes: list[int], curves: Sequence[Curve],
-                     weights: Sequence[float] | None, max_rules: int) -> list[float]:
+def _checked_weights(
+    sizes: list[int], curves: Sequence[Curve], weights: Sequence[float] | None, max_rules: int
+) -> list[float]:
     """The inputs checked (one line each), and the weights normalised to sum 1."""
     if sorted(set(sizes)) != sizes:
         raise BuildError("sizes must be strictly increasing")
@@ -246,8 +275,9 @@ def _checked_weights(sizes: list[int], curves: Sequence[Curve],
     return [w / sum(weights) for w in weights]
 
 
-def _best_per_range(n: int, weights: list[float], true_cost, clear_cost,
-                    buffered: list[bool]) -> dict[tuple[int, int], list[tuple[float, float, int]]]:
+def _best_per_range(
+    n: int, weights: list[float], true_cost, clear_cost, buffered: list[bool]
+) -> dict[tuple[int, int], list[tuple[float, float, int]]]:
     """Per range [start, stop) and buffer class, the cheapest configuration (clear cost, true
     cost, index): any other of the same class costs the same memory and more regret."""
     pre_clear, pre_true, pre_missing = [], [], []  # prefix sums; unmeasured points apart
@@ -268,16 +298,25 @@ def _best_per_range(n: int, weights: list[float], true_cost, clear_cost,
             for k in range(len(buffered)):
                 if pre_missing[k][stop] != pre_missing[k][start]:
                     continue  # not measured (nor fillable) somewhere in the range
-                cost = (pre_clear[k][stop] - pre_clear[k][start],
-                        pre_true[k][stop] - pre_true[k][start], k)
+                cost = (
+                    pre_clear[k][stop] - pre_clear[k][start],
+                    pre_true[k][stop] - pre_true[k][start],
+                    k,
+                )
                 if buffered[k] not in options or cost < options[buffered[k]]:
                     options[buffered[k]] = cost
             best_of[(start, stop)] = list(options.values())
     return best_of
 
 
-def _pareto_states(sizes: list[int], world_size: int, best_of, buffered: list[bool],
-                   max_rules: int, memory_budget: int | None) -> list[tuple[_Entry, int]]:
+def _pareto_states(
+    sizes: list[int],
+    world_size: int,
+    best_of,
+    buffered: list[bool],
+    max_rules: int,
+    memory_budget: int | None,
+) -> list[tuple[_Entry, int]]:
     """The dynamic programme from the largest size down: states[j][rules used] holds the
     Pareto entries covering sizes j..n-1; returns those covering every size."""
     n = len(sizes)
@@ -295,8 +334,18 @@ def _pareto_states(sizes: list[int], world_size: int, best_of, buffered: list[bo
                         mem = entry.mem + add_mem
                         if memory_budget is not None and mem > memory_budget:
                             continue
-                        _insert(target, _Entry(mem, entry.clear + d_clear, entry.true + d_true,
-                                               entry, k, start, stop))
+                        _insert(
+                            target,
+                            _Entry(
+                                mem,
+                                entry.clear + d_clear,
+                                entry.true + d_true,
+                                entry,
+                                k,
+                                start,
+                                stop,
+                            ),
+                        )
     return [(entry, used) for used, bucket in states[0].items() for entry in bucket]
 
 
@@ -324,8 +373,9 @@ def _memory(ranges, sizes, curves, world_size) -> tuple[int, dict[str, int]]:
 
 
 def _front(finals, curves, sizes, world_size) -> list[FrontPoint]:
-    by_mem = sorted(finals, key=lambda item: (item[0].mem, round(item[0].clear, 12), item[1],
-                                              item[0].true))
+    by_mem = sorted(
+        finals, key=lambda item: (item[0].mem, round(item[0].clear, 12), item[1], item[0].true)
+    )
     front: list[FrontPoint] = []
     best = None
     for entry, used in by_mem:
@@ -336,8 +386,13 @@ def _front(finals, curves, sizes, world_size) -> list[FrontPoint]:
         ranges = _ranges(entry)
         labels = tuple(curves[k].label for _, _, k in ranges)
         memory, _ = _memory(ranges, sizes, curves, world_size)
-        point = FrontPoint(buffer_bytes=memory, regret=entry.true, rules=used,
-                           clear_regret=entry.clear, labels=labels)
+        point = FrontPoint(
+            buffer_bytes=memory,
+            regret=entry.true,
+            rules=used,
+            clear_regret=entry.clear,
+            labels=labels,
+        )
         if front and front[-1].buffer_bytes >= point.buffer_bytes:
             front[-1] = point
         else:
@@ -345,8 +400,9 @@ def _front(finals, curves, sizes, world_size) -> list[FrontPoint]:
     return front
 
 
-def _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost, entry,
-              front) -> Build:
+def _assemble(
+    ranges, sizes, curves, world_size, weights, lat, oracle, true_cost, entry, front
+) -> Build:
     # merge neighbours that ended up with the same configuration
     merged: list[list[int]] = []
     for start, stop, k in ranges:
@@ -360,8 +416,13 @@ def _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost
     for index, (start, stop, k) in enumerate(merged):
         last = index == len(merged) - 1
         curve = curves[k]
-        rules.append(Rule(max_bytes=None if last else sizes[stop - 1],
-                          algorithm=curve.algorithm, params=dict(curve.params)))
+        rules.append(
+            Rule(
+                max_bytes=None if last else sizes[stop - 1],
+                algorithm=curve.algorithm,
+                params=dict(curve.params),
+            )
+        )
         for i in range(start, stop):
             chosen[i] = k
     memory, max_size = _memory(merged, sizes, curves, world_size)
@@ -369,10 +430,15 @@ def _assemble(ranges, sizes, curves, world_size, weights, lat, oracle, true_cost
     regrets = [true_cost[chosen[i]][i] for i in range(n)]
     total_w = sum(weights) or 1.0
     return Build(
-        rules=rules, max_size=max_size,
+        rules=rules,
+        max_size=max_size,
         regret=sum(w * r for w, r in zip(weights, regrets, strict=True)) / total_w,
-        regret_max=max(regrets), clear_regret=entry.clear / total_w,
+        regret_max=max(regrets),
+        clear_regret=entry.clear / total_w,
         buffer_bytes=memory,
-        chosen=chosen, chosen_latency_us=chosen_latency, oracle_latency_us=list(oracle),
-        front=front, sizes=list(sizes),
+        chosen=chosen,
+        chosen_latency_us=chosen_latency,
+        oracle_latency_us=list(oracle),
+        front=front,
+        sizes=list(sizes),
     )

@@ -24,8 +24,7 @@ from bench.analysis.results import (
 from bench.backends import params_key
 from bench.run.hardware import device_of_key
 
-__all__ = ["RunsError", "find_run_dirs", "load_rows", "config_params",
-           "GROUP", "device_of"]
+__all__ = ["RunsError", "find_run_dirs", "load_rows", "config_params", "GROUP", "device_of"]
 
 GROUP = TABLE_KEY  # one table per group
 

@@ -56,8 +56,13 @@ def _curves(sizes: list[int], by_size: Mapping[int, list[Point]]) -> list[Curve]
         for p in by_size[nbytes]:
             key = (p.algorithm, params_key(p.params))
             if key not in configs:
-                configs[key] = Curve(p.algorithm, dict(p.params), [nan] * len(sizes),
-                                     [nan] * len(sizes), [nan] * len(sizes))
+                configs[key] = Curve(
+                    p.algorithm,
+                    dict(p.params),
+                    [nan] * len(sizes),
+                    [nan] * len(sizes),
+                    [nan] * len(sizes),
+                )
             curve = configs[key]
             curve.latency_us[i] = p.latency_us
             curve.p10_us[i] = nan if p.p10_us is None else p.p10_us
@@ -65,33 +70,49 @@ def _curves(sizes: list[int], by_size: Mapping[int, list[Point]]) -> list[Curve]
     return [configs[k] for k in sorted(configs)]
 
 
-def fit_group(group: tuple, by_size: Mapping[int, list[Point]], *,
-              workload: Mapping[int, float] | None = None, max_rules: int = 8,
-              memory_budget: int | None = None, source: str = "fit") -> GroupFit:
+def fit_group(
+    group: tuple,
+    by_size: Mapping[int, list[Point]],
+    *,
+    workload: Mapping[int, float] | None = None,
+    max_rules: int = 8,
+    memory_budget: int | None = None,
+    source: str = "fit",
+) -> GroupFit:
     hardware_key, world_size, dtype, mode = group
     sizes = sorted(by_size)
     curves = _curves(sizes, by_size)
     weights = workload_weights(sizes, workload) if workload else log_uniform_weights(sizes)
-    build = build_table(sizes, curves, world_size, weights=weights, max_rules=max_rules,
-                        memory_budget=memory_budget)
+    build = build_table(
+        sizes, curves, world_size, weights=weights, max_rules=max_rules, memory_budget=memory_budget
+    )
     algorithms = sorted({c.algorithm for c in curves})
     baseline = baseline_for(hardware_key, algorithms)
     default = params_key(config_params(baseline, {}))
-    base_curve = next((c for c in curves if c.algorithm == baseline and
-                       params_key(c.params) == default), None)
+    base_curve = next(
+        (c for c in curves if c.algorithm == baseline and params_key(c.params) == default), None
+    )
     if base_curve is None:  # the baseline measured with other knobs only: its best one
         options = [c for c in curves if c.algorithm == baseline]
-        base_curve = min(options, key=lambda c: sum(x for x in c.latency_us if x == x),
-                         default=None)
+        base_curve = min(
+            options, key=lambda c: sum(x for x in c.latency_us if x == x), default=None
+        )
     gain = None
     if base_curve is not None:
-        gain = geomean(empty=None, values=[b / t for b, t in zip(base_curve.latency_us, build.chosen_latency_us,
-                                              strict=True) if b == b])
+        gain = geomean(
+            empty=None,
+            values=[
+                b / t
+                for b, t in zip(base_curve.latency_us, build.chosen_latency_us, strict=True)
+                if b == b
+            ],
+        )
     points = sum(p.trials for pts in by_size.values() for p in pts)
     run_ids = sorted({r for pts in by_size.values() for p in pts for r in p.run_ids if r})
     evidence: dict[str, Any] = {
-        "run_id": run_ids[0] if len(run_ids) == 1 else ",".join(run_ids[:3]) +
-        (f",+{len(run_ids) - 3}" if len(run_ids) > 3 else ""),
+        "run_id": run_ids[0]
+        if len(run_ids) == 1
+        else ",".join(run_ids[:3]) + (f",+{len(run_ids) - 3}" if len(run_ids) > 3 else ""),
         "points": points,
         "regret_vs_oracle": round(build.regret, 6),
         "gain_vs_nccl_geomean": None if gain is None else round(gain, 4),
@@ -105,22 +126,53 @@ def fit_group(group: tuple, by_size: Mapping[int, list[Point]], *,
         "memory_budget": memory_budget,
         "source": source,
     }
-    table = Table(hardware_key=hardware_key, world_size=int(world_size), dtype=dtype, mode=mode,
-                  rules=tuple(build.rules), max_size=dict(build.max_size), evidence=evidence)
-    return GroupFit(group=group, build=build, table=table, curves=curves, points=points,
-                    baseline=baseline, gain_geomean=gain)
+    table = Table(
+        hardware_key=hardware_key,
+        world_size=int(world_size),
+        dtype=dtype,
+        mode=mode,
+        rules=tuple(build.rules),
+        max_size=dict(build.max_size),
+        evidence=evidence,
+    )
+    return GroupFit(
+        group=group,
+        build=build,
+        table=table,
+        curves=curves,
+        points=points,
+        baseline=baseline,
+        gain_geomean=gain,
+    )
 
 
-def fit_tables(data: Mapping[tuple, Mapping[int, list[Point]]], *,
-               workload: Mapping[int, float] | None = None, max_rules: int = 8,
-               memory_budget: int | None = None, source: str = "fit",
-               command: str | None = None) -> tuple[Thresholds, list[GroupFit]]:
-    fits = [fit_group(group, data[group], workload=workload, max_rules=max_rules,
-                      memory_budget=memory_budget, source=source) for group in sorted(data)]
+def fit_tables(
+    data: Mapping[tuple, Mapping[int, list[Point]]],
+    *,
+    workload: Mapping[int, float] | None = None,
+    max_rules: int = 8,
+    memory_budget: int | None = None,
+    source: str = "fit",
+    command: str | None = None,
+) -> tuple[Thresholds, list[GroupFit]]:
+    fits = [
+        fit_group(
+            group,
+            data[group],
+            workload=workload,
+            max_rules=max_rules,
+            memory_budget=memory_budget,
+            source=source,
+        )
+        for group in sorted(data)
+    ]
     from tuner import __version__
 
-    generated_by = {"tool": f"tuner {source}", "version": __version__,
-                    "created": datetime.datetime.now().isoformat(timespec="seconds")}
+    generated_by = {
+        "tool": f"tuner {source}",
+        "version": __version__,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     if command:
         generated_by["command"] = command
     return Thresholds(tables=tuple(f.table for f in fits), generated_by=generated_by), fits
@@ -140,19 +192,23 @@ def format_fit(fit: GroupFit) -> str:
     b = fit.build
     labels = [config_label(r.algorithm, r.params) for r in b.rules]
     gain = "n/a" if fit.gain_geomean is None else f"{fit.gain_geomean:.3f}x"
-    lines = [f"# {hw}  world_size {ws}  {dtype}  {mode}: {len(b.rules)} rule(s) from "
-             f"{fit.points} measured points, {len(fit.curves)} configurations, "
-             f"{len(b.sizes)} sizes",
-             *_rule_text(b.rules, labels),
-             f"  regret vs oracle {b.regret * 100:.2f}% (worst size {b.regret_max * 100:.1f}%),"
-             f" gain vs {fit.baseline} (geomean) {gain}, buffer memory "
-             f"{format_size(b.buffer_bytes) if b.buffer_bytes else '0'}",
-             "  Pareto front: buffer memory, regret beyond the spread (what the builder",
-             "  minimises first), regret, rules, table:"]
+    lines = [
+        f"# {hw}  world_size {ws}  {dtype}  {mode}: {len(b.rules)} rule(s) from "
+        f"{fit.points} measured points, {len(fit.curves)} configurations, "
+        f"{len(b.sizes)} sizes",
+        *_rule_text(b.rules, labels),
+        f"  regret vs oracle {b.regret * 100:.2f}% (worst size {b.regret_max * 100:.1f}%),"
+        f" gain vs {fit.baseline} (geomean) {gain}, buffer memory "
+        f"{format_size(b.buffer_bytes) if b.buffer_bytes else '0'}",
+        "  Pareto front: buffer memory, regret beyond the spread (what the builder",
+        "  minimises first), regret, rules, table:",
+    ]
     for p in b.front:
         mem = format_size(p.buffer_bytes) if p.buffer_bytes else "0"
-        lines.append(f"    {mem:>8}  {p.clear_regret * 100:7.2f}%  {p.regret * 100:7.2f}%  "
-                     f"{p.rules}  {' | '.join(p.labels)}")
+        lines.append(
+            f"    {mem:>8}  {p.clear_regret * 100:7.2f}%  {p.regret * 100:7.2f}%  "
+            f"{p.rules}  {' | '.join(p.labels)}"
+        )
     return "\n".join(lines)
 
 
@@ -168,7 +224,18 @@ def pareto_rows(fits: Sequence[GroupFit]) -> list[dict[str, Any]]:
     for fit in fits:
         hw, ws, dtype, mode = fit.group
         for p in fit.build.front:
-            rows.append({"hardware_key": hw, "world_size": ws, "dtype": dtype, "mode": mode,
-                         "label": f"ws{ws} {dtype} {mode}", "memory_bytes": p.buffer_bytes,
-                         "regret": p.regret, "clear_regret": p.clear_regret, "rules": p.rules, "table": " | ".join(p.labels)})
+            rows.append(
+                {
+                    "hardware_key": hw,
+                    "world_size": ws,
+                    "dtype": dtype,
+                    "mode": mode,
+                    "label": f"ws{ws} {dtype} {mode}",
+                    "memory_bytes": p.buffer_bytes,
+                    "regret": p.regret,
+                    "clear_regret": p.clear_regret,
+                    "rules": p.rules,
+                    "table": " | ".join(p.labels),
+                }
+            )
     return rows

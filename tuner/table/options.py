@@ -11,19 +11,38 @@ from bench.launch.flags import UsageError, int_flag
 from bench.launch.paths import output_error, writable_file
 from bench.sizes import parse_size
 
-__all__ = ["add_table_flags", "table_options", "read_workload", "write_pareto", "probe_outputs",
-           "save_outputs"]
+__all__ = [
+    "add_table_flags",
+    "table_options",
+    "read_workload",
+    "write_pareto",
+    "probe_outputs",
+    "save_outputs",
+]
 
 
 def add_table_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workload", default=None, metavar="HIST.csv",
-                   help="message-size histogram (columns bytes,count) to weight the regret; "
-                        "default: uniform in log size")
+    p.add_argument(
+        "--workload",
+        default=None,
+        metavar="HIST.csv",
+        help="message-size histogram (columns bytes,count) to weight the regret; "
+        "default: uniform in log size",
+    )
     p.add_argument("--max-rules", dest="max_rules", default="8", help="rules per table (>= 1)")
-    p.add_argument("--memory-budget", dest="memory_budget", default=None, metavar="BYTES",
-                   help="buffer memory a table may use (max_size x world size summed), e.g. 256M")
-    p.add_argument("--pareto", default=None, metavar="CSV",
-                   help="also write every table's Pareto front (memory vs regret) here")
+    p.add_argument(
+        "--memory-budget",
+        dest="memory_budget",
+        default=None,
+        metavar="BYTES",
+        help="buffer memory a table may use (max_size x world size summed), e.g. 256M",
+    )
+    p.add_argument(
+        "--pareto",
+        default=None,
+        metavar="CSV",
+        help="also write every table's Pareto front (memory vs regret) here",
+    )
 
 
 def _bytes_flag(flag: str, text: str | None) -> int | None:
@@ -47,8 +66,10 @@ def read_workload(path: str) -> dict[int, float]:
         fields = [f.strip() for f in (reader.fieldnames or [])]
         weight = "count" if "count" in fields else "weight" if "weight" in fields else None
         if "bytes" not in fields or weight is None:
-            raise UsageError(f"--workload: {path}: expected columns bytes,count "
-                             f"(got {','.join(fields) or 'no header'})")
+            raise UsageError(
+                f"--workload: {path}: expected columns bytes,count "
+                f"(got {','.join(fields) or 'no header'})"
+            )
         histogram: dict[int, float] = {}
         for line, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
@@ -56,8 +77,10 @@ def read_workload(path: str) -> dict[int, float]:
                 nbytes = parse_size(row["bytes"])
                 count = float(row[weight])
             except (ValueError, KeyError):
-                raise UsageError(f"--workload: {path} line {line}: expected bytes,count, got "
-                                 f"{row.get('bytes')!r},{row.get(weight)!r}") from None
+                raise UsageError(
+                    f"--workload: {path} line {line}: expected bytes,count, got "
+                    f"{row.get('bytes')!r},{row.get(weight)!r}"
+                ) from None
             if count < 0 or count != count:
                 raise UsageError(f"--workload: {path} line {line}: count must be >= 0")
             histogram[nbytes] = histogram.get(nbytes, 0.0) + count
@@ -67,9 +90,11 @@ def read_workload(path: str) -> dict[int, float]:
 
 
 def table_options(args) -> dict:
-    return {"workload": read_workload(args.workload) if args.workload else None,
-            "max_rules": int_flag("--max-rules", args.max_rules),
-            "memory_budget": _bytes_flag("--memory-budget", args.memory_budget)}
+    return {
+        "workload": read_workload(args.workload) if args.workload else None,
+        "max_rules": int_flag("--max-rules", args.max_rules),
+        "memory_budget": _bytes_flag("--memory-budget", args.memory_budget),
+    }
 
 
 def write_pareto(path: str, fits) -> None:
@@ -108,14 +133,15 @@ def _check_study(path: str) -> None:
         optuna.storages.RDBStorage(storage_url(path))
     except Exception as exc:  # not SQLite, or another schema: SQLAlchemy's or Optuna's error
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:160]
-        raise UsageError(f"--study-db: {path} is not an Optuna study database ({detail})") \
-            from None
+        raise UsageError(f"--study-db: {path} is not an Optuna study database ({detail})") from None
 
 
 def save_outputs(thresholds, fits, output: str, pareto: str | None) -> None:
     """thresholds.json and the Pareto front; an OS error is one line naming the flag."""
-    for flag, path, write in (("-o", output, lambda: thresholds.save(output)),
-                              ("--pareto", pareto, lambda: write_pareto(pareto, fits))):
+    for flag, path, write in (
+        ("-o", output, lambda: thresholds.save(output)),
+        ("--pareto", pareto, lambda: write_pareto(pareto, fits)),
+    ):
         if path:
             try:
                 write()

@@ -29,9 +29,16 @@ from collections.abc import Mapping
 
 from bench.analysis.results import TABLE_KEY, correct_rows
 
-__all__ = ["MiB", "CUSTOM_ALL_REDUCE_MAX_SIZES", "SYMM_MEM_ALL_REDUCE_MAX_SIZES",
-           "CUSTOM_AR_DEFAULT_MAX_SIZE", "CUSTOM_AR_WORLD_SIZES", "SYMM_MEM_MULTIMEM_WORLD_SIZES",
-           "static_choice", "reenact"]
+__all__ = [
+    "MiB",
+    "CUSTOM_ALL_REDUCE_MAX_SIZES",
+    "SYMM_MEM_ALL_REDUCE_MAX_SIZES",
+    "CUSTOM_AR_DEFAULT_MAX_SIZE",
+    "CUSTOM_AR_WORLD_SIZES",
+    "SYMM_MEM_MULTIMEM_WORLD_SIZES",
+    "static_choice",
+    "reenact",
+]
 
 MiB = 1024 * 1024
 
@@ -45,18 +52,29 @@ SYMM_MEM_ALL_REDUCE_MAX_SIZES: Mapping[str, Mapping[int, int]] = {
 }
 CUSTOM_AR_DEFAULT_MAX_SIZE = 8 * MiB
 CUSTOM_AR_WORLD_SIZES = (2, 4, 6, 8)
-SYMM_MEM_MULTIMEM_WORLD_SIZES: Mapping[str, tuple[int, ...]] = {"9.0": (4, 6, 8),
-                                                                 "10.0": (6, 8)}
+SYMM_MEM_MULTIMEM_WORLD_SIZES: Mapping[str, tuple[int, ...]] = {"9.0": (4, 6, 8), "10.0": (6, 8)}
 
 
 def _symm_mem_on(capability: str, world_size: int, multicast: bool, symm_mem: bool) -> bool:
-    return (symm_mem and multicast and capability in SYMM_MEM_ALL_REDUCE_MAX_SIZES and
-            world_size in SYMM_MEM_ALL_REDUCE_MAX_SIZES[capability])
+    return (
+        symm_mem
+        and multicast
+        and capability in SYMM_MEM_ALL_REDUCE_MAX_SIZES
+        and world_size in SYMM_MEM_ALL_REDUCE_MAX_SIZES[capability]
+    )
 
 
-def static_choice(capability: str | None, world_size: int, dtype: str, nbytes: int, *,
-                  symm_mem: bool = True, multicast: bool = False,
-                  fully_connected: bool = True, custom_ar: bool = True) -> str | None:
+def static_choice(
+    capability: str | None,
+    world_size: int,
+    dtype: str,
+    nbytes: int,
+    *,
+    symm_mem: bool = True,
+    multicast: bool = False,
+    fully_connected: bool = True,
+    custom_ar: bool = True,
+) -> str | None:
     """Our name of the path vLLM's CUDA communicator takes for this all-reduce (None on CPU).
 
     `symm_mem`: VLLM_ALLREDUCE_USE_SYMM_MEM; `multicast`: the node has NVLink multicast (off on
@@ -64,17 +82,23 @@ def static_choice(capability: str | None, world_size: int, dtype: str, nbytes: i
     if capability is None or capability == "cpu":
         return None
     sm_on = _symm_mem_on(capability, world_size, multicast, symm_mem)
-    if custom_ar and world_size in CUSTOM_AR_WORLD_SIZES and (world_size == 2 or
-                                                               fully_connected):
+    if custom_ar and world_size in CUSTOM_AR_WORLD_SIZES and (world_size == 2 or fully_connected):
         max_size = CUSTOM_AR_DEFAULT_MAX_SIZE
         if sm_on and capability in CUSTOM_ALL_REDUCE_MAX_SIZES:
             max_size = min(max_size, CUSTOM_ALL_REDUCE_MAX_SIZES[capability][world_size])
         if nbytes % 16 == 0 and nbytes < max_size:
-            one_stage = world_size == 2 or (world_size <= 4 and nbytes < 512 * 1024) or (
-                world_size <= 8 and nbytes < 256 * 1024)
+            one_stage = (
+                world_size == 2
+                or (world_size <= 4 and nbytes < 512 * 1024)
+                or (world_size <= 8 and nbytes < 256 * 1024)
+            )
             return "custom_one_shot" if one_stage else "custom_two_shot"
-    if sm_on and dtype == "bfloat16" and nbytes % 4 == 0 and (
-            nbytes < SYMM_MEM_ALL_REDUCE_MAX_SIZES[capability][world_size]):
+    if (
+        sm_on
+        and dtype == "bfloat16"
+        and nbytes % 4 == 0
+        and (nbytes < SYMM_MEM_ALL_REDUCE_MAX_SIZES[capability][world_size])
+    ):
         multimem = world_size in SYMM_MEM_MULTIMEM_WORLD_SIZES.get(capability, ())
         return "symm_mem_multimem" if multimem else "symm_mem_two_shot"
     return "pynccl"
@@ -100,6 +124,15 @@ def reenact(rows, capability: str, **options):
         if choice == "pynccl" and "pynccl" not in measured:
             choice = "nccl"
         value = latency.get((*point, choice), float("nan"))
-        out.append({"hardware_key": hw, "world_size": int(ws), "dtype": dtype, "mode": mode,
-                    "bytes": int(nbytes), "vllm_backend": choice, "latency_us": float(value)})
+        out.append(
+            {
+                "hardware_key": hw,
+                "world_size": int(ws),
+                "dtype": dtype,
+                "mode": mode,
+                "bytes": int(nbytes),
+                "vllm_backend": choice,
+                "latency_us": float(value),
+            }
+        )
     return pd.DataFrame(out, columns=keys + ["vllm_backend", "latency_us"])

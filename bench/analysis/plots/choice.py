@@ -34,12 +34,19 @@ def winners(frame):
     """Fastest correct backend per (world size, dtype, mode, bytes), with the runner-up and how
     much slower it is (`margin` = runner-up latency / winner latency)."""
     point = GROUP + ["bytes"]
-    fastest = (correct_rows(frame).groupby(point + ["backend"], as_index=False)["latency_us"]
-               .min().sort_values(point + ["latency_us"]))
+    fastest = (
+        correct_rows(frame)
+        .groupby(point + ["backend"], as_index=False)["latency_us"]
+        .min()
+        .sort_values(point + ["latency_us"])
+    )
     ranked = fastest.assign(rank=fastest.groupby(point).cumcount())
     best = ranked[ranked["rank"] == 0].drop(columns="rank")
-    second = ranked[ranked["rank"] == 1].drop(columns="rank").rename(
-        columns={"backend": "runner_up", "latency_us": "runner_up_us"})
+    second = (
+        ranked[ranked["rank"] == 1]
+        .drop(columns="rank")
+        .rename(columns={"backend": "runner_up", "latency_us": "runner_up_us"})
+    )
     out = best.merge(second, on=point, how="left")
     out["margin"] = out["runner_up_us"] / out["latency_us"]
     return out[point + ["backend", "latency_us", "runner_up", "margin"]].reset_index(drop=True)
@@ -55,12 +62,19 @@ def crossovers(frame):
         prev = None
         for _, row in group.iterrows():
             if prev is not None and row["backend"] != prev["backend"]:
-                rows.append(dict(zip(GROUP, key, strict=True), from_backend=prev["backend"],
-                                 to_backend=row["backend"], last_bytes=int(prev["bytes"]),
-                                 first_bytes=int(row["bytes"])))
+                rows.append(
+                    dict(
+                        zip(GROUP, key, strict=True),
+                        from_backend=prev["backend"],
+                        to_backend=row["backend"],
+                        last_bytes=int(prev["bytes"]),
+                        first_bytes=int(row["bytes"]),
+                    )
+                )
             prev = row
-    return pd.DataFrame(rows, columns=GROUP + ["from_backend", "to_backend", "last_bytes",
-                                               "first_bytes"])
+    return pd.DataFrame(
+        rows, columns=GROUP + ["from_backend", "to_backend", "last_bytes", "first_bytes"]
+    )
 
 
 def tables_by_group(thresholds: Any, hardware_key: str | None = None) -> dict[tuple, Any]:
@@ -73,13 +87,17 @@ def tables_by_group(thresholds: Any, hardware_key: str | None = None) -> dict[tu
         thresholds = schema.load(thresholds)
     elif isinstance(thresholds, Mapping):
         thresholds = schema.from_json(dict(thresholds))
-    return {(int(t.world_size), str(t.dtype), str(t.mode)): t for t in thresholds.tables
-            if hardware_key is None or t.hardware_key == hardware_key}
+    return {
+        (int(t.world_size), str(t.dtype), str(t.mode)): t
+        for t in thresholds.tables
+        if hardware_key is None or t.hardware_key == hardware_key
+    }
 
 
 def table_chooser(tables: Mapping[tuple, Any]) -> Chooser:
     """A chooser (for `gain_table`) that picks what the tables' rules pick; no opinion where
     no table covers the group."""
+
     def choose(world_size: int, dtype: str, mode: str, nbytes: int) -> str | None:
         table = tables.get((world_size, dtype, mode))
         return table.algorithm_for(nbytes).algorithm if table is not None else None
@@ -102,8 +120,15 @@ def _stripe(ax, y: float, sizes: Sequence[int], names: Sequence[str | None]) -> 
     for i, name in enumerate(names):
         left, right = edges[i], edges[i + 1]
         if name is not None:
-            ax.barh(y, right - left, left=left, height=0.8, color=backend_color(name),
-                    edgecolor="white", linewidth=0.5)
+            ax.barh(
+                y,
+                right - left,
+                left=left,
+                height=0.8,
+                color=backend_color(name),
+                edgecolor="white",
+                linewidth=0.5,
+            )
         if runs and runs[-1][0] == name:
             runs[-1][2] = right
             runs[-1][3] += 1
@@ -111,16 +136,27 @@ def _stripe(ax, y: float, sizes: Sequence[int], names: Sequence[str | None]) -> 
             runs.append([name, left, right, 1])
     for name, left, right, cells in runs:
         if name is not None and (cells > 1 or len(runs) == 1):  # one-cell runs: colour only
-            ax.text(math.sqrt(left * right), y, name, ha="center", va="center", fontsize=7,
-                    color="white", clip_on=True)
+            ax.text(
+                math.sqrt(left * right),
+                y,
+                name,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white",
+                clip_on=True,
+            )
 
 
 def _rule_stripe(ax, y: float, sizes: Sequence[int], table) -> None:
     """The table's pick per size, and a black tick at each of its range edges."""
     _stripe(ax, y, sizes, [table.algorithm_for(s).algorithm for s in sizes])
     cells = _cell_edges(sizes)
-    edges = [cells[sum(1 for x in sizes if x <= rule.max_bytes)]
-             for rule in table.rules if rule.max_bytes is not None]
+    edges = [
+        cells[sum(1 for x in sizes if x <= rule.max_bytes)]
+        for rule in table.rules
+        if rule.max_bytes is not None
+    ]
     ax.vlines(edges, y - 0.45, y + 0.45, color="black", linewidth=1.2)
 
 
@@ -147,8 +183,14 @@ def _winner_panel(stripe, ratio, key: tuple, panel, ok, tables) -> None:
         for (backend,), line in groups(part, ["backend"]):
             line = line.sort_values("bytes")
             rel = line["latency_us"].to_numpy() / best_us.reindex(line["bytes"]).to_numpy()
-            ratio.plot(line["bytes"], rel, DTYPE_STYLE.get(dtype, "-."), marker=".",
-                       color=backend_color(backend), label=f"{backend} {dtype}")
+            ratio.plot(
+                line["bytes"],
+                rel,
+                DTYPE_STYLE.get(dtype, "-."),
+                marker=".",
+                color=backend_color(backend),
+                label=f"{backend} {dtype}",
+            )
     stripe.set_yticks([-float(k) for k in range(len(rows))])
     stripe.set_yticklabels(rows, fontsize=8)
     stripe.set_ylim(-len(rows) + 0.4, 0.6)
@@ -183,6 +225,9 @@ def plot_winners(frame, tables: Mapping[tuple, Any] | None = None) -> Figure:
         ratio.grid(True, which="major", alpha=0.3)
         ratio.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         size_axis(ratio, panel["bytes"])
-    fig.suptitle(f"winners and crossovers: {run_title(frame)}\n(a colour change in a stripe is a "
-                 "crossover; black ticks: the range edges of thresholds.json)", fontsize=10)
+    fig.suptitle(
+        f"winners and crossovers: {run_title(frame)}\n(a colour change in a stripe is a "
+        "crossover; black ticks: the range edges of thresholds.json)",
+        fontsize=10,
+    )
     return fig

@@ -15,16 +15,42 @@ from bench.analysis.results import RESULTS_FILE, read_results
 from bench.sizes import format_size
 
 __all__ = [
-    "GROUP", "Chooser", "PALETTE", "DTYPE_STYLE", "backend_color", "find_runs", "load_runs",
-    "groups", "merge_repeats", "line_label", "size_axis", "ratio_axis", "panel_grid",
-    "run_title", "figure_legend",
+    "GROUP",
+    "Chooser",
+    "PALETTE",
+    "DTYPE_STYLE",
+    "backend_color",
+    "find_runs",
+    "load_runs",
+    "groups",
+    "merge_repeats",
+    "line_label",
+    "size_axis",
+    "ratio_axis",
+    "panel_grid",
+    "run_title",
+    "figure_legend",
 ]
 
 GROUP = ["world_size", "dtype", "mode"]
 Chooser = Callable[[int, str, str, int], "str | None"]  # (world_size, dtype, mode, bytes)
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39"]
+PALETTE = [
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#393b79",
+    "#637939",
+    "#8c6d31",
+    "#843c39",
+]
 DTYPE_STYLE = {"bfloat16": "-", "float32": "--", "float16": ":"}
 
 
@@ -39,6 +65,7 @@ def backend_color(name: str) -> str:
 
 
 # -- loading ----------------------------------------------------------------------------------
+
 
 def find_runs(root: str | Path = "results") -> list[Path]:
     """Run directories under root (any depth), or root itself when it is one."""
@@ -67,8 +94,9 @@ def groups(frame, keys: Sequence[str]) -> list[tuple[tuple, Any]]:
     """(key tuple, rows) per distinct value of `keys`, sorted; none for an empty frame."""
     if frame.empty:
         return []
-    return [(k if isinstance(k, tuple) else (k,), g)
-            for k, g in frame.groupby(list(keys), sort=True)]
+    return [
+        (k if isinstance(k, tuple) else (k,), g) for k, g in frame.groupby(list(keys), sort=True)
+    ]
 
 
 def merge_repeats(measured):
@@ -79,10 +107,18 @@ def merge_repeats(measured):
         return measured.assign(runs=[])
     keys = ["backend", "world_size", "dtype", "mode", "bytes"]
     ok = measured["correct"].fillna(False).astype(bool)
-    return (measured.assign(ok=ok).groupby(keys, as_index=False)
-            .agg(latency_us=("latency_us", "median"), p10_us=("p10_us", "min"),
-                 p90_us=("p90_us", "max"), busbw_gbps=("busbw_gbps", "median"),
-                 correct=("ok", "all"), runs=("run_id", "nunique")))
+    return (
+        measured.assign(ok=ok)
+        .groupby(keys, as_index=False)
+        .agg(
+            latency_us=("latency_us", "median"),
+            p10_us=("p10_us", "min"),
+            p90_us=("p90_us", "max"),
+            busbw_gbps=("busbw_gbps", "median"),
+            correct=("ok", "all"),
+            runs=("run_id", "nunique"),
+        )
+    )
 
 
 def line_label(part, backend: str, dtype: str, runs: int) -> str:
@@ -97,6 +133,7 @@ def line_label(part, backend: str, dtype: str, runs: int) -> str:
 
 # -- axes -------------------------------------------------------------------------------------
 
+
 def size_axis(ax, sizes: Iterable[float]) -> None:
     """Log2 message-size axis with at most ~9 ticks labelled 1K, 64M, ..."""
     sizes = [s for s in sizes if s and s > 0]
@@ -105,10 +142,10 @@ def size_axis(ax, sizes: Iterable[float]) -> None:
         return
     low, high = int(math.floor(math.log2(min(sizes)))), int(math.ceil(math.log2(max(sizes))))
     step = max(1, math.ceil((high - low + 1) / 9))
-    ax.xaxis.set_major_locator(FixedLocator([2.0 ** e for e in range(low, high + 1, step)]))
+    ax.xaxis.set_major_locator(FixedLocator([2.0**e for e in range(low, high + 1, step)]))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_size(int(round(x)))))
-    ax.set_xlim(2.0 ** low / 1.2, 2.0 ** high * 1.2)
+    ax.set_xlim(2.0**low / 1.2, 2.0**high * 1.2)
 
 
 def ratio_axis(ax) -> None:
@@ -123,17 +160,21 @@ def panel_grid(frame, width: float = 5.2, height: float = 3.8):
     world_sizes = sorted(frame["world_size"].unique()) or [0]
     modes = sorted(frame["mode"].unique()) or ["-"]
     # room on the right for the figure's legend
-    fig = Figure(figsize=(width * len(world_sizes) + 2.8, height * len(modes)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(width * len(world_sizes) + 2.8, height * len(modes)), layout="constrained"
+    )
     axes = fig.subplots(len(modes), len(world_sizes), squeeze=False)
-    return fig, {(ws, mode): axes[i][j] for i, mode in enumerate(modes)
-                 for j, ws in enumerate(world_sizes)}
+    return fig, {
+        (ws, mode): axes[i][j] for i, mode in enumerate(modes) for j, ws in enumerate(world_sizes)
+    }
 
 
 def run_title(frame) -> str:
     """The machines and the number of runs a figure shows."""
     keys = ", ".join(sorted(frame["hardware_key"].dropna().unique())) or "?"
-    return f"{keys}  ({frame['run_id'].nunique()} run{'s' if frame['run_id'].nunique() > 1 else ''})"
+    return (
+        f"{keys}  ({frame['run_id'].nunique()} run{'s' if frame['run_id'].nunique() > 1 else ''})"
+    )
 
 
 def figure_legend(fig: Figure, axes: Iterable[Any]) -> None:
@@ -143,5 +184,6 @@ def figure_legend(fig: Figure, axes: Iterable[Any]) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), list(entries.keys()), loc="outside right center",
-                   fontsize=8)
+        fig.legend(
+            list(entries.values()), list(entries.keys()), loc="outside right center", fontsize=8
+        )

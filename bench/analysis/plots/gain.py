@@ -61,10 +61,18 @@ def gain_table(frame, choosers: Mapping[str, Chooser], baseline: str | Chooser):
         picks = {"oracle": b["backend"]} | {label: fn(*point) for label, fn in choosers.items()}
         for label, pick in picks.items():
             us = lat.get((*point, pick), float("nan")) if pick else float("nan")
-            rows.append(dict(zip(GROUP + ["bytes"], point, strict=True), choice=label, backend=pick,
-                             latency_us=us, baseline=base_name, baseline_us=base_us,
-                             gain=base_us / us if us == us and base_us == base_us else
-                             float("nan"), note=_note(pick, us, base_name, base_us)))
+            rows.append(
+                dict(
+                    zip(GROUP + ["bytes"], point, strict=True),
+                    choice=label,
+                    backend=pick,
+                    latency_us=us,
+                    baseline=base_name,
+                    baseline_us=base_us,
+                    gain=base_us / us if us == us and base_us == base_us else float("nan"),
+                    note=_note(pick, us, base_name, base_us),
+                )
+            )
     return pd.DataFrame(rows)
 
 
@@ -86,9 +94,15 @@ def _gain_panel(ax, ws: int, mode: str, panel, colors: dict[str, str]) -> None:
     for (label, dtype), line in groups(panel, ["choice", "dtype"]):
         line = line.sort_values("bytes")
         color = colors.setdefault(label, PALETTE[len(colors) - 1])
-        ax.plot(line["bytes"], line["gain"], DTYPE_STYLE.get(dtype, "-."), color=color,
-                marker="" if label == "oracle" else "o", markersize=4,
-                label=f"{label} {dtype} (geomean x{geomean(line['gain']):.2f})")
+        ax.plot(
+            line["bytes"],
+            line["gain"],
+            DTYPE_STYLE.get(dtype, "-."),
+            color=color,
+            marker="" if label == "oracle" else "o",
+            markersize=4,
+            label=f"{label} {dtype} (geomean x{geomean(line['gain']):.2f})",
+        )
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ratio_axis(ax)
     size_axis(ax, panel["bytes"])
@@ -111,15 +125,17 @@ def plot_gain(gains) -> Figure:
     fig = Figure(figsize=(12, 0.9 + 3.6 * max(1, len(panels))), layout="constrained")
     axes = fig.subplots(max(1, len(panels)), 1, squeeze=False)[:, 0]
     if not panels:
-        axes[0].text(0.5, 0.5, "no point where both the baseline and a pick were measured",
-                     ha="center")
+        axes[0].text(
+            0.5, 0.5, "no point where both the baseline and a pick were measured", ha="center"
+        )
         axes[0].set_axis_off()
     colors = {"oracle": "black"}
     for ax, ((ws, mode), panel) in zip(axes, panels, strict=False):
         _gain_panel(ax, ws, mode, panel, colors)
     title = "gain of each choice over the baseline (>1: faster); oracle = fastest measured"
     if empty:
-        title += "\n" + textwrap.fill("no gain computable (baseline or pick not measured): "
-                                       + ", ".join(empty), 150)
+        title += "\n" + textwrap.fill(
+            "no gain computable (baseline or pick not measured): " + ", ".join(empty), 150
+        )
     fig.suptitle(title, fontsize=9)
     return fig

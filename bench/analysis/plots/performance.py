@@ -42,8 +42,7 @@ def _measured_panels(frame) -> tuple[Figure, list[tuple[Any, Any]]]:
     fig, panels = panel_grid(measured if len(measured) else frame)
     out = []
     for (ws, mode), ax in panels.items():
-        part = merge_repeats(measured[(measured["world_size"] == ws) &
-                                      (measured["mode"] == mode)])
+        part = merge_repeats(measured[(measured["world_size"] == ws) & (measured["mode"] == mode)])
         ax.set_title(f"world size {ws}, {mode}")
         out.append((ax, part))
     return fig, out
@@ -52,8 +51,12 @@ def _measured_panels(frame) -> tuple[Figure, list[tuple[Any, Any]]]:
 def _lines(part) -> Iterator[tuple[str, Any, str, str]]:
     """Per (backend, dtype) of a panel: backend, rows by size, line style, legend label."""
     for (backend, dtype), line in groups(part, ["backend", "dtype"]):
-        yield (backend, line.sort_values("bytes"), DTYPE_STYLE.get(dtype, "-."),
-               line_label(part, backend, dtype, line["runs"].max()))
+        yield (
+            backend,
+            line.sort_values("bytes"),
+            DTYPE_STYLE.get(dtype, "-."),
+            line_label(part, backend, dtype, line["runs"].max()),
+        )
 
 
 def _size_and_labels(ax, part, frame, ylabel: str) -> None:
@@ -70,14 +73,20 @@ def plot_latency(frame) -> Figure:
     for ax, part in parts:
         for backend, line, style, label in _lines(part):
             color = backend_color(backend)
-            ax.plot(line["bytes"], line["latency_us"], style, marker=".", color=color,
-                    label=label)
-            ax.fill_between(line["bytes"], line["p10_us"], line["p90_us"], color=color,
-                            alpha=0.15, linewidth=0)
+            ax.plot(line["bytes"], line["latency_us"], style, marker=".", color=color, label=label)
+            ax.fill_between(
+                line["bytes"], line["p10_us"], line["p90_us"], color=color, alpha=0.15, linewidth=0
+            )
             bad = line[~line["correct"].fillna(False).astype(bool)]
             if len(bad):
-                ax.plot(bad["bytes"], bad["latency_us"], "x", color="red", markersize=10,
-                        label=f"{backend}: WRONG SUM")
+                ax.plot(
+                    bad["bytes"],
+                    bad["latency_us"],
+                    "x",
+                    color="red",
+                    markersize=10,
+                    label=f"{backend}: WRONG SUM",
+                )
         _size_and_labels(ax, part, frame, "latency (us), slowest rank; band p10-p90")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
@@ -112,15 +121,25 @@ def plot_busbw(frame, meta: Mapping[str, Any] | None = None) -> Figure:
     fig, parts = _measured_panels(frame)
     for ax, part in parts:
         for backend, line, style, label in _lines(part):
-            ax.plot(line["bytes"], line["busbw_gbps"], style, marker=".",
-                    color=backend_color(backend), label=label)
+            ax.plot(
+                line["bytes"],
+                line["busbw_gbps"],
+                style,
+                marker=".",
+                color=backend_color(backend),
+                label=label,
+            )
         if limit is not None:
-            ax.axhline(limit, color="black", linestyle="--", linewidth=1,
-                       label=f"limit {limit:g} GB/s")
+            ax.axhline(
+                limit, color="black", linestyle="--", linewidth=1, label=f"limit {limit:g} GB/s"
+            )
         _size_and_labels(ax, part, frame, "bus bandwidth (GB/s) = algbw x 2(n-1)/n")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
     figure_legend(fig, [ax for ax, _ in parts])
-    fig.suptitle(f"all-reduce bus bandwidth: {run_title(frame)}\n"
-                 + (f"dashed line: {why}" if limit is not None else why), fontsize=10)
+    fig.suptitle(
+        f"all-reduce bus bandwidth: {run_title(frame)}\n"
+        + (f"dashed line: {why}" if limit is not None else why),
+        fontsize=10,
+    )
     return fig

@@ -30,8 +30,9 @@ def thresholds_near(run_dir: Path) -> Path | None:
 
 def _tables(run_dir: Path, frame) -> dict[tuple, Any] | None:
     """The rules of the thresholds.json near the run for the run's machine (None: no file)."""
-    key = str(frame["hardware_key"].dropna().iloc[0]) if frame["hardware_key"].notna().any() \
-        else None
+    key = (
+        str(frame["hardware_key"].dropna().iloc[0]) if frame["hardware_key"].notna().any() else None
+    )
     thresholds = thresholds_near(run_dir)
     return tables_by_group(thresholds, key) if thresholds else None
 
@@ -65,8 +66,9 @@ def write_run_plots(run_dir: str | Path, dpi: int = 110) -> list[Path]:
     if tables:
         device = (meta.get("arguments") or {}).get("device", "cpu")
         base = floor_name("cuda" if device == "cuda" else "cpu")
-        figures["gain"] = plot_gain(gain_table(frame, {"thresholds.json": table_chooser(tables)},
-                                               base))
+        figures["gain"] = plot_gain(
+            gain_table(frame, {"thresholds.json": table_chooser(tables)}, base)
+        )
     paths = []
     for name, fig in figures.items():
         path = run_dir / f"{name}.png"

@@ -37,14 +37,25 @@ def plot_convergence(trials, relative: bool = False, max_legend: int = 12) -> Fi
         best_so_far.append(steps)
         color = "#1f77b4" if many else PALETTE[i % len(PALETTE)]
         ax.plot(range(len(part)), values, ".", color=color, alpha=0.25 if many else 0.4)
-        ax.step(range(len(part)), steps, where="post", color=color,
-                alpha=0.3 if many else 1.0, linewidth=0.8 if many else 1.5,
-                label=None if many else f"{name}: best {part['value'].min():.4g} "
-                                        f"after {len(part)}")
+        ax.step(
+            range(len(part)),
+            steps,
+            where="post",
+            color=color,
+            alpha=0.3 if many else 1.0,
+            linewidth=0.8 if many else 1.5,
+            label=None if many else f"{name}: best {part['value'].min():.4g} after {len(part)}",
+        )
     if many:
         median = pd.concat(best_so_far, axis=1).ffill().median(axis=1)
-        ax.step(median.index, median, where="post", color="black", linewidth=2,
-                label=f"median of {len(best_so_far)} studies' best so far")
+        ax.step(
+            median.index,
+            median,
+            where="post",
+            color="black",
+            linewidth=2,
+            label=f"median of {len(best_so_far)} studies' best so far",
+        )
     if len(done) == 0:
         ax.text(0.5, 0.5, "no completed trial", transform=ax.transAxes, ha="center")
     else:
@@ -59,8 +70,9 @@ def plot_convergence(trials, relative: bool = False, max_legend: int = 12) -> Fi
     return fig
 
 
-def plot_pareto(points, memory: str = "memory_bytes", regret: str = "regret",
-                label: str = "label") -> Figure:
+def plot_pareto(
+    points, memory: str = "memory_bytes", regret: str = "regret", label: str = "label"
+) -> Figure:
     """Candidate tables as (buffer memory, regret) points, one series per `label` when the
     frame has that column; each series' non-dominated points are joined (its Pareto front)."""
     fig = Figure(figsize=(8, 4.8), layout="constrained")
@@ -79,16 +91,23 @@ def plot_pareto(points, memory: str = "memory_bytes", regret: str = "regret",
             if row[regret] < best:
                 front.append(row)
                 best = row[regret]
-        ax.step([r[memory] for r in front], [r[regret] for r in front], where="post",
-                color=color, marker="o", label=str(name))
+        ax.step(
+            [r[memory] for r in front],
+            [r[regret] for r in front],
+            where="post",
+            color=color,
+            marker="o",
+            label=str(name),
+        )
     ax.set_xscale("symlog", base=2, linthresh=1024, linscale=0.5)
     top = max(2.0, float(points[memory].max()))
     high = int(math.ceil(math.log2(top)))
     step = max(1, math.ceil((high - 10 + 1) / 8))
-    ax.xaxis.set_major_locator(FixedLocator([0.0] + [2.0 ** e for e in range(10, high + 1, step)]))
+    ax.xaxis.set_major_locator(FixedLocator([0.0] + [2.0**e for e in range(10, high + 1, step)]))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(
-        lambda x, _: format_size(int(round(x))) if x >= 1 else "0"))
+    ax.xaxis.set_major_formatter(
+        FuncFormatter(lambda x, _: format_size(int(round(x))) if x >= 1 else "0")
+    )
     ax.set_yscale("symlog", linthresh=0.05)
     ax.set_xlabel("buffer memory of the table's backends (bytes, 0 = bufferless only)")
     ax.set_ylabel("regret vs per-size oracle (0.1 = 10% slower)")

@@ -19,8 +19,12 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def _load() -> None:
-    source = subprocess.run(["git", "-C", str(REPO), "show", f"{BASE}:bench/backends/shm.py"],
-                            check=True, capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{BASE}:bench/backends/shm.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     for algorithm in ("one_shot", "two_shot"):
         source = source.replace(f'name="shm_{algorithm}"', f'name="shm_before_{algorithm}"')
     module = types.ModuleType("shm_before_code")

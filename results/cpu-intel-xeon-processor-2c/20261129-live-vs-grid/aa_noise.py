@@ -37,16 +37,28 @@ def main() -> int:
             nbytes, latency_us = int(row["bytes"]), float(row["latency_us"])
             if nbytes not in best or latency_us < best[nbytes][2]:
                 best[nbytes] = (row["backend"], json.loads(row["params"]), latency_us)
-    jobs = [{"bytes": nbytes, "configs": {"A": [alg, params], "A_again": [alg, params]}}
-            for nbytes, (alg, params, _) in sorted(best.items())]
-    cfg = SweepConfig(world_size=world_size, backends=["gloo", "shm_one_shot", "shm_two_shot"],
-                      sizes=sorted(best), dtypes=["float32"], modes=["eager"], device="cpu",
-                      iters=20, warmup=5, quiet=True)
+    jobs = [
+        {"bytes": nbytes, "configs": {"A": [alg, params], "A_again": [alg, params]}}
+        for nbytes, (alg, params, _) in sorted(best.items())
+    ]
+    cfg = SweepConfig(
+        world_size=world_size,
+        backends=["gloo", "shm_one_shot", "shm_two_shot"],
+        sizes=sorted(best),
+        dtypes=["float32"],
+        modes=["eager"],
+        device="cpu",
+        iters=20,
+        warmup=5,
+        quiet=True,
+    )
     launcher()(cfg, confirm_worker, (cfg, jobs, out, repeats))
     for job in json.loads(Path(out).read_text()):
         a, b = (statistics.median(job["latency_us"][k]) for k in ("A", "A_again"))
-        print(f"{job['bytes']} {job['configs']['A'][0]} {a:.1f} / {b:.1f} us  "
-              f"{100 * (b / a - 1):+.1f}%")
+        print(
+            f"{job['bytes']} {job['configs']['A'][0]} {a:.1f} / {b:.1f} us  "
+            f"{100 * (b / a - 1):+.1f}%"
+        )
     return 0
 
 

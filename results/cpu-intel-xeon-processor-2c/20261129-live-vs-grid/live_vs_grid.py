@@ -49,12 +49,37 @@ def run(cmd: list[str]) -> None:
 
 def live(args, out: Path, grid: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    run(["tuner.cli", "live", "--world-size", str(args.world_size), "-b", args.min_bytes,
-         "-e", args.max_bytes, "-f", str(args.factor), "--dtypes", args.dtype, "--device",
-         "cpu", "-n", str(args.iters), "-w", str(args.warmup), "--backends", ",".join(BACKENDS),
-         "-o", str(out / "thresholds.json"), "--study-db", str(out / "study.db"),
-         "--seed", str(args.seed),
-         *(["--grid", "--cache-backends", "512"] if grid else (args.live_args or []))])
+    run(
+        [
+            "tuner.cli",
+            "live",
+            "--world-size",
+            str(args.world_size),
+            "-b",
+            args.min_bytes,
+            "-e",
+            args.max_bytes,
+            "-f",
+            str(args.factor),
+            "--dtypes",
+            args.dtype,
+            "--device",
+            "cpu",
+            "-n",
+            str(args.iters),
+            "-w",
+            str(args.warmup),
+            "--backends",
+            ",".join(BACKENDS),
+            "-o",
+            str(out / "thresholds.json"),
+            "--study-db",
+            str(out / "study.db"),
+            "--seed",
+            str(args.seed),
+            *(["--grid", "--cache-backends", "512"] if grid else (args.live_args or [])),
+        ]
+    )
 
 
 def grid_latency(out: Path, grid_dir: Path) -> dict[int, dict[tuple[str, str], float]]:
@@ -80,10 +105,17 @@ def confirm(args, out: Path, jobs: list[dict]) -> list[dict]:
         from bench.launch.config import SweepConfig
         from tuner.search.live import confirm_worker
 
-        cfg = SweepConfig(world_size=args.world_size, backends=list(BACKENDS),
-                          sizes=sorted(j["bytes"] for j in jobs), dtypes=[args.dtype],
-                          modes=["eager"], device="cpu", iters=args.iters, warmup=args.warmup,
-                          quiet=True)
+        cfg = SweepConfig(
+            world_size=args.world_size,
+            backends=list(BACKENDS),
+            sizes=sorted(j["bytes"] for j in jobs),
+            dtypes=[args.dtype],
+            modes=["eager"],
+            device="cpu",
+            iters=args.iters,
+            warmup=args.warmup,
+            quiet=True,
+        )
         launcher()(cfg, confirm_worker, (cfg, jobs, str(path), args.repeats))
     return json.loads(path.read_text()) if path.is_file() else []
 
@@ -94,8 +126,12 @@ def compare(args, out: Path, grid_dir: Path, live_dir: Path) -> list[str]:
     latency = grid_latency(out, grid_dir)
     summary = json.loads((live_dir / "thresholds.live.json").read_text())
     (out / "live.json").write_text(json.dumps(summary, indent=2) + "\n")
-    points = [p for g in summary["groups"] for p in g["points"]
-              if latency.get(p["nbytes"]) and p["best"] is not None]
+    points = [
+        p
+        for g in summary["groups"]
+        for p in g["points"]
+        if latency.get(p["nbytes"]) and p["best"] is not None
+    ]
     jobs = []
     for point in points:
         (alg, key), _ = min(latency[point["nbytes"]].items(), key=lambda kv: kv[1])
@@ -104,10 +140,12 @@ def compare(args, out: Path, grid_dir: Path, live_dir: Path) -> list[str]:
         if params_key(best[1]) != params_key(picked[1]) or best[0] != picked[0]:
             jobs.append({"bytes": point["nbytes"], "configs": {"grid": best, "live": picked}})
     confirmed = {c["bytes"]: c for c in confirm(args, out, jobs)}
-    lines = ["| size | grid best (config, us in the grid) | live's pick (config, us in the grid) "
-             "| regret in the grid | side by side: grid's / live's (us, median of "
-             f"{args.repeats}) | regret side by side | measured / grid |",
-             "| --: | --- | --- | --: | --: | --: | --: |"]
+    lines = [
+        "| size | grid best (config, us in the grid) | live's pick (config, us in the grid) "
+        "| regret in the grid | side by side: grid's / live's (us, median of "
+        f"{args.repeats}) | regret side by side | measured / grid |",
+        "| --: | --- | --- | --: | --: | --: | --: |",
+    ]
     single, paired, used, total = [], [], 0, 0
     for point in points:
         nbytes, here = point["nbytes"], latency[point["nbytes"]]
@@ -127,14 +165,18 @@ def compare(args, out: Path, grid_dir: Path, live_dir: Path) -> list[str]:
             pair_regret = "0.0%"
         used += point["measured"]
         total += point["grid"]
-        lines.append(f"| {format_size(nbytes)} | {config_label(alg, json.loads(key))} {best:.1f} "
-                     f"| {config_label(algorithm, params)} {picked:.1f} | "
-                     f"{100 * single[-1]:.1f}% | {pair} | {pair_regret} | "
-                     f"{point['measured']} / {point['grid']} |")
-    lines.append(f"| all | | | mean {100 * statistics.fmean(single):.1f}% | | mean "
-                 f"{100 * statistics.fmean(paired):+.1f}%, median "
-                 f"{100 * statistics.median(paired):+.1f}%, worst {100 * max(paired):+.1f}% | "
-                 f"{used} / {total} ({100 * used / total:.0f}%) |")
+        lines.append(
+            f"| {format_size(nbytes)} | {config_label(alg, json.loads(key))} {best:.1f} "
+            f"| {config_label(algorithm, params)} {picked:.1f} | "
+            f"{100 * single[-1]:.1f}% | {pair} | {pair_regret} | "
+            f"{point['measured']} / {point['grid']} |"
+        )
+    lines.append(
+        f"| all | | | mean {100 * statistics.fmean(single):.1f}% | | mean "
+        f"{100 * statistics.fmean(paired):+.1f}%, median "
+        f"{100 * statistics.median(paired):+.1f}%, worst {100 * max(paired):+.1f}% | "
+        f"{used} / {total} ({100 * used / total:.0f}%) |"
+    )
     return lines
 
 
@@ -155,12 +197,18 @@ def export_trials(db: Path) -> Path:
     storage, rows = storage_url(str(db)), []
     for name in optuna.study.get_all_study_names(storage=storage):
         for t in optuna.load_study(study_name=name, storage=storage).trials:
-            rows.append({"study": name, "number": t.number, "state": t.state.name,
-                         "value": t.values[0] if t.values else None,
-                         "params": json.dumps(t.params, sort_keys=True),
-                         "user_attrs": json.dumps(t.user_attrs, sort_keys=True),
-                         "datetime_start": t.datetime_start,
-                         "datetime_complete": t.datetime_complete})
+            rows.append(
+                {
+                    "study": name,
+                    "number": t.number,
+                    "state": t.state.name,
+                    "value": t.values[0] if t.values else None,
+                    "params": json.dumps(t.params, sort_keys=True),
+                    "user_attrs": json.dumps(t.user_attrs, sort_keys=True),
+                    "datetime_start": t.datetime_start,
+                    "datetime_complete": t.datetime_complete,
+                }
+            )
     out = db.with_suffix(".trials.csv")
     pd.DataFrame(rows).to_csv(out, index=False)
     return out
@@ -176,13 +224,25 @@ def main() -> int:
     p.add_argument("-n", "--iters", type=int, default=20)
     p.add_argument("-w", "--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=7,
-                   help="side-by-side re-measurements of the grid's best and live's pick")
-    p.add_argument("--live-arg", dest="live_args", action="append", metavar="ARG",
-                   help="passed on to the search's `tuner live` (not the grid's), e.g. "
-                        "--live-arg=--patience --live-arg=20; repeatable")
-    p.add_argument("--out", required=True, help="work directory (grid and live studies); a "
-                   "finished step found there is not run again")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=7,
+        help="side-by-side re-measurements of the grid's best and live's pick",
+    )
+    p.add_argument(
+        "--live-arg",
+        dest="live_args",
+        action="append",
+        metavar="ARG",
+        help="passed on to the search's `tuner live` (not the grid's), e.g. "
+        "--live-arg=--patience --live-arg=20; repeatable",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="work directory (grid and live studies); a finished step found there is not run again",
+    )
     p.add_argument("--markdown", default=None, help="also write the table here")
     args = p.parse_args()
     out = Path(args.out)

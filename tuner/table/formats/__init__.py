@@ -22,8 +22,15 @@ FORMATS: dict[str, Callable[..., str]] = {
 }
 
 
-def export(thresholds, fmt: str, source: str, dtype: str | None = None, mode: str | None = None,
-           world_size: int | None = None, capability: str | None = None) -> str:
+def export(
+    thresholds,
+    fmt: str,
+    source: str,
+    dtype: str | None = None,
+    mode: str | None = None,
+    world_size: int | None = None,
+    capability: str | None = None,
+) -> str:
     if fmt == "vllm":
         return format_vllm(thresholds, source, dtype, mode, capability)
     return FORMATS[fmt](thresholds, source, dtype, mode, world_size)

@@ -18,10 +18,20 @@ class ExportError(ValueError):
 
 
 # GPU model words in our hardware keys -> CUDA capability (public NVIDIA specifications)
-_CAPABILITY = (("gh200", "9.0"), ("h100", "9.0"), ("h200", "9.0"), ("h800", "9.0"),
-               ("gb200", "10.0"), ("b200", "10.0"), ("b100", "10.0"),
-               ("a100", "8.0"), ("a800", "8.0"), ("l40s", "8.9"), ("l40", "8.9"),
-               ("l4-", "8.9"))
+_CAPABILITY = (
+    ("gh200", "9.0"),
+    ("h100", "9.0"),
+    ("h200", "9.0"),
+    ("h800", "9.0"),
+    ("gb200", "10.0"),
+    ("b200", "10.0"),
+    ("b100", "10.0"),
+    ("a100", "8.0"),
+    ("a800", "8.0"),
+    ("l40s", "8.9"),
+    ("l40", "8.9"),
+    ("l4-", "8.9"),
+)
 
 
 def capability_of(hardware_key: str) -> str:
@@ -34,17 +44,29 @@ def capability_of(hardware_key: str) -> str:
     return hardware_key
 
 
-def pick_tables(thresholds: Thresholds, fmt: str, dtype: str | None = None,
-                mode: str | None = None, world_size: int | None = None) -> list[Table]:
+def pick_tables(
+    thresholds: Thresholds,
+    fmt: str,
+    dtype: str | None = None,
+    mode: str | None = None,
+    world_size: int | None = None,
+) -> list[Table]:
     """The tables of `dtype` (default bfloat16), `mode` (both when None) and `world_size`
     (all when None); refuses in one line when nothing is left."""
     want = dtype or "bfloat16"
-    tables = [t for t in thresholds.tables if t.dtype == want and (mode is None or t.mode == mode)
-              and (world_size is None or t.world_size == world_size)]
+    tables = [
+        t
+        for t in thresholds.tables
+        if t.dtype == want
+        and (mode is None or t.mode == mode)
+        and (world_size is None or t.world_size == world_size)
+    ]
     if not tables:
         have = sorted({f"{t.dtype}/{t.mode}/ws{t.world_size}" for t in thresholds.tables})
-        raise ExportError(f"{fmt}: no table for {want}, mode {mode or 'any'}, world size "
-                          f"{world_size or 'any'} (the file has {', '.join(have) or 'none'})")
+        raise ExportError(
+            f"{fmt}: no table for {want}, mode {mode or 'any'}, world size "
+            f"{world_size or 'any'} (the file has {', '.join(have) or 'none'})"
+        )
     return sorted(tables, key=lambda t: (t.hardware_key, t.world_size, t.mode))
 
 

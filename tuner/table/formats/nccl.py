@@ -24,8 +24,7 @@ __all__ = ["format_nccl_tuner", "format_nccl_env", "tuner_rows"]
 
 NCCL = ("nccl", "pynccl")
 # the example plugin's names (plugins/tuner/example/plugin.c) and NCCL_ALGO / NCCL_PROTO's
-_PLUGIN_NAMES = {"ring": "ring", "tree": "tree", "simple": "simple", "ll": "ll",
-                 "ll128": "ll128"}
+_PLUGIN_NAMES = {"ring": "ring", "tree": "tree", "simple": "simple", "ll": "ll", "ll128": "ll128"}
 _ENV_NAMES = {"ring": "Ring", "tree": "Tree", "simple": "Simple", "ll": "LL", "ll128": "LL128"}
 
 
@@ -34,8 +33,10 @@ def _knobs(rule, where: str) -> tuple[str, str, int]:
     proto = rule.params.get("proto", "default")
     ctas = int(rule.params.get("ctas", 0))
     if algo not in ALGOS or proto not in PROTOS:
-        raise ExportError(f"{where}: algo {algo!r} / proto {proto!r}: expected one of "
-                          f"{', '.join(ALGOS)} / {', '.join(PROTOS)}")
+        raise ExportError(
+            f"{where}: algo {algo!r} / proto {proto!r}: expected one of "
+            f"{', '.join(ALGOS)} / {', '.join(PROTOS)}"
+        )
     return algo, proto, ctas
 
 
@@ -46,46 +47,73 @@ def tuner_rows(table: Table, reg_buff: int) -> tuple[list[str], list[str]]:
     for low, high, rule in spans(table):
         span = f"{low}..{high if high is not None else 'inf'} bytes"
         if rule.algorithm == "pynccl_symm":
-            notes.append(f"{span}: pynccl_symm: NCCL's symmetric kernels are not steered by the "
-                         "tuner plugin (NCCL_SYM_KERNEL is process-wide)")
+            notes.append(
+                f"{span}: pynccl_symm: NCCL's symmetric kernels are not steered by the "
+                "tuner plugin (NCCL_SYM_KERNEL is process-wide)"
+            )
             continue
         if rule.algorithm not in NCCL:
-            notes.append(f"{span}: {rule.algorithm}, not NCCL (the caller does not call NCCL "
-                         "there)")
+            notes.append(
+                f"{span}: {rule.algorithm}, not NCCL (the caller does not call NCCL there)"
+            )
             continue
         algo, proto, ctas = _knobs(rule, where)
         if "default" in (algo, proto):
             notes.append(f"{span}: NCCL chooses (algo {algo}, proto {proto}): no row")
             continue
-        rows.append(",".join(str(v) for v in (
-            "allreduce", low, high if high is not None else UNBOUNDED, _PLUGIN_NAMES[algo],
-            _PLUGIN_NAMES[proto], ctas or -1, -1, table.world_size, -1, reg_buff)))
+        rows.append(
+            ",".join(
+                str(v)
+                for v in (
+                    "allreduce",
+                    low,
+                    high if high is not None else UNBOUNDED,
+                    _PLUGIN_NAMES[algo],
+                    _PLUGIN_NAMES[proto],
+                    ctas or -1,
+                    -1,
+                    table.world_size,
+                    -1,
+                    reg_buff,
+                )
+            )
+        )
     return rows, notes
 
 
 def _one_node_type(tables: list[Table], fmt: str) -> None:
     keys = sorted({t.hardware_key for t in tables})
     if len(keys) > 1:
-        raise ExportError(f"{fmt}: the file has tables for {', '.join(keys)}; NCCL's settings "
-                          "are per node type: export from a file of one hardware key")
+        raise ExportError(
+            f"{fmt}: the file has tables for {', '.join(keys)}; NCCL's settings "
+            "are per node type: export from a file of one hardware key"
+        )
 
 
-def format_nccl_tuner(thresholds: Thresholds, source: str, dtype: str | None = None,
-                      mode: str | None = None, world_size: int | None = None) -> str:
+def format_nccl_tuner(
+    thresholds: Thresholds,
+    source: str,
+    dtype: str | None = None,
+    mode: str | None = None,
+    world_size: int | None = None,
+) -> str:
     tables = pick_tables(thresholds, "nccl-tuner", dtype, mode, world_size)
     _one_node_type(tables, "nccl-tuner")
     by_ws: dict[int, dict[str, tuple[list[str], list[str]]]] = {}
     for table in tables:
         by_ws.setdefault(table.world_size, {})[table.mode] = tuner_rows(
-            table, 1 if table.mode == "graph" else 0)
-    lines = [f"# tuner export --format nccl-tuner {source}  ({tables[0].hardware_key}, "
-             f"{tables[0].dtype})",
-             "# NCCL_TUNER_PLUGIN=<libnccl-tuner-example.so> NCCL_TUNER_CONFIG_FILE=<this file>",
-             "# collective,min_bytes,max_bytes,algorithm,protocol,channels,nNodes,nRanks,"
-             "numPipeOps,regBuff",
-             "# regBuff 1: CUDA-graph calls (registered buffers, NCCL_GRAPH_REGISTER=1), 0: eager",
-             "# the stock example plugin runs uncovered sizes and channels -1 on ONE channel:",
-             "# patch its default to 0 (as RCCL did) or give every size a row with channels"]
+            table, 1 if table.mode == "graph" else 0
+        )
+    lines = [
+        f"# tuner export --format nccl-tuner {source}  ({tables[0].hardware_key}, "
+        f"{tables[0].dtype})",
+        "# NCCL_TUNER_PLUGIN=<libnccl-tuner-example.so> NCCL_TUNER_CONFIG_FILE=<this file>",
+        "# collective,min_bytes,max_bytes,algorithm,protocol,channels,nNodes,nRanks,"
+        "numPipeOps,regBuff",
+        "# regBuff 1: CUDA-graph calls (registered buffers, NCCL_GRAPH_REGISTER=1), 0: eager",
+        "# the stock example plugin runs uncovered sizes and channels -1 on ONE channel:",
+        "# patch its default to 0 (as RCCL did) or give every size a row with channels",
+    ]
     for ws, modes in sorted(by_ws.items()):
         bare = {mode: [r.rsplit(",", 1)[0] for r in rows] for mode, (rows, _) in modes.items()}
         if len(modes) == 2 and bare["graph"] == bare["eager"]:  # one set of rows, any regBuff
@@ -96,8 +124,13 @@ def format_nccl_tuner(thresholds: Thresholds, source: str, dtype: str | None = N
     return "\n".join(lines) + "\n"
 
 
-def format_nccl_env(thresholds: Thresholds, source: str, dtype: str | None = None,
-                    mode: str | None = None, world_size: int | None = None) -> str:
+def format_nccl_env(
+    thresholds: Thresholds,
+    source: str,
+    dtype: str | None = None,
+    mode: str | None = None,
+    world_size: int | None = None,
+) -> str:
     tables = pick_tables(thresholds, "nccl-env", dtype, mode, world_size)
     _one_node_type(tables, "nccl-env")
     settings = set()
@@ -105,11 +138,15 @@ def format_nccl_env(thresholds: Thresholds, source: str, dtype: str | None = Non
         where = f"nccl-env: {table.hardware_key} ws{table.world_size} {table.mode}"
         settings |= {_knobs(r, where) for _, _, r in spans(table) if r.algorithm in NCCL}
     if len(settings) > 1:
-        raise ExportError("nccl-env: the NCCL rules differ by size or table (" + "; ".join(
-            f"{a}/{p}/ctas {c}" for a, p, c in sorted(settings)) + "), and the variables are "
-            "process-wide: use --format nccl-tuner")
-    lines = [f"# tuner export --format nccl-env {source}  ({tables[0].hardware_key}, "
-             f"{tables[0].dtype})"]
+        raise ExportError(
+            "nccl-env: the NCCL rules differ by size or table ("
+            + "; ".join(f"{a}/{p}/ctas {c}" for a, p, c in sorted(settings))
+            + "), and the variables are "
+            "process-wide: use --format nccl-tuner"
+        )
+    lines = [
+        f"# tuner export --format nccl-env {source}  ({tables[0].hardware_key}, {tables[0].dtype})"
+    ]
     if not settings:
         return "\n".join(lines + ["# no NCCL rule in these tables"]) + "\n"
     algo, proto, ctas = settings.pop()

@@ -28,8 +28,10 @@ __all__ = ["format_sglang_env", "sglang_settings"]
 MiB = 1 << 20
 # python/sglang/srt/distributed/device_communicators/all_reduce_utils.py:
 # TORCH_SYMM_MEM_ALL_REDUCE_MAX_SIZES {capability major: {world size: bytes}}, sizes below it
-SYMM_MEM_MAX = {9: {2: 64 * MiB, 4: 64 * MiB, 6: 128 * MiB, 8: 128 * MiB},
-                10: {2: 64 * MiB, 4: 64 * MiB, 6: 128 * MiB, 8: 128 * MiB}}
+SYMM_MEM_MAX = {
+    9: {2: 64 * MiB, 4: 64 * MiB, 6: 128 * MiB, 8: 128 * MiB},
+    10: {2: 64 * MiB, 4: 64 * MiB, 6: 128 * MiB, 8: 128 * MiB},
+}
 # torch_symm_mem.py _WORLD_SIZES_MULTIMEM: multimem there, two-shot at other world sizes
 SYMM_MEM_MULTIMEM = {9: (4, 6, 8), 10: (6, 8)}
 # configs/custom_all_reduce_v2.py: the world sizes v2 has tables for, per capability major
@@ -42,8 +44,10 @@ NCCL = ("nccl", "pynccl")
 def _major(table: Table) -> int:
     capability = capability_of(table.hardware_key)
     if table.hardware_key == capability:
-        raise ExportError(f"sglang-env: {table.hardware_key} is not a GPU SGLang knows (a CPU "
-                          "node, or a model this exporter has no capability for)")
+        raise ExportError(
+            f"sglang-env: {table.hardware_key} is not a GPU SGLang knows (a CPU "
+            "node, or a model this exporter has no capability for)"
+        )
     return int(capability.split(".")[0])
 
 
@@ -54,13 +58,17 @@ def _custom_prefix(table: Table, where: str) -> tuple[int, int | None, int]:
         if rule.algorithm not in CUSTOM:
             break
         if high is None:
-            raise ExportError(f"{where}: {rule.algorithm} for every size: SGLang's custom "
-                              "all-reduce needs an upper bound (its workspace)")
+            raise ExportError(
+                f"{where}: {rule.algorithm} for every size: SGLang's custom "
+                "all-reduce needs an upper bound (its workspace)"
+            )
         if rule.algorithm == "custom_two_shot":
             two_shot_seen = True
         elif two_shot_seen:
-            raise ExportError(f"{where}: custom_one_shot after custom_two_shot: SGLang tries "
-                              "one-shot first, by size")
+            raise ExportError(
+                f"{where}: custom_one_shot after custom_two_shot: SGLang tries "
+                "one-shot first, by size"
+            )
         else:
             push_end = high
         count, end = count + 1, high
@@ -77,8 +85,10 @@ def sglang_settings(table: Table) -> tuple[dict[str, int], list[str], list[str]]
     notes: list[str] = []
     if count:
         if table.world_size not in V2_WORLD_SIZES.get(major, ()):
-            raise ExportError(f"{where}: SGLang's custom all-reduce v2 has no world size "
-                              f"{table.world_size} on capability {major}.x")
+            raise ExportError(
+                f"{where}: SGLang's custom all-reduce v2 has no world size "
+                f"{table.world_size} on capability {major}.x"
+            )
         env["SGLANG_OPT_USE_CUSTOM_ALL_REDUCE_V2"] = 1
         env["SGLANG_FORCE_CUSTOM_ALL_REDUCE_V2_PUSH_SIZE_KB"] = (push_end or 0) // 1024
         env["SGLANG_FORCE_CUSTOM_ALL_REDUCE_V2_PULL_SIZE_KB"] = end // 1024
@@ -95,8 +105,10 @@ def sglang_settings(table: Table) -> tuple[dict[str, int], list[str], list[str]]
     for _low, _high, rule in rest:
         _fall_through(rule.algorithm, table, where, flags)
     if any(r.params for r in table.rules):
-        notes.append("knobs are not exported (SGLang sets its own blocks; NCCL's algorithm and "
-                     "protocol: --format nccl-tuner)")
+        notes.append(
+            "knobs are not exported (SGLang sets its own blocks; NCCL's algorithm and "
+            "protocol: --format nccl-tuner)"
+        )
     return env, flags, notes
 
 
@@ -108,12 +120,16 @@ def _symm_mem_flag(table: Table, span, major: int, where: str) -> str:
     if rule.algorithm == "symm_mem_one_shot":
         raise ExportError(f"{where}: symm_mem_one_shot: SGLang has no torch one-shot path")
     if table.dtype != "bfloat16" or bound is None:
-        raise ExportError(f"{where}: {rule.algorithm}: SGLang's torch symmetric memory takes "
-                          f"bfloat16 at world sizes {sorted(SYMM_MEM_MAX.get(major, {}))} only")
+        raise ExportError(
+            f"{where}: {rule.algorithm}: SGLang's torch symmetric memory takes "
+            f"bfloat16 at world sizes {sorted(SYMM_MEM_MAX.get(major, {}))} only"
+        )
     if rule.algorithm != flavour or high is None or high + 1 != bound:
-        raise ExportError(f"{where}: {rule.algorithm} up to {format_size(high) if high else 'inf'}"
-                          f": SGLang's torch symmetric memory is {flavour} below "
-                          f"{format_size(bound)} here, with no variable to move it")
+        raise ExportError(
+            f"{where}: {rule.algorithm} up to {format_size(high) if high else 'inf'}"
+            f": SGLang's torch symmetric memory is {flavour} below "
+            f"{format_size(bound)} here, with no variable to move it"
+        )
     return "--enable-torch-symm-mem"
 
 
@@ -123,30 +139,44 @@ def _fall_through(name: str, table: Table, where: str, flags: list[str]) -> None
     if name == "pynccl_symm" and len(table.rules) == 1:
         flags.append("--enable-symm-mem")
         return
-    why = {"pynccl_symm": "--enable-symm-mem puts NCCL symmetric memory ahead of every size",
-           "custom_one_shot": "custom all-reduce after another range: SGLang tries it first",
-           "custom_two_shot": "custom all-reduce after another range: SGLang tries it first"}
-    raise ExportError(f"{where}: {name}: "
-                      + why.get(name, "not one of SGLang's all-reduce paths in that place"))
+    why = {
+        "pynccl_symm": "--enable-symm-mem puts NCCL symmetric memory ahead of every size",
+        "custom_one_shot": "custom all-reduce after another range: SGLang tries it first",
+        "custom_two_shot": "custom all-reduce after another range: SGLang tries it first",
+    }
+    raise ExportError(
+        f"{where}: {name}: " + why.get(name, "not one of SGLang's all-reduce paths in that place")
+    )
 
 
-def format_sglang_env(thresholds: Thresholds, source: str, dtype: str | None = None,
-                      mode: str | None = None, world_size: int | None = None) -> str:
+def format_sglang_env(
+    thresholds: Thresholds,
+    source: str,
+    dtype: str | None = None,
+    mode: str | None = None,
+    world_size: int | None = None,
+) -> str:
     tables = pick_tables(thresholds, "sglang-env", dtype, mode, world_size)
     nodes = sorted({(t.hardware_key, t.world_size) for t in tables})
     if len(nodes) > 1:
-        raise ExportError("sglang-env: the variables are per deployment, and the file has "
-                          f"tables for {', '.join(f'{h} ws{w}' for h, w in nodes)}: pick one "
-                          "with --world-size")
+        raise ExportError(
+            "sglang-env: the variables are per deployment, and the file has "
+            f"tables for {', '.join(f'{h} ws{w}' for h, w in nodes)}: pick one "
+            "with --world-size"
+        )
     settings = {t.mode: sglang_settings(t) for t in tables}
     if len({repr(s[:2]) for s in settings.values()}) > 1:
-        raise ExportError("sglang-env: the graph and eager tables differ, and SGLang's "
-                          "variables apply to both: pick one with --mode")
+        raise ExportError(
+            "sglang-env: the graph and eager tables differ, and SGLang's "
+            "variables apply to both: pick one with --mode"
+        )
     env, flags, notes = next(iter(settings.values()))
     (hardware_key, ws), modes = nodes[0], "/".join(sorted(settings))
-    lines = [f"# tuner export --format sglang-env {source}",
-             f"# {hardware_key} ws{ws} {tables[0].dtype} {modes}: SGLang's custom all-reduce v2,"
-             " its torch symmetric memory, then NCCL"]
+    lines = [
+        f"# tuner export --format sglang-env {source}",
+        f"# {hardware_key} ws{ws} {tables[0].dtype} {modes}: SGLang's custom all-reduce v2,"
+        " its torch symmetric memory, then NCCL",
+    ]
     lines += [f"export {name}={value}" for name, value in env.items()]
     lines += [f"# server flags: {' '.join(flags)}"] if flags else []
     lines += [f"# note: {note}" for note in notes]

@@ -24,8 +24,10 @@ __all__ = ["FAMILIES", "vllm_dicts", "format_vllm"]
 # dictionary name -> our algorithms it stands for, in vLLM's dispatch order
 FAMILIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("CUSTOM_ALL_REDUCE_MAX_SIZES", ("custom_one_shot", "custom_two_shot")),
-    ("SYMM_MEM_ALL_REDUCE_MAX_SIZES", ("symm_mem_one_shot", "symm_mem_two_shot",
-                                       "symm_mem_multimem")),
+    (
+        "SYMM_MEM_ALL_REDUCE_MAX_SIZES",
+        ("symm_mem_one_shot", "symm_mem_two_shot", "symm_mem_multimem"),
+    ),
     ("SHM_ALL_REDUCE_MAX_SIZES", ("shm_one_shot", "shm_two_shot")),
 )
 FLOORS = ("nccl", "pynccl", "pynccl_symm", "gloo")
@@ -54,8 +56,10 @@ def _walk(table: Table) -> tuple[dict[str, int], list[str]]:
     for rule in rest:
         high = "inf" if rule.max_bytes is None else format_size(rule.max_bytes)
         if rule.algorithm not in FLOORS:  # after the families everything goes to NCCL
-            notes.append(f"not expressible: ({format_size(low) if low else '0'} .. {high}] "
-                         f"{rule.algorithm} (vLLM's order: custom, symm mem, then NCCL)")
+            notes.append(
+                f"not expressible: ({format_size(low) if low else '0'} .. {high}] "
+                f"{rule.algorithm} (vLLM's order: custom, symm mem, then NCCL)"
+            )
         low = rule.max_bytes
     for rule in table.rules:
         label = config_label(rule.algorithm, rule.params)
@@ -65,19 +69,30 @@ def _walk(table: Table) -> tuple[dict[str, int], list[str]]:
     return bounds, notes
 
 
-def vllm_dicts(thresholds: Thresholds, dtype: str | None = None, mode: str | None = None,
-               capability: str | None = None):
+def vllm_dicts(
+    thresholds: Thresholds,
+    dtype: str | None = None,
+    mode: str | None = None,
+    capability: str | None = None,
+):
     """({dictionary: {capability: {world_size: bytes}}}, notes, (dtype, mode) used)."""
     pairs = sorted({(t.dtype, t.mode) for t in thresholds.tables})
     if not pairs:
         return {}, ["no tables in the file"], (dtype, mode)
     want = (dtype or "bfloat16", mode or "graph")
     if want not in pairs:
-        fallback = [p for p in pairs if (dtype is None or p[0] == dtype) and
-                    (mode is None or p[1] == mode)]
+        fallback = [
+            p for p in pairs if (dtype is None or p[0] == dtype) and (mode is None or p[1] == mode)
+        ]
         if not fallback:
-            return {}, [f"no table for dtype {dtype or 'any'}, mode {mode or 'any'} "
-                        f"(the file has {', '.join(f'{d}/{m}' for d, m in pairs)})"], want
+            return (
+                {},
+                [
+                    f"no table for dtype {dtype or 'any'}, mode {mode or 'any'} "
+                    f"(the file has {', '.join(f'{d}/{m}' for d, m in pairs)})"
+                ],
+                want,
+            )
         want = fallback[0]
     out: dict[str, dict[str, dict[int, int]]] = {}
     notes: list[str] = []
@@ -103,14 +118,23 @@ def _size_expr(nbytes: int) -> str:
     return f"{nbytes}{extra}"
 
 
-def format_vllm(thresholds: Thresholds, source: str, dtype: str | None = None,
-                mode: str | None = None, capability: str | None = None) -> str:
+def format_vllm(
+    thresholds: Thresholds,
+    source: str,
+    dtype: str | None = None,
+    mode: str | None = None,
+    capability: str | None = None,
+) -> str:
     dicts, notes, (used_dtype, used_mode) = vllm_dicts(thresholds, dtype, mode, capability)
-    lines = [f"# tuner export --format vllm {source}  (tables for {used_dtype}, {used_mode})",
-             "# vLLM style: a communicator takes an all-reduce when bytes < max size; order",
-             "# custom all-reduce, then symmetric memory, then NCCL. '+ 1' keeps the table's",
-             "# own bound (its rules include max_bytes).",
-             "KiB = 1024", "MiB = 1024 * 1024", ""]
+    lines = [
+        f"# tuner export --format vllm {source}  (tables for {used_dtype}, {used_mode})",
+        "# vLLM style: a communicator takes an all-reduce when bytes < max size; order",
+        "# custom all-reduce, then symmetric memory, then NCCL. '+ 1' keeps the table's",
+        "# own bound (its rules include max_bytes).",
+        "KiB = 1024",
+        "MiB = 1024 * 1024",
+        "",
+    ]
     for name, _members in FAMILIES:
         if name not in dicts:
             continue
