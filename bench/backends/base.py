@@ -17,6 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
+from bench.dtypes import ALL_DTYPES
+
 __all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate", "params_key", "scoped_env"]
 
 
@@ -97,7 +99,7 @@ class BackendSpec:
     probe: ProbeFn
     create: CreateFn
     knobs: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     # bytes a tensor's size must be a multiple of
     alignment: int = 4
     # holds a buffer of max_bytes (False: reduces in the caller's tensor, costs no memory)

@@ -55,6 +55,7 @@ from bench.backends.shm_segment import (
     supported_isa,
     timeout_message,
 )
+from bench.dtypes import DTYPE_NAMES
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 64  # two-shot parts start on cache lines
@@ -89,11 +90,6 @@ _STACKED_SUM_ELEMENTS = 4096
 # rank could build it, else the Python path; 0: never; 1: required (create fails without it)
 _NATIVE = (-1, 0, 1)
 _NATIVE_BYTES = 256 << 10
-_TORCH_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-}
 
 
 class ShmAllReduce:
@@ -185,7 +181,7 @@ class ShmAllReduce:
         codes = dict(shm_native.DTYPE_CODES)
         if not lib.aat_has_float16():
             codes.pop("float16")
-        self._native_codes = {d: codes[n] for d, n in _TORCH_DTYPE_NAMES.items() if n in codes}
+        self._native_codes = {d: codes[n] for d, n in DTYPE_NAMES.items() if n in codes}
         self._native_bytes = min(self.slot_bytes, _NATIVE_BYTES)
 
     # -- the three verbs ------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from bench.dtypes import DTYPE_ALIASES, DTYPES  # re-exported: DTYPES is imported from here
 from bench.launch.flags import UsageError, UsageParser, int_flag, seconds_flag
 from bench.launch.paths import writable_dir
 from bench.sizes import parse_size, size_range
@@ -26,18 +27,6 @@ __all__ = [
     "DTYPE_ALIASES",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_ALIASES = {
-    "fp32": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "half": "float16",
-    "float": "float32",
-}
 MODES = ("eager", "graph")
 LAUNCHERS = ("torchrun", "mpirun")  # mpirun: for the `mpi` peer (bench.launch.mpirun)
 

@@ -27,7 +27,8 @@ from bench.analysis.results import (
     write_meta,
 )
 from bench.backends import CommContext
-from bench.launch.config import DTYPES, SweepConfig, parse_sweep_config
+from bench.dtypes import DTYPES
+from bench.launch.config import SweepConfig, parse_sweep_config
 from bench.launch.flags import run_command
 from bench.launch.paths import os_error
 from bench.launch.watchdog import Watchdog

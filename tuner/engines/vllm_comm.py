@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from bench.dtypes import DTYPES
 from bench.sizes import format_size
 from bench.vllm.paths import (
     CUSTOM_AR_DEFAULT_MAX_SIZE,
@@ -58,7 +59,6 @@ __all__ = ["Routes", "install", "prepare", "ROUTES_ATTRIBUTE"]
 
 ROUTES_ATTRIBUTE = "allreduce_autotune_routes"  # on each CudaCommunicator: Routes or None
 _MARK = "__allreduce_autotune__"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _capturing = torch.cuda.is_current_stream_capturing
 
 
@@ -71,7 +71,7 @@ class Routes:
         for table in tables:
             bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
             paths = tuple(PATHS[vllm_path(r.algorithm)[0]] for r in table.rules)
-            self.by_key[(_DTYPES[table.dtype], table.mode)] = Route(
+            self.by_key[(DTYPES[table.dtype], table.mode)] = Route(
                 bounds, paths, source=f"{table.dtype} {table.mode}"
             )
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from bench.backends import floor_name, needs_buffer, params_key
+from bench.dtypes import DTYPES as TORCH_DTYPES
 from bench.run.context import broadcast_object, build_backend, make_context
 from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
@@ -28,7 +29,6 @@ from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
 __all__ = ["Route", "Plan", "plan", "backend_key", "NO_LIMIT"]
 
 NO_LIMIT = 1 << 62
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Route:
@@ -113,7 +113,7 @@ def plan(
         notes.append(f"floor {floor_of} unavailable ({reason}); using torch.distributed")
         floor = TorchFloor(floor_of, group or dist.group.WORLD)
     backends, limits = _build(tables, ctx, floor, floor_of, notes)
-    routes = {(_TORCH_DTYPES[t.dtype], t.mode): _route(t, backends, limits, floor) for t in tables}
+    routes = {(TORCH_DTYPES[t.dtype], t.mode): _route(t, backends, limits, floor) for t in tables}
     modes = MODES if ctx.device.type == "cuda" else ("eager",)
     if routes:
         _reuse_for_missing(routes, modes, notes)
@@ -235,11 +235,11 @@ def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str], notes: 
     """A (dtype, mode) without a table takes the rules of another dtype in the same mode
     (bfloat16, float32, float16 in that order), else of the same dtype in the other mode, else
     any; said in one note (the backends' gates still apply)."""
-    order = [_TORCH_DTYPES[d] for d in ("bfloat16", "float32", "float16")]
+    order = [TORCH_DTYPES[d] for d in ("bfloat16", "float32", "float16")]
     reused = []
     for mode in modes:
         for dtype_name in DTYPES:
-            dtype = _TORCH_DTYPES[dtype_name]
+            dtype = TORCH_DTYPES[dtype_name]
             if (dtype, mode) in routes:
                 continue
             donor = (

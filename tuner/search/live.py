@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.launch.config import DTYPES, SweepConfig, add_sweep_arguments, config_from_args
+from bench.dtypes import DTYPES
+from bench.launch.config import SweepConfig, add_sweep_arguments, config_from_args
 from bench.launch.flags import OutputError, UsageError, UsageParser, int_flag
 from bench.sizes import format_size
 
