@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.backends.base import scoped_env
+from bench.environment import get
 
 __all__ = [
     "ENV_PATH",
@@ -146,7 +147,7 @@ def _mapped_libnccl() -> str | None:
 
 def candidate_paths() -> list[str]:
     """Where libnccl is looked for, in order (see the module docstring)."""
-    override = os.environ.get(ENV_PATH)
+    override = get(ENV_PATH)
     if override:
         return [override]
     paths: list[str] = []

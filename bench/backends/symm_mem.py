@@ -16,7 +16,6 @@ PyTorch refuses ranks that share a GPU ("allocations from overlapping devices"),
 from __future__ import annotations
 
 import datetime
-import os
 import warnings
 
 import torch
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
+from bench.environment import multicast_off
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _ALIGNMENT = 16  # the ops load and store 16-byte vectors
@@ -33,7 +33,6 @@ _OPS = {
     "two_shot": "two_shot_all_reduce_",
     "multimem": "multimem_all_reduce_",
 }
-DISABLE_MULTICAST_ENV = "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,10 +43,6 @@ def _symm_module():
     import torch.distributed._symmetric_memory as symm_mem
 
     return symm_mem
-
-
-def _multicast_disabled() -> bool:
-    return os.environ.get(DISABLE_MULTICAST_ENV, "0").strip().lower() not in ("", "0", "false")
 
 
 def _enable_for_group(symm_mem, group_name: str) -> None:
@@ -143,8 +138,9 @@ def _probe(algorithm: str):
 
     def probe(ctx: CommContext) -> str | None:
         reason = cuda_reason(ctx, name)
-        if reason is None and algorithm == "multimem" and _multicast_disabled():
-            reason = f"no NVLink multicast ({DISABLE_MULTICAST_ENV} is set)"
+        switch = multicast_off() if reason is None and algorithm == "multimem" else None
+        if switch:
+            reason = f"no NVLink multicast ({switch}: kept off on this machine)"
         reason = reason or one_gpu_per_rank_reason(ctx, "PyTorch symmetric memory")
         if reason:
             return reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bench.environment import launched_rank
 from bench.launch.config import SweepConfig, parse_sweep_config
 from bench.launch.flags import UsageError
 from bench.launch.mpirun import launch_mpirun, mpi_layout, mpirun_reason
@@ -28,7 +29,7 @@ def main(argv: list[str]) -> int:
 
         # the default run directory goes below results/ (made again by rank 0)
         writable_dir(f"--out (default {DEFAULT_ROOT}/)", DEFAULT_ROOT)
-    if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or mpi_layout() is not None:
+    if launched_rank() or mpi_layout() is not None:
         return run_worker(cfg)  # already one rank of the user's torchrun (or mpirun)
     if cfg.launcher == "mpirun":
         reason = mpirun_reason()

@@ -18,7 +18,7 @@ bfloat16/float16, a Python callback per reduction step: correct, and measured as
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from bench.backends import register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.environment import get
 from bench.peers import APT_MPI, PIP_PEERS, installed
 
 __all__ = ["MpiAllReduce", "launched_by_mpi"]
@@ -39,8 +40,8 @@ _NEEDS_LAUNCHER = (
 )
 
 
-def launched_by_mpi(env=os.environ) -> bool:
-    return any(name in env for name in _LAUNCHER_VARIABLES)
+def launched_by_mpi(env: Mapping[str, str] | None = None) -> bool:
+    return any(get(name, env) is not None for name in _LAUNCHER_VARIABLES)
 
 
 def _half_sum(dtype: torch.dtype):

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 
 import torch
 
 from bench.backends import get_spec, register
 from bench.backends.base import BackendSpec, CommContext, basic_gate
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
+from bench.environment import get, multicast_off
 from bench.vllm.paths import (
     PATHS,
     Communicators,
@@ -68,15 +68,8 @@ def multicast_off_reason(environ=None) -> str | None:
     """The machine keeps NVLink multicast off (DESIGN.md: all three variables are exported
     together there): vLLM's symmetric memory must not be built, its rendezvous would create
     multicast objects."""
-    environ = os.environ if environ is None else environ
-    for name, off in (
-        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-        ("NCCL_NVLS_ENABLE", "0"),
-        ("NVSHMEM_DISABLE_NVLS", "1"),
-    ):
-        if environ.get(name, "").strip().lower() in ((off, "true") if off == "1" else (off,)):
-            return f"no NVLink multicast ({name}={environ[name]}: kept off on this machine)"
-    return None
+    switch = multicast_off(environ)
+    return f"no NVLink multicast ({switch}: kept off on this machine)" if switch else None
 
 
 def _module(path: Path):
@@ -146,10 +139,7 @@ def _family_reason(path: Path, ctx: CommContext) -> str | None:
     flag = {"ca_comm": "custom_ar", "qr_comm": "quick_ar"}.get(path.communicator)
     if flag and not getattr(loaded, flag, False):
         return f"vLLM's {cls} library did not load (vllm._C ops missing: not a GPU build?)"
-    if (
-        path.communicator == "qr_comm"
-        and os.environ.get(QUICK_REDUCE_ENV, "NONE").upper() == "NONE"
-    ):
+    if path.communicator == "qr_comm" and (get(QUICK_REDUCE_ENV) or "NONE").upper() == "NONE":
         return (
             f"vLLM's {cls} is off: {QUICK_REDUCE_ENV} is NONE (vLLM's default); set FP, "
             "INT8, INT6 or INT4"

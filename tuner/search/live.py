@@ -19,13 +19,13 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 from bench.dtypes import DTYPES
+from bench.environment import launched_rank
 from bench.launch.config import SweepConfig, add_sweep_arguments, config_from_args
 from bench.launch.flags import OutputError, UsageError, UsageParser, int_flag
 from bench.sizes import format_size
@@ -395,7 +395,7 @@ def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> No
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, opts = parse_live(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if launched_rank():
         return live_worker(cfg, opts)  # already one rank of the user's torchrun
     from bench.launch.launcher import launch
 
