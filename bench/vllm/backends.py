@@ -34,6 +34,7 @@ from bench.vllm.paths import (
     Communicators,
     Path,
     accepts,
+    bind,
     custom_ar_max_size,
     device_capability,
     grow_max_sizes,
@@ -88,6 +89,7 @@ class VllmAllReduce:
         self.max_bytes = max_bytes
         self._path, self._comms = path, comms
         self._comm = getattr(comms, path.communicator)
+        bind([path], comms)  # built with the path's algorithm already: nothing to change
         _, _, self._dtypes, self._alignment, _, _ = _FAMILIES[path.communicator]
         self._index = device_index(device)
 
