@@ -22,6 +22,14 @@ Copies are memmoves between the caller's tensor and the segment (no per-call all
 sums are torch ops on cached views of the segment, with torch limited to `threads` threads
 for messages large enough for torch to split (`_PARALLEL_ELEMENTS`; below that torch runs
 one thread whatever its setting, and switching costs more than the call).
+The thread count is decided when the backend is built (the `threads` knob) but applied per
+call, set before the sums and restored after: a process-wide setting changed on the call
+path, on purpose. torch has no per-op thread count; setting it once at build would set the
+whole process (a model's own CPU ops between calls, and other shm backends of the process:
+`tuner live` keeps several alive with different `threads`). Measured side by side
+(scripts/shm_threads.py, results/cpu-intel-xeon-processor-2c/20261204-shm-threads-per-call):
+the knob makes 512 KiB-4 MiB sums 8-150x faster at 2 ranks on 2 cores, and setting it per
+call is indistinguishable from setting it once. Below `_PARALLEL_ELEMENTS` nothing is set.
 A one-shot message that fits a slot takes a short path: up to 256 KiB in C (`shm_native`: one
 ctypes call copies, waits on the same flags and sums; ~1.2 us at 1 KiB and 2 ranks, where the
 Python below takes ~2.5 us), else in Python (`_one_shot_small`): one memmove, one barrier, one
