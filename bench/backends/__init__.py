@@ -12,14 +12,14 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from bench.backends.base import Backend, BackendSpec, CommContext, basic_gate, params_key
+from bench.backends.base import Backend, BackendSpec, CommContext, make_gate, params_key
 from bench.environment import get
 
 __all__ = [
     "Backend",
     "BackendSpec",
     "CommContext",
-    "basic_gate",
+    "make_gate",
     "register",
     "get_spec",
     "all_specs",

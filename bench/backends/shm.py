@@ -52,8 +52,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.backends import register, shm_native
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register, shm_native
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.shm_segment import (
     FLAG_STRIDE_BYTES,
     FlagBarrier,
@@ -127,6 +127,7 @@ class ShmAllReduce:
             threads = max(1, cores // max(1, ctx.local_world_size))
         self.threads = threads
         self._broken: str | None = None
+        self._gate = get_spec(self.name).gate()
         self._views: dict[tuple[torch.dtype, int], Any] = {}
         self._small: dict[tuple[torch.dtype, int], Any] = {}
         self._small_bytes = 0  # the short path's largest message; 0: never (see all_reduce)
@@ -195,7 +196,7 @@ class ShmAllReduce:
     # -- the three verbs ------------------------------------------------------------------
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`."""

@@ -21,8 +21,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 from bench.environment import multicast_off
 
@@ -74,6 +74,7 @@ class SymmMemAllReduce:
             _enable_for_group(symm_mem, self.group_name)
             nbytes = -(-max(int(max_bytes or 0), _ALIGNMENT) // _ALIGNMENT) * _ALIGNMENT
             self._max_bytes = nbytes
+            self._gate = get_spec(self.name).gate(nbytes, self._index)
             self._buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._handle = symm_mem.rendezvous(self._buffer, self.group_name)
             self.multicast_ptr = int(getattr(self._handle, "multicast_ptr", 0) or 0)
@@ -100,14 +101,7 @@ class SymmMemAllReduce:
                 )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(
-            tensor,
-            dtypes=_DTYPES,
-            device_type="cuda",
-            alignment=_ALIGNMENT,
-            max_bytes=self._max_bytes,
-            device_index=self._index,
-        )
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_into(tensor, tensor)

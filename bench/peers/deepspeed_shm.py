@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate, scoped_env
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext, scoped_env
 from bench.environment import get
 from bench.peers import PIP_PEERS, installed
 
@@ -139,6 +139,7 @@ class DeepSpeedShm:
     in_place = True
 
     def __init__(self, ctx: CommContext, max_bytes: int | None = None) -> None:
+        self._gate = get_spec(self.name).gate(_MAX_BYTES)
         module, error = None, None
         try:
             # its OpenMP runtime (the system's libgomp, not torch's) reads OMP_NUM_THREADS
@@ -172,9 +173,7 @@ class DeepSpeedShm:
             )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(
-            tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=_MAX_BYTES
-        )
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self._op(tensor)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 from bench.environment import get
 from bench.peers import APT_MPI, PIP_PEERS, installed
 
@@ -72,9 +72,10 @@ class MpiAllReduce:
             for dtype in (torch.bfloat16, torch.float16)
         }
         self._last: tuple[Any, ...] = (None, 0, None)  # (tensor, data_ptr, MPI buffer spec)
+        self._gate = get_spec(self.name).gate()
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         last, ptr, spec = self._last
