@@ -2,7 +2,9 @@
 no import circles among the modules of bench/ and tuner/; bench/ never imports tuner/; nobody
 reaches into another module's private names (`from X import _y`, `X._y`, `import X._y`),
 tests and scripts included; no module of bench/ or tuner/ over 500 lines (as `ruff format`
-lays them out; the limit was 400 lines in the denser layout before it).
+lays them out; the limit was 400 lines in the denser layout before it);
+the environment read in bench/environment.py only; no citation of a document that is not in
+the repository.
 
 The checks run per room (bench/launch, tuner/search, tests, ...), so a failure names the room
 it is in, and each lists every offender it finds, not the first."""
@@ -309,3 +311,25 @@ def test_the_environment_check_sees_a_read():
         assert sorted(_environ_reads(path)) == [f"{path}:2", f"{path}:4"]
     finally:
         del _sources()[path]
+
+
+# documents that live outside the repository (the sessions' shared notes): never cited
+OUTSIDE_DOCUMENTS = ("DESIGN.md", "STYLE.md")
+
+
+def test_no_reference_to_a_document_outside_the_repository():
+    files = [
+        p
+        for pattern in ("*.py", "*.md", "*.sh")
+        for p in REPO.rglob(pattern)
+        if not {".venv", ".git", "build", "node_modules"} & set(p.relative_to(REPO).parts)
+        and p != Path(__file__)
+    ]
+    cited = [
+        f"{p.relative_to(REPO)}:{n}: {name}"
+        for p in files
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        for name in OUTSIDE_DOCUMENTS
+        if name in line and not (REPO / name).exists()
+    ]
+    assert not cited, "references to documents not in the repository:\n" + "\n".join(cited)

@@ -81,9 +81,9 @@ def vllm_missing() -> str | None:
 
 
 def multicast_off_reason(environ=None) -> str | None:
-    """The machine keeps NVLink multicast off (DESIGN.md: all three variables are exported
-    together there): vLLM's symmetric memory must not be built, its rendezvous would create
-    multicast objects."""
+    """The machine keeps NVLink multicast off (`bench.environment.multicast_off`: the three
+    variables are exported together there): vLLM's symmetric memory must not be built, its
+    rendezvous would create multicast objects."""
     switch = multicast_off(environ)
     return f"no NVLink multicast ({switch}: kept off on this machine)" if switch else None
 
