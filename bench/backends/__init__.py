@@ -72,7 +72,7 @@ def _load() -> None:
             ep.load()
         except Exception as exc:
             _FAMILY_ERRORS[f"plugin:{ep.name}"] = f"{type(exc).__name__}: {exc}"
-    for module in filter(None, get("ALLREDUCE_AUTOTUNE_PLUGINS") or "".split(",")):
+    for module in filter(None, (get("ALLREDUCE_AUTOTUNE_PLUGINS") or "").split(",")):
         try:
             importlib.import_module(module.strip())
         except Exception as exc:
