@@ -97,10 +97,14 @@ Gate = Callable[[torch.Tensor], "str | None"]  # can_take's checks, fixed at con
 
 @dataclasses.dataclass(frozen=True)
 class BackendSpec:
-    """How a family module registers one algorithm.
+    """How a family module registers one algorithm, and the one statement of its facts.
 
     `create(ctx, max_bytes, **params)` builds the backend; `knobs` maps each tunable parameter
-    to its candidate values (the tuner searches these; the first value is the default).
+    to its candidate values (the tuner searches these; the first value is the default; the
+    values' type is the knob's). Every reader asks the spec: the backend's `can_take` is
+    `gate()` made at construction, `--param`, the build and the constructors check knobs with
+    `check_params` / `unknown_knob`, thresholds.json's validation reads `knobs` and
+    `needs_buffer`, the exports `default_params`, the figures and the dispatcher `is_floor`.
     """
 
     name: str
