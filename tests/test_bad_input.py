@@ -466,6 +466,12 @@ def _drop_rules(t: dict) -> None:
     del t["rules"]
 
 
+def _many_rules(t: dict) -> None:
+    t["rules"] = [{"max_bytes": 4 * (i + 1), "algorithm": "gloo"} for i in range(10_001)]
+    t["rules"][-1]["max_bytes"] = None
+    t["max_size"] = {}
+
+
 TUNER = [
     Case("show-missing", "tuner", lambda t: ["show", str(t / "none.json")], "none.json"),
     Case(
@@ -554,6 +560,42 @@ TUNER = [
         "tuner",
         lambda t: ["show", thresholds(t, _table(lambda x: x.update(mode="graph")))],
         "mode",
+    ),
+    Case(
+        "show-integer-5000-digits",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, text=json.dumps(_thresholds()).replace("65536,", "9" * 5000 + ",", 1)),
+        ],
+        "tables[0].rules[0].max_bytes",
+    ),
+    Case(
+        "show-nested-100000",
+        "tuner",
+        lambda t: ["show", thresholds(t, text="[" * 100_000 + "]" * 100_000)],
+        "nested deeper than 32",
+    ),
+    Case(
+        "show-knob-wrong-type",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, _table(lambda x: x["rules"][0].update(params={"chunk_bytes": "big"}))),
+        ],
+        "tables[0].rules[0].params.chunk_bytes",
+    ),
+    Case(
+        "show-rules-over-limit",
+        "tuner",
+        lambda t: ["show", thresholds(t, _table(_many_rules))],
+        "tables[0].rules: expected at most",
+    ),
+    Case(
+        "export-file-over-limit",
+        "tuner",
+        lambda t: ["export", thresholds(t, text=" " * (16 * 1024 * 1024 + 1)), "--format", "vllm"],
+        "at most 16777216 bytes",
     ),
     Case(
         "export-format",
@@ -708,6 +750,7 @@ AS_PROCESSES = [
     "resume-wrong-column",
     "doctor-nnodes-no-port",
     "show-truncated",
+    "show-nested-100000",
     "fit-wrong-column",
     "out-read-only-fs",
     "report-plots-read-only",
