@@ -124,6 +124,26 @@ def header_only(tmp: Path) -> Path:
     return path
 
 
+def _meta_run(tmp: Path, meta_text: str) -> list[str]:
+    """--resume of a run whose meta.json is valid JSON of the wrong shape."""
+    path = run_dir(tmp)
+    (path / "meta.json").write_text(meta_text)
+    return [*SWEEP, "--resume", str(path)]
+
+
+def _edited_rows(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    """A run whose first row, whole in its fields, holds a cell of the wrong kind."""
+    path = run_dir(tmp)
+    with open(path / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    edit(rows[0])
+    with open(path / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def with_markers(tmp: Path) -> Path:
     (tmp / "README.md").write_text(
         "# runs\n<!-- index: made by bench report -->\n<!-- end index -->\n"
@@ -259,6 +279,36 @@ BENCH = [
             )
         )(run_dir(t)),
         "--resume",
+    ),
+    Case(
+        "resume-meta-a-list",
+        "bench",
+        lambda t: _meta_run(t, "[]"),
+        "meta.json: expected a JSON object",
+    ),
+    Case(
+        "resume-meta-arguments-a-string",
+        "bench",
+        lambda t: _meta_run(t, '{"run_id": "r1", "arguments": "fast"}'),
+        "arguments: expected an object",
+    ),
+    Case(
+        "resume-meta-params-a-list",
+        "bench",
+        lambda t: _meta_run(t, '{"run_id": "r1", "arguments": {"params": {"gloo": [1]}}}'),
+        "arguments.params.gloo",
+    ),
+    Case(
+        "resume-meta-run-id-a-number",
+        "bench",
+        lambda t: _meta_run(t, '{"run_id": 7}'),
+        "run_id: expected a string",
+    ),
+    Case(
+        "resume-row-bytes-a-word",
+        "bench",
+        lambda t: [*SWEEP, "--resume", str(_edited_rows(t, lambda r: r.update(bytes="lots")))],
+        "bytes: expected a whole number",
     ),
     Case(
         "out-is-file",
@@ -748,6 +798,7 @@ IN_PROCESS_ONLY = {"out-being-written"}  # the lock is held by this test process
 AS_PROCESSES = [
     "ws-zero",
     "resume-wrong-column",
+    "resume-meta-a-list",
     "doctor-nnodes-no-port",
     "show-truncated",
     "show-nested-100000",
@@ -764,7 +815,7 @@ _HELD: list[int] = []
 def _held_run(tmp: Path) -> Path:
     """A run directory whose lock is held, as by a sweep that is writing it."""
     path = run_dir(tmp, "held")
-    fd = os.open(path / ".lock", os.O_RDWR)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT)  # a finished run leaves none
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _HELD.append(fd)
     return path
