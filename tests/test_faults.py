@@ -454,3 +454,30 @@ def test_a_row_cut_before_its_newline_is_measured_again_not_kept(tmp_path, run_c
     assert resumed[:2] == full[:2]
     assert len(resumed) == len(set(resumed)) == 5 and set(resumed) == set(full)
     assert not (out / ".lock").exists()
+
+
+def test_a_point_longer_than_timeout_is_named_as_such(tmp_path):
+    """-n 10000000 --timeout 5: every rank works and beats, one point outlasts --timeout. The
+    watchdog's line names --iters and --timeout instead of only a stuck collective."""
+    out = tmp_path / "run"
+    sweep = ["--world-size", "2", "--backends", "gloo", "-b", "1K", "-e", "1K"]
+    sweep += ["--dtypes", "float32", "-n", "10000000", "-w", "0", "-q", "--timeout", "5"]
+    proc = start("bench", "sweep", *sweep, "--out", out)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode not in (0, None)
+    watchdog = [line for line in stderr_lines(stderr) if "no progress" in line]
+    assert watchdog and "--iters" in watchdog[0] and "--timeout 5 s" in watchdog[0], stderr[-3000:]
+
+
+def test_more_ranks_than_the_cores_hold_is_refused_unless_confirmed(tmp_path, run_cli):
+    """--world-size far beyond the cores: one line naming --oversubscribe, no rank started;
+    with --oversubscribe the check lets it through (to the next check: a bad --out here)."""
+    from bench.launch.capacity import RANKS_PER_CORE, cores
+
+    many = str(RANKS_PER_CORE * cores() + 1)
+    proc = run_cli("bench", "sweep", "--world-size", many, "--backends", "gloo", "-e", "1K", "-q")
+    assert proc.returncode == 2 and "--oversubscribe" in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli(
+        "bench", "sweep", "--world-size", many, "--oversubscribe", "--out", "/proc/no/run"
+    )
+    assert proc.returncode == 2 and "--out" in proc.stderr, proc.stderr[-2000:]
