@@ -231,7 +231,7 @@ class _Table:
     ) -> tuple[_Table | None, tuple[str, int] | None]:
         """(the table, None), or (None, (why it cannot be written, exit code))."""
         try:
-            writer = ResultsWriter(out)
+            writer = ResultsWriter(out, claim=not cfg.resume)  # a new run: the first here
         except RunDirLocked as exc:  # another sweep took the directory since the check
             return None, (f"--out: {exc}", 2)
         except OSError as exc:
