@@ -33,6 +33,9 @@ __all__ = [
     "read_meta",
     "write_meta",
     "completed_points",
+    "completed_rounds",
+    "ROUND_COLUMNS",
+    "ROUNDS_FILE",
     "count_rows",
     "busbw_factor",
     "correct_rows",
@@ -76,7 +79,28 @@ POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
 # what one thresholds.json table covers (the tuner fits one table per group of rows)
 TABLE_KEY: tuple[str, ...] = ("hardware_key", "world_size", "dtype", "mode")
 
+# the side table of rounds: one row per measured (point, round). Rows of one (run, round,
+# dtype, mode, bytes) were measured side by side, seconds apart: the pairs that comparisons
+# between backends are made of. `position` is the backend's place in that round's rotating
+# order; `latency_us` the round's median of the slowest rank's per-iteration time;
+# `samples_us` those per-iteration times, space-separated (p10/p90 over all rounds, resumes).
+ROUND_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "hardware_key",
+    "backend",
+    "world_size",
+    "dtype",
+    "mode",
+    "bytes",
+    "round",
+    "position",
+    "iters",
+    "latency_us",
+    "samples_us",
+)
+
 RESULTS_FILE = "results.csv"
+ROUNDS_FILE = "rounds.csv"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 
@@ -94,10 +118,10 @@ def busbw_factor(world_size: int) -> float:
     return 2.0 * (world_size - 1) / world_size if world_size > 1 else 1.0
 
 
-def _check_header(header: list[str], path: Path) -> None:
-    if tuple(header) != COLUMNS:
-        missing = [c for c in COLUMNS if c not in header]
-        extra = [c for c in header if c not in COLUMNS]
+def _check_header(header: list[str], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    if tuple(header) != columns:
+        missing = [c for c in columns if c not in header]
+        extra = [c for c in header if c not in columns]
         detail = []
         if missing:
             detail.append(f"missing {','.join(missing)}")
@@ -121,22 +145,32 @@ class ResultsWriter:
     `TableRemoved`; `restore()` then writes everything the table held again, kept in memory
     for that (a run's table is small)."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        file_name: str = RESULTS_FILE,
+        columns: tuple[str, ...] = COLUMNS,
+        lock: bool = True,
+    ) -> None:
+        """`file_name`/`columns`: another table of the run (the rounds); `lock`: whether this
+        writer holds the directory's lock (one writer per run does; a side table's writer,
+        opened by the lock holder, does not take it twice)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _take_lock(self.run_dir)
-        self.path = self.run_dir / RESULTS_FILE
+        self.columns = columns
+        self._lock_fd: int | None = _take_lock(self.run_dir) if lock else None
+        self.path = self.run_dir / file_name
         self._fd: int | None = None
         try:
             new = not self.path.exists() or self.path.stat().st_size == 0
             if not new:
                 with open(self.path, newline="") as fh:
-                    _check_header(next(csv.reader(fh), []), self.path)
+                    _check_header(next(csv.reader(fh), []), self.path, columns)
                 _drop_partial_row(self.path)
             self._text = bytearray(b"" if new else self.path.read_bytes())
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             if new:
-                self._write(_line(COLUMNS))
+                self._write(_line(columns))
         except BaseException:
             self.close()
             raise
@@ -147,10 +181,10 @@ class ResultsWriter:
         return max(0, self._text.count(b"\n") - 1)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        missing = [c for c in COLUMNS if c not in row]
+        missing = [c for c in self.columns if c not in row]
         if missing:
             raise SchemaError(f"row lacks columns {missing}")
-        self._write(_line(_cell(row[k]) for k in COLUMNS))
+        self._write(_line(_cell(row[k]) for k in self.columns))
 
     def _write(self, data: bytes) -> None:
         held = len(self._text)
@@ -169,12 +203,16 @@ class ResultsWriter:
         if os.fstat(self._fd).st_nlink == 0:
             raise TableRemoved(errno.ENOENT, "removed during the sweep", str(self.path))
 
+    def removed(self) -> bool:
+        """Whether the table's file was removed (unlinked) while this writer held it."""
+        return self._fd is not None and os.fstat(self._fd).st_nlink == 0
+
     def restore(self) -> None:
         """After `TableRemoved`: the folder and the file again, with every row this writer
         held (never over a file someone else made there meanwhile)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock_fd = self._lock_fd  # still ours, unless the folder went with it
-        if os.fstat(lock_fd).st_nlink == 0:
+        if lock_fd is not None and os.fstat(lock_fd).st_nlink == 0:
             lock_fd = _take_lock(self.run_dir)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
@@ -322,6 +360,28 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
         return {
             point_key(**r) for r in reader if r.get(COLUMNS[-1]) is not None
         }  # a row cut short by a crash is not complete
+
+
+def completed_rounds(run_dir: str | os.PathLike) -> dict[tuple, dict[int, tuple]]:
+    """The rounds already measured, from a run's rounds.csv: point key -> {round: (latency_us,
+    samples_us tuple, position)}; a row cut short by a crash is not kept. Empty where the
+    run has no rounds table (a run made before rounds, or none measured yet)."""
+    path = Path(run_dir) / ROUNDS_FILE
+    if not path.exists():
+        return {}
+    done: dict[tuple, dict[int, tuple]] = {}
+    data = path.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]  # a last line without its newline is cut off
+    reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
+    _check_header(list(reader.fieldnames or []), path, ROUND_COLUMNS)
+    for line, record in enumerate(reader, start=2):
+        try:
+            samples = tuple(float(x) for x in record["samples_us"].split())
+            figure = (float(record["latency_us"]), samples, int(record["position"]))
+            done.setdefault(point_key(**record), {})[int(record["round"])] = figure
+        except (TypeError, ValueError, AttributeError, KeyError):
+            raise SchemaError(f"{path} line {line}: not a whole round row") from None
+    return done
 
 
 def count_rows(run_dir: str | os.PathLike) -> int | None:
