@@ -384,11 +384,11 @@ def completed_rounds(run_dir: str | os.PathLike) -> dict[tuple, dict[int, tuple]
     return done
 
 
-def count_rows(run_dir: str | os.PathLike) -> int | None:
-    """Whole data rows in a run's results.csv (a row cut short by a crash is not counted);
-    None when there is no such file."""
+def count_rows(run_dir: str | os.PathLike, file_name: str = RESULTS_FILE) -> int | None:
+    """Whole data rows in a run's results.csv (or its rounds.csv: `file_name`; a row cut
+    short by a crash is not counted); None when there is no such file."""
     try:
-        data = (Path(run_dir) / RESULTS_FILE).read_bytes()
+        data = (Path(run_dir) / file_name).read_bytes()
     except OSError:
         return None
     data = data[: data.rfind(b"\n") + 1]

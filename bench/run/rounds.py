@@ -105,6 +105,11 @@ class Block:
         return (self.backend, self.world_size, self.dtype, self.nbytes, self.mode)
 
     @property
+    def what(self) -> tuple:
+        """What every rank must agree it measures next."""
+        return (self.backend, self.dtype, self.mode, self.nbytes, self.round)
+
+    @property
     def where(self) -> str:
         return f"{self.backend} {self.dtype} {self.mode} {self.nbytes}B round {self.round}"
 

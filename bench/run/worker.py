@@ -56,6 +56,9 @@ class SweepStopped(RuntimeError):
         self.code = code
 
 
+BLOCK_FIELDS = "the next block (backend, dtype, mode, bytes, round)"
+
+
 def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
     """Every point (backend, dtype, mode, bytes) of the sweep, in the order of its first round:
     per (dtype, mode, size), every backend (`bench.run.rounds.round_order` rotates them)."""
@@ -156,7 +159,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
                 table.meta.setdefault("backend_groups", []).append(list(group))
             for block in plan.blocks(list(group)):
                 watchdog.beat(block.where)
-                _agree(block.key + (block.round,), ctx.cpu_group, "the next block", stop)
+                _agree(block.what, ctx.cpu_group, BLOCK_FIELDS, stop)
                 outcome = runner.run(
                     group[block.backend],
                     DTYPES[block.dtype],
@@ -293,18 +296,23 @@ class _Table:
                 write_meta(writer.run_dir, self.meta)
             except OSError as exc:
                 return (
-                    f"{writer.path} was removed during the sweep; writing its "
-                    f"{writer.rows} rows again failed: {os_error(exc)}"
+                    f"{writer.path} was removed during the sweep; writing its {self.kept()} "
+                    f"again failed: {os_error(exc)}"
                 )
             return (
-                f"{writer.path} was removed during the sweep; its {writer.rows} rows "
-                f"were written again; {resume}"
+                f"{writer.path} was removed during the sweep; its {self.kept()} were written "
+                f"again; {resume}"
             )
         except OSError as exc:
             return (
-                f"cannot append to {writer.path}: {os_error(exc)}; its {writer.rows} "
-                f"rows are kept; {resume} once it can be written"
+                f"cannot append to {writer.path}: {os_error(exc)}; its {self.kept()} are "
+                f"kept; {resume} once it can be written"
             )
+
+    def kept(self) -> str:
+        """The rows of both tables: a point's row comes with its last round."""
+        rows, rounds = self.writers[RESULTS_FILE].rows, self.writers[ROUNDS_FILE].rows
+        return f"{rows} rows ({RESULTS_FILE}) and {rounds} rounds ({ROUNDS_FILE})"
 
     def close(self, noise: dict | None = None) -> None:
         """Close the writers; meta.json gets the load after the sweep and the A/A figure."""
