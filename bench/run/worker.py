@@ -156,7 +156,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
                     stop = _write(table, row, stop)
                     _advance(progress, blocks)
             if table is not None and group:
-                table.meta.setdefault("backend_groups", []).append(list(group))
+                table.note_group(list(group))
             for block in plan.blocks(list(group)):
                 watchdog.beat(block.where)
                 _agree(block.what, ctx.cpu_group, BLOCK_FIELDS, stop)
@@ -307,6 +307,19 @@ class _Table:
             return (
                 f"cannot append to {writer.path}: {os_error(exc)}; its {self.kept()} are "
                 f"kept; {resume} once it can be written"
+            )
+
+    def note_group(self, names: list[str]) -> None:
+        """A group of backends held together; from the second on, said in one line."""
+        groups = self.meta.setdefault("backend_groups", [])
+        groups.append(names)
+        if len(groups) > 1:
+            print(
+                f"bench: the backends' buffers do not fit at once: measuring {','.join(names)} "
+                f"after {' then '.join(','.join(g) for g in groups[:-1])} (rounds pair backends "
+                "of one group only)",
+                file=sys.stderr,
+                flush=True,
             )
 
     def kept(self) -> str:
