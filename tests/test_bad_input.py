@@ -124,6 +124,26 @@ def header_only(tmp: Path) -> Path:
     return path
 
 
+def _meta_run(tmp: Path, meta_text: str) -> list[str]:
+    """--resume of a run whose meta.json is valid JSON of the wrong shape."""
+    path = run_dir(tmp)
+    (path / "meta.json").write_text(meta_text)
+    return [*SWEEP, "--resume", str(path)]
+
+
+def _edited_rows(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    """A run whose first row, whole in its fields, holds a cell of the wrong kind."""
+    path = run_dir(tmp)
+    with open(path / "results.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    edit(rows[0])
+    with open(path / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def with_markers(tmp: Path) -> Path:
     (tmp / "README.md").write_text(
         "# runs\n<!-- index: made by bench report -->\n<!-- end index -->\n"
@@ -197,6 +217,8 @@ BENCH = [
     Case("ws-word", "bench", sweep("--world-size", "two"), "--world-size"),
     Case("ws-negative", "bench", sweep("--world-size", "-3"), "--world-size"),
     Case("min-bytes-unit", "bench", sweep("-b", "1X"), "--min-bytes"),
+    Case("sizes-no-memory-holds", "bench", sweep("-b", "256G", "-e", "1T"), "--max-bytes"),
+    Case("ranks-beyond-the-cores", "bench", sweep("--world-size", "4096"), "--oversubscribe"),
     Case("min-bytes-decimal", "bench", sweep("-b", "1.5K"), "--min-bytes"),
     Case("max-bytes-zero", "bench", sweep("-e", "0"), "--max-bytes"),
     Case("min-above-max", "bench", sweep("-b", "64M", "-e", "1K"), "--min-bytes"),
@@ -262,6 +284,36 @@ BENCH = [
             )
         )(run_dir(t)),
         "--resume",
+    ),
+    Case(
+        "resume-meta-a-list",
+        "bench",
+        lambda t: _meta_run(t, "[]"),
+        "meta.json: expected a JSON object",
+    ),
+    Case(
+        "resume-meta-arguments-a-string",
+        "bench",
+        lambda t: _meta_run(t, '{"run_id": "r1", "arguments": "fast"}'),
+        "arguments: expected an object",
+    ),
+    Case(
+        "resume-meta-params-a-list",
+        "bench",
+        lambda t: _meta_run(t, '{"run_id": "r1", "arguments": {"params": {"gloo": [1]}}}'),
+        "arguments.params.gloo",
+    ),
+    Case(
+        "resume-meta-run-id-a-number",
+        "bench",
+        lambda t: _meta_run(t, '{"run_id": 7}'),
+        "run_id: expected a string",
+    ),
+    Case(
+        "resume-row-bytes-a-word",
+        "bench",
+        lambda t: [*SWEEP, "--resume", str(_edited_rows(t, lambda r: r.update(bytes="lots")))],
+        "bytes: expected a whole number",
     ),
     Case(
         "out-is-file",
@@ -469,6 +521,12 @@ def _drop_rules(t: dict) -> None:
     del t["rules"]
 
 
+def _many_rules(t: dict) -> None:
+    t["rules"] = [{"max_bytes": 4 * (i + 1), "algorithm": "gloo"} for i in range(10_001)]
+    t["rules"][-1]["max_bytes"] = None
+    t["max_size"] = {}
+
+
 TUNER = [
     Case("show-missing", "tuner", lambda t: ["show", str(t / "none.json")], "none.json"),
     Case(
@@ -557,6 +615,42 @@ TUNER = [
         "tuner",
         lambda t: ["show", thresholds(t, _table(lambda x: x.update(mode="graph")))],
         "mode",
+    ),
+    Case(
+        "show-integer-5000-digits",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, text=json.dumps(_thresholds()).replace("65536,", "9" * 5000 + ",", 1)),
+        ],
+        "tables[0].rules[0].max_bytes",
+    ),
+    Case(
+        "show-nested-100000",
+        "tuner",
+        lambda t: ["show", thresholds(t, text="[" * 100_000 + "]" * 100_000)],
+        "nested deeper than 32",
+    ),
+    Case(
+        "show-knob-wrong-type",
+        "tuner",
+        lambda t: [
+            "show",
+            thresholds(t, _table(lambda x: x["rules"][0].update(params={"chunk_bytes": "big"}))),
+        ],
+        "tables[0].rules[0].params.chunk_bytes",
+    ),
+    Case(
+        "show-rules-over-limit",
+        "tuner",
+        lambda t: ["show", thresholds(t, _table(_many_rules))],
+        "tables[0].rules: expected at most",
+    ),
+    Case(
+        "export-file-over-limit",
+        "tuner",
+        lambda t: ["export", thresholds(t, text=" " * (16 * 1024 * 1024 + 1)), "--format", "vllm"],
+        "at most 16777216 bytes",
     ),
     Case(
         "export-format",
@@ -709,8 +803,11 @@ IN_PROCESS_ONLY = {"out-being-written"}  # the lock is held by this test process
 AS_PROCESSES = [
     "ws-zero",
     "resume-wrong-column",
+    "resume-meta-a-list",
+    "sizes-no-memory-holds",
     "doctor-nnodes-no-port",
     "show-truncated",
+    "show-nested-100000",
     "fit-wrong-column",
     "out-read-only-fs",
     "report-plots-read-only",
@@ -724,7 +821,7 @@ _HELD: list[int] = []
 def _held_run(tmp: Path) -> Path:
     """A run directory whose lock is held, as by a sweep that is writing it."""
     path = run_dir(tmp, "held")
-    fd = os.open(path / ".lock", os.O_RDWR)
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT)  # a finished run leaves none
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     _HELD.append(fd)
     return path

@@ -390,3 +390,101 @@ def test_a_gloo_group_left_to_a_reference_cycle_does_not_abort_the_exit(tmp_path
         for rank, proc in enumerate(ranks):
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, (attempt, rank, proc.returncode, err[-2000:])
+
+
+# ------------------------------------------------------------------ issue 21: claims, resumes
+SMALL = ["--world-size", "2", "--backends", "gloo", "-b", "1K", "-e", "16K", "--dtypes", "float32"]
+SMALL += ["-n", "5", "-w", "1", "-q", "--timeout", "60"]
+
+
+def _spawned(root: int) -> bool:
+    for pid in descendants(root):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_two_sweeps_on_one_directory_only_one_writes_it(tmp_path, run_cli):
+    """A first sweep held (SIGSTOP) after its checks, once its ranks are started but before
+    rank 0 opened the table; a second one finishes meanwhile. The first then says in one line
+    that the directory holds a run, and writes nothing: one run id, no duplicate point, no
+    .lock left (it appended a second run to the table before the claim)."""
+    out = tmp_path / "run"
+    for _ in range(5):  # the hold must land before rank 0 opens the table
+        first = start("bench", "sweep", *SMALL, "--out", out, terminal=True)
+        deadline = time.monotonic() + 120
+        while not _spawned(first.pid) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.killpg(first.pid, signal.SIGSTOP)
+        if not (out / "results.csv").exists():
+            break
+        os.killpg(first.pid, signal.SIGCONT)
+        first.communicate(timeout=120)
+        shutil.rmtree(out)
+    else:
+        pytest.fail("rank 0 opened its table before it could be held, 5 times")
+    try:
+        second = run_cli("bench", "sweep", *SMALL, "--out", out, timeout=180)
+        assert second.returncode == 0, second.stderr[-2000:]
+        finished = (out / "results.csv").read_bytes(), (out / "meta.json").read_bytes()
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=180)
+    assert first.returncode == 2, stderr[-3000:]
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1 and "already holds a run" in lines[0], stderr[-3000:]
+    assert ((out / "results.csv").read_bytes(), (out / "meta.json").read_bytes()) == finished
+    rows = whole_rows(out / "results.csv")
+    assert len({r["run_id"] for r in rows}) == 1
+    keys = point_keys(out / "results.csv")
+    assert len(keys) == len(set(keys)) == 5
+    assert not (out / ".lock").exists()
+
+
+def test_a_row_cut_before_its_newline_is_measured_again_not_kept(tmp_path, run_cli):
+    """Resume of a table whose row was cut mid-way and still ends in a newline: the cut row is
+    dropped, its point measured again, every row whole and once; no .lock left behind."""
+    out = tmp_path / "run"
+    proc = run_cli("bench", "sweep", *SMALL, "--out", out, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / ".lock").exists(), "a finished run left its lock file"
+    full = point_keys(out / "results.csv")
+    lines = (out / "results.csv").read_bytes().splitlines(keepends=True)
+    (out / "results.csv").write_bytes(b"".join(lines[:3]) + lines[3][:30] + b"\n")
+    proc = run_cli("bench", "sweep", *SMALL, "--resume", out, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole_rows(out / "results.csv")
+    resumed = point_keys(out / "results.csv")
+    assert resumed[:2] == full[:2]
+    assert len(resumed) == len(set(resumed)) == 5 and set(resumed) == set(full)
+    assert not (out / ".lock").exists()
+
+
+def test_a_point_longer_than_timeout_is_named_as_such(tmp_path):
+    """-n 10000000 --timeout 5: every rank works and beats, one point outlasts --timeout. The
+    watchdog's line names --iters and --timeout instead of only a stuck collective."""
+    out = tmp_path / "run"
+    sweep = ["--world-size", "2", "--backends", "gloo", "-b", "1K", "-e", "1K"]
+    sweep += ["--dtypes", "float32", "-n", "10000000", "-w", "0", "-q", "--timeout", "5"]
+    proc = start("bench", "sweep", *sweep, "--out", out)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode not in (0, None)
+    watchdog = [line for line in stderr_lines(stderr) if "no progress" in line]
+    assert watchdog and "--iters" in watchdog[0] and "--timeout 5 s" in watchdog[0], stderr[-3000:]
+
+
+def test_more_ranks_than_the_cores_hold_is_refused_unless_confirmed(tmp_path, run_cli):
+    """--world-size far beyond the cores: one line naming --oversubscribe, no rank started;
+    with --oversubscribe the check lets it through (to the next check: a bad --out here)."""
+    from bench.launch.capacity import RANKS_PER_CORE, cores
+
+    many = str(RANKS_PER_CORE * cores() + 1)
+    proc = run_cli("bench", "sweep", "--world-size", many, "--backends", "gloo", "-e", "1K", "-q")
+    assert proc.returncode == 2 and "--oversubscribe" in proc.stderr, proc.stderr[-2000:]
+    proc = run_cli(
+        "bench", "sweep", "--world-size", many, "--oversubscribe", "--out", "/proc/no/run"
+    )
+    assert proc.returncode == 2 and "--out" in proc.stderr, proc.stderr[-2000:]

@@ -286,3 +286,32 @@ def test_runtime_imports_no_tuner_or_analysis_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_routes_are_built_in_linear_work(monkeypatch):
+    """Each rule's chain (its backend, then the following rules' distinct backends, then the
+    floor) is built from the next rule's chain: the rule lookups grow linearly with the rules
+    (they grew with their square: 8,000 rules took seconds), and the chains are what the
+    definition says."""
+    from tuner.runtime import startup
+
+    names = ["shm_one_shot", "shm_two_shot", "gloo", "shm_one_shot"]
+    rules = tuple(Rule(64 * (i + 1), names[i % 4], {"threads": i % 3}) for i in range(3000))
+    rules += (Rule(None, "gloo", {}),)
+    table = Table("cpu-test-2c", 2, "float32", "eager", rules, {}, {})
+    floor = object()
+    backends = {startup.backend_key(r): object() for r in rules if r.algorithm != "gloo"}
+    backends["gloo"] = floor
+    limits = {key: 1 << 20 for key in backends}
+    calls = []
+    real = startup.backend_key
+    monkeypatch.setattr(startup, "backend_key", lambda rule: calls.append(1) or real(rule))
+    route = startup.build_route(table, backends, limits, floor)
+    assert len(calls) <= 3 * len(rules)
+    for i in (0, 1, 2, 1500, len(rules) - 2, len(rules) - 1):
+        expected = []
+        for rule in rules[i:]:
+            backend = backends.get(real(rule))
+            if backend not in (None, floor) and backend not in expected:
+                expected.append(backend)
+        assert [b for b, _ in route.chains[i]] == [*expected, floor]

@@ -159,7 +159,7 @@ REFUSALS = [
     ),
     (
         lambda: _mutate(["tables", 0, "rules", 2, "params"], {"nonexistent_knob": 1}),
-        "tables[0].rules[2].params.nonexistent_knob: expected a knob of gloo",
+        "tables[0].rules[2].params.nonexistent_knob: gloo has no knob",
     ),
     (
         lambda: _mutate(["tables", 0, "rules", 2, "params"], "fast"),
@@ -243,3 +243,82 @@ def test_missing_file_and_a_pickle_are_refused(tmp_path):
     path.write_bytes(pickle.dumps(_doc()))
     with pytest.raises(TableError, match="cannot read|not JSON"):
         load(path)
+
+
+# ------------------------------------------------------------------ hostile tables (issue 21)
+def _hostile_texts() -> list[tuple[str, str, str]]:
+    """(id, file text, what the one line must name)."""
+    huge = json.dumps(_doc()).replace('"max_bytes": 65536', '"max_bytes": 1' + "0" * 5000, 1)
+    deep = '{"schema_version": 1, "generated_by": ' + '{"a": ' * 100_000 + "1" + "}" * 100_000
+    deep_list = "[" * 100_000 + "]" * 100_000
+    shallow_but_deep = _doc()
+    shallow_but_deep["generated_by"] = json.loads('{"a": ' * 40 + "1" + "}" * 40)
+    big_int = _doc()
+    big_int["tables"][0]["evidence"]["points"] = 2**60
+    knob = _doc()
+    knob["tables"][0]["rules"][0]["params"] = {"chunk_bytes": "big"}
+    many_rules = _doc()
+    table = many_rules["tables"][0]
+    table["rules"] = [{"max_bytes": 4 * (i + 1), "algorithm": "gloo"} for i in range(10_001)]
+    table["rules"][-1]["max_bytes"] = None
+    table["max_size"] = {}
+    many_tables = _doc()
+    many_tables["tables"] = [
+        {**copy.deepcopy(_doc()["tables"][0]), "world_size": ws} for ws in range(1, 1026)
+    ]
+    configs = _doc()
+    table = configs["tables"][0]
+    table["rules"] = [
+        {"max_bytes": 64 * (i + 1), "algorithm": "shm_one_shot", "params": params}
+        for i, params in enumerate(
+            {"threads": t, "spin": s, "yield_us": y}
+            for t in (-1, 0, 1, 2, 4)
+            for s in (-1, 0, 50, 1000)
+            for y in (-1, 0, 100, 10000)
+        )
+    ] + [{"max_bytes": None, "algorithm": "gloo"}]
+    table["max_size"] = {"shm_one_shot": 64 * 80}
+    return [
+        ("integer-5000-digits", huge, "tables[0].rules[0].max_bytes"),
+        ("nested-100000", deep, "nested deeper than 32"),
+        ("list-nested-100000", deep_list, "nested deeper than 32"),
+        ("generated-by-40-deep", json.dumps(shallow_but_deep), "generated_by.a"),
+        ("integer-beyond-2-53", json.dumps(big_int), "tables[0].evidence.points"),
+        ("knob-wrong-type", json.dumps(knob), "tables[0].rules[0].params.chunk_bytes"),
+        ("rules-10001", json.dumps(many_rules), "tables[0].rules: expected at most 10000"),
+        ("tables-1025", json.dumps(many_tables), "tables: expected at most 1024"),
+        ("configurations-65", json.dumps(configs), "distinct algorithm + params"),
+        ("file-over-16mib", " " * (16 * 1024 * 1024 + 1), "at most 16777216 bytes"),
+    ]
+
+
+HOSTILE = _hostile_texts()
+
+
+@pytest.mark.parametrize("text,names", [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])
+def test_hostile_tables_are_refused_in_one_line(text, names, tmp_path):
+    """The API raises the project's own TableError, naming the file and the field, from the
+    loader and from Dispatcher.from_file (which loads before touching any group)."""
+    from tuner.runtime.dispatch import Dispatcher
+
+    path = tmp_path / "hostile.json"
+    path.write_text(text)
+    for call in (lambda: loads(text, source=str(path)), lambda: load(path)):
+        with pytest.raises(TableError) as info:
+            call()
+        line = str(info.value)
+        assert "\n" not in line and line.startswith(str(path)) and names in line, line
+        assert len(line) < 400, line
+    with pytest.raises(TableError, match="hostile.json"):
+        Dispatcher.from_file(path)
+
+
+def test_a_table_at_the_limits_loads():
+    """The limits are not off by one: 10,000 rules and integers of 2**53 are allowed."""
+    doc = _doc()
+    table = doc["tables"][0]
+    table["rules"] = [{"max_bytes": 4 * (i + 1), "algorithm": "gloo"} for i in range(10_000)]
+    table["rules"][-1]["max_bytes"] = None
+    table["max_size"] = {}
+    table["evidence"]["points"] = 2**53
+    assert len(loads(json.dumps(doc)).tables[0].rules) == 10_000

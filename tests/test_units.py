@@ -205,3 +205,70 @@ def test_a_half_written_row_is_left_out_when_read(tmp_path):
     (tmp_path / "results.csv").write_bytes(data[:-25])  # a crash in the middle of a row
     assert len(read_results(tmp_path)) == count_rows(tmp_path) == 1
     assert completed_points(tmp_path) == {("gloo", 2, "float32", 1024, "eager")}
+
+
+def test_a_row_cut_short_before_a_newline_is_never_kept(tmp_path):
+    """A row cut mid-way that still ends in a newline (and one glued onto the next) is left
+    out by every reader and dropped when the table is reopened, so the point measured again
+    is its only row (issue 21)."""
+    from bench.analysis.results import count_rows
+
+    with ResultsWriter(tmp_path) as writer:
+        writer.append(_row())
+        writer.append(_row(bytes=2048))
+        writer.append(_row(bytes=4096, latency_us=None, correct=None, skipped_reason="why"))
+    lines = (tmp_path / "results.csv").read_bytes().splitlines(keepends=True)
+    cut_row = lines[2][: len(lines[2]) // 2] + b"\n"
+    cut_reason = lines[3][: lines[3].rindex(b",") + 1] + b"\r\n"  # says neither latency nor why
+    (tmp_path / "results.csv").write_bytes(lines[0] + lines[1] + cut_row + cut_reason)
+    assert completed_points(tmp_path) == {("gloo", 2, "float32", 1024, "eager")}
+    assert len(read_results(tmp_path)) == count_rows(tmp_path) == 1
+    with ResultsWriter(tmp_path) as writer:
+        assert writer.dropped == 2 and writer.rows == 1
+        writer.append(_row(bytes=2048))
+    frame = read_results(tmp_path)
+    assert sorted(frame["bytes"]) == [1024, 2048]
+    glued = lines[1][:-10] + lines[2]  # a row with more fields than columns
+    (tmp_path / "results.csv").write_bytes(lines[0] + glued + lines[3])
+    assert completed_points(tmp_path) == {("gloo", 2, "float32", 4096, "eager")}
+
+
+def test_a_cell_of_the_wrong_kind_is_refused_naming_line_and_column(tmp_path):
+    with ResultsWriter(tmp_path) as writer:
+        writer.append(_row())
+    text = (tmp_path / "results.csv").read_text().replace(",1024,", ",big,")
+    (tmp_path / "results.csv").write_text(text)
+    for read in (completed_points, read_results, ResultsWriter):
+        with pytest.raises(SchemaError, match="line 2: bytes: expected a whole number"):
+            read(tmp_path)
+
+
+def test_a_finished_writer_leaves_no_lock_and_a_new_run_claims_the_directory(tmp_path):
+    from bench.analysis.results import RunDirTaken, count_rows
+
+    with ResultsWriter(tmp_path, claim=True) as writer:
+        assert (tmp_path / ".lock").exists()
+        writer.append(_row())
+    assert not (tmp_path / ".lock").exists()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(RunDirTaken, match="already holds a run"):
+        ResultsWriter(tmp_path, claim=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    with ResultsWriter(tmp_path) as writer:  # a resume appends
+        writer.append(_row(bytes=2048))
+    assert count_rows(tmp_path) == 2
+
+
+def test_meta_of_the_wrong_shape_is_refused_naming_the_field(tmp_path):
+    from bench.analysis.results import read_meta
+
+    for text, field in (
+        ("[]", "expected a JSON object"),
+        ('{"arguments": []}', "arguments: expected an object"),
+        ('{"fingerprint": {"gpu": {"gpus": 3}}}', "fingerprint.gpu.gpus: expected a list"),
+    ):
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(SchemaError, match=field):
+            read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"run_id": "r", "arguments": null}')
+    assert read_meta(tmp_path)["run_id"] == "r"

@@ -2,7 +2,10 @@
 
 `results.csv` is appended and flushed after every point, so a crash loses nothing and
 `--resume` measures only what is missing. One writer per run directory: a second sweep on the
-same directory is refused (an exclusive lock on `.lock`), never interleaved.
+same directory is refused (an exclusive lock on `.lock`, removed when the writer closes),
+never interleaved; a new run claims the directory under that lock (`claim=True`), so two
+sweeps started on one directory never both write it. Rows not whole are left out wherever the
+table is read or reopened (`rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.analysis.rows import SchemaError, check_meta, csv_line, whole_records
+
 __all__ = [
     "TABLE_KEY",
     "point_key",
@@ -27,6 +32,7 @@ __all__ = [
     "POINT_KEY",
     "ResultsWriter",
     "RunDirLocked",
+    "RunDirTaken",
     "TableRemoved",
     "SchemaError",
     "read_results",
@@ -105,12 +111,13 @@ META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 
 
-class SchemaError(ValueError):
-    """A results file that is not the table this project writes."""
-
-
 class RunDirLocked(RuntimeError):
     """Another sweep is writing into this run directory."""
+
+
+class RunDirTaken(RunDirLocked):
+    """A new run found the directory holding another run's rows (started after this one's
+    check, finished before this one's writer opened)."""
 
 
 def busbw_factor(world_size: int) -> float:
@@ -148,29 +155,39 @@ class ResultsWriter:
     def __init__(
         self,
         run_dir: str | os.PathLike,
+        claim: bool = False,
         file_name: str = RESULTS_FILE,
         columns: tuple[str, ...] = COLUMNS,
         lock: bool = True,
     ) -> None:
-        """`file_name`/`columns`: another table of the run (the rounds); `lock`: whether this
-        writer holds the directory's lock (one writer per run does; a side table's writer,
-        opened by the lock holder, does not take it twice)."""
+        """`claim`: this is a new run, the directory's first (its table absent or empty, seen
+        under the lock: RunDirTaken otherwise, nothing written). `file_name`/`columns`:
+        another table of the run (the rounds); `lock`: whether this writer holds the
+        directory's lock (one writer per run does; a side table's writer, opened by the
+        lock holder, does not take it twice)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.columns = columns
         self._lock_fd: int | None = _take_lock(self.run_dir) if lock else None
         self.path = self.run_dir / file_name
         self._fd: int | None = None
+        self.dropped = 0  # records not whole, left out of a table found here
         try:
             new = not self.path.exists() or self.path.stat().st_size == 0
+            if claim and not new:
+                raise RunDirTaken(
+                    f"{self.run_dir} already holds a run (results.csv, written by another "
+                    f"sweep meanwhile); continue it with --resume {self.run_dir}, or pick "
+                    "another --out"
+                )
             if not new:
                 with open(self.path, newline="") as fh:
                     _check_header(next(csv.reader(fh), []), self.path, columns)
-                _drop_partial_row(self.path)
+                self.dropped = _keep_whole_rows(self.path, columns)
             self._text = bytearray(b"" if new else self.path.read_bytes())
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             if new:
-                self._write(_line(columns))
+                self._write(csv_line(columns))
         except BaseException:
             self.close()
             raise
@@ -184,7 +201,7 @@ class ResultsWriter:
         missing = [c for c in self.columns if c not in row]
         if missing:
             raise SchemaError(f"row lacks columns {missing}")
-        self._write(_line(_cell(row[k]) for k in self.columns))
+        self._write(csv_line(_cell(row[k]) for k in self.columns))
 
     def _write(self, data: bytes) -> None:
         held = len(self._text)
@@ -228,6 +245,8 @@ class ResultsWriter:
         self._write(text)
 
     def close(self) -> None:
+        if self._lock_fd is not None:
+            _drop_lock(self.run_dir, self._lock_fd)
         for fd in (self._fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)
@@ -241,32 +260,48 @@ class ResultsWriter:
 
 
 def _take_lock(run_dir: Path) -> int:
-    """The run directory's lock, held open; RunDirLocked when another sweep holds it."""
-    fd = os.open(run_dir / LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    """The run directory's lock, held open; RunDirLocked when another sweep holds it.
+
+    The holder removes the file before it lets go (`_drop_lock`), so a lock taken on a file
+    that is no longer the one at the path is no lock: tried again on the path's file."""
+    path = run_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirLocked(
+                f"{run_dir} is being written by another sweep; use another --out"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise RunDirLocked(
-            f"{run_dir} is being written by another sweep; use another --out"
-        ) from None
-    return fd
 
 
-def _line(cells) -> bytes:
-    """One CSV record, as the csv module writes it (quoting included)."""
-    buffer = io.StringIO()
-    csv.writer(buffer).writerow(cells)
-    return buffer.getvalue().encode()
+def _drop_lock(run_dir: Path, fd: int) -> None:
+    """Remove the lock file while holding it (a finished run leaves no `.lock`); never one
+    that is no longer this writer's."""
+    path = run_dir / LOCK_FILE
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            path.unlink()
 
 
-def _drop_partial_row(path: Path) -> None:
-    """A writer killed mid-row leaves a line without its newline: cut it (the point is
-    measured again) so that the next row does not glue onto it."""
-    with open(path, "rb+") as fh:
-        data = fh.read()
-        if data and not data.endswith(b"\n"):
-            fh.truncate(data.rfind(b"\n") + 1)
+def _keep_whole_rows(path: Path, columns: tuple[str, ...] = COLUMNS) -> int:
+    """Before appending: the table without its records that are not whole (a row being written
+    when a writer died, with or without a newline after it), replaced whole; how many were
+    dropped (their points are measured again)."""
+    data = path.read_bytes()
+    kept, dropped = whole_records(data, columns, path)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 def _cell(value: Any) -> Any:
@@ -289,9 +324,7 @@ def read_results(run_dir: str | os.PathLike):
     try:
         with open(path, newline="") as fh:
             _check_header(next(csv.reader(fh), []), path)
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):  # a row cut short by a crash: left out, as --resume does
-            data = data[: data.rfind(b"\n") + 1]
+        data, _ = whole_records(path.read_bytes(), COLUMNS, path)  # rows cut short: left out
         frame = pd.read_csv(
             io.BytesIO(data),
             dtype={
@@ -355,11 +388,10 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
     if not path.exists():
         return set()
     with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        _check_header(list(reader.fieldnames or []), path)
-        return {
-            point_key(**r) for r in reader if r.get(COLUMNS[-1]) is not None
-        }  # a row cut short by a crash is not complete
+        _check_header(next(csv.reader(fh), []), path)
+    data, _ = whole_records(path.read_bytes(), COLUMNS, path)  # a row cut short is not done
+    reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
+    return {point_key(**r) for r in reader}
 
 
 def completed_rounds(run_dir: str | os.PathLike) -> dict[tuple, dict[int, tuple]]:
@@ -370,10 +402,10 @@ def completed_rounds(run_dir: str | os.PathLike) -> dict[tuple, dict[int, tuple]
     if not path.exists():
         return {}
     done: dict[tuple, dict[int, tuple]] = {}
-    data = path.read_bytes()
-    data = data[: data.rfind(b"\n") + 1]  # a last line without its newline is cut off
+    with open(path, newline="") as fh:
+        _check_header(next(csv.reader(fh), []), path, ROUND_COLUMNS)
+    data, _ = whole_records(path.read_bytes(), ROUND_COLUMNS, path)  # rows cut short: out
     reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
-    _check_header(list(reader.fieldnames or []), path, ROUND_COLUMNS)
     for line, record in enumerate(reader, start=2):
         try:
             samples = tuple(float(x) for x in record["samples_us"].split())
@@ -387,10 +419,14 @@ def completed_rounds(run_dir: str | os.PathLike) -> dict[tuple, dict[int, tuple]
 def count_rows(run_dir: str | os.PathLike, file_name: str = RESULTS_FILE) -> int | None:
     """Whole data rows in a run's results.csv (or its rounds.csv: `file_name`; a row cut
     short by a crash is not counted); None when there is no such file."""
+    path = Path(run_dir) / file_name
+    columns = ROUND_COLUMNS if file_name == ROUNDS_FILE else COLUMNS
     try:
-        data = (Path(run_dir) / file_name).read_bytes()
+        data = path.read_bytes()
     except OSError:
         return None
+    with contextlib.suppress(SchemaError):  # counted as whole rows where the table is ours
+        data, _ = whole_records(data, columns, path)
     data = data[: data.rfind(b"\n") + 1]
     records = csv.reader(io.StringIO(data.decode(errors="replace"), newline=""))
     return max(0, sum(1 for record in records if record) - 1)
@@ -410,7 +446,9 @@ def write_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> None:
 
 
 def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run's meta.json ({} where there is none); SchemaError (or a JSON error) where it is not
+    the shape every reader of it expects."""
     path = Path(run_dir) / META_FILE
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())
+    return check_meta(json.loads(path.read_text()), path)

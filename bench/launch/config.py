@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from bench.launch import capacity
+from bench.launch.capacity import RANKS_PER_CORE
 from bench.launch.flags import UsageError, UsageParser, int_flag, seconds_flag
 from bench.launch.paths import writable_dir
 from bench.sizes import parse_size, size_range
@@ -139,6 +141,11 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help=f"allow more than {RANKS_PER_CORE} ranks per core on a node",
+    )
+    p.add_argument(
         "--launcher",
         default="torchrun",
         help="torchrun, or mpirun (ranks an MPI library can join: the mpi peer)",
@@ -208,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     graph_calls = int_flag("--graph-calls", args.graph_calls)
     timeout_s = seconds_flag("--timeout", args.timeout)
     params = _params(args.param, known)
+    _fits(args, sizes, world_size // nnodes, device)
     out, resume = _run_dir(args, node_rank)
     launcher = _launcher(args.launcher, nnodes)
     return SweepConfig(
@@ -295,6 +303,15 @@ def _sizes(args: argparse.Namespace) -> list[int]:
             f"--min-bytes: {args.min_bytes} is larger than --max-bytes {args.max_bytes}"
         )
     return size_range(min_bytes, max_bytes, factor)
+
+
+def _fits(args: argparse.Namespace, sizes: list[int], local_ranks: int, device: str) -> None:
+    """What this node cannot hold (memory, ranks per core), refused before any rank starts."""
+    reason = capacity.memory_reason(max(sizes), local_ranks, device) or capacity.ranks_reason(
+        local_ranks, bool(getattr(args, "oversubscribe", False))
+    )
+    if reason:
+        raise UsageError(reason)
 
 
 def _params(texts: list[str], known: list[str]) -> dict[str, dict]:

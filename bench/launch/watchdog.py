@@ -96,7 +96,12 @@ class Watchdog:
                 if not self._ending.acquire(blocking=False):
                     return  # the main thread is already ending this rank
                 silent = self.silent_peers()
-                who = "no peer went silent (a collective or kernel is stuck?)"
+                # every peer still beats: one point may just take longer than --timeout
+                who = (
+                    "no peer went silent: a point of --iters iterations may take longer than "
+                    f"--timeout {self.timeout_s:g} s (raise --timeout or lower --iters), or a "
+                    "collective or kernel is stuck"
+                )
                 if silent:
                     who = "silent: " + _describe(silent) + " (dead, stopped or stuck)"
                 print(

@@ -245,14 +245,16 @@ class _Table:
     ) -> tuple[_Table | None, tuple[str, int] | None]:
         """(the table, None), or (None, (why it cannot be written, exit code))."""
         try:
-            writer = ResultsWriter(out)
+            writer = ResultsWriter(out, claim=not cfg.resume)  # a new run: the first here
         except RunDirLocked as exc:  # another sweep took the directory since the check
             return None, (f"--out: {exc}", 2)
         except OSError as exc:
             return None, (f"cannot write the run directory {out}: {os_error(exc)}", 1)
         writers = {RESULTS_FILE: writer}
         try:
-            writers[ROUNDS_FILE] = ResultsWriter(out, ROUNDS_FILE, ROUND_COLUMNS, lock=False)
+            writers[ROUNDS_FILE] = ResultsWriter(
+                out, file_name=ROUNDS_FILE, columns=ROUND_COLUMNS, lock=False
+            )
             done = completed_points(out) if cfg.resume else set()
             rounds = completed_rounds(out) if cfg.resume else {}
             meta = read_meta(out) if cfg.resume else {}
@@ -328,14 +330,15 @@ class _Table:
         return f"{rows} rows ({RESULTS_FILE}) and {rounds} rounds ({ROUNDS_FILE})"
 
     def close(self, noise: dict | None = None) -> None:
-        """Close the writers; meta.json gets the load after the sweep and the A/A figure."""
+        """meta.json gets the load after the sweep and the A/A figure (while the directory
+        is still this sweep's); then the writers are closed."""
+        run_dir = self.writers[RESULTS_FILE].run_dir
+        if noise is not None:
+            self.meta["noise"] = noise_after(noise, run_dir)
+            with contextlib.suppress(OSError):  # the rows are kept; _finish reports a bad meta
+                write_meta(run_dir, self.meta)
         for writer in self.writers.values():
             writer.close()
-        if noise is None:
-            return
-        self.meta["noise"] = noise_after(noise, self.writers[RESULTS_FILE].run_dir)
-        with contextlib.suppress(OSError):  # the rows are kept; _finish reports a bad meta
-            write_meta(self.writers[RESULTS_FILE].run_dir, self.meta)
 
 
 def _finish(out: str) -> int:

@@ -15,10 +15,8 @@ Schema version 1, as DESIGN.md gives it::
 
 What this project adds (documented here, validated like the rest):
 
-- ``rules[*].params`` is optional; its keys must be knobs of the algorithm (checked against the
-  backend registry when the algorithm's family imports here) and its values JSON scalars (not
-  checked against the registry's candidate values: those are what the search tries, and they
-  move with tuning; the backend itself judges a value when it is built).
+- ``rules[*].params`` is optional; its values are JSON scalars, and each knob and value is
+  checked by the algorithm's spec (``BackendSpec.check_params``) when its family imports here.
 - ``max_size`` holds an entry for every algorithm of the rules that needs a buffer (all but
   ``needs_buffer`` on its registry spec), none for algorithms the rules do not use, and is at least the largest finite
   ``max_bytes`` of that algorithm's rules (its buffer must hold every size the table routes to it).
@@ -28,6 +26,13 @@ What this project adds (documented here, validated like the rest):
   ``sizes`` ([smallest, largest] measured bytes), ``weights`` ("log-uniform" or "workload:..."),
   ``rules_limit``, ``memory_budget`` (bytes or null), ``source`` ("fit" or "live").
 - ``generated_by`` is a free-form object (tool, version, time, command line).
+
+Limits (``validate.LIMITS``; a file beyond one is refused naming the field, before anything is
+built): the file at most 16 MiB; objects and lists nested at most 32 deep; at most 1,024 tables,
+10,000 rules per table, and 64 distinct algorithm + params settings in the file (each is a
+backend the dispatcher builds); every integer within +-2**53. ``rules[*].params`` values are
+judged by the algorithm's ``BackendSpec.check_params`` (its knobs, their types and values).
+Loading, validating and building the routes are linear in the file.
 """
 
 from __future__ import annotations
@@ -39,11 +44,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tuner.runtime.validate import DTYPES, MODES, SCHEMA_VERSION, TableError, check_document
+from tuner.runtime.validate import (
+    DTYPES,
+    LIMITS,
+    MODES,
+    SCHEMA_VERSION,
+    OutOfRange,
+    TableError,
+    check_document,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
     "DTYPES",
+    "LIMITS",
     "MODES",
     "TableError",
     "Rule",
@@ -177,17 +191,30 @@ def _no_constants(name: str) -> Any:
     raise TableError(f"not JSON: {name} is not a JSON value")
 
 
+def _int_or_out_of_range(text: str) -> int | OutOfRange:
+    # 20 characters hold every integer the schema allows; longer is kept for the validator to
+    # name its field (Python refuses int() of more than 4,300 digits, and it costs quadratic time)
+    return int(text) if len(text) <= 20 else OutOfRange(text)
+
+
 def loads(text: str, source: str = "thresholds.json") -> Thresholds:
     """Parse and validate; every error is one line starting with `source`."""
     try:
+        if len(text) > LIMITS["file_bytes"] or len(text.encode()) > LIMITS["file_bytes"]:
+            raise TableError(f"expected at most {LIMITS['file_bytes']} bytes, got more")
         try:
             obj = json.loads(
-                text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants
+                text,
+                object_pairs_hook=_no_duplicate_keys,
+                parse_constant=_no_constants,
+                parse_int=_int_or_out_of_range,
             )
         except json.JSONDecodeError as exc:
             raise TableError(
                 f"not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
             ) from None
+        except RecursionError:
+            raise TableError(f"nested deeper than {LIMITS['depth']} levels") from None
         return from_json(obj)
     except TableError as exc:
         raise TableError(f"{source}: {exc}") from None
@@ -195,8 +222,13 @@ def loads(text: str, source: str = "thresholds.json") -> Thresholds:
 
 def load(path: str | os.PathLike) -> Thresholds:
     path = Path(path)
+    limit = LIMITS["file_bytes"]
     try:
-        text = path.read_text()
+        with path.open("rb") as stream:
+            data = stream.read(limit + 1)  # never more than the limit, whatever the file holds
+        if len(data) > limit:
+            raise TableError(f"{path}: expected at most {limit} bytes, got more")
+        text = data.decode()
     except FileNotFoundError:
         raise TableError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -25,7 +25,7 @@ from bench.run.context import broadcast_object, build_backend, make_context
 from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
 
-__all__ = ["Route", "Plan", "plan", "backend_key", "NO_LIMIT"]
+__all__ = ["Route", "Plan", "plan", "build_route", "backend_key", "NO_LIMIT"]
 
 NO_LIMIT = 1 << 62
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,7 +113,9 @@ def plan(
         notes.append(f"floor {floor_of} unavailable ({reason}); using torch.distributed")
         floor = TorchFloor(floor_of, group or dist.group.WORLD)
     backends, limits = _build(tables, ctx, floor, floor_of, notes)
-    routes = {(_TORCH_DTYPES[t.dtype], t.mode): _route(t, backends, limits, floor) for t in tables}
+    routes = {
+        (_TORCH_DTYPES[t.dtype], t.mode): build_route(t, backends, limits, floor) for t in tables
+    }
     modes = MODES if ctx.device.type == "cuda" else ("eager",)
     if routes:
         _reuse_for_missing(routes, modes, notes)
@@ -210,24 +212,23 @@ def _instance_bytes(table: Table, rule: Rule) -> int:
     return rule.max_bytes or table.max_size.get(rule.algorithm) or _largest([table])
 
 
-def _route(table: Table, backends: Mapping[str, Any], limits: Mapping[str, int], floor) -> Route:
+def build_route(
+    table: Table, backends: Mapping[str, Any], limits: Mapping[str, int], floor
+) -> Route:
     """Per rule, (backend, largest bytes it may take) to try in order: the rule's own, those
-    of the following rules, then the floor (no size limit)."""
+    of the following rules, then the floor (no size limit). Built from the last rule back: a
+    rule's chain is its own backend before the next rule's chain (without it), so the work is
+    linear in the rules (each chain holds at most one entry per distinct backend)."""
     bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
-    chains = []
-    for i in range(len(table.rules)):
-        chain: list[tuple[Any, int]] = []
-        for rule in table.rules[i:]:
-            backend = backends.get(backend_key(rule))
-            if (
-                backend is not None
-                and backend is not floor
-                and all(b is not backend for b, _ in chain)
-            ):
-                limit = limits[backend_key(rule)] if needs_buffer(rule.algorithm) else NO_LIMIT
-                chain.append((backend, limit))
-        chain.append((floor, NO_LIMIT))
-        chains.append(tuple(chain))
+    chains: list[tuple[tuple[Any, int], ...]] = []
+    after: tuple[tuple[Any, int], ...] = ((floor, NO_LIMIT),)
+    for rule in reversed(table.rules):
+        backend = backends.get(backend_key(rule))
+        if backend is not None and backend is not floor:
+            limit = limits[backend_key(rule)] if needs_buffer(rule.algorithm) else NO_LIMIT
+            after = ((backend, limit), *(link for link in after if link[0] is not backend))
+        chains.append(after)
+    chains.reverse()
     return Route(bounds, tuple(chains), source=f"{table.dtype} {table.mode}")
 
 

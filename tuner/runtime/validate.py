@@ -9,10 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "DTYPES", "MODES", "TableError", "check_document"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "DTYPES",
+    "MODES",
+    "LIMITS",
+    "TableError",
+    "OutOfRange",
+    "check_document",
+]
 
 SCHEMA_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
@@ -35,8 +43,31 @@ _EVIDENCE_OPTIONAL = (
 )
 
 
+# What one thresholds.json may hold (the schema states them; `schema` enforces the file's bytes
+# and depth while reading, `check_document` the rest). Far above any fitted table (a few tables
+# of tens of rules), low enough that loading and building the routes stay well under seconds.
+LIMITS = {
+    "file_bytes": 16 * 1024 * 1024,
+    "depth": 32,  # nesting of objects and lists, generated_by included
+    "tables": 1024,
+    "rules": 10_000,  # per table
+    "configurations": 64,  # distinct algorithm + params in the file: each is a backend built
+    "integer": 2**53,  # magnitude of any integer (the integers every JSON reader agrees on)
+}
+
+
 class TableError(ValueError):
     """A thresholds file that is not valid: one line naming the field."""
+
+
+class OutOfRange:
+    """An integer literal longer than any the schema allows, kept as its digit count so the
+    validator can name its field (int() of 5,000 digits is refused by Python itself)."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
 
 
 # JSON kinds by Python type, bool before int (a bool is an int)
@@ -48,6 +79,7 @@ _KINDS = (
     (str, "a string"),
     (list, "a list"),
     (dict, "an object"),
+    (OutOfRange, "an integer of too many digits"),
 )
 
 
@@ -56,6 +88,10 @@ def _kind(value: Any) -> str:
 
 
 def _shown(value: Any) -> str:
+    if isinstance(value, OutOfRange):
+        return f"an integer of {value.digits} digits"
+    if isinstance(value, int) and not isinstance(value, bool) and not _is_int(value):
+        return f"{value} (beyond +-2**53)"
     text = (
         json.dumps(value)
         if isinstance(value, (str, int, float, bool, type(None)))
@@ -70,11 +106,33 @@ def _fail(where: str, expected: str, value: Any = dataclasses.MISSING) -> TableE
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and -LIMITS["integer"] <= value <= LIMITS["integer"]
+    )
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, int):
+        return _is_int(value)
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def _free_form(obj: Any, where: str) -> None:
+    """Any JSON (generated_by): nested at most LIMITS['depth'], integers within bounds."""
+    todo = [(obj, where, 1)]
+    while todo:
+        value, at, depth = todo.pop()
+        if depth > LIMITS["depth"]:
+            raise TableError(f"{at}: nested deeper than {LIMITS['depth']} levels")
+        if isinstance(value, dict):
+            todo.extend((v, f"{at}.{k}", depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, f"{at}[{i}]", depth + 1) for i, v in enumerate(value))
+        elif isinstance(value, (int, OutOfRange)) and not isinstance(value, bool):
+            if not _is_int(value):
+                raise _fail(at, "an integer within +-2**53", value)
 
 
 def _fields(obj: Any, where: str, required: Iterable[str], optional: Iterable[str] = ()) -> None:
@@ -94,12 +152,12 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
-def _knobs_of(algorithm: str) -> Mapping[str, Any] | None:
-    """The algorithm's knob table, or None where its family does not import here."""
+def _spec_of(algorithm: str) -> Any:
+    """The algorithm's BackendSpec, or None where its family does not import here."""
     from bench.backends import get_spec
 
     try:
-        return get_spec(algorithm).knobs
+        return get_spec(algorithm)
     except KeyError:
         return None
 
@@ -154,17 +212,16 @@ def _rule(obj: Any, where: str, known: list[str]) -> None:
     params = obj.get("params", {})
     if not isinstance(params, dict):
         raise _fail(f"{where}.params", "an object of knob values", params)
-    knobs = _knobs_of(algorithm)
+    spec = _spec_of(algorithm)
     for knob, value in params.items():
-        if not isinstance(value, (str, int, float, bool)) or (
+        if not (isinstance(value, (str, float, bool)) or _is_int(value)) or (
             isinstance(value, float) and not math.isfinite(value)
         ):
             raise _fail(f"{where}.params.{knob}", "a string, number or boolean", value)
-        if knobs is not None and knob not in knobs:
-            raise _fail(
-                f"{where}.params.{knob}",
-                f"a knob of {algorithm} ({', '.join(knobs) or 'it has none'})",
-            )
+        # the backend's spec judges its knobs (names, types, values): one statement of them
+        reason = spec.check_params({knob: value}) if spec is not None else None
+        if reason:
+            raise TableError(f"{where}.params.{knob}: {reason}")
 
 
 def _evidence(obj: Any, where: str) -> None:
@@ -221,6 +278,10 @@ def _table(obj: Any, where: str, known: list[str]) -> None:
 def _rules(rules: Any, where: str, known: list[str]) -> None:
     if not isinstance(rules, list) or not rules:
         raise _fail(f"{where}.rules", "a non-empty list of rules", rules)
+    if len(rules) > LIMITS["rules"]:
+        raise TableError(
+            f"{where}.rules: expected at most {LIMITS['rules']} rules per table, got {len(rules)}"
+        )
     for i, rule in enumerate(rules):
         _rule(rule, f"{where}.rules[{i}]", known)
     for i, rule in enumerate(rules[:-1]):
@@ -283,8 +344,13 @@ def check_document(obj: Any) -> None:
     _fields(obj, "", _TOP_FIELDS)
     if not isinstance(obj["generated_by"], dict):
         raise _fail("generated_by", "an object", obj["generated_by"])
+    _free_form(obj["generated_by"], "generated_by")
     if not isinstance(obj["tables"], list):
         raise _fail("tables", "a list", obj["tables"])
+    if len(obj["tables"]) > LIMITS["tables"]:
+        raise TableError(
+            f"tables: expected at most {LIMITS['tables']} tables, got {len(obj['tables'])}"
+        )
     from bench.backends import known_names
 
     known = known_names()
@@ -299,3 +365,18 @@ def check_document(obj: Any) -> None:
                 f"({hw}, world_size {ws}, {dtype}, {mode})"
             )
         seen[key] = i
+    _configurations(obj["tables"])
+
+
+def _configurations(tables: list[dict]) -> None:
+    """At most LIMITS['configurations'] distinct algorithm + params: the dispatcher builds one
+    backend (and its buffer) for each."""
+    seen: set[tuple[str, str]] = set()
+    for i, table in enumerate(tables):
+        for j, rule in enumerate(table["rules"]):
+            seen.add((rule["algorithm"], json.dumps(rule.get("params", {}), sort_keys=True)))
+            if len(seen) > LIMITS["configurations"]:
+                raise TableError(
+                    f"tables[{i}].rules[{j}]: expected at most {LIMITS['configurations']} "
+                    "distinct algorithm + params settings in a file (each is a backend to build)"
+                )
