@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from tuner.runtime.evidence_fields import EVIDENCE_FIELDS
+
 __all__ = ["SCHEMA_VERSION", "DTYPES", "MODES", "TableError", "check_document"]
 
 SCHEMA_VERSION = 1
@@ -32,6 +34,7 @@ _EVIDENCE_OPTIONAL = (
     "rules_limit",
     "memory_budget",
     "source",
+    *EVIDENCE_FIELDS,  # measured in rounds (issue 19)
 )
 
 
@@ -195,6 +198,7 @@ def _evidence(obj: Any, where: str) -> None:
             "an integer >= 0 or null",
         ),
         "source": (lambda v: v in ("fit", "live"), '"fit" or "live"'),
+        **EVIDENCE_FIELDS,
     }
     for name, value in obj.items():
         ok, expected = checks[name]
