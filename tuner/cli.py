@@ -188,8 +188,7 @@ def _cmd_validate(args) -> int:
     """`tuner validate T.json RUN...`: each table of the file scored on the runs of its group."""
     from tuner.runtime.schema import TableError, load
     from tuner.table.builder import log_uniform_weights
-    from tuner.table.evidence import score_table
-    from tuner.table.fit import evidence_summary_text
+    from tuner.table.evidence import evidence_summary_text, score_table
 
     try:
         thresholds = load(args.path)

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bench.backends import params_key
+from bench.sizes import format_size
 from tuner.runtime.schema import Table
 from tuner.table.builder import BuildError, Curve, build_table
 from tuner.table.paired import Figures, paired_bound
 
-__all__ = ["heldout_regret", "score_table", "summarise"]
+__all__ = ["heldout_regret", "score_table", "summarise", "evidence_summary_text"]
 
 Weigh = Callable[[Sequence[int]], Sequence[float]]
 
@@ -160,3 +161,18 @@ def score_table(table: Table, rows, weigh: Weigh) -> dict[str, Any] | None:
     if summary is None:
         return {"run_ids": run_ids, "missing": missing}
     return {"run_ids": run_ids, **summary, "missing": missing}
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def evidence_summary_text(summary: Mapping[str, Any]) -> str:
+    """`regret 1.20% geomean, worst 8.1% at 256K (odd rounds)`: a summary in one phrase."""
+    where = summary.get("worst_in")
+    return (
+        f"regret {_pct(summary['regret_geomean'])} geomean, worst "
+        f"{summary['regret_worst'] * 100:.1f}% at {format_size(summary['worst_bytes'])}"
+        + (f" ({where})" if where else "")
+        + (f"; {summary['missing']} size(s) not measured there" if summary.get("missing") else "")
+    )

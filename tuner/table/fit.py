@@ -34,6 +34,7 @@ from tuner.table.builder import (
     workload_weights,
 )
 from tuner.table.data import config_params, device_of
+from tuner.table.evidence import evidence_summary_text
 from tuner.table.paired import Tie
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "baseline_for",
     "format_fit",
     "evidence_lines",
-    "evidence_summary_text",
 ]
 
 
@@ -282,20 +282,6 @@ def _rule_text(rules, labels_by_rule) -> list[str]:
         lines.append(f"    ({format_size(low) if low else '0'} .. {high}]  {label}")
         low = rule.max_bytes or 0
     return lines
-
-
-def _pct(x: float) -> str:
-    return f"{x * 100:.2f}%"
-
-
-def evidence_summary_text(summary: Mapping[str, Any]) -> str:
-    where = summary.get("worst_in")
-    return (
-        f"regret {_pct(summary['regret_geomean'])} geomean, worst "
-        f"{summary['regret_worst'] * 100:.1f}% at {format_size(summary['worst_bytes'])}"
-        + (f" ({where})" if where else "")
-        + (f"; {summary['missing']} size(s) not measured there" if summary.get("missing") else "")
-    )
 
 
 def evidence_lines(fit: GroupFit) -> list[str]:
