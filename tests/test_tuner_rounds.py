@@ -174,3 +174,16 @@ def test_new_evidence_loads_and_a_bad_one_is_named(tmp_path):
     doc["tables"][0]["evidence"]["per_rule"] = [{"runner_up": 3, "advantage": 1.0}]
     with pytest.raises(TableError, match=r"tables\[0\].evidence.per_rule"):
         loads(json.dumps(doc))
+
+
+def test_report_prints_the_aa_figure_and_where_it_exceeds_the_gap(tmp_path, capsys):
+    from bench.cli import main as bench_main
+
+    tied = make_run(tmp_path / "tied", _figures(0, lambda nbytes: 1.0))
+    assert bench_main(["report", str(tied)]) == 0
+    out = capsys.readouterr().out
+    assert "# A/A noise (one backend, round to round):" in out
+    assert "larger than the gap between the best two backends" in out
+    old = make_run(tmp_path / "old", _figures(0, lambda nbytes: 1.0), rounds=False)
+    assert bench_main(["report", str(old)]) == 0
+    assert "A/A noise: not measured (no rounds" in capsys.readouterr().out
