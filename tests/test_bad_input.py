@@ -735,6 +735,19 @@ TUNER = [
         "--validate",
     ),
     Case(
+        "fit-validate-own-run",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(run_dir(t)),
+        ],
+        "is also a run the table is fitted on",
+    ),
+    Case(
         "fit-validate-missing",
         "tuner",
         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--validate", str(t / "no")],

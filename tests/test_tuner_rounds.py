@@ -187,3 +187,13 @@ def test_report_prints_the_aa_figure_and_where_it_exceeds_the_gap(tmp_path, caps
     old = make_run(tmp_path / "old", _figures(0, lambda nbytes: 1.0), rounds=False)
     assert bench_main(["report", str(old)]) == 0
     assert "A/A noise: not measured (no rounds" in capsys.readouterr().out
+
+
+def test_rounds_with_more_columns_read_as_the_contract_says(tmp_path):
+    """The sweep may keep more per round after the contract's columns (its samples)."""
+    run = make_run(tmp_path / "wide", {("gloo", 1024): [1.0, 2.0, 3.0]})
+    lines = (run / "rounds.csv").read_text().splitlines()
+    wide = [lines[0] + ",samples_us"] + [line + ',"1.0 1.1"' for line in lines[1:]]
+    (run / "rounds.csv").write_text("\n".join(wide) + "\n")
+    frame = read_rounds(run)
+    assert list(frame["latency_us"]) == [1.0, 2.0, 3.0] and list(frame["round"]) == [0, 1, 2]

@@ -100,6 +100,12 @@ def _cmd_fit(args, argv: list[str]) -> int:
     if args.validate is not None:
         groups = {tuple(g) for g in rows[["hardware_key", "world_size", "dtype", "mode"]].values}
         validate_rows = _validation_rows("--validate", args.validate, groups)
+        both = sorted(set(validate_rows["run_dir"]) & set(rows["run_dir"]))
+        if both:  # a table scored on its own data says nothing about other runs
+            raise UsageError(
+                f"--validate: {both[0]} is also a run the table is fitted on; "
+                "give runs it was not fitted on"
+            )
         if args.backends is not None:  # scored among the same backends the fit chose from
             validate_rows = validate_rows[validate_rows["backend"].isin(wanted)]
     import json
