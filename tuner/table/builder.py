@@ -20,10 +20,11 @@ spread (p10 = p90 = median) the result is the exact minimum of the weighted regr
 
 Paired (`paired` given: the run kept each round's figure, `bench.analysis.rounds`): the
 spread of 1. is the paired one instead. A configuration's clear cost at a size is how much
-slower than the oracle it surely is: the lower end of the interval on the ratio of their
-figures measured side by side in the same rounds, minus 1, and 0 where that interval holds 1
-(the spread inside one point does not see the machine's drift between minutes; the pairs do).
-Where a pair has fewer than 2 rounds in common the p10/p90 rule above is used. Among tables
+slower than another it surely is: the largest lower end, over the other configurations, of
+the interval on the ratio of their figures measured side by side in the same rounds, minus 1,
+and 0 where every such interval holds 1 (the spread inside one point does not see the
+machine's drift between minutes; the pairs do). Where no pair has 2 rounds in common the
+p10/p90 rule above is used. Among tables
 equally clear, the simpler one wins, never the noise: fewer rules, then less buffer memory,
 then the preferred configurations (`preference`: lower is simpler, e.g. the floor backend
 first), and only then the regret itself.
@@ -67,8 +68,8 @@ __all__ = [
 ]
 
 INF = math.inf
-# (configuration k, the oracle's configuration, size index) -> the lower end of the paired
-# interval on latency_k / latency_oracle, or None where the two have no pairs to compare
+# (configuration k, another configuration j, size index) -> the lower end of the paired
+# interval on latency_k / latency_j, or None where the two have no pairs to compare
 PairedBound = Callable[[int, int, int], float | None]
 
 
@@ -209,11 +210,13 @@ def _prepare(sizes, curves, paired: PairedBound | None = None):
             # configuration's own spread gives it no credit: a noisy one is not let off)
             spread = oracle_spread[i] / 2
             clear_cost[k][i] = max(0.0, lat[k][i] - oracle[i] - spread) / oracle[i]
-            low = None if paired is None or k == oracle_k[i] else paired(k, oracle_k[i], i)
-            if k == oracle_k[i] and paired is not None:
-                clear_cost[k][i] = 0.0
-            elif low is not None:  # surely slower by this much, in the rounds side by side
-                clear_cost[k][i] = max(0.0, low - 1.0)
+            if paired is None:
+                continue
+            # surely slower than some configuration by this much, in the rounds side by side
+            lows = [paired(k, j, i) for j in range(len(curves)) if j != k and lat[j][i] < INF]
+            known = [low for low in lows if low is not None]
+            if known:
+                clear_cost[k][i] = max(0.0, max(known) - 1.0)
     return lat, oracle, true_cost, clear_cost
 
 

@@ -57,14 +57,14 @@ def pair_count(figures: Figures) -> int:
 
 
 def paired_bound(figures: Figures) -> PairedBound:
-    """The builder's question: the lower end of the paired interval on k over the oracle."""
+    """The builder's question: the lower end of the paired interval on k over j at size i."""
     cache: dict[tuple[int, int, int], float | None] = {}
 
-    def bound(k: int, oracle: int, i: int) -> float | None:
-        if (k, oracle, i) not in cache:
-            stat = paired(figures[k][i], figures[oracle][i])
-            cache[(k, oracle, i)] = None if stat is None else stat.low
-        return cache[(k, oracle, i)]
+    def bound(k: int, j: int, i: int) -> float | None:
+        if (k, j, i) not in cache:
+            stat = paired(figures[k][i], figures[j][i])
+            cache[(k, j, i)] = None if stat is None else stat.low
+        return cache[(k, j, i)]
 
     return bound
 
