@@ -3,7 +3,7 @@
 `validate` adds these to a table's optional `evidence` fields; a file without them (every
 table written before rounds) loads as before. Each check is (predicate, what was expected):
 
-- ``rounds``: how many (run, round) pairs keys the fit had (0: runs without rounds, the
+- ``rounds``: how many (run, round) keys the fit had (pairs are made within one) (0: runs without rounds, the
   evidence is in-sample only);
 - ``aa``: the A/A figure of those rounds (`bench.analysis.rounds.aa_spread`: ``median_pct``,
   ``p90_pct``, ``points``, ``rounds``), or null;
