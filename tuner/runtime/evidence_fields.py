@@ -24,8 +24,11 @@ from typing import Any
 __all__ = ["EVIDENCE_FIELDS"]
 
 
+INTEGER_LIMIT = 2**53  # the integers every JSON reader agrees on
+
+
 def _int(v: Any, low: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= INTEGER_LIMIT
 
 
 def _num(v: Any, low: float = 0.0) -> bool:

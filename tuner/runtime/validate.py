@@ -12,8 +12,6 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tuner.runtime.evidence_fields import EVIDENCE_FIELDS
-
 __all__ = ["SCHEMA_VERSION", "DTYPES", "MODES", "TableError", "check_document"]
 
 SCHEMA_VERSION = 1
@@ -34,7 +32,6 @@ _EVIDENCE_OPTIONAL = (
     "rules_limit",
     "memory_budget",
     "source",
-    *EVIDENCE_FIELDS,  # measured in rounds (issue 19)
 )
 
 
@@ -171,8 +168,11 @@ def _rule(obj: Any, where: str, known: list[str]) -> None:
 
 
 def _evidence(obj: Any, where: str) -> None:
-    _fields(obj, where, _EVIDENCE_REQUIRED, _EVIDENCE_OPTIONAL)
+    from tuner.runtime.evidence_fields import EVIDENCE_FIELDS  # measured in rounds (issue 19)
+
+    _fields(obj, where, _EVIDENCE_REQUIRED, (*_EVIDENCE_OPTIONAL, *EVIDENCE_FIELDS))
     checks = {
+        **EVIDENCE_FIELDS,
         "run_id": (lambda v: isinstance(v, str), "a string"),
         "points": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "regret_vs_oracle": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
@@ -198,7 +198,6 @@ def _evidence(obj: Any, where: str) -> None:
             "an integer >= 0 or null",
         ),
         "source": (lambda v: v in ("fit", "live"), '"fit" or "live"'),
-        **EVIDENCE_FIELDS,
     }
     for name, value in obj.items():
         ok, expected = checks[name]
