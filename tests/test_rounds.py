@@ -157,3 +157,8 @@ def test_backends_that_do_not_fit_together_are_measured_in_groups(run_cli, tmp_p
     assert len(results) == 4 and results["correct"].all()
     rounds = pd.read_csv(out / "rounds.csv")
     assert len(rounds) == 8 and (rounds["position"] == 0).all()  # alone in its group
+    # the two groups were never side by side: their rounds never pair
+    from bench.analysis.rounds import read_rounds
+
+    seen = read_rounds(out).groupby("backend")["round"].apply(set)
+    assert not seen["hungry_a"] & seen["hungry_b"]

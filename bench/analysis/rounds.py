@@ -32,6 +32,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.analysis.results import ROUND_COLUMNS, ROUNDS_FILE
+
 __all__ = [
     "ROUNDS_FILE",
     "ROUND_COLUMNS",
@@ -45,21 +47,6 @@ __all__ = [
     "relative_sd",
 ]
 
-ROUNDS_FILE = "rounds.csv"
-# the columns every rounds.csv holds, in this order (a file may carry more after them)
-ROUND_COLUMNS: tuple[str, ...] = (
-    "run_id",
-    "hardware_key",
-    "backend",
-    "world_size",
-    "dtype",
-    "mode",
-    "bytes",
-    "round",
-    "position",
-    "iters",
-    "latency_us",
-)
 _INT_COLUMNS = ("world_size", "bytes", "round", "position", "iters")
 _TEXT_COLUMNS = ("run_id", "hardware_key", "backend", "dtype", "mode")
 # the pair key within one point: which run, which round
@@ -106,6 +93,28 @@ def read_rounds(run_dir: str | os.PathLike):
                 f"got {frame[column].iloc[index]!r}"
             )
         frame[column] = numbers.astype(float if column == "latency_us" else int)
+    return _rounds_of_groups(frame, path.parent)
+
+
+GROUP_ROUND_STRIDE = 1000  # rounds of the g-th backend group are numbered from g * this
+
+
+def _rounds_of_groups(frame, run_dir: Path):
+    """Backends measured in separate groups (their buffers did not fit at once: meta.json's
+    backend_groups) were never side by side: their rounds are renumbered per group (g * 1000
+    + round), so pairs form within a group only; parity, which the held-out split uses, is
+    kept."""
+    import json
+
+    try:
+        groups = json.loads((run_dir / "meta.json").read_text()).get("backend_groups") or []
+    except (OSError, ValueError, AttributeError):
+        return frame
+    if len(groups) < 2:
+        return frame
+    group_of = {name: g for g, names in enumerate(groups) for name in names}
+    offset = frame["backend"].map(lambda b: group_of.get(b, 0) * GROUP_ROUND_STRIDE)
+    frame["round"] = frame["round"] + offset.astype(int)
     return frame
 
 
