@@ -68,6 +68,15 @@ def run_dir(tmp: Path, name: str = "run") -> Path:
     return path
 
 
+def other_node_run(tmp: Path, hardware_key: str = "cpu-other-4c", world_size: int = 4) -> Path:
+    """A valid run of another node or world size (for --validate)."""
+    path = tmp / "other"
+    with ResultsWriter(path) as writer:
+        writer.append({**ROW, "hardware_key": hardware_key, "world_size": world_size})
+    write_meta(path, {"run_id": "r2", "hardware_key": hardware_key})
+    return path
+
+
 def wrong_column_run(tmp: Path) -> Path:
     path = tmp / "wrongcol"
     path.mkdir()
@@ -230,6 +239,9 @@ BENCH = [
     Case("device-unknown", "bench", sweep("--device", "tpu"), "--device"),
     Case("iters-zero", "bench", sweep("--iters", "0"), "--iters"),
     Case("warmup-negative", "bench", sweep("--warmup", "-1"), "--warmup"),
+    Case("rounds-zero", "bench", sweep("--rounds", "0"), "--rounds"),
+    Case("rounds-negative", "bench", sweep("--rounds", "-3"), "--rounds"),
+    Case("rounds-not-integer", "bench", sweep("--rounds", "2.5"), "--rounds"),
     Case("timeout-zero", "bench", sweep("--timeout", "0"), "--timeout"),
     Case("timeout-word", "bench", sweep("--timeout", "soon"), "--timeout"),
     Case("nnodes-no-port", "bench", sweep("--nnodes", "2", "--world-size", "2"), "--master-port"),
@@ -792,6 +804,63 @@ TUNER = [
         "tuner",
         lambda t: ["export", thresholds(t), "--format", "vllm", "-o", "/proc/x/v.py"],
         "-o: cannot create",
+    ),
+    Case(
+        "fit-validate-other-hardware",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(other_node_run(t)),
+        ],
+        "holds cpu-other-4c world size 4 (float32 eager); the table(s) need cpu-test-2c world size 2",
+    ),
+    Case(
+        "fit-validate-other-world-size",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(other_node_run(t, "cpu-test-2c", 4)),
+        ],
+        "--validate",
+    ),
+    Case(
+        "fit-validate-own-run",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(run_dir(t)),
+        ],
+        "is also a run the table is fitted on",
+    ),
+    Case(
+        "fit-validate-missing",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--validate", str(t / "no")],
+        "--validate",
+    ),
+    Case(
+        "validate-other-hardware",
+        "tuner",
+        lambda t: ["validate", thresholds(t), str(other_node_run(t))],
+        "the table(s) need cpu-test-2c world size 2",
+    ),
+    Case(
+        "validate-bad-table",
+        "tuner",
+        lambda t: ["validate", thresholds(t, text="{"), str(run_dir(t))],
+        "not JSON",
     ),
 ]
 CASES = BENCH + TUNER

@@ -81,16 +81,17 @@ def _interrupt(
     terminal: bool = False,
     rows: int = 4,
 ) -> dict:
-    """Start a sweep, wait for `rows` rows, then the fault: a signal `how` to rank 1, or
+    """Start a sweep, wait for `rows` rounds, then the fault: a signal `how` to rank 1, or
     `how(proc, out, rank_pids)`; wait for the end. With `second`, start another sweep on the
     same directory while rank 0 still holds it."""
     out = out or tmp_path / "run"
     shm_before, fds_before = shm_segments(), open_fds()
     proc = start("bench", "sweep", *sweep, "--timeout", TIMEOUT_S, "--out", out, terminal=terminal)
     seen: set[int] = set()
-    wait_for_rows(proc, out / "results.csv", 1, seen=seen)
+    # rounds.csv grows from the first round on (a point's results row comes with its last)
+    wait_for_rows(proc, out / "rounds.csv", 1, seen=seen)
     rank0, others = rank_pids(proc.pid, out / ".lock")
-    wait_for_rows(proc, out / "results.csv", rows, seen=seen)
+    wait_for_rows(proc, out / "rounds.csv", rows, seen=seen)
     kept = (out / "results.csv").read_bytes()
     if callable(how):
         how(proc, out, [rank0, *others])
@@ -129,7 +130,8 @@ def _resume_to_reference(
     run: dict, reference: set[tuple], run_cli, sweep: list[str] = SWEEP
 ) -> None:
     kept = point_keys(run["out"] / "results.csv")
-    assert 3 <= len(kept) < len(reference)
+    kept_rounds = point_keys(run["out"] / "rounds.csv", with_round=True)
+    assert 3 <= len(kept_rounds) and len(kept) < len(reference)
     proc = run_cli("bench", "sweep", *sweep, "--timeout", "60", "--resume", run["out"], timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = point_keys(run["out"] / "results.csv")
@@ -137,6 +139,10 @@ def _resume_to_reference(
     assert len(resumed) == len(set(resumed)) == len(reference)
     assert set(resumed) == reference
     whole_rows(run["out"] / "results.csv")
+    # nor the rounds measured before the fault: each (point, round) once, the kept ones first
+    rounds = point_keys(run["out"] / "rounds.csv", with_round=True)
+    assert rounds[: len(kept_rounds)] == kept_rounds
+    assert len(rounds) == len(set(rounds))
 
 
 def _one_line(run: dict, *words: str) -> str:
@@ -191,13 +197,13 @@ SKEW = textwrap.dedent("""
 
     import bench.run.worker as worker
 
-    _plan = worker.point_plan
+    _plan = worker.size_plan
 
     def skewed(cfg):
-        for backend, dtype, mode, nbytes in _plan(cfg):
-            yield backend, dtype, mode, nbytes * (2 if os.environ.get("RANK") == "1" else 1)
+        scale = 2 if os.environ.get("RANK") == "1" else 1
+        return [(dtype, mode, nbytes * scale) for dtype, mode, nbytes in _plan(cfg)]
 
-    worker.point_plan = skewed
+    worker.size_plan = skewed
 
     if __name__ == "__main__":
         from bench.cli import main
@@ -244,8 +250,8 @@ def test_ranks_that_disagree_on_the_point_stop_with_both_named(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "ranks disagree" in line]
     assert len(lines) == 1, proc.stderr[-2000:]
-    assert "rank 0: ('gloo', 'float32', 'eager', 1024)" in lines[0]
-    assert "rank 1: ('gloo', 'float32', 'eager', 2048)" in lines[0]
+    assert "rank 0: ('gloo', 'float32', 'eager', 1024, 0)" in lines[0]
+    assert "rank 1: ('gloo', 'float32', 'eager', 2048, 0)" in lines[0]
     assert "Traceback" not in proc.stderr
     assert data_rows(out / "results.csv") == 0
     assert not [pid for pid in descendants(os.getpid()) - earlier if alive(pid)]
@@ -298,7 +304,8 @@ def test_a_full_disk_stops_the_sweep_with_one_line_and_resume_completes(tmp_path
             run, "cannot append to", "[Errno 28] No space left on device", "continue with --resume"
         )
         rows = whole_rows(run["out"] / "results.csv")
-        assert f"its {len(rows)} rows are kept" in line and 2 <= len(rows) < 42
+        assert f"its {len(rows)} rows (results.csv) and" in line and "are kept" in line
+        assert len(rows) < 42
         filler[0].unlink()
         _resume_to_reference(run, _keys(SWEEP_42), run_cli, sweep=SWEEP_42)
     finally:
@@ -315,7 +322,7 @@ def test_the_run_directory_removed_mid_sweep_is_written_again(tmp_path, referenc
         f"continue with --resume {run['out']}",
     )
     rows = whole_rows(run["out"] / "results.csv")
-    assert f"its {len(rows)} rows" in line
+    assert f"its {len(rows)} rows (results.csv)" in line
     assert (run["out"] / "meta.json").is_file()
     _resume_to_reference(run, reference, run_cli)
 

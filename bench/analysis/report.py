@@ -8,10 +8,17 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bench.analysis.results import fastest_rows, read_results
+from bench.analysis.results import correct_rows, fastest_rows, read_results
 from bench.sizes import format_size
 
-__all__ = ["format_run", "print_summary", "best_per_size", "add_arguments", "run"]
+__all__ = [
+    "format_run",
+    "print_summary",
+    "best_per_size",
+    "noise_lines",
+    "add_arguments",
+    "run",
+]
 
 
 def best_per_size(frame):
@@ -103,8 +110,51 @@ def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
                 file=stream,
             )
         print("!" * 72, file=stream)
+    for line in noise_lines(run_dir, frame):
+        print(line, file=stream)
     print(f"# results: {Path(run_dir) / 'results.csv'}", file=stream)
     return len(wrong)
+
+
+def noise_lines(run_dir: str | Path, frame) -> list[str]:
+    """The run's noise said out loud: the sweep's warnings (meta.json), the A/A figure (from
+    rounds.csv, else meta.json), and one line where it is larger than the gap between the
+    best two backends at some sizes (their order there is one round's noise)."""
+    from bench.analysis.results import SchemaError, read_meta
+    from bench.analysis.rounds import aa_spread, read_rounds
+
+    noise = read_meta(run_dir).get("noise") or {}
+    lines = [f"# noise: {w}" for w in noise.get("warnings") or []]
+    try:
+        rounds = read_rounds(run_dir)
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from None
+    aa = aa_spread(rounds) if len(rounds) else noise.get("aa")
+    if not aa or aa.get("median_pct") is None:
+        lines.append("# A/A noise: not measured (no rounds: a run made before rounds)")
+        return lines
+    median = aa["median_pct"]
+    lines.append(
+        f"# A/A noise (one backend, round to round): {median:.1f}% median, "
+        f"{aa['p90_pct']:.1f}% p90 over {aa['points']} points, {aa['rounds']} rounds"
+    )
+    close = []
+    keys = ["world_size", "dtype", "mode", "bytes"]
+    for key, group in correct_rows(frame).groupby(keys, sort=True):
+        if group["backend"].nunique() < 2:
+            continue
+        best, second = sorted(group["latency_us"])[:2]
+        if (second / best - 1.0) * 100 < median:
+            close.append(key)
+    if close:
+        sizes = sorted({int(k[3]) for k in close})
+        lines.append(
+            f"# ! the A/A noise is larger than the gap between the best two backends at "
+            f"{len(close)} of {frame.groupby(keys).ngroups} points "
+            f"({format_size(sizes[0])}..{format_size(sizes[-1])}): one round cannot order "
+            "them; the paired rounds (tuner fit) decide"
+        )
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

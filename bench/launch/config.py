@@ -41,6 +41,8 @@ DTYPE_ALIASES = {
     "float": "float32",
 }
 MODES = ("eager", "graph")
+# rounds of side-by-side blocks per point (bench.run.rounds says how 5 was chosen)
+DEFAULT_ROUNDS = 5
 LAUNCHERS = ("torchrun", "mpirun")  # mpirun: for the `mpi` peer (bench.launch.mpirun)
 
 
@@ -52,8 +54,9 @@ class SweepConfig:
     dtypes: list[str]
     modes: list[str]
     device: str  # "cpu" or "cuda" (auto resolved)
-    iters: int = 20
-    warmup: int = 5
+    iters: int = 20  # timed iterations per point, spread over the rounds
+    warmup: int = 5  # warm-up calls per point, spread over the rounds (at least one a round)
+    rounds: int = DEFAULT_ROUNDS
     timeout_s: float = 300.0
     out: str | None = None
     resume: bool = False
@@ -95,8 +98,18 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         "--modes", default=None, help="eager,graph (default: eager on CPU, both on CUDA)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("-n", "--iters", default="20", help="timed iterations per point")
-    p.add_argument("-w", "--warmup", default="5", help="warm-up iterations per point")
+    p.add_argument(
+        "-n", "--iters", default="20", help="timed iterations per point, spread over the rounds"
+    )
+    p.add_argument(
+        "-w", "--warmup", default="5", help="warm-up calls per point (at least one a round)"
+    )
+    p.add_argument(
+        "--rounds",
+        default=str(DEFAULT_ROUNDS),
+        help="rounds: in each, every backend measures each size once, side by side, in a "
+        "rotating order; a point's latency is the median over rounds",
+    )
     p.add_argument(
         "--timeout",
         default="300",
@@ -198,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         raise UsageError(f"--modes: unknown {','.join(bad) or '(empty)'} (accepted: eager, graph)")
     iters = int_flag("--iters", args.iters)
     warmup = int_flag("--warmup", args.warmup, minimum=0)
+    rounds = int_flag("--rounds", args.rounds)
     graph_calls = int_flag("--graph-calls", args.graph_calls)
     timeout_s = seconds_flag("--timeout", args.timeout)
     params = _params(args.param, known)
@@ -213,6 +227,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         device=device,
         iters=iters,
         warmup=warmup,
+        rounds=rounds,
         timeout_s=timeout_s,
         out=out,
         resume=resume,

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
 def rows_kept(cfg: SweepConfig, before: int = 0) -> str:
     """What a sweep that failed or was stopped leaves, for the launcher's last line: the
     rows its results.csv holds now (counted, never assumed), or that none were written."""
-    from bench.analysis.results import count_rows
+    from bench.analysis.results import ROUNDS_FILE, count_rows
 
     if cfg.node_rank != 0:
         return "; node 0 keeps the rows written so far"
@@ -57,11 +57,14 @@ def rows_kept(cfg: SweepConfig, before: int = 0) -> str:
         else next(iter(sorted(Path(DEFAULT_ROOT).glob(f"*/{cfg.run_id}"))), None)
     )
     rows = (count_rows(run_dir) or 0) if run_dir is not None else 0
-    if not rows:
+    rounds = (count_rows(run_dir, ROUNDS_FILE) or 0) if run_dir is not None else 0
+    if not rows and not rounds:
         return "; no row was written"
+    # a point's row is written with its last round; the rounds before it are kept apart
+    held = f" and {rounds} rounds in {ROUNDS_FILE}" if rounds else ""
     table = run_dir / "results.csv"
     new = f", {rows - before} of them by this sweep" if cfg.resume else ""
-    return f"; {rows} rows are kept in {table}{new} (continue with --resume {run_dir})"
+    return f"; {rows} rows are kept in {table}{new}{held} (continue with --resume {run_dir})"
 
 
 def _refuse_if_locked(lock: Path) -> None:

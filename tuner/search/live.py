@@ -102,12 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="3",
         help="interleaved rounds of that re-measurement; the best median wins",
     )
-    p.add_argument(
-        "--rounds",
-        default="4",
-        help="the timed iterations come in this many rounds; the pruner may stop a "
-        "configuration after any but the last",
-    )
+    # --rounds is the sweep's flag: the timed iterations come in that many rounds, and the
+    # pruner may stop a configuration after any but the last
     p.add_argument(
         "--prune-margin",
         dest="prune_margin",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from bench.sizes import format_size
 from tuner.runtime.schema import Table, Thresholds
+from tuner.table.evidence import evidence_summary_text
 
 __all__ = ["table_lines"]
 
@@ -46,5 +47,32 @@ def table_lines(thresholds: Thresholds, tables: Sequence[Table] | None = None) -
             f"oracle {regret * 100:.2f}%, gain vs {base} "
             f"{'n/a' if gain is None else f'{gain:.3f}x'}"
             + (f", buffer {format_size(ev['buffer_bytes'])}" if ev.get("buffer_bytes") else "")
+        )
+        lines += _rounds_lines(ev)
+    return lines
+
+
+def _rounds_lines(ev) -> list[str]:
+    """Out-of-sample evidence where the table has it (tables fitted from rounds)."""
+    if "rounds" not in ev:
+        return []
+    if not ev["rounds"]:
+        return ["  in-sample only: fitted from runs without rounds"]
+    lines = []
+    if ev.get("heldout"):
+        lines.append(f"  held out: {evidence_summary_text(ev['heldout'])}")
+    validation = ev.get("validation") or {}
+    if "regret_geomean" in validation:
+        lines.append(
+            f"  validated on {len(validation['run_ids'])} run(s): "
+            f"{evidence_summary_text(validation)}"
+        )
+    aa = ev.get("aa") or {}
+    if aa.get("median_pct") is not None:
+        lines.append(f"  A/A noise {aa['median_pct']:.1f}% median, {aa['p90_pct']:.1f}% p90")
+    for tie in ev.get("ties") or []:
+        lines.append(
+            f"  {format_size(tie['min_bytes'])}-{format_size(tie['max_bytes'])}: {tie['kept']} "
+            f"and {tie['other']} within noise, kept {tie['kept']}"
         )
     return lines
