@@ -11,7 +11,7 @@ from typing import TextIO
 from bench.analysis.results import fastest_rows, read_results
 from bench.sizes import format_size
 
-__all__ = ["format_run", "print_summary", "best_per_size", "add_arguments", "run"]
+__all__ = ["format_run", "print_summary", "measured_rows", "best_per_size", "add_arguments", "run"]
 
 
 def best_per_size(frame):
@@ -85,6 +85,11 @@ def format_run(frame) -> str:
 
 def wrong_rows(frame):
     return frame[frame["latency_us"].notna() & (frame["correct"] != True)]  # noqa: E712
+
+
+def measured_rows(run_dir: str | Path) -> int:
+    """How many rows of the run hold a timing (not skipped)."""
+    return int(read_results(run_dir)["latency_us"].notna().sum())
 
 
 def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:

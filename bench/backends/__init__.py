@@ -28,6 +28,7 @@ __all__ = [
     "floor_name",
     "needs_buffer",
     "params_key",
+    "reasons_here",
 ]
 
 # family module -> the names it registers (known up front so that `--backends` can be
@@ -123,3 +124,26 @@ def needs_buffer(name: str) -> bool:
     _load()
     spec = _REGISTRY.get(name)
     return True if spec is None else spec.needs_buffer
+
+
+def reasons_here(ctx: CommContext) -> dict[str, str | None]:
+    """Every known name -> None where it can run in `ctx`, else why not (a family that does not
+    import here: its error). Probes check local facts only, so `bench sweep` asks this before
+    any rank starts, with a stand-in context, to pick the backends this machine can run. A
+    backend of the other device gets one shared reason, so a summary can group them."""
+    reasons: dict[str, str | None] = {}
+    for name in known_names():
+        try:
+            spec = get_spec(name)
+        except KeyError as exc:
+            reasons[name] = str(exc.args[0])
+            continue
+        if spec.device != ctx.device.type:
+            where = "a CUDA GPU" if spec.device == "cuda" else "CPU tensors"
+            reasons[name] = f"run on {where} only (--device {spec.device})"
+            continue
+        try:
+            reasons[name] = spec.probe(ctx)
+        except Exception as exc:  # a probe that fails is a reason, as at the sweep
+            reasons[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return reasons
