@@ -122,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write PNG figures beside it (with --index: beside every run)",
     )
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE",
+        help="with --plots: the thresholds.json whose rules the figures compare (default: one "
+        "fitted from this run, beside it)",
+    )
     index.add_arguments(parser)
 
 
@@ -132,6 +139,10 @@ def _report_run(args: argparse.Namespace) -> int:
 
     if args.write is not None:
         raise UsageError("--write: goes with --index")
+    if args.thresholds is not None and not (args.plots and Path(args.thresholds).is_file()):
+        raise UsageError(
+            f"--thresholds: expected an existing file, with --plots; got {args.thresholds!r}"
+        )
     if args.run_dir is None:
         raise UsageError(
             "report: run_dir: give a run directory, or --index [ROOT] for a results folder"
@@ -149,9 +160,16 @@ def _report_run(args: argparse.Namespace) -> int:
         writable_dir("--plots", run_dir)  # the figures go beside the table
     wrong = print_summary(run_dir)
     if args.plots:
-        from bench.analysis.plots import write_run_plots
+        from bench.analysis.plots import run_thresholds, write_run_plots
 
-        for path in write_run_plots(run_dir):
+        table, tables = run_thresholds(run_dir, read_results(run_dir), args.thresholds)
+        if tables:
+            print(f"# rules compared: {table}")
+        elif table:  # named, but for other machines
+            print(f"# no gain figure: {table} has no table for this run's machine")
+        else:  # a gain figure compares a table named, or fitted from this run, nothing else
+            print("# no gain figure: no table fitted from this run beside it (--thresholds FILE)")
+        for path in write_run_plots(run_dir, thresholds=args.thresholds):
             print(f"# figure: {path}")
     return 1 if wrong else 0
 
@@ -173,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
             return _report_run(args)
         if args.run_dir is not None:
             raise UsageError("report: give a run directory or --index ROOT, not both")
+        if args.thresholds is not None:
+            raise UsageError("--thresholds: goes with a run directory, not --index")
         return index.run(args)
     except errors as exc:
         raise UsageError(f"report: {exc}") from None
