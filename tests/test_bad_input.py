@@ -404,6 +404,24 @@ BENCH = [
     ),
     Case("report-no-rows", "bench", lambda t: ["report", str(header_only(t))], "holds no row"),
     Case(
+        "report-thresholds-missing",
+        "bench",
+        lambda t: ["report", str(run_dir(t)), "--plots", "--thresholds", str(t / "no.json")],
+        "--thresholds",
+    ),
+    Case(
+        "report-thresholds-without-plots",
+        "bench",
+        lambda t: ["report", str(run_dir(t)), "--thresholds", str(run_dir(t) / "meta.json")],
+        "--thresholds",
+    ),
+    Case(
+        "report-thresholds-with-index",
+        "bench",
+        lambda t: ["report", "--index", str(run_dir(t).parent), "--thresholds", "x.json"],
+        "--thresholds",
+    ),
+    Case(
         "kernels-out-under-proc",
         "bench",
         fixed("kernels", "--out", "/proc/x/k.csv"),

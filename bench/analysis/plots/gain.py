@@ -38,9 +38,9 @@ def _note(pick: str | None, us: float, base_name: str, base_us: float) -> str:
     if pick is None:
         return "no rule for this group"
     if us != us:
-        return f"picks {pick}, not measured (correctly) in this run"
+        return f"picks {pick}, not measured correctly in this run"
     if base_us != base_us:
-        return f"baseline {base_name} not measured (correctly) here"
+        return f"baseline {base_name} not measured correctly here"
     return ""
 
 

@@ -41,9 +41,15 @@ def run_thresholds(
         if not candidate.is_file():
             continue
         tables = tables_by_group(candidate, key)
-        if any(run_ids & set(t.evidence.get("run_ids") or ()) for t in tables.values()):
+        if any(run_ids & _fitted_from(t.evidence) for t in tables.values()):
             return candidate, tables
     return None, None
+
+
+def _fitted_from(evidence) -> set[str]:
+    """The run ids a table's evidence names (`run_ids`; older files: `run_id`, comma joined)."""
+    ids = evidence.get("run_ids") or str(evidence.get("run_id") or "").split(",")
+    return {str(i) for i in ids if i}
 
 
 def figure_names(
