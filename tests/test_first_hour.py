@@ -33,7 +33,7 @@ def test_the_default_sweep_measures_what_can_run_here() -> None:
     assert {"nccl", "pynccl", "custom_one_shot"} <= set(cfg.left_out)
     assert set(cfg.backends) | set(cfg.left_out) == set(registry.known_names())
     line = left_out_line(cfg.left_out)
-    assert "\n" not in line and "--backends all" in line and "CUDA GPU" in line
+    assert "\n" not in line and "--backends all" in line and "--device cuda" in line
     # named explicitly, or all: every one is kept, to be recorded as skipped rows
     assert parse_sweep_config(["--world-size", "2", "--backends", "all"]).backends == (
         registry.known_names()

@@ -29,6 +29,7 @@ __all__ = [
     "needs_buffer",
     "params_key",
     "reasons_here",
+    "device_reason",
 ]
 
 # family module -> the names it registers (known up front so that `--backends` can be
@@ -138,12 +139,20 @@ def reasons_here(ctx: CommContext) -> dict[str, str | None]:
         except KeyError as exc:
             reasons[name] = str(exc.args[0])
             continue
-        if spec.device != ctx.device.type:
-            where = "a CUDA GPU" if spec.device == "cuda" else "CPU tensors"
-            reasons[name] = f"run on {where} only (--device {spec.device})"
-            continue
-        try:
-            reasons[name] = spec.probe(ctx)
-        except Exception as exc:  # a probe that fails is a reason, as at the sweep
-            reasons[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = device_reason(spec, ctx.device.type)
+        if reason is None:
+            try:
+                reason = spec.probe(ctx)
+            except Exception as exc:  # a probe that fails is a reason, as at the sweep
+                reason = f"probe failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        reasons[name] = reason
     return reasons
+
+
+def device_reason(spec: BackendSpec, device_type: str) -> str | None:
+    """Why `spec` cannot serve ranks on `device_type` ("cpu" or "cuda"), or None: one text
+    for every backend of the other device, so that a summary can group them."""
+    if spec.device == device_type:
+        return None
+    hint = "--device cuda on a GPU node" if spec.device == "cuda" else "--device cpu"
+    return f"needs {spec.device} tensors; these ranks run on {device_type} ({hint})"
