@@ -27,7 +27,7 @@ from bench.run.context import broadcast_object, build_backend, make_context
 from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
 
-__all__ = ["Route", "Plan", "plan", "backend_key", "reuse_donor", "NO_LIMIT"]
+__all__ = ["Route", "Plan", "plan", "backend_key", "NO_LIMIT"]
 
 NO_LIMIT = 1 << 62
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
