@@ -433,8 +433,8 @@ BENCH = [
     Case(
         "default-out-is-a-file",
         "bench",
-        lambda t: (t / "results").write_text("x") and list(SWEEP),
-        "--out (default results/)",
+        lambda t: (t / "runs").write_text("x") and list(SWEEP),
+        "--out (default runs/)",
     ),
     Case(
         "resume-read-only",
@@ -467,6 +467,24 @@ BENCH = [
         "--write: cannot write",
     ),
     Case("report-no-rows", "bench", lambda t: ["report", str(header_only(t))], "holds no row"),
+    Case(
+        "report-thresholds-missing",
+        "bench",
+        lambda t: ["report", str(run_dir(t)), "--plots", "--thresholds", str(t / "no.json")],
+        "--thresholds",
+    ),
+    Case(
+        "report-thresholds-without-plots",
+        "bench",
+        lambda t: ["report", str(run_dir(t)), "--thresholds", str(run_dir(t) / "meta.json")],
+        "--thresholds",
+    ),
+    Case(
+        "report-thresholds-with-index",
+        "bench",
+        lambda t: ["report", "--index", str(run_dir(t).parent), "--thresholds", "x.json"],
+        "--thresholds",
+    ),
     Case(
         "kernels-out-under-proc",
         "bench",
@@ -1062,7 +1080,9 @@ def test_absent_peers_are_skipped_rows_with_the_install_line(tmp_path, run_cli):
         env={"PYTHONPATH": os.pathsep.join([str(hide), str(REPO)])},
         timeout=180,
     )
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # only skipped rows: the sweep says so in one line and exits 1 (nothing to fit or draw)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "no point was measured" in proc.stderr, proc.stderr[-2000:]
     rows = {r["backend"]: r for r in csv.DictReader(open(out / "results.csv"))}
     for backend in ("mpi", "deepspeed_shm"):
         module, install = ABSENT[backend]

@@ -14,6 +14,7 @@ from bench.sizes import format_size
 __all__ = [
     "format_run",
     "print_summary",
+    "measured_rows",
     "best_per_size",
     "noise_lines",
     "add_arguments",
@@ -94,6 +95,11 @@ def wrong_rows(frame):
     return frame[frame["latency_us"].notna() & (frame["correct"] != True)]  # noqa: E712
 
 
+def measured_rows(run_dir: str | Path) -> int:
+    """How many rows of the run hold a timing (not skipped)."""
+    return int(read_results(run_dir)["latency_us"].notna().sum())
+
+
 def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
     """Print the run's tables; shout about any incorrect row. Returns the count of them."""
     stream = stream or sys.stdout
@@ -167,6 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write PNG figures beside it (with --index: beside every run)",
     )
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE",
+        help="with --plots: the thresholds.json whose rules the figures compare (default: one "
+        "fitted from this run, beside it)",
+    )
     index.add_arguments(parser)
 
 
@@ -177,6 +190,10 @@ def _report_run(args: argparse.Namespace) -> int:
 
     if args.write is not None:
         raise UsageError("--write: goes with --index")
+    if args.thresholds is not None and not (args.plots and Path(args.thresholds).is_file()):
+        raise UsageError(
+            f"--thresholds: expected an existing file, with --plots; got {args.thresholds!r}"
+        )
     if args.run_dir is None:
         raise UsageError(
             "report: run_dir: give a run directory, or --index [ROOT] for a results folder"
@@ -194,9 +211,16 @@ def _report_run(args: argparse.Namespace) -> int:
         writable_dir("--plots", run_dir)  # the figures go beside the table
     wrong = print_summary(run_dir)
     if args.plots:
-        from bench.analysis.plots import write_run_plots
+        from bench.analysis.plots import run_thresholds, write_run_plots
 
-        for path in write_run_plots(run_dir):
+        table, tables = run_thresholds(run_dir, read_results(run_dir), args.thresholds)
+        if tables:
+            print(f"# rules compared: {table}")
+        elif table:  # named, but for other machines
+            print(f"# no gain figure: {table} has no table for this run's machine")
+        else:  # a gain figure compares a table named, or fitted from this run, nothing else
+            print("# no gain figure: no table fitted from this run beside it (--thresholds FILE)")
+        for path in write_run_plots(run_dir, thresholds=args.thresholds):
             print(f"# figure: {path}")
     return 1 if wrong else 0
 
@@ -218,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
             return _report_run(args)
         if args.run_dir is not None:
             raise UsageError("report: give a run directory or --index ROOT, not both")
+        if args.thresholds is not None:
+            raise UsageError("--thresholds: goes with a run directory, not --index")
         return index.run(args)
     except errors as exc:
         raise UsageError(f"report: {exc}") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -26,6 +27,9 @@ __all__ = [
     "resolve_device",
     "DTYPES",
     "DTYPE_ALIASES",
+    "RUNS_ROOT",
+    "runnable_backends",
+    "left_out_line",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -43,6 +47,9 @@ DTYPE_ALIASES = {
 MODES = ("eager", "graph")
 # rounds of side-by-side blocks per point (bench.run.rounds says how 5 was chosen)
 DEFAULT_ROUNDS = 5
+# a run without --out goes to RUNS_ROOT/<hardware_key>/<run_id>: apart from the committed
+# reference runs under results/ (runs/ is ignored by git)
+RUNS_ROOT = "runs"
 LAUNCHERS = ("torchrun", "mpirun")  # mpirun: for the `mpi` peer (bench.launch.mpirun)
 
 
@@ -70,6 +77,8 @@ class SweepConfig:
     params: dict = dataclasses.field(default_factory=dict)  # backend -> knob values
     quiet: bool = False
     launcher: str = "torchrun"
+    # backends the default (no --backends) left out as unable to run here: name -> reason
+    left_out: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,7 +98,11 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--world-size", "-g", dest="world_size", default="1", help="ranks in total (over all nodes)"
     )
-    p.add_argument("--backends", default="all", help="all, or a comma list of backend names")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="a comma list of backend names, or all (default: those this machine can run)",
+    )
     p.add_argument("-b", "--min-bytes", dest="min_bytes", default="1K", help="smallest size")
     p.add_argument("-e", "--max-bytes", dest="max_bytes", default="64M", help="largest size")
     p.add_argument("-f", "--factor", default="2", help="size step factor")
@@ -116,7 +129,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds without progress before the sweep is ended (a dead or hung rank)",
     )
     p.add_argument(
-        "--out", default=None, help="run directory (default results/<hardware_key>/<run_id>)"
+        "--out", default=None, help=f"run directory (default {RUNS_ROOT}/<hardware_key>/<run_id>)"
     )
     p.add_argument(
         "--resume",
@@ -192,7 +205,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
     world_size, nnodes, node_rank, master_port = layout_from_args(args)
     known = registry.known_names()
-    backends = _backends(args.backends, known)
+    if args.backends is not None:
+        backends = _backends(args.backends, known)
     sizes = _sizes(args)
     dtypes = [DTYPE_ALIASES.get(d, d) for d in _split(args.dtypes)]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -218,6 +232,9 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     _fits(args, sizes, world_size // nnodes, device)
     out, resume = _run_dir(args, node_rank)
     launcher = _launcher(args.launcher, nnodes)
+    left_out: dict[str, str] = {}
+    if args.backends is None:
+        backends, left_out = runnable_backends(device, world_size, nnodes, launcher)
     return SweepConfig(
         world_size=world_size,
         backends=backends,
@@ -240,6 +257,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         params=params,
         quiet=bool(args.quiet),
         launcher=launcher,
+        left_out=left_out,
     )
 
 
@@ -286,6 +304,56 @@ def _backends(text: str, known: list[str]) -> list[str]:
             f"--backends: unknown {','.join(unknown) or '(empty)'} (known: all, {', '.join(known)})"
         )
     return backends
+
+
+def runnable_backends(
+    device: str, world_size: int, nnodes: int, launcher: str
+) -> tuple[list[str], dict[str, str]]:
+    """(the backends this machine can run, {every other known name: why not}), asked of each
+    backend's probe before any rank starts: a stand-in context of this node's share of the
+    ranks, no communicator built. A reason that only a rank can see still skips its rows."""
+    from bench import backends as registry
+
+    ctx = registry.CommContext(
+        rank=0,
+        world_size=world_size,
+        local_world_size=world_size // nnodes,
+        local_rank=0,
+        nnodes=nnodes,
+        device=torch.device(device),
+        cpu_group=None,
+        same_host=nnodes == 1,
+        visible_gpus=torch.cuda.device_count() if device == "cuda" else 0,
+        extra={"launcher": launcher},
+    )
+    reasons = registry.reasons_here(ctx)
+    runnable = [name for name, reason in reasons.items() if reason is None]
+    if not runnable:  # nothing can run: measure the floor, whose skipped rows say why
+        runnable = [registry.floor_name(device)]
+    return runnable, {n: r for n, r in reasons.items() if r is not None and n not in runnable}
+
+
+def left_out_line(left_out: dict[str, str]) -> str:
+    """The backends the default sweep left out, grouped by reason, in one line."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in left_out.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = [f"{_compact(names)}: {reason}" for reason, names in by_reason.items()]
+    return (
+        f"bench: {len(left_out)} more backends cannot run here ({'; '.join(parts)}); "
+        "`--backends all` records them as skipped rows, `bench doctor` says more"
+    )
+
+
+def _compact(names: list[str]) -> str:
+    """nccl, pynccl*, symm_mem_*: names that share their first word, written once."""
+    families: dict[str, list[str]] = {}
+    for name in names:
+        families.setdefault(name.split("_")[0], []).append(name)
+    out = []
+    for members in families.values():
+        out.append(members[0] if len(members) == 1 else os.path.commonprefix(members) + "*")
+    return ", ".join(out)
 
 
 def _sizes(args: argparse.Namespace) -> list[int]:

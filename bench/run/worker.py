@@ -30,7 +30,7 @@ from bench.analysis.results import (
     write_meta,
 )
 from bench.backends import CommContext
-from bench.launch.config import DTYPES, SweepConfig, parse_sweep_config
+from bench.launch.config import DTYPES, RUNS_ROOT, SweepConfig, parse_sweep_config
 from bench.launch.flags import run_command
 from bench.launch.paths import os_error
 from bench.launch.watchdog import Watchdog
@@ -101,7 +101,7 @@ def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
             out = cfg.out
         else:
             run_id = cfg.run_id or new_run_id()
-            out = cfg.out or str(Path("results") / fp["hardware_key"] / run_id)
+            out = cfg.out or str(Path(RUNS_ROOT) / fp["hardware_key"] / run_id)
         payload = [(out, run_id)]
     dist.broadcast_object_list(payload, src=0)
     return payload[0]
@@ -184,8 +184,13 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
 def _progress(cfg: SweepConfig, ctx: CommContext, plan: RoundPlan):
     if cfg.quiet:
         return None
+    import threading
+
     from tqdm import tqdm
 
+    # a thread lock: tqdm's default also makes a multiprocessing one, which a rank ended
+    # by Ctrl-C leaves behind ("leaked semaphore objects" at exit)
+    tqdm.set_lock(threading.RLock())
     return tqdm(
         total=plan.blocks_left,
         unit="blk",
@@ -355,10 +360,18 @@ def _finish(out: str) -> int:
             flush=True,
         )
         return 1
-    from bench.analysis.report import print_summary
+    from bench.analysis.report import measured_rows, print_summary
 
     if print_summary(out):
         return 1  # wrong sums: the summary said so loudly, the exit code says so too
+    if not measured_rows(out):  # every point skipped: nothing a fit or a figure can use
+        print(
+            f"bench: error: no point was measured in {out} (every row is skipped, reasons "
+            "above); `bench doctor` says what can run here",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 
