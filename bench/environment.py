@@ -88,8 +88,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CC", "the C compiler for the shm short path", "bench.backends.shm_native"),
     Variable(
         "OMP_NUM_THREADS",
-        "kept where set when DeepSpeed's op loads (else cores per local rank)",
-        "bench.peers.deepspeed_shm",
+        "the user's own OpenMP threads, kept for the ranks (else cores per local rank)",
+        "bench.launch.launcher, bench.peers.deepspeed_shm",
     ),
     Variable(
         "TORCH_SYMM_MEM_DISABLE_MULTICAST",
@@ -114,11 +114,13 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CUDA_MPS_PIPE_DIRECTORY",
         "whether an MPS daemon serves this process (reported, not required)",
-        "scripts",
+        "bench.run.noise, scripts",
     ),
     # a launcher's protocol: the rank layout and the rendezvous
     Variable(
-        "RANK", "torchrun's rank (with WORLD_SIZE: already a rank)", "bench.run.session, sweep"
+        "RANK",
+        "torchrun's rank (with WORLD_SIZE: already a rank)",
+        "bench.run.session, launch.sweep",
     ),
     Variable("WORLD_SIZE", "torchrun's world size", "bench.run.session, sweep, tuner live"),
     Variable("LOCAL_RANK", "torchrun's local rank", "bench.run.session"),

@@ -192,18 +192,26 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def point_keys(results: Path) -> list[tuple]:
+def point_keys(results: Path, with_round: bool = False) -> list[tuple]:
+    """The point key of every row of results.csv (or, `with_round`, of rounds.csv: the key
+    and the round)."""
     with open(results, newline="") as fh:
         return [
             (r["backend"], r["world_size"], r["dtype"], r["bytes"], r["mode"])
+            + ((r["round"],) if with_round else ())
             for r in csv.DictReader(fh)
         ]
 
 
 def stderr_lines(text: str) -> list[str]:
     """Our own lines: torch's launcher logs (W/I/E + date prefixes) and tracebacks it prints
-    on our behalf are left out."""
-    return [line for line in text.splitlines() if line.startswith("bench")]
+    on our behalf are left out, and so are the sweep's noise warnings at its start (a loaded
+    test machine gets "the machine is busy"), which are not the line a fault ends with."""
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("bench") and not line.startswith("bench: warning:")
+    ]
 
 
 def whole_rows(results: Path) -> list[dict]:

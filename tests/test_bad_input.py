@@ -68,6 +68,15 @@ def run_dir(tmp: Path, name: str = "run") -> Path:
     return path
 
 
+def other_node_run(tmp: Path, hardware_key: str = "cpu-other-4c", world_size: int = 4) -> Path:
+    """A valid run of another node or world size (for --validate)."""
+    path = tmp / "other"
+    with ResultsWriter(path) as writer:
+        writer.append({**ROW, "hardware_key": hardware_key, "world_size": world_size})
+    write_meta(path, {"run_id": "r2", "hardware_key": hardware_key})
+    return path
+
+
 def wrong_column_run(tmp: Path) -> Path:
     path = tmp / "wrongcol"
     path.mkdir()
@@ -230,6 +239,9 @@ BENCH = [
     Case("device-unknown", "bench", sweep("--device", "tpu"), "--device"),
     Case("iters-zero", "bench", sweep("--iters", "0"), "--iters"),
     Case("warmup-negative", "bench", sweep("--warmup", "-1"), "--warmup"),
+    Case("rounds-zero", "bench", sweep("--rounds", "0"), "--rounds"),
+    Case("rounds-negative", "bench", sweep("--rounds", "-3"), "--rounds"),
+    Case("rounds-not-integer", "bench", sweep("--rounds", "2.5"), "--rounds"),
     Case("timeout-zero", "bench", sweep("--timeout", "0"), "--timeout"),
     Case("timeout-word", "bench", sweep("--timeout", "soon"), "--timeout"),
     Case("nnodes-no-port", "bench", sweep("--nnodes", "2", "--world-size", "2"), "--master-port"),
@@ -421,8 +433,8 @@ BENCH = [
     Case(
         "default-out-is-a-file",
         "bench",
-        lambda t: (t / "results").write_text("x") and list(SWEEP),
-        "--out (default results/)",
+        lambda t: (t / "runs").write_text("x") and list(SWEEP),
+        "--out (default runs/)",
     ),
     Case(
         "resume-read-only",
@@ -455,6 +467,24 @@ BENCH = [
         "--write: cannot write",
     ),
     Case("report-no-rows", "bench", lambda t: ["report", str(header_only(t))], "holds no row"),
+    Case(
+        "report-thresholds-missing",
+        "bench",
+        lambda t: ["report", str(run_dir(t)), "--plots", "--thresholds", str(t / "no.json")],
+        "--thresholds",
+    ),
+    Case(
+        "report-thresholds-without-plots",
+        "bench",
+        lambda t: ["report", str(run_dir(t)), "--thresholds", str(run_dir(t) / "meta.json")],
+        "--thresholds",
+    ),
+    Case(
+        "report-thresholds-with-index",
+        "bench",
+        lambda t: ["report", "--index", str(run_dir(t).parent), "--thresholds", "x.json"],
+        "--thresholds",
+    ),
     Case(
         "kernels-out-under-proc",
         "bench",
@@ -793,6 +823,63 @@ TUNER = [
         lambda t: ["export", thresholds(t), "--format", "vllm", "-o", "/proc/x/v.py"],
         "-o: cannot create",
     ),
+    Case(
+        "fit-validate-other-hardware",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(other_node_run(t)),
+        ],
+        "holds cpu-other-4c world size 4 (float32 eager); the table(s) need cpu-test-2c world size 2",
+    ),
+    Case(
+        "fit-validate-other-world-size",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(other_node_run(t, "cpu-test-2c", 4)),
+        ],
+        "--validate",
+    ),
+    Case(
+        "fit-validate-own-run",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(run_dir(t)),
+            "-o",
+            str(t / "o.json"),
+            "--validate",
+            str(run_dir(t)),
+        ],
+        "is also a run the table is fitted on",
+    ),
+    Case(
+        "fit-validate-missing",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--validate", str(t / "no")],
+        "--validate",
+    ),
+    Case(
+        "validate-other-hardware",
+        "tuner",
+        lambda t: ["validate", thresholds(t), str(other_node_run(t))],
+        "the table(s) need cpu-test-2c world size 2",
+    ),
+    Case(
+        "validate-bad-table",
+        "tuner",
+        lambda t: ["validate", thresholds(t, text="{"), str(run_dir(t))],
+        "not JSON",
+    ),
 ]
 CASES = BENCH + TUNER
 # a process refused before it starts: a few cases again as a user sees them
@@ -993,7 +1080,9 @@ def test_absent_peers_are_skipped_rows_with_the_install_line(tmp_path, run_cli):
         env={"PYTHONPATH": os.pathsep.join([str(hide), str(REPO)])},
         timeout=180,
     )
-    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    # only skipped rows: the sweep says so in one line and exits 1 (nothing to fit or draw)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "no point was measured" in proc.stderr, proc.stderr[-2000:]
     rows = {r["backend"]: r for r in csv.DictReader(open(out / "results.csv"))}
     for backend in ("mpi", "deepspeed_shm"):
         module, install = ABSENT[backend]

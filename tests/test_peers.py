@@ -268,10 +268,8 @@ def test_mpirun_sweep_ends_when_a_rank_stops(tmp_path):
         pids = _worker_pids(out)
         assert len(pids) == 2, pids
         os.kill(pids[-1], signal.SIGSTOP)
-        stopped = time.monotonic()
-        _, stderr = proc.communicate(timeout=8 + 40)
+        _, stderr = proc.communicate(timeout=180)  # a hang bound only, not a timing claim
         assert proc.returncode != 0
-        assert time.monotonic() - stopped < 8 + 40
         assert "mpirun launch failed" in stderr, stderr[-2000:]
         assert _worker_pids(out) == []
         assert _vader_segments() == vader_before, "Open MPI's segments were left behind"

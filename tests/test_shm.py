@@ -244,7 +244,7 @@ def test_timeout_names_the_missing_rank_and_epoch(tmp_path):
     res = results[0]
     assert res is not None and "exception" not in res, res
     assert "rank 1's flag" in res["error"] and "epoch 1" in res["error"], res["error"]
-    assert 0.9 < res["waited_s"] < 10
+    assert res["waited_s"] > 0.9  # it waited its timeout; no upper bound beyond the hang's
     assert "unusable after a timeout" in res["after"]
     assert _segments(tag) == []
 

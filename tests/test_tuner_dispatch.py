@@ -254,9 +254,8 @@ def test_describe_follows_dispatch_order_and_reused_rules_are_said(tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             d = Dispatcher.from_file(path)
-        text = " ".join(str(w.message) for w in caught if issubclass(w.category, DispatchWarning))
-        assert "bfloat16 eager <- float32 eager" in text
-        assert "float16 eager <- float32 eager" in text
+        # reuse is said where the table is read (describe, tuner show), not warned on every start
+        assert not [w for w in caught if issubclass(w.category, DispatchWarning)]
         lines = d.describe()
         assert lines[0].startswith(f"dispatcher for {d.hardware_key} world_size 1")
         f32 = next(line for line in lines if line.strip().startswith("float32 eager:"))
@@ -264,9 +263,11 @@ def test_describe_follows_dispatch_order_and_reused_rules_are_said(tmp_path):
             "1..4096: shm_one_shot > shm_two_shot > gloo; 4097..65536: shm_two_shot > gloo; "
             "> 65536: gloo"
         ), f32
-        assert any(
-            line.strip().startswith("bfloat16 eager (rules of float32 eager):") for line in lines
-        )
+        for dtype in ("bfloat16", "float16"):
+            assert any(
+                line.strip().startswith(f"{dtype} eager (rules of float32 eager):")
+                for line in lines
+            ), lines
         # no bookkeeping unless asked
         d.all_reduce(torch.ones(8))
         assert d.last_backend is None and d.calls == {}

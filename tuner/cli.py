@@ -1,4 +1,4 @@
-"""`tuner fit | live | show | export`.
+"""`tuner fit | live | validate | show | export`.
 
 Bad input exits 2 with one line naming the flag or field, no traceback.
 """
@@ -33,11 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--quiet", "-q", action="store_true", help="print only the summary line")
     fit.add_argument(
+        "--verbose", "-v", action="store_true", help="also print each table's Pareto front"
+    )
+    fit.add_argument(
+        "--validate",
+        nargs="+",
+        default=None,
+        metavar="RUN_DIR",
+        help="independent runs to score the fitted tables on (regret geomean, worst size)",
+    )
+    fit.add_argument(
         "--backends",
         default=None,
         help="comma list: fit on these backends' rows only (default: every one)",
     )
     add_table_flags(fit)
+    check = sub.add_parser(
+        "validate", help="score a thresholds.json on independent runs (regret, worst size)"
+    )
+    check.add_argument("path", help="thresholds.json")
+    check.add_argument("runs", nargs="+", metavar="RUN_DIR", help="runs of the tables' hardware")
     show = sub.add_parser("show", help="a readable view of a thresholds.json")
     show.add_argument("path")
     export = sub.add_parser("export", help="other formats of a thresholds.json")
@@ -63,13 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_fit(args, argv: list[str]) -> int:
     from tuner.search.study import Space, StudyError, enter_rows, measurements, storage_url
     from tuner.table.builder import BuildError
-    from tuner.table.data import RunsError, device_of, find_run_dirs, load_rows
+    from tuner.table.data import RunsError, device_of, find_run_dirs, load_rounds, load_rows
     from tuner.table.fit import fit_tables, print_fits
 
     options = table_options(args)
     try:
         run_dirs = find_run_dirs(args.runs)
         rows = load_rows(run_dirs)
+        rounds = load_rounds(rows)
     except RunsError as exc:
         raise UsageError(f"RUN_DIR: {exc}") from None
     if args.backends is not None:  # e.g. leave out an experiment's own variants
@@ -80,6 +96,18 @@ def _cmd_fit(args, argv: list[str]) -> int:
             f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)"
             + (f" of --backends {args.backends}" if args.backends else "")
         )
+    validate_rows = None
+    if args.validate is not None:
+        groups = {tuple(g) for g in rows[["hardware_key", "world_size", "dtype", "mode"]].values}
+        validate_rows = _validation_rows("--validate", args.validate, groups)
+        both = sorted(set(validate_rows["run_dir"]) & set(rows["run_dir"]))
+        if both:  # a table scored on its own data says nothing about other runs
+            raise UsageError(
+                f"--validate: {both[0]} is also a run the table is fitted on; "
+                "give runs it was not fitted on"
+            )
+        if args.backends is not None:  # scored among the same backends the fit chose from
+            validate_rows = validate_rows[validate_rows["backend"].isin(wanted)]
     import json
 
     import optuna
@@ -104,16 +132,86 @@ def _cmd_fit(args, argv: list[str]) -> int:
         added, present = enter_rows(storage, rows, spaces)
         data = measurements(storage)
         data = {g: v for g, v in data.items() if g in spaces}
-        thresholds, fits = fit_tables(data, command="tuner " + shlex.join(argv), **options)
+        thresholds, fits = fit_tables(
+            data,
+            command="tuner " + shlex.join(argv),
+            rounds=rounds,
+            validate_rows=validate_rows,
+            **options,
+        )
     except (BuildError, StudyError) as exc:
         raise UsageError(str(exc)) from None
     if not args.quiet:
-        print_fits(fits)
+        print_fits(fits, verbose=args.verbose)
     save_outputs(thresholds, fits, args.output, args.pareto)
     print(
         f"# {len(rows)} measured rows from {len(run_dirs)} run(s): {added} trials added, "
         f"{present} already in the study; {len(fits)} table(s) -> {args.output}"
     )
+    return 0
+
+
+def _validation_rows(flag: str, paths: list[str], groups: set[tuple]):
+    """Independent runs' rows; each run must hold a group of the tables (hardware key, world
+    size, dtype, mode), else one line saying what it holds and what the tables need."""
+    from tuner.table.data import RunsError, find_run_dirs, load_rows
+
+    try:
+        run_dirs = find_run_dirs(paths)
+    except RunsError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+    frames = []
+    for run_dir in run_dirs:
+        try:
+            rows = load_rows([run_dir])
+        except RunsError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+        if rows.empty:
+            raise UsageError(f"{flag}: {run_dir}: no measured, correct row")
+        held = {tuple(g) for g in rows[["hardware_key", "world_size", "dtype", "mode"]].values}
+        if not held & groups:
+            raise UsageError(
+                f"{flag}: {run_dir} holds {_groups_text(held)}; the table(s) need "
+                f"{_groups_text(groups)}"
+            )
+        frames.append(rows)
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def _groups_text(groups: set[tuple]) -> str:
+    """`cpu-x world size 2 (bfloat16 eager, float32 eager)`, per hardware key and world size."""
+    by_node: dict[tuple, list[str]] = {}
+    for hw, ws, dtype, mode in sorted(groups, key=str):
+        by_node.setdefault((str(hw), int(ws)), []).append(f"{dtype} {mode}")
+    return "; ".join(
+        f"{hw} world size {ws} ({', '.join(kinds)})" for (hw, ws), kinds in sorted(by_node.items())
+    )
+
+
+def _cmd_validate(args) -> int:
+    """`tuner validate T.json RUN...`: each table of the file scored on the runs of its group."""
+    from tuner.runtime.schema import TableError, load
+    from tuner.table.builder import log_uniform_weights
+    from tuner.table.evidence import evidence_summary_text, score_table
+
+    try:
+        thresholds = load(args.path)
+    except TableError as exc:
+        raise UsageError(str(exc)) from None
+    groups = {t.key for t in thresholds.tables}
+    rows = _validation_rows("RUN_DIR", args.runs, groups)
+    for table in thresholds.tables:
+        hw, ws, dtype, mode = table.key
+        scored = score_table(table, rows, log_uniform_weights)
+        name = f"{hw}  world_size {ws}  {dtype}  {mode}"
+        if scored is None:
+            print(f"{name}: no run of this table's group")
+        elif "regret_geomean" not in scored:
+            print(f"{name}: the table's choices were not measured in these runs")
+        else:
+            print(f"{name}: on {len(scored['run_ids'])} run(s), {evidence_summary_text(scored)}")
     return 0
 
 
@@ -172,6 +270,8 @@ def _dispatch(argv: list[str]) -> int:
             return _cmd_fit(args, argv)
         if args.command == "show":
             return _cmd_show(args)
+        if args.command == "validate":
+            return _cmd_validate(args)
         if args.command == "export":
             return _cmd_export(args)
     except BrokenPipeError:  # `tuner show T.json | head`

@@ -84,6 +84,8 @@ class Baseline:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `bench compare`."""
+    from bench.launch.config import RUNS_ROOT
+
     parser.add_argument("--world-sizes", default="2,4", help="comma list, one sweep each")
     parser.add_argument("-b", "--min-bytes", default="1K")
     parser.add_argument("-e", "--max-bytes", default="64M")
@@ -129,8 +131,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        default="results",
-        help="run directories go to OUT/<hardware_key>/ (default: results)",
+        default=RUNS_ROOT,
+        help=f"run directories go to OUT/<hardware_key>/ (default: {RUNS_ROOT}; the committed "
+        "reference runs are under results/)",
     )
     parser.add_argument(
         "--label",

@@ -8,10 +8,18 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bench.analysis.results import fastest_rows, read_results
+from bench.analysis.results import correct_rows, fastest_rows, read_results
 from bench.sizes import format_size
 
-__all__ = ["format_run", "print_summary", "best_per_size", "add_arguments", "run"]
+__all__ = [
+    "format_run",
+    "print_summary",
+    "measured_rows",
+    "best_per_size",
+    "noise_lines",
+    "add_arguments",
+    "run",
+]
 
 
 def best_per_size(frame):
@@ -87,6 +95,11 @@ def wrong_rows(frame):
     return frame[frame["latency_us"].notna() & (frame["correct"] != True)]  # noqa: E712
 
 
+def measured_rows(run_dir: str | Path) -> int:
+    """How many rows of the run hold a timing (not skipped)."""
+    return int(read_results(run_dir)["latency_us"].notna().sum())
+
+
 def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
     """Print the run's tables; shout about any incorrect row. Returns the count of them."""
     stream = stream or sys.stdout
@@ -103,8 +116,51 @@ def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
                 file=stream,
             )
         print("!" * 72, file=stream)
+    for line in noise_lines(run_dir, frame):
+        print(line, file=stream)
     print(f"# results: {Path(run_dir) / 'results.csv'}", file=stream)
     return len(wrong)
+
+
+def noise_lines(run_dir: str | Path, frame) -> list[str]:
+    """The run's noise said out loud: the sweep's warnings (meta.json), the A/A figure (from
+    rounds.csv, else meta.json), and one line where it is larger than the gap between the
+    best two backends at some sizes (their order there is one round's noise)."""
+    from bench.analysis.results import SchemaError, read_meta
+    from bench.analysis.rounds import aa_spread, read_rounds
+
+    noise = read_meta(run_dir).get("noise") or {}
+    lines = [f"# noise: {w}" for w in noise.get("warnings") or []]
+    try:
+        rounds = read_rounds(run_dir)
+    except ValueError as exc:
+        raise SchemaError(str(exc)) from None
+    aa = aa_spread(rounds) if len(rounds) else noise.get("aa")
+    if not aa or aa.get("median_pct") is None:
+        lines.append("# A/A noise: not measured (no rounds: a run made before rounds)")
+        return lines
+    median = aa["median_pct"]
+    lines.append(
+        f"# A/A noise (one backend, round to round): {median:.1f}% median, "
+        f"{aa['p90_pct']:.1f}% p90 over {aa['points']} points, {aa['rounds']} rounds"
+    )
+    close = []
+    keys = ["world_size", "dtype", "mode", "bytes"]
+    for key, group in correct_rows(frame).groupby(keys, sort=True):
+        if group["backend"].nunique() < 2:
+            continue
+        best, second = sorted(group["latency_us"])[:2]
+        if (second / best - 1.0) * 100 < median:
+            close.append(key)
+    if close:
+        sizes = sorted({int(k[3]) for k in close})
+        lines.append(
+            f"# ! the A/A noise is larger than the gap between the best two backends at "
+            f"{len(close)} of {frame.groupby(keys).ngroups} points "
+            f"({format_size(sizes[0])}..{format_size(sizes[-1])}): one round cannot order "
+            "them; the paired rounds (tuner fit) decide"
+        )
+    return lines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +173,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write PNG figures beside it (with --index: beside every run)",
     )
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        metavar="FILE",
+        help="with --plots: the thresholds.json whose rules the figures compare (default: one "
+        "fitted from this run, beside it)",
+    )
     index.add_arguments(parser)
 
 
@@ -127,6 +190,10 @@ def _report_run(args: argparse.Namespace) -> int:
 
     if args.write is not None:
         raise UsageError("--write: goes with --index")
+    if args.thresholds is not None and not (args.plots and Path(args.thresholds).is_file()):
+        raise UsageError(
+            f"--thresholds: expected an existing file, with --plots; got {args.thresholds!r}"
+        )
     if args.run_dir is None:
         raise UsageError(
             "report: run_dir: give a run directory, or --index [ROOT] for a results folder"
@@ -144,9 +211,16 @@ def _report_run(args: argparse.Namespace) -> int:
         writable_dir("--plots", run_dir)  # the figures go beside the table
     wrong = print_summary(run_dir)
     if args.plots:
-        from bench.analysis.plots import write_run_plots
+        from bench.analysis.plots import run_thresholds, write_run_plots
 
-        for path in write_run_plots(run_dir):
+        table, tables = run_thresholds(run_dir, read_results(run_dir), args.thresholds)
+        if tables:
+            print(f"# rules compared: {table}")
+        elif table:  # named, but for other machines
+            print(f"# no gain figure: {table} has no table for this run's machine")
+        else:  # a gain figure compares a table named, or fitted from this run, nothing else
+            print("# no gain figure: no table fitted from this run beside it (--thresholds FILE)")
+        for path in write_run_plots(run_dir, thresholds=args.thresholds):
             print(f"# figure: {path}")
     return 1 if wrong else 0
 
@@ -168,6 +242,8 @@ def run(args: argparse.Namespace) -> int:
             return _report_run(args)
         if args.run_dir is not None:
             raise UsageError("report: give a run directory or --index ROOT, not both")
+        if args.thresholds is not None:
+            raise UsageError("--thresholds: goes with a run directory, not --index")
         return index.run(args)
     except errors as exc:
         raise UsageError(f"report: {exc}") from None

@@ -39,6 +39,9 @@ __all__ = [
     "read_meta",
     "write_meta",
     "completed_points",
+    "completed_rounds",
+    "ROUND_COLUMNS",
+    "ROUNDS_FILE",
     "count_rows",
     "busbw_factor",
     "correct_rows",
@@ -82,7 +85,28 @@ POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
 # what one thresholds.json table covers (the tuner fits one table per group of rows)
 TABLE_KEY: tuple[str, ...] = ("hardware_key", "world_size", "dtype", "mode")
 
+# the side table of rounds: one row per measured (point, round). Rows of one (run, round,
+# dtype, mode, bytes) were measured side by side, seconds apart: the pairs that comparisons
+# between backends are made of. `position` is the backend's place in that round's rotating
+# order; `latency_us` the round's median of the slowest rank's per-iteration time;
+# `samples_us` those per-iteration times, space-separated (p10/p90 over all rounds, resumes).
+ROUND_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "hardware_key",
+    "backend",
+    "world_size",
+    "dtype",
+    "mode",
+    "bytes",
+    "round",
+    "position",
+    "iters",
+    "latency_us",
+    "samples_us",
+)
+
 RESULTS_FILE = "results.csv"
+ROUNDS_FILE = "rounds.csv"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
 
@@ -101,10 +125,10 @@ def busbw_factor(world_size: int) -> float:
     return 2.0 * (world_size - 1) / world_size if world_size > 1 else 1.0
 
 
-def _check_header(header: list[str], path: Path) -> None:
-    if tuple(header) != COLUMNS:
-        missing = [c for c in COLUMNS if c not in header]
-        extra = [c for c in header if c not in COLUMNS]
+def _check_header(header: list[str], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    if tuple(header) != columns:
+        missing = [c for c in columns if c not in header]
+        extra = [c for c in header if c not in columns]
         detail = []
         if missing:
             detail.append(f"missing {','.join(missing)}")
@@ -128,13 +152,24 @@ class ResultsWriter:
     `TableRemoved`; `restore()` then writes everything the table held again, kept in memory
     for that (a run's table is small)."""
 
-    def __init__(self, run_dir: str | os.PathLike, claim: bool = False) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        claim: bool = False,
+        file_name: str = RESULTS_FILE,
+        columns: tuple[str, ...] = COLUMNS,
+        lock: bool = True,
+    ) -> None:
         """`claim`: this is a new run, the directory's first (its table absent or empty, seen
-        under the lock: RunDirTaken otherwise, nothing written)."""
+        under the lock: RunDirTaken otherwise, nothing written). `file_name`/`columns`:
+        another table of the run (the rounds); `lock`: whether this writer holds the
+        directory's lock (one writer per run does; a side table's writer, opened by the
+        lock holder, does not take it twice)."""
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_fd: int | None = _take_lock(self.run_dir)
-        self.path = self.run_dir / RESULTS_FILE
+        self.columns = columns
+        self._lock_fd: int | None = _take_lock(self.run_dir) if lock else None
+        self.path = self.run_dir / file_name
         self._fd: int | None = None
         self.dropped = 0  # records not whole, left out of a table found here
         try:
@@ -147,12 +182,12 @@ class ResultsWriter:
                 )
             if not new:
                 with open(self.path, newline="") as fh:
-                    _check_header(next(csv.reader(fh), []), self.path)
-                self.dropped = _keep_whole_rows(self.path)
+                    _check_header(next(csv.reader(fh), []), self.path, columns)
+                self.dropped = _keep_whole_rows(self.path, columns)
             self._text = bytearray(b"" if new else self.path.read_bytes())
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             if new:
-                self._write(csv_line(COLUMNS))
+                self._write(csv_line(columns))
         except BaseException:
             self.close()
             raise
@@ -163,10 +198,10 @@ class ResultsWriter:
         return max(0, self._text.count(b"\n") - 1)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        missing = [c for c in COLUMNS if c not in row]
+        missing = [c for c in self.columns if c not in row]
         if missing:
             raise SchemaError(f"row lacks columns {missing}")
-        self._write(csv_line(_cell(row[k]) for k in COLUMNS))
+        self._write(csv_line(_cell(row[k]) for k in self.columns))
 
     def _write(self, data: bytes) -> None:
         held = len(self._text)
@@ -185,12 +220,16 @@ class ResultsWriter:
         if os.fstat(self._fd).st_nlink == 0:
             raise TableRemoved(errno.ENOENT, "removed during the sweep", str(self.path))
 
+    def removed(self) -> bool:
+        """Whether the table's file was removed (unlinked) while this writer held it."""
+        return self._fd is not None and os.fstat(self._fd).st_nlink == 0
+
     def restore(self) -> None:
         """After `TableRemoved`: the folder and the file again, with every row this writer
         held (never over a file someone else made there meanwhile)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock_fd = self._lock_fd  # still ours, unless the folder went with it
-        if os.fstat(lock_fd).st_nlink == 0:
+        if lock_fd is not None and os.fstat(lock_fd).st_nlink == 0:
             lock_fd = _take_lock(self.run_dir)
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
@@ -252,12 +291,12 @@ def _drop_lock(run_dir: Path, fd: int) -> None:
             path.unlink()
 
 
-def _keep_whole_rows(path: Path) -> int:
+def _keep_whole_rows(path: Path, columns: tuple[str, ...] = COLUMNS) -> int:
     """Before appending: the table without its records that are not whole (a row being written
     when a writer died, with or without a newline after it), replaced whole; how many were
     dropped (their points are measured again)."""
     data = path.read_bytes()
-    kept, dropped = whole_records(data, COLUMNS, path)
+    kept, dropped = whole_records(data, columns, path)
     if dropped:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(kept)
@@ -355,16 +394,39 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
     return {point_key(**r) for r in reader}
 
 
-def count_rows(run_dir: str | os.PathLike) -> int | None:
-    """Whole data rows in a run's results.csv (a row cut short by a crash is not counted);
-    None when there is no such file."""
-    path = Path(run_dir) / RESULTS_FILE
+def completed_rounds(run_dir: str | os.PathLike) -> dict[tuple, dict[int, tuple]]:
+    """The rounds already measured, from a run's rounds.csv: point key -> {round: (latency_us,
+    samples_us tuple, position)}; a row cut short by a crash is not kept. Empty where the
+    run has no rounds table (a run made before rounds, or none measured yet)."""
+    path = Path(run_dir) / ROUNDS_FILE
+    if not path.exists():
+        return {}
+    done: dict[tuple, dict[int, tuple]] = {}
+    with open(path, newline="") as fh:
+        _check_header(next(csv.reader(fh), []), path, ROUND_COLUMNS)
+    data, _ = whole_records(path.read_bytes(), ROUND_COLUMNS, path)  # rows cut short: out
+    reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
+    for line, record in enumerate(reader, start=2):
+        try:
+            samples = tuple(float(x) for x in record["samples_us"].split())
+            figure = (float(record["latency_us"]), samples, int(record["position"]))
+            done.setdefault(point_key(**record), {})[int(record["round"])] = figure
+        except (TypeError, ValueError, AttributeError, KeyError):
+            raise SchemaError(f"{path} line {line}: not a whole round row") from None
+    return done
+
+
+def count_rows(run_dir: str | os.PathLike, file_name: str = RESULTS_FILE) -> int | None:
+    """Whole data rows in a run's results.csv (or its rounds.csv: `file_name`; a row cut
+    short by a crash is not counted); None when there is no such file."""
+    path = Path(run_dir) / file_name
+    columns = ROUND_COLUMNS if file_name == ROUNDS_FILE else COLUMNS
     try:
         data = path.read_bytes()
     except OSError:
         return None
     with contextlib.suppress(SchemaError):  # counted as whole rows where the table is ours
-        data, _ = whole_records(data, COLUMNS, path)
+        data, _ = whole_records(data, columns, path)
     data = data[: data.rfind(b"\n") + 1]
     records = csv.reader(io.StringIO(data.decode(errors="replace"), newline=""))
     return max(0, sum(1 for record in records if record) - 1)

@@ -44,6 +44,13 @@ def _number_or_empty(cell: str) -> bool:
     return True
 
 
+def _numbers(cell: str) -> bool:
+    try:
+        return bool([float(x) for x in cell.split()])
+    except ValueError:
+        return False
+
+
 def _flag_or_empty(cell: str) -> bool:
     return cell in ("", "True", "False")
 
@@ -59,6 +66,9 @@ CELL_RULES: dict[str, tuple[Callable[[str], bool], str]] = {
         for name in ("latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps", "max_abs_err")
     },
     "correct": (_flag_or_empty, "True, False or empty"),
+    # rounds.csv
+    **{name: (_count, "a whole number") for name in ("round", "position")},
+    "samples_us": (_numbers, "numbers separated by spaces"),
 }
 
 

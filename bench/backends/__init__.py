@@ -28,6 +28,8 @@ __all__ = [
     "floor_name",
     "needs_buffer",
     "params_key",
+    "reasons_here",
+    "device_reason",
 ]
 
 # family module -> the names it registers (known up front so that `--backends` can be
@@ -123,3 +125,34 @@ def needs_buffer(name: str) -> bool:
     _load()
     spec = _REGISTRY.get(name)
     return True if spec is None else spec.needs_buffer
+
+
+def reasons_here(ctx: CommContext) -> dict[str, str | None]:
+    """Every known name -> None where it can run in `ctx`, else why not (a family that does not
+    import here: its error). Probes check local facts only, so `bench sweep` asks this before
+    any rank starts, with a stand-in context, to pick the backends this machine can run. A
+    backend of the other device gets one shared reason, so a summary can group them."""
+    reasons: dict[str, str | None] = {}
+    for name in known_names():
+        try:
+            spec = get_spec(name)
+        except KeyError as exc:
+            reasons[name] = str(exc.args[0])
+            continue
+        reason = device_reason(spec, ctx.device.type)
+        if reason is None:
+            try:
+                reason = spec.probe(ctx)
+            except Exception as exc:  # a probe that fails is a reason, as at the sweep
+                reason = f"probe failed: {type(exc).__name__}: {exc}".splitlines()[0]
+        reasons[name] = reason
+    return reasons
+
+
+def device_reason(spec: BackendSpec, device_type: str) -> str | None:
+    """Why `spec` cannot serve ranks on `device_type` ("cpu" or "cuda"), or None: one text
+    for every backend of the other device, so that a summary can group them."""
+    if spec.device == device_type:
+        return None
+    hint = "--device cuda on a GPU node" if spec.device == "cuda" else "--device cpu"
+    return f"needs {spec.device} tensors; these ranks run on {device_type} ({hint})"

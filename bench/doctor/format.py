@@ -112,8 +112,9 @@ def _ranks_lines(ranks: dict[str, Any]) -> list[str]:
         f"## backends (probed, created and checked with {ranks['world_size']} "
         f"rank(s), {CHECK_BYTES} B float32)"
     )
+    width = max([20, *(len(b["backend"]) for b in ranks["backends"])])  # vllm_symm_mem_...: 22
     for b in ranks["backends"]:
-        lines.append(f"  {b['backend']:<20} {b['status']:<12} {b['reason'] or ''}".rstrip())
+        lines.append(f"  {b['backend']:<{width}} {b['status']:<12} {b['reason'] or ''}".rstrip())
     if ranks["world_size"] == 1:
         lines.append("  (one rank: `bench doctor --world-size N` probes N ranks as a sweep would)")
     return lines

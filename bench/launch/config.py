@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -27,9 +28,17 @@ __all__ = [
     "resolve_device",
     "DTYPES",
     "DTYPE_ALIASES",
+    "RUNS_ROOT",
+    "runnable_backends",
+    "left_out_line",
 ]
 
 MODES = ("eager", "graph")
+# rounds of side-by-side blocks per point (bench.run.rounds says how 5 was chosen)
+DEFAULT_ROUNDS = 5
+# a run without --out goes to RUNS_ROOT/<hardware_key>/<run_id>: apart from the committed
+# reference runs under results/ (runs/ is ignored by git)
+RUNS_ROOT = "runs"
 LAUNCHERS = ("torchrun", "mpirun")  # mpirun: for the `mpi` peer (bench.launch.mpirun)
 
 
@@ -41,8 +50,9 @@ class SweepConfig:
     dtypes: list[str]
     modes: list[str]
     device: str  # "cpu" or "cuda" (auto resolved)
-    iters: int = 20
-    warmup: int = 5
+    iters: int = 20  # timed iterations per point, spread over the rounds
+    warmup: int = 5  # warm-up calls per point, spread over the rounds (at least one a round)
+    rounds: int = DEFAULT_ROUNDS
     timeout_s: float = 300.0
     out: str | None = None
     resume: bool = False
@@ -56,6 +66,8 @@ class SweepConfig:
     params: dict = dataclasses.field(default_factory=dict)  # backend -> knob values
     quiet: bool = False
     launcher: str = "torchrun"
+    # backends the default (no --backends) left out as unable to run here: name -> reason
+    left_out: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,7 +87,11 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--world-size", "-g", dest="world_size", default="1", help="ranks in total (over all nodes)"
     )
-    p.add_argument("--backends", default="all", help="all, or a comma list of backend names")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="a comma list of backend names, or all (default: those this machine can run)",
+    )
     p.add_argument("-b", "--min-bytes", dest="min_bytes", default="1K", help="smallest size")
     p.add_argument("-e", "--max-bytes", dest="max_bytes", default="64M", help="largest size")
     p.add_argument("-f", "--factor", default="2", help="size step factor")
@@ -84,15 +100,25 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
         "--modes", default=None, help="eager,graph (default: eager on CPU, both on CUDA)"
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("-n", "--iters", default="20", help="timed iterations per point")
-    p.add_argument("-w", "--warmup", default="5", help="warm-up iterations per point")
+    p.add_argument(
+        "-n", "--iters", default="20", help="timed iterations per point, spread over the rounds"
+    )
+    p.add_argument(
+        "-w", "--warmup", default="5", help="warm-up calls per point (at least one a round)"
+    )
+    p.add_argument(
+        "--rounds",
+        default=str(DEFAULT_ROUNDS),
+        help="rounds: in each, every backend measures each size once, side by side, in a "
+        "rotating order; a point's latency is the median over rounds",
+    )
     p.add_argument(
         "--timeout",
         default="300",
         help="seconds without progress before the sweep is ended (a dead or hung rank)",
     )
     p.add_argument(
-        "--out", default=None, help="run directory (default results/<hardware_key>/<run_id>)"
+        "--out", default=None, help=f"run directory (default {RUNS_ROOT}/<hardware_key>/<run_id>)"
     )
     p.add_argument(
         "--resume",
@@ -168,7 +194,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
     world_size, nnodes, node_rank, master_port = layout_from_args(args)
     known = registry.known_names()
-    backends = _backends(args.backends, known)
+    if args.backends is not None:
+        backends = _backends(args.backends, known)
     sizes = _sizes(args)
     dtypes = [DTYPE_ALIASES.get(d, d) for d in _split(args.dtypes)]
     bad = [d for d in dtypes if d not in DTYPES]
@@ -187,12 +214,16 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         raise UsageError(f"--modes: unknown {','.join(bad) or '(empty)'} (accepted: eager, graph)")
     iters = int_flag("--iters", args.iters)
     warmup = int_flag("--warmup", args.warmup, minimum=0)
+    rounds = int_flag("--rounds", args.rounds)
     graph_calls = int_flag("--graph-calls", args.graph_calls)
     timeout_s = seconds_flag("--timeout", args.timeout)
     params = _params(args.param, known)
     _fits(args, sizes, world_size // nnodes, device)
     out, resume = _run_dir(args, node_rank)
     launcher = _launcher(args.launcher, nnodes)
+    left_out: dict[str, str] = {}
+    if args.backends is None:
+        backends, left_out = runnable_backends(device, world_size, nnodes, launcher)
     return SweepConfig(
         world_size=world_size,
         backends=backends,
@@ -202,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         device=device,
         iters=iters,
         warmup=warmup,
+        rounds=rounds,
         timeout_s=timeout_s,
         out=out,
         resume=resume,
@@ -214,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         params=params,
         quiet=bool(args.quiet),
         launcher=launcher,
+        left_out=left_out,
     )
 
 
@@ -260,6 +293,56 @@ def _backends(text: str, known: list[str]) -> list[str]:
             f"--backends: unknown {','.join(unknown) or '(empty)'} (known: all, {', '.join(known)})"
         )
     return backends
+
+
+def runnable_backends(
+    device: str, world_size: int, nnodes: int, launcher: str
+) -> tuple[list[str], dict[str, str]]:
+    """(the backends this machine can run, {every other known name: why not}), asked of each
+    backend's probe before any rank starts: a stand-in context of this node's share of the
+    ranks, no communicator built. A reason that only a rank can see still skips its rows."""
+    from bench import backends as registry
+
+    ctx = registry.CommContext(
+        rank=0,
+        world_size=world_size,
+        local_world_size=world_size // nnodes,
+        local_rank=0,
+        nnodes=nnodes,
+        device=torch.device(device),
+        cpu_group=None,
+        same_host=nnodes == 1,
+        visible_gpus=torch.cuda.device_count() if device == "cuda" else 0,
+        extra={"launcher": launcher},
+    )
+    reasons = registry.reasons_here(ctx)
+    runnable = [name for name, reason in reasons.items() if reason is None]
+    if not runnable:  # nothing can run: measure the floor, whose skipped rows say why
+        runnable = [registry.floor_name(device)]
+    return runnable, {n: r for n, r in reasons.items() if r is not None and n not in runnable}
+
+
+def left_out_line(left_out: dict[str, str]) -> str:
+    """The backends the default sweep left out, grouped by reason, in one line."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in left_out.items():
+        by_reason.setdefault(reason, []).append(name)
+    parts = [f"{_compact(names)}: {reason}" for reason, names in by_reason.items()]
+    return (
+        f"bench: {len(left_out)} more backends cannot run here ({'; '.join(parts)}); "
+        "`--backends all` records them as skipped rows, `bench doctor` says more"
+    )
+
+
+def _compact(names: list[str]) -> str:
+    """nccl, pynccl*, symm_mem_*: names that share their first word, written once."""
+    families: dict[str, list[str]] = {}
+    for name in names:
+        families.setdefault(name.split("_")[0], []).append(name)
+    out = []
+    for members in families.values():
+        out.append(members[0] if len(members) == 1 else os.path.commonprefix(members) + "*")
+    return ", ".join(out)
 
 
 def _sizes(args: argparse.Namespace) -> list[int]:

@@ -9,6 +9,8 @@ process is stopped by a signal (SIGTERM, Ctrl-C): the ranks are ended first.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import signal
 import socket
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.backends.base import scoped_env
+from bench.environment import get
 from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
@@ -83,14 +86,38 @@ def start_ranks(
     handlers = {number: signal.getsignal(number) for number in _AGENT_SIGNALS}
     pids = Path(log_dir) / "pids"  # each rank leaves its pid here (bench.run.session)
     pids.mkdir()
+    # the agent's warnings ("Received 2 death signal", "Closing process N") repeat what
+    # `launch` says in one line; its errors still show
+    quiet = [
+        logger
+        for name, logger in logging.root.manager.loggerDict.items()
+        if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger)
+    ]
+    levels = [logger.level for logger in quiet]
     try:
-        with scoped_env({PIDS_DIR_ENV: str(pids)}):
+        for logger in quiet:
+            logger.setLevel(max(logger.level, logging.ERROR))
+        with scoped_env({PIDS_DIR_ENV: str(pids), "OMP_NUM_THREADS": omp_threads(cfg)}):
             return elastic_launch(config, entrypoint)(*args) or {}
     finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
         remove_shm_leftovers(int(p.name) for p in pids.iterdir() if p.name.isdigit())
         shutil.rmtree(log_dir, ignore_errors=True)
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+def omp_threads(cfg: SweepConfig) -> str:
+    """OMP_NUM_THREADS for the ranks, set here on purpose (torchrun would set 1 and warn): the
+    user's own value, else this node's cores shared by its ranks (at least 1), as the shm
+    backends' `threads` knob does by default; ranks whose OpenMP threads outnumber the cores
+    starve each other."""
+    own = get("OMP_NUM_THREADS")
+    if own:
+        return own
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return str(max(1, (cores or 1) // max(1, cfg.world_size // cfg.nnodes)))
 
 
 def _check_listen(host: str, port: int) -> None:

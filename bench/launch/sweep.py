@@ -4,22 +4,23 @@ through the launcher (or, under the user's own torchrun, this process is one of 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from bench.environment import launched_rank
-from bench.launch.config import SweepConfig, parse_sweep_config
+from bench.environment import get, launched_rank
+from bench.launch.config import RUNS_ROOT, SweepConfig, left_out_line, parse_sweep_config
 from bench.launch.flags import UsageError
 from bench.launch.mpirun import launch_mpirun, mpi_layout, mpirun_reason
 
 __all__ = ["main", "rows_kept"]
-
-DEFAULT_ROOT = "results"  # the run directory is results/<hardware_key>/<run_id> without --out
 
 
 def main(argv: list[str]) -> int:
     from bench.run.worker import new_run_id, run_worker
 
     cfg = parse_sweep_config(argv)
+    if cfg.left_out and (get("RANK") or "0") == "0" and not cfg.quiet:
+        print(left_out_line(cfg.left_out), file=sys.stderr, flush=True)
     if cfg.out is not None and cfg.node_rank == 0:  # only node 0's rank 0 writes (shared FS)
         from bench.analysis.results import LOCK_FILE
 
@@ -27,8 +28,8 @@ def main(argv: list[str]) -> int:
     if cfg.out is None and cfg.node_rank == 0:
         from bench.launch.paths import writable_dir
 
-        # the default run directory goes below results/ (made again by rank 0)
-        writable_dir(f"--out (default {DEFAULT_ROOT}/)", DEFAULT_ROOT)
+        # the default run directory goes below runs/ (made again by rank 0)
+        writable_dir(f"--out (default {RUNS_ROOT}/)", RUNS_ROOT)
     if launched_rank() or mpi_layout() is not None:
         return run_worker(cfg)  # already one rank of the user's torchrun (or mpirun)
     if cfg.launcher == "mpirun":
@@ -48,21 +49,24 @@ def main(argv: list[str]) -> int:
 def rows_kept(cfg: SweepConfig, before: int = 0) -> str:
     """What a sweep that failed or was stopped leaves, for the launcher's last line: the
     rows its results.csv holds now (counted, never assumed), or that none were written."""
-    from bench.analysis.results import count_rows
+    from bench.analysis.results import ROUNDS_FILE, count_rows
 
     if cfg.node_rank != 0:
         return "; node 0 keeps the rows written so far"
     run_dir = (
         Path(cfg.out)
         if cfg.out
-        else next(iter(sorted(Path(DEFAULT_ROOT).glob(f"*/{cfg.run_id}"))), None)
+        else next(iter(sorted(Path(RUNS_ROOT).glob(f"*/{cfg.run_id}"))), None)
     )
     rows = (count_rows(run_dir) or 0) if run_dir is not None else 0
-    if not rows:
+    rounds = (count_rows(run_dir, ROUNDS_FILE) or 0) if run_dir is not None else 0
+    if not rows and not rounds:
         return "; no row was written"
+    # a point's row is written with its last round; the rounds before it are kept apart
+    held = f" and {rounds} rounds in {ROUNDS_FILE}" if rounds else ""
     table = run_dir / "results.csv"
     new = f", {rows - before} of them by this sweep" if cfg.resume else ""
-    return f"; {rows} rows are kept in {table}{new} (continue with --resume {run_dir})"
+    return f"; {rows} rows are kept in {table}{new}{held} (continue with --resume {run_dir})"
 
 
 def _refuse_if_locked(lock: Path) -> None:

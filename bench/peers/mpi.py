@@ -109,7 +109,8 @@ def _probe(ctx: CommContext) -> str | None:
     if not installed("mpi4py"):
         return f"mpi4py is not installed: {PIP_PEERS} and {APT_MPI}"
     if ctx.world_size > 1 and not launched_by_mpi():
-        return _NEEDS_LAUNCHER
+        # before launch, `bench sweep --launcher mpirun` asks: its ranks check the rest
+        return None if ctx.extra.get("launcher") == "mpirun" else _NEEDS_LAUNCHER
     try:
         from mpi4py import MPI
     except Exception as exc:  # mpi4py without a loadable MPI library

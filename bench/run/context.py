@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.backends import CommContext, get_spec
+from bench.backends import CommContext, device_reason, get_spec
 from bench.run.hardware import host_id
 
 __all__ = ["make_context", "agreed_reason", "build_backend", "broadcast_object"]
@@ -95,9 +95,8 @@ def build_backend(
         spec = get_spec(name)
     except KeyError as exc:
         reason = str(exc.args[0])
-    if spec is not None and spec.device != ctx.device.type:
-        hint = "--device cuda on a GPU node" if spec.device == "cuda" else "--device cpu"
-        reason = f"needs {spec.device} tensors; these ranks run on {ctx.device.type} ({hint})"
+    if spec is not None:
+        reason = device_reason(spec, ctx.device.type)
     if spec is not None and reason is None:
         reason = spec.unknown_knob(params)  # values are the backend's to judge when built
     if spec is not None and reason is None:

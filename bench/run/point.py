@@ -3,8 +3,8 @@
 `prepare_point` gates the tensor, checks one call on fresh known inputs (inside a CUDA graph in
 graph mode) against the exact sum, and returns the step to time: one call in eager mode, a
 graph of `graph_calls` calls in graph mode. Every step is collective and every rank gets the
-same answer. `PointRunner` times that step at once (the sweep); the tuner times it in prunable
-rounds.
+same answer. `PointRunner` times one block of that step (one round of the sweep); the tuner
+times it in prunable rounds.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from bench.run.inputs import check_result, fill_input
 from bench.run.timing import (
     CpuClock,
     CudaEventClock,
-    Stats,
     capture_graph,
     flush_l2,
     measure,
     slowest_rank,
-    summarize,
 )
 
 __all__ = ["PreparedPoint", "prepare_point", "PointRunner", "barrier"]
@@ -124,7 +122,8 @@ def prepare_point(
 
 
 class PointRunner:
-    """The sweep's measurement of one (backend, dtype, mode, size) point on this rank."""
+    """The sweep's measurement of one block of a (backend, dtype, mode, size) point on this
+    rank: prepared and checked, warmed up, `iters` timed iterations (one round's share)."""
 
     def __init__(
         self,
@@ -142,8 +141,9 @@ class PointRunner:
 
     def run(
         self, backend, dtype: torch.dtype, mode: str, nbytes: int, seed: int
-    ) -> tuple[str | None, Stats | None, bool | None, float | None]:
-        """(skip reason, stats, correct, max_abs_err); one of the first two is None."""
+    ) -> tuple[str | None, list[float] | None, bool | None, float | None]:
+        """(skip reason, the slowest rank's per-call microseconds per iteration, correct,
+        max_abs_err); one of the first two is None."""
         point = prepare_point(
             backend,
             self.ctx,
@@ -164,6 +164,4 @@ class PointRunner:
             calls_per_step=point.calls_per_step,
             before=lambda: barrier(self.ctx),
         )
-        per_call = slowest_rank(per_call, self.ctx.cpu_group)
-        stats = summarize(per_call, nbytes, self.ctx.world_size)
-        return None, stats, point.correct, point.max_abs_err
+        return None, slowest_rank(per_call, self.ctx.cpu_group), point.correct, point.max_abs_err

@@ -6,35 +6,40 @@ own `torchrun ... -m bench.run.worker <sweep flags>`, or under SLURM `srun pytho
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from bench.analysis.results import (
     META_FILE,
     RESULTS_FILE,
+    ROUND_COLUMNS,
+    ROUNDS_FILE,
     ResultsWriter,
     RunDirLocked,
     TableRemoved,
     completed_points,
+    completed_rounds,
     point_key,
     read_meta,
     write_meta,
 )
 from bench.backends import CommContext
 from bench.dtypes import DTYPES
-from bench.launch.config import SweepConfig, parse_sweep_config
+from bench.launch.config import RUNS_ROOT, SweepConfig, parse_sweep_config
 from bench.launch.flags import run_command
 from bench.launch.paths import os_error
 from bench.launch.watchdog import Watchdog
 from bench.run.hardware import fingerprint
+from bench.run.noise import noise_after, noise_before
 from bench.run.point import PointRunner
-from bench.run.session import create_backend, rank_session, shared_tag, sweep_context
+from bench.run.rounds import RoundPlan, held_groups, per_round
+from bench.run.session import rank_session, shared_tag, sweep_context
 
 __all__ = ["run_worker", "RankMismatch", "SweepStopped", "point_plan", "new_run_id", "main"]
 
@@ -52,13 +57,20 @@ class SweepStopped(RuntimeError):
         self.code = code
 
 
+BLOCK_FIELDS = "the next block (backend, dtype, mode, bytes, round)"
+
+
 def point_plan(cfg: SweepConfig) -> Iterator[tuple[str, str, str, int]]:
-    """(backend, dtype, mode, bytes) in sweep order: backend-major, then dtype, mode, size."""
-    for backend in cfg.backends:
-        for dtype in cfg.dtypes:
-            for mode in cfg.modes:
-                for nbytes in cfg.sizes:
-                    yield backend, dtype, mode, nbytes
+    """Every point (backend, dtype, mode, bytes) of the sweep, in the order of its first round:
+    per (dtype, mode, size), every backend (`bench.run.rounds.round_order` rotates them)."""
+    for dtype, mode, nbytes in size_plan(cfg):
+        for backend in cfg.backends:
+            yield backend, dtype, mode, nbytes
+
+
+def size_plan(cfg: SweepConfig) -> list[tuple[str, str, int]]:
+    """(dtype, mode, bytes) in the order a round visits them."""
+    return [(d, m, n) for d in cfg.dtypes for m in cfg.modes for n in cfg.sizes]
 
 
 def new_run_id() -> str:
@@ -90,27 +102,10 @@ def _open_run(cfg: SweepConfig, ctx: CommContext, fp: dict) -> tuple[str, str]:
             out = cfg.out
         else:
             run_id = cfg.run_id or new_run_id()
-            out = cfg.out or str(Path("results") / fp["hardware_key"] / run_id)
+            out = cfg.out or str(Path(RUNS_ROOT) / fp["hardware_key"] / run_id)
         payload = [(out, run_id)]
     dist.broadcast_object_list(payload, src=0)
     return payload[0]
-
-
-def _skip_row(base: dict, nbytes: int, itemsize: int, reason: str) -> dict:
-    return {
-        **base,
-        "bytes": nbytes,
-        "count": nbytes // itemsize,
-        "iters": 0,
-        "latency_us": None,
-        "p10_us": None,
-        "p90_us": None,
-        "algbw_gbps": None,
-        "busbw_gbps": None,
-        "correct": None,
-        "max_abs_err": None,
-        "skipped_reason": reason.replace("\n", " ")[:300],
-    }
 
 
 def run_worker(cfg: SweepConfig) -> int:
@@ -133,101 +128,126 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
     tag = shared_tag()  # for shm segment and IPC names
     watchdog.attach_heartbeat(layout["world_size"], tag)
     ctx = sweep_context(cfg, layout, tag)
+    noise = noise_before(cfg, ctx) if rank == 0 else None  # warns in one line where it is due
     out, run_id = _open_run(cfg, ctx, fp or {})
-    table, failed = _Table.open(cfg, ctx, fp, out, run_id) if rank == 0 else (None, None)
-    shared: list = [(fp or {}).get("hardware_key"), table.done if table else set(), failed]
+    table, failed = _Table.open(cfg, ctx, fp, out, run_id, noise) if rank == 0 else (None, None)
+    shared: list = [(fp or {}).get("hardware_key"), _rounds_left(cfg, table), failed]
     dist.broadcast_object_list(shared, src=0)
-    hardware_key, done, failed = shared
+    hardware_key, left, failed = shared
     if failed:
         raise SweepStopped(*failed)
-    plan = [
-        p
-        for p in point_plan(cfg)
-        if point_key(backend=p[0], world_size=ctx.world_size, dtype=p[1], bytes=p[3], mode=p[2])
-        not in done
-    ]
-    progress = None
-    if rank == 0 and not cfg.quiet:
-        from tqdm import tqdm
-
-        progress = tqdm(
-            total=len(plan),
-            unit="pt",
-            desc=f"sweep ws={ctx.world_size}",
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
+    plan = RoundPlan(cfg, size_plan(cfg), left, table.rounds if table else {}, rank == 0)
+    base = {"run_id": run_id, "hardware_key": hardware_key, "world_size": ctx.world_size}
+    progress = _progress(cfg, ctx, plan) if rank == 0 else None
     runner = PointRunner(
-        ctx, iters=cfg.iters, warmup=cfg.warmup, graph_calls=cfg.graph_calls, l2_flush=cfg.l2_flush
+        ctx,
+        iters=per_round(cfg.iters, cfg.rounds),
+        warmup=per_round(cfg.warmup, cfg.rounds),
+        graph_calls=cfg.graph_calls,
+        l2_flush=cfg.l2_flush,
     )
-    held = _Held()
+    stop = None  # rank 0: why the table cannot be written any more
+    groups = held_groups(plan.backends(), cfg, ctx)  # closed below: the last group released
     try:
-        stop = None  # rank 0: why the table cannot be written any more
-        for index, (name, dtype_name, mode, nbytes) in enumerate(plan):
-            watchdog.beat(f"{name} {dtype_name} {mode} {nbytes}B")
-            _agree(
-                (name, dtype_name, mode, nbytes),
-                ctx.cpu_group,
-                "the next point (backend, dtype, mode, bytes)",
-                stop,
-            )
-            backend, backend_reason = held.get(name, cfg, ctx)
-            base = {
-                "run_id": run_id,
-                "hardware_key": hardware_key,
-                "backend": name,
-                "world_size": ctx.world_size,
-                "nnodes": ctx.nnodes,
-                "dtype": dtype_name,
-                "mode": mode,
-            }
-            row = _point_row(runner, backend, backend_reason, base, nbytes, seed=1 + index)
-            if table is not None:
-                stop = table.append(row)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix_str(f"{name} {dtype_name} {mode}", refresh=False)
+        for row in plan.rows_from_rounds(base):
+            stop = _write(table, row, stop)
+        for group, reasons in groups:
+            for name, reason in reasons.items():  # not built here: a skipped row per point
+                for row, blocks in plan.skip_backend(name, reason, base):
+                    stop = _write(table, row, stop)
+                    _advance(progress, blocks)
+            if table is not None and group:
+                table.note_group(list(group))
+            for block in plan.blocks(list(group)):
+                watchdog.beat(block.where)
+                _agree(block.what, ctx.cpu_group, BLOCK_FIELDS, stop)
+                outcome = runner.run(
+                    group[block.backend],
+                    DTYPES[block.dtype],
+                    block.mode,
+                    block.nbytes,
+                    seed=block.seed,
+                )
+                rows, blocks = plan.record(block, outcome, base)
+                for row in rows:
+                    stop = _write(table, row, stop)
+                _advance(progress, blocks, f"round {block.round} {block.backend}")
         _agree("end", ctx.cpu_group, "the end of the sweep", stop)
     finally:
-        held.release()  # every rank, on every path: IPC buffers are freed in order
+        groups.close()  # every rank, on every path: IPC buffers are freed in order
         if progress is not None:
             progress.close()
         if table is not None:
-            table.close()
+            table.close(noise)
     return _finish(out) if rank == 0 else 0
 
 
-class _Held:
-    """The backend the sweep measures now: built when the plan reaches it, released when
-    the plan moves on and when the sweep ends, on every path (an error included)."""
+def _progress(cfg: SweepConfig, ctx: CommContext, plan: RoundPlan):
+    if cfg.quiet:
+        return None
+    import threading
 
-    def __init__(self) -> None:
-        self.name: str | None = None
-        self.backend, self.reason = None, None
+    from tqdm import tqdm
 
-    def get(self, name: str, cfg: SweepConfig, ctx: CommContext):
-        if name != self.name:
-            self.release()
-            self.backend, self.reason = create_backend(name, cfg, ctx)
-            self.name = name
-        return self.backend, self.reason
+    # a thread lock: tqdm's default also makes a multiprocessing one, which a rank ended
+    # by Ctrl-C leaves behind ("leaked semaphore objects" at exit)
+    tqdm.set_lock(threading.RLock())
+    return tqdm(
+        total=plan.blocks_left,
+        unit="blk",
+        desc=f"sweep ws={ctx.world_size}, {cfg.rounds} rounds",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
-    def release(self) -> None:
-        backend, self.backend, self.name = self.backend, None, None
-        if backend is not None:
-            backend.release()
+
+def _advance(progress, blocks: int, what: str | None = None) -> None:
+    if progress is not None and blocks:
+        progress.update(blocks)
+        if what:
+            progress.set_postfix_str(what, refresh=False)
+
+
+def _write(table: _Table | None, row: dict, stop: str | None) -> str | None:
+    """Rank 0 writes `row` to its table (results.csv, or rounds.csv for a round's row); the
+    first failure is the reason every rank stops with at the next agreement."""
+    if table is not None and stop is None:
+        stop = table.append(row)
+    return stop
+
+
+def _rounds_left(cfg: SweepConfig, table: _Table | None) -> dict[tuple, list[int]] | None:
+    """Rank 0: per point still to measure, the rounds it lacks (a resumed run's rounds.csv
+    holds the others); a point in results.csv is done."""
+    if table is None:
+        return None
+    left = {}
+    for b, d, m, n in point_plan(cfg):
+        key = point_key(backend=b, world_size=cfg.world_size, dtype=d, bytes=n, mode=m)
+        if key not in table.done:
+            left[key] = [r for r in range(cfg.rounds) if r not in table.rounds.get(key, {})]
+    return left
 
 
 class _Table:
-    """Rank 0's side of the run directory: the table's writer, meta.json, the points already
-    done; a write that fails becomes the one-line reason every rank stops with."""
+    """Rank 0's side of the run directory: the writers of results.csv and rounds.csv,
+    meta.json, the points and rounds already done; a write that fails becomes the one-line
+    reason every rank stops with."""
 
-    def __init__(self, writer: ResultsWriter, meta: dict, done: set) -> None:
-        self.writer, self.meta, self.done = writer, meta, done
+    def __init__(
+        self, writers: dict[str, ResultsWriter], meta: dict, done: set, rounds: dict
+    ) -> None:
+        self.writers, self.meta, self.done, self.rounds = writers, meta, done, rounds
 
     @classmethod
     def open(
-        cls, cfg: SweepConfig, ctx: CommContext, fp: dict, out: str, run_id: str
+        cls,
+        cfg: SweepConfig,
+        ctx: CommContext,
+        fp: dict,
+        out: str,
+        run_id: str,
+        noise: dict | None = None,
     ) -> tuple[_Table | None, tuple[str, int] | None]:
         """(the table, None), or (None, (why it cannot be written, exit code))."""
         try:
@@ -236,8 +256,13 @@ class _Table:
             return None, (f"--out: {exc}", 2)
         except OSError as exc:
             return None, (f"cannot write the run directory {out}: {os_error(exc)}", 1)
+        writers = {RESULTS_FILE: writer}
         try:
+            writers[ROUNDS_FILE] = ResultsWriter(
+                out, file_name=ROUNDS_FILE, columns=ROUND_COLUMNS, lock=False
+            )
             done = completed_points(out) if cfg.resume else set()
+            rounds = completed_rounds(out) if cfg.resume else {}
             meta = read_meta(out) if cfg.resume else {}
             meta.update(
                 {
@@ -249,75 +274,77 @@ class _Table:
                     "hosts": len(set(ctx.extra["hosts"])),
                     "l2_flush": cfg.l2_flush,
                     "timer": "cuda-events" if cfg.device == "cuda" else "perf_counter",
+                    "rounds": cfg.rounds,
+                    "backend_groups": [],
                 }
             )
+            if noise is not None:
+                meta["noise"] = noise
             meta.setdefault("started", datetime.datetime.now().isoformat(timespec="seconds"))
             write_meta(out, meta)
         except OSError as exc:
-            writer.close()
+            for w in writers.values():
+                w.close()
             return None, (f"cannot write {Path(out) / META_FILE}: {os_error(exc)}", 1)
-        return cls(writer, meta, done), None
+        return cls(writers, meta, done, rounds), None
 
     def append(self, row: dict) -> str | None:
-        """Write `row`; None, or why the sweep must stop (the rows kept, how to go on)."""
-        writer = self.writer
+        """Write `row` (a round's row to rounds.csv, a point's to results.csv); None, or why
+        the sweep must stop (the rows kept, how to go on)."""
+        writer = self.writers[ROUNDS_FILE if "round" in row else RESULTS_FILE]
         resume = f"continue with --resume {writer.run_dir}"
         try:
             writer.append(row)
             return None
         except TableRemoved:
             try:
-                writer.restore()
+                for each in self.writers.values():  # the folder went: every table goes back
+                    if each.removed():
+                        each.restore()
                 write_meta(writer.run_dir, self.meta)
             except OSError as exc:
                 return (
-                    f"{writer.path} was removed during the sweep; writing its "
-                    f"{writer.rows} rows again failed: {os_error(exc)}"
+                    f"{writer.path} was removed during the sweep; writing its {self.kept()} "
+                    f"again failed: {os_error(exc)}"
                 )
             return (
-                f"{writer.path} was removed during the sweep; its {writer.rows} rows "
-                f"were written again; {resume}"
+                f"{writer.path} was removed during the sweep; its {self.kept()} were written "
+                f"again; {resume}"
             )
         except OSError as exc:
             return (
-                f"cannot append to {writer.path}: {os_error(exc)}; its {writer.rows} "
-                f"rows are kept; {resume} once it can be written"
+                f"cannot append to {writer.path}: {os_error(exc)}; its {self.kept()} are "
+                f"kept; {resume} once it can be written"
             )
 
-    def close(self) -> None:
-        self.writer.close()
+    def note_group(self, names: list[str]) -> None:
+        """A group of backends held together; from the second on, said in one line."""
+        groups = self.meta.setdefault("backend_groups", [])
+        groups.append(names)
+        if len(groups) > 1:
+            print(
+                f"bench: the backends' buffers do not fit at once: measuring {','.join(names)} "
+                f"after {' then '.join(','.join(g) for g in groups[:-1])} (rounds pair backends "
+                "of one group only)",
+                file=sys.stderr,
+                flush=True,
+            )
 
+    def kept(self) -> str:
+        """The rows of both tables: a point's row comes with its last round."""
+        rows, rounds = self.writers[RESULTS_FILE].rows, self.writers[ROUNDS_FILE].rows
+        return f"{rows} rows ({RESULTS_FILE}) and {rounds} rounds ({ROUNDS_FILE})"
 
-def _point_row(
-    runner: PointRunner, backend, backend_reason: str | None, base: dict, nbytes: int, seed: int
-) -> dict:
-    """One row of the table: measured and checked, or skipped with the reason."""
-    dtype_name = base["dtype"]
-    dtype = DTYPES[dtype_name]
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if backend_reason:
-        return _skip_row(base, nbytes, itemsize, backend_reason)
-    if nbytes % itemsize:
-        return _skip_row(
-            base, nbytes, itemsize, f"{nbytes} bytes is not a whole number of {dtype_name} elements"
-        )
-    reason, stats, correct, err = runner.run(backend, dtype, base["mode"], nbytes, seed=seed)
-    if reason:
-        return _skip_row(base, nbytes, itemsize, reason)
-    return {
-        **base,
-        "bytes": nbytes,
-        "count": nbytes // itemsize,
-        "iters": runner.iters,
-        "latency_us": stats.latency_us,
-        "p10_us": stats.p10_us,
-        "p90_us": stats.p90_us,
-        "algbw_gbps": stats.algbw_gbps,
-        "busbw_gbps": stats.busbw_gbps,
-        "correct": correct,
-        "max_abs_err": err,
-        "skipped_reason": None,
-    }
+    def close(self, noise: dict | None = None) -> None:
+        """meta.json gets the load after the sweep and the A/A figure (while the directory
+        is still this sweep's); then the writers are closed."""
+        run_dir = self.writers[RESULTS_FILE].run_dir
+        if noise is not None:
+            self.meta["noise"] = noise_after(noise, run_dir)
+            with contextlib.suppress(OSError):  # the rows are kept; _finish reports a bad meta
+                write_meta(run_dir, self.meta)
+        for writer in self.writers.values():
+            writer.close()
 
 
 def _finish(out: str) -> int:
@@ -334,10 +361,18 @@ def _finish(out: str) -> int:
             flush=True,
         )
         return 1
-    from bench.analysis.report import print_summary
+    from bench.analysis.report import measured_rows, print_summary
 
     if print_summary(out):
         return 1  # wrong sums: the summary said so loudly, the exit code says so too
+    if not measured_rows(out):  # every point skipped: nothing a fit or a figure can use
+        print(
+            f"bench: error: no point was measured in {out} (every row is skipped, reasons "
+            "above); `bench doctor` says what can run here",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     return 0
 
 

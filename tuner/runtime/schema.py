@@ -24,7 +24,9 @@ What this project adds (documented here, validated like the rest):
   GPU, gloo on CPU), ``run_ids`` (every run the table was fitted from), ``buffer_bytes`` (buffer
   memory of the table, max_size x world size summed), ``regret_max`` (the worst single size),
   ``sizes`` ([smallest, largest] measured bytes), ``weights`` ("log-uniform" or "workload:..."),
-  ``rules_limit``, ``memory_budget`` (bytes or null), ``source`` ("fit" or "live").
+  ``rules_limit``, ``memory_budget`` (bytes or null), ``source`` ("fit" or "live"); from runs
+  measured in rounds, ``rounds``, ``aa``, ``heldout``, ``validation``, ``per_rule`` and
+  ``ties`` (`tuner.runtime.evidence_fields` says what each holds).
 - ``generated_by`` is a free-form object (tool, version, time, command line).
 
 Limits (``validate.LIMITS``; a file beyond one is refused naming the field, before anything is

@@ -7,7 +7,9 @@
    largest size its rules route to it, agreed on by every rank (one that a rank cannot build is
    skipped on all, and named);
 4. each (dtype, mode) gets a route: per rule, the chain of backends to try. A dtype or mode
-   without a table of its own reuses another's rules, and the notes say which.
+   without a table of its own reuses another's rules, silently: a table from the default sweep
+   (bfloat16 and float32) serves float16 so on every start; `Dispatcher.describe` and `tuner
+   show` say which (`reuse_donor`).
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def plan(
     }
     modes = MODES if ctx.device.type == "cuda" else ("eager",)
     if routes:
-        _reuse_for_missing(routes, modes, notes)
+        _reuse_for_missing(routes, modes)
     return Plan(ctx, floor, routes, backends, hardware_key, tuple(tables), notes)
 
 
@@ -232,23 +234,25 @@ def build_route(
     return Route(bounds, tuple(chains), source=f"{table.dtype} {table.mode}")
 
 
-def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str], notes: list[str]) -> None:
-    """A (dtype, mode) without a table takes the rules of another dtype in the same mode
-    (bfloat16, float32, float16 in that order), else of the same dtype in the other mode, else
-    any; said in one note (the backends' gates still apply)."""
-    order = [TORCH_DTYPES[d] for d in ("bfloat16", "float32", "float16")]
-    reused = []
+def reuse_donor(have: Sequence[tuple[str, str]], dtype: str, mode: str) -> tuple[str, str]:
+    """The (dtype, mode) whose rules a (dtype, mode) without a table of its own takes, of those
+    that `have` one: another dtype in the same mode (bfloat16, float32, float16 in that
+    order), else the same dtype in the other mode, else any (the backends' gates still apply)."""
+    return (
+        next(((d, mode) for d in ("bfloat16", "float32", "float16") if (d, mode) in have), None)
+        or next((k for k in have if k[0] == dtype), None)
+        or next(iter(have))
+    )
+
+
+def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str]) -> None:
+    """Every (dtype, mode) without a table routed by `reuse_donor`'s (silently: the route's
+    `source` names the rules it follows, and `Dispatcher.describe` says so)."""
+    name_of = {v: k for k, v in TORCH_DTYPES.items()}
+    have = [(name_of[d], m) for d, m in routes]
     for mode in modes:
         for dtype_name in DTYPES:
             dtype = TORCH_DTYPES[dtype_name]
-            if (dtype, mode) in routes:
-                continue
-            donor = (
-                next(((d, mode) for d in order if (d, mode) in routes), None)
-                or next((k for k in routes if k[0] == dtype), None)
-                or next(iter(routes))
-            )
-            routes[(dtype, mode)] = routes[donor]
-            reused.append(f"{dtype_name} {mode} <- {routes[donor].source}")
-    if reused:
-        notes.append("no table of their own, reusing another's rules: " + ", ".join(reused))
+            if (dtype, mode) not in routes:
+                donor, donor_mode = reuse_donor(have, dtype_name, mode)
+                routes[(dtype, mode)] = routes[(TORCH_DTYPES[donor], donor_mode)]

@@ -227,8 +227,11 @@ def _rule(obj: Any, where: str, known: list[str]) -> None:
 
 
 def _evidence(obj: Any, where: str) -> None:
-    _fields(obj, where, _EVIDENCE_REQUIRED, _EVIDENCE_OPTIONAL)
+    from tuner.runtime.evidence_fields import EVIDENCE_FIELDS  # measured in rounds (issue 19)
+
+    _fields(obj, where, _EVIDENCE_REQUIRED, (*_EVIDENCE_OPTIONAL, *EVIDENCE_FIELDS))
     checks = {
+        **EVIDENCE_FIELDS,
         "run_id": (lambda v: isinstance(v, str), "a string"),
         "points": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "regret_vs_oracle": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),

@@ -40,7 +40,6 @@ class LiveOptions:
     # the search settings given on the command line, by SearchOptions's field names
     # (tuner.search.options states every default once; the flags below say none of them)
     search: dict[str, Any] = dataclasses.field(default_factory=dict)
-    rounds: int = 4
     cache_backends: int = 6
     grid: bool = False
     max_rules: int = 8
@@ -97,12 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="interleaved rounds of that re-measurement; the best median wins",
     )
-    p.add_argument(
-        "--rounds",
-        default=None,
-        help="the timed iterations come in this many rounds; the pruner may stop a "
-        "configuration after any but the last",
-    )
+    # --rounds is the sweep's flag: the timed iterations come in that many rounds, and the
+    # pruner may stop a configuration after any but the last
     p.add_argument(
         "--prune-margin",
         dest="prune_margin",
@@ -188,11 +183,11 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
         output=str(output),
         study_db=study_db,
         search=search,
-        **{
-            field: _int(flag, getattr(args, field))
-            for flag, field in (("--rounds", "rounds"), ("--cache-backends", "cache_backends"))
-            if getattr(args, field) is not None
-        },
+        **(
+            {"cache_backends": _int("--cache-backends", args.cache_backends)}
+            if args.cache_backends is not None
+            else {}
+        ),
         grid=bool(args.grid),
         max_rules=table["max_rules"],
         memory_budget=table["memory_budget"],
@@ -235,7 +230,7 @@ def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int
     )
     cache = BackendCache(ctx, max(cfg.sizes), opts.cache_backends)
     runner = TrialRunner(
-        ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=opts.rounds, graph_calls=cfg.graph_calls
+        ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=cfg.rounds, graph_calls=cfg.graph_calls
     )
 
     def execute(job: dict[str, Any], on_round=None) -> Outcome:

@@ -18,6 +18,17 @@ objective this way is the hysteresis the issue asks for: a configuration takes a
 neighbour only where it is faster by more than the measured spread, never on noise; with no
 spread (p10 = p90 = median) the result is the exact minimum of the weighted regret.
 
+Paired (`paired` given: the run kept each round's figure, `bench.analysis.rounds`): the
+spread of 1. is the paired one instead. A configuration's clear cost at a size is how much
+slower than another it surely is: the largest lower end, over the other configurations, of
+the interval on the ratio of their figures measured side by side in the same rounds, minus 1,
+and 0 where every such interval holds 1 (the spread inside one point does not see the
+machine's drift between minutes; the pairs do). Where no pair has 2 rounds in common the
+p10/p90 rule above is used. Among tables
+equally clear, the simpler one wins, never the noise: fewer rules, then less buffer memory,
+then the preferred configurations (`preference`: lower is simpler, e.g. the floor backend
+first), and only then the regret itself.
+
 Constraints: the rule limit, and an optional budget of buffer memory. Memory is charged per
 rule: a rule whose algorithm needs a buffer costs its upper end (the largest measured size for
 the catch-all) x world size. The dispatcher builds one backend per (algorithm, knobs), its
@@ -39,7 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bench.backends import needs_buffer
@@ -57,6 +68,9 @@ __all__ = [
 ]
 
 INF = math.inf
+# (configuration k, another configuration j, size index) -> the lower end of the paired
+# interval on latency_k / latency_j, or None where the two have no pairs to compare
+PairedBound = Callable[[int, int, int], float | None]
 
 
 class BuildError(ValueError):
@@ -146,7 +160,7 @@ def workload_weights(sizes: Sequence[int], histogram: Mapping[int, float]) -> li
     return [w / total for w in weights]
 
 
-def _prepare(sizes, curves):
+def _prepare(sizes, curves, paired: PairedBound | None = None):
     """Fill sparse points, compute oracle, and the two per-point cost components."""
     n = len(sizes)
     lat = [[INF if _nan(x) else float(x) for x in c.latency_us] for c in curves]
@@ -164,9 +178,10 @@ def _prepare(sizes, curves):
         ]
         for k, c in enumerate(curves)
     ]
-    oracle, oracle_spread = [], []
+    oracle, oracle_spread, oracle_k = [], [], []
     for i in range(n):
         best = min(range(len(curves)), key=lambda k: lat[k][i])
+        oracle_k.append(best)
         oracle.append(lat[best][i])
         oracle_spread.append(p90[best][i] - p10[best][i] if lat[best][i] < INF else 0.0)
     # sparse points: the algorithm's slowest measured configuration at that size
@@ -195,24 +210,33 @@ def _prepare(sizes, curves):
             # configuration's own spread gives it no credit: a noisy one is not let off)
             spread = oracle_spread[i] / 2
             clear_cost[k][i] = max(0.0, lat[k][i] - oracle[i] - spread) / oracle[i]
+            if paired is None:
+                continue
+            # surely slower than some configuration by this much, in the rounds side by side
+            lows = [paired(k, j, i) for j in range(len(curves)) if j != k and lat[j][i] < INF]
+            known = [low for low in lows if low is not None]
+            if known:
+                clear_cost[k][i] = max(0.0, max(known) - 1.0)
     return lat, oracle, true_cost, clear_cost
 
 
 class _Entry:
-    __slots__ = ("mem", "clear", "true", "parent", "config", "start", "stop")
+    __slots__ = ("mem", "clear", "pref", "true", "parent", "config", "start", "stop")
 
-    def __init__(self, mem, clear, true, parent, config, start, stop):
-        self.mem, self.clear, self.true = mem, clear, true
+    def __init__(self, mem, clear, pref, true, parent, config, start, stop):
+        self.mem, self.clear, self.pref, self.true = mem, clear, pref, true
         self.parent, self.config, self.start, self.stop = parent, config, start, stop
 
 
 def _insert(bucket: list[_Entry], entry: _Entry) -> None:
-    """Keep the Pareto set of (memory, (clear, true)) in `bucket`."""
-    cost = (entry.clear, entry.true)
+    """Keep the Pareto set of (memory, (clear, preference, true)) in `bucket`."""
+    cost = (entry.clear, entry.pref, entry.true)
     for other in bucket:
-        if other.mem <= entry.mem and (other.clear, other.true) <= cost:
+        if other.mem <= entry.mem and (other.clear, other.pref, other.true) <= cost:
             return
-    bucket[:] = [o for o in bucket if not (o.mem >= entry.mem and (o.clear, o.true) >= cost)]
+    bucket[:] = [
+        o for o in bucket if not (o.mem >= entry.mem and (o.clear, o.pref, o.true) >= cost)
+    ]
     bucket.append(entry)
 
 
@@ -223,17 +247,21 @@ def build_table(
     weights: Sequence[float] | None = None,
     max_rules: int = 8,
     memory_budget: int | None = None,
+    paired: PairedBound | None = None,
+    preference: Sequence[float] | None = None,
 ) -> Build:
-    """The exact optimum (see the module docstring) and the Pareto front."""
+    """The exact optimum (see the module docstring) and the Pareto front. `paired`: the
+    paired decision and the simpler-table order (module docstring); `preference` per curve."""
     sizes = [int(s) for s in sizes]
     weights = _checked_weights(sizes, curves, weights, max_rules)
     n = len(sizes)
-    lat, oracle, true_cost, clear_cost = _prepare(sizes, curves)
+    lat, oracle, true_cost, clear_cost = _prepare(sizes, curves, paired)
+    prefs = list(preference) if paired is not None and preference else [0.0] * len(curves)
     if any(o == INF for o in oracle):
         missing = [sizes[i] for i in range(n) if oracle[i] == INF]
         raise BuildError(f"no configuration measured at {missing[0]} bytes")
     buffered = [needs_buffer(c.algorithm) for c in curves]
-    best_of = _best_per_range(n, weights, true_cost, clear_cost, buffered)
+    best_of = _best_per_range(n, weights, true_cost, clear_cost, buffered, prefs)
     finals = _pareto_states(sizes, world_size, best_of, buffered, max_rules, memory_budget)
     if not finals:
         budget = f" within {memory_budget} bytes of buffer" if memory_budget is not None else ""
@@ -244,6 +272,8 @@ def build_table(
 
     def objective(item):
         entry, used = item
+        if paired is not None:  # equally clear: the simpler table, never the noise
+            return (round(entry.clear, 12), used, entry.mem, round(entry.pref, 12), entry.true)
         return (round(entry.clear, 12), used, entry.true, entry.mem)
 
     finals.sort(key=objective)
@@ -276,10 +306,11 @@ def _checked_weights(
 
 
 def _best_per_range(
-    n: int, weights: list[float], true_cost, clear_cost, buffered: list[bool]
-) -> dict[tuple[int, int], list[tuple[float, float, int]]]:
-    """Per range [start, stop) and buffer class, the cheapest configuration (clear cost, true
-    cost, index): any other of the same class costs the same memory and more regret."""
+    n: int, weights: list[float], true_cost, clear_cost, buffered: list[bool], prefs: list[float]
+) -> dict[tuple[int, int], list[tuple[float, float, float, int]]]:
+    """Per range [start, stop) and buffer class, the cheapest configuration (clear cost,
+    preference, true cost, index): any other of the same class costs the same memory and
+    more."""
     pre_clear, pre_true, pre_missing = [], [], []  # prefix sums; unmeasured points apart
     for k in range(len(buffered)):
         pc, pt, pm = [0.0], [0.0], [0]
@@ -291,15 +322,19 @@ def _best_per_range(
         pre_clear.append(pc)
         pre_true.append(pt)
         pre_missing.append(pm)
-    best_of: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
+    pre_w = [0.0]
+    for w in weights:
+        pre_w.append(pre_w[-1] + w)
+    best_of: dict[tuple[int, int], list[tuple[float, float, float, int]]] = {}
     for start in range(n):
         for stop in range(start + 1, n + 1):
-            options: dict[bool, tuple[float, float, int]] = {}
+            options: dict[bool, tuple[float, float, float, int]] = {}
             for k in range(len(buffered)):
                 if pre_missing[k][stop] != pre_missing[k][start]:
                     continue  # not measured (nor fillable) somewhere in the range
                 cost = (
                     pre_clear[k][stop] - pre_clear[k][start],
+                    prefs[k] * (pre_w[stop] - pre_w[start]),
                     pre_true[k][stop] - pre_true[k][start],
                     k,
                 )
@@ -321,13 +356,13 @@ def _pareto_states(
     Pareto entries covering sizes j..n-1; returns those covering every size."""
     n = len(sizes)
     states: list[dict[int, list[_Entry]]] = [dict() for _ in range(n + 1)]
-    states[n][0] = [_Entry(0, 0.0, 0.0, None, None, n, n)]
+    states[n][0] = [_Entry(0, 0.0, 0.0, 0.0, None, None, n, n)]
     for stop in range(n, 0, -1):
         for used, bucket in states[stop].items():
             if used >= max_rules:
                 continue
             for start in range(stop - 1, -1, -1):
-                for d_clear, d_true, k in best_of[(start, stop)]:
+                for d_clear, d_pref, d_true, k in best_of[(start, stop)]:
                     add_mem = sizes[stop - 1] * world_size if buffered[k] else 0
                     target = states[start].setdefault(used + 1, [])
                     for entry in bucket:
@@ -339,6 +374,7 @@ def _pareto_states(
                             _Entry(
                                 mem,
                                 entry.clear + d_clear,
+                                entry.pref + d_pref,
                                 entry.true + d_true,
                                 entry,
                                 k,

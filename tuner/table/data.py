@@ -24,7 +24,15 @@ from bench.analysis.results import (
 from bench.backends import params_key
 from bench.run.hardware import device_of_key
 
-__all__ = ["RunsError", "find_run_dirs", "load_rows", "config_params", "GROUP", "device_of"]
+__all__ = [
+    "RunsError",
+    "find_run_dirs",
+    "load_rows",
+    "load_rounds",
+    "config_params",
+    "GROUP",
+    "device_of",
+]
 
 GROUP = TABLE_KEY  # one table per group
 
@@ -99,3 +107,28 @@ def load_rows(run_dirs: Iterable[str | os.PathLike]):
     rows["world_size"] = rows["world_size"].astype(int)
     rows["bytes"] = rows["bytes"].astype(int)
     return rows
+
+
+def load_rounds(rows):
+    """The round figures of the runs `rows` came from (`bench.analysis.rounds`), with `params`
+    as `load_rows` gives them, kept only for the rows' points (measured and correct); an empty
+    frame where no run has rounds (runs made before rounds)."""
+    import pandas as pd
+
+    from bench.analysis.rounds import ROUND_COLUMNS, read_rounds
+
+    frames = []
+    point = ["run_id", "backend", "world_size", "dtype", "mode", "bytes"]
+    for run_dir, part in rows.groupby("run_dir", sort=True) if len(rows) else ():
+        try:
+            rounds = read_rounds(run_dir)
+        except ValueError as exc:
+            raise RunsError(str(exc)) from None
+        if rounds.empty:
+            continue
+        keep = part[[*point, "params"]].astype({"run_id": str, "backend": str})
+        rounds = rounds[list(ROUND_COLUMNS)].astype({"run_id": str, "backend": str})
+        frames.append(rounds.merge(keep, on=point, how="inner"))
+    if not frames:
+        return pd.DataFrame(columns=[*ROUND_COLUMNS, "params"])
+    return pd.concat(frames, ignore_index=True)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from bench.sizes import format_size
 from tuner.runtime.schema import Table, Thresholds
+from tuner.table.evidence import evidence_summary_text
 
 __all__ = ["table_lines"]
 
@@ -26,17 +27,21 @@ def table_lines(thresholds: Thresholds, tables: Sequence[Table] | None = None) -
         lines.append(
             f"{table.hardware_key}  world_size {table.world_size}  {table.dtype}  {table.mode}"
         )
+        params_of = [
+            ",".join(f"{k}={v}" for k, v in sorted(rule.params.items())) or "-"
+            for rule in table.rules
+        ]
+        width = max([30, *map(len, params_of)])  # the column fits its longest knob setting
         lines.append(
-            f"  {'bytes (from .. to]':<24} {'algorithm':<20} {'params':<30} {'max_size':>9}"
+            f"  {'bytes (from .. to]':<24} {'algorithm':<20} {'params':<{width}} {'max_size':>9}"
         )
         low = 0
-        for rule in table.rules:
+        for rule, params in zip(table.rules, params_of, strict=True):
             high = "inf" if rule.max_bytes is None else format_size(rule.max_bytes)
             span = f"({format_size(low) if low else '0'} .. {high}]"
-            params = ",".join(f"{k}={v}" for k, v in sorted(rule.params.items())) or "-"
             size = table.max_size.get(rule.algorithm)
             lines.append(
-                f"  {span:<24} {rule.algorithm:<20} {params:<30} "
+                f"  {span:<24} {rule.algorithm:<20} {params:<{width}} "
                 f"{format_size(size) if size else '-':>9}"
             )
             low = rule.max_bytes or 0
@@ -47,4 +52,60 @@ def table_lines(thresholds: Thresholds, tables: Sequence[Table] | None = None) -
             f"{'n/a' if gain is None else f'{gain:.3f}x'}"
             + (f", buffer {format_size(ev['buffer_bytes'])}" if ev.get("buffer_bytes") else "")
         )
+        lines += _rounds_lines(ev)
+    return lines + _reused_lines(tables if tables is not None else thresholds.tables)
+
+
+def _rounds_lines(ev) -> list[str]:
+    """Out-of-sample evidence where the table has it (tables fitted from rounds)."""
+    if "rounds" not in ev:
+        return []
+    if not ev["rounds"]:
+        return ["  in-sample only: fitted from runs without rounds"]
+    lines = []
+    if ev.get("heldout"):
+        lines.append(f"  held out: {evidence_summary_text(ev['heldout'])}")
+    validation = ev.get("validation") or {}
+    if "regret_geomean" in validation:
+        lines.append(
+            f"  validated on {len(validation['run_ids'])} run(s): "
+            f"{evidence_summary_text(validation)}"
+        )
+    aa = ev.get("aa") or {}
+    if aa.get("median_pct") is not None:
+        lines.append(f"  A/A noise {aa['median_pct']:.1f}% median, {aa['p90_pct']:.1f}% p90")
+    for tie in ev.get("ties") or []:
+        lines.append(
+            f"  {format_size(tie['min_bytes'])}-{format_size(tie['max_bytes'])}: {tie['kept']} "
+            f"and {tie['other']} within noise, kept {tie['kept']}"
+        )
+    return lines
+
+
+def _reused_lines(tables: Sequence[Table]) -> list[str]:
+    """Per machine and world size, the (dtype, mode) pairs with no table of their own and the
+    rules the dispatcher gives them instead (it does so without a warning)."""
+    from tuner.runtime.schema import DTYPES, MODES
+    from tuner.runtime.startup import reuse_donor
+
+    have: dict[tuple[str, int], list[tuple[str, str]]] = {}
+    for table in tables:
+        have.setdefault((table.hardware_key, table.world_size), []).append(
+            (table.dtype, table.mode)
+        )
+    lines = []
+    for (key, world_size), pairs in have.items():
+        modes = ("eager",) if key.startswith("cpu") else MODES
+        reused = [
+            f"{dtype} {mode} follows the {' '.join(reuse_donor(pairs, dtype, mode))} rules"
+            for mode in modes
+            for dtype in DTYPES
+            if (dtype, mode) not in pairs
+        ]
+        if reused:
+            lines += [
+                "",
+                f"{key}  world_size {world_size}: no table of its own, so "
+                f"{'; '.join(reused)} (the dispatcher does this without a warning)",
+            ]
     return lines

@@ -31,7 +31,7 @@ from bench.analysis.plots.performance import (
     plot_busbw,
     plot_latency,
 )
-from bench.analysis.plots.runs import figure_names, write_run_plots
+from bench.analysis.plots.runs import figure_names, run_thresholds, write_run_plots
 from bench.analysis.plots.status import plot_status, status_table
 from bench.analysis.plots.tuning import plot_convergence, plot_pareto
 from bench.analysis.stats import geomean
@@ -58,5 +58,6 @@ __all__ = [
     "status_table",
     "plot_status",
     "figure_names",
+    "run_thresholds",
     "write_run_plots",
 ]

@@ -199,11 +199,13 @@ def _winner_panel(stripe, ratio, key: tuple, panel, ok, tables) -> None:
     stripe.tick_params(labelbottom=False)
 
 
-def plot_winners(frame, tables: Mapping[tuple, Any] | None = None) -> Figure:
+def plot_winners(
+    frame, tables: Mapping[tuple, Any] | None = None, source: str | None = None
+) -> Figure:
     """Per (world size, mode): for each dtype a stripe of the measured winner per size and,
     under it, the thresholds.json rules (`tables_by_group`; a colour change is a crossover;
     black lines are the rules' range edges); below, every backend's latency relative to that
-    size's winner."""
+    size's winner. `source`: the file the tables come from, named in the title."""
     best = winners(frame)
     ok = correct_rows(frame)
     panels = groups(best, ["world_size", "mode"])
@@ -225,9 +227,10 @@ def plot_winners(frame, tables: Mapping[tuple, Any] | None = None) -> Figure:
         ratio.grid(True, which="major", alpha=0.3)
         ratio.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         size_axis(ratio, panel["bytes"])
+    rules = f"black ticks: the range edges of {source or 'thresholds.json'}" if tables else ""
     fig.suptitle(
         f"winners and crossovers: {run_title(frame)}\n(a colour change in a stripe is a "
-        "crossover; black ticks: the range edges of thresholds.json)",
+        f"crossover{'; ' + rules if rules else ''})",
         fontsize=10,
     )
     return fig

@@ -24,19 +24,21 @@ __all__ = ["gain_table", "default_baseline", "plot_gain"]
 
 
 def default_baseline(frame) -> str:
-    """The plain default the rows are compared with: the GPU floor (nccl) where it was measured,
-    else the CPU floor (gloo); both named by the backend registry."""
+    """The plain default the rows are compared with: the GPU floor (nccl) where it was measured
+    (a row with a timing, not a skipped one), else the CPU floor (gloo); both named by the
+    backend registry."""
     from bench.backends import floor_name
 
     gpu = floor_name("cuda")
-    return gpu if gpu in set(frame["backend"]) else floor_name("cpu")
+    measured = set(frame.loc[frame["latency_us"].notna(), "backend"])  # skipped rows: not
+    return gpu if gpu in measured else floor_name("cpu")
 
 
 def _note(pick: str | None, us: float, base_name: str, base_us: float) -> str:
     if pick is None:
-        return "no pick"
+        return "no rule for this group"
     if us != us:
-        return f"{pick} not measured correctly here"
+        return f"picks {pick}, not measured correctly in this run"
     if base_us != base_us:
         return f"baseline {base_name} not measured correctly here"
     return ""
@@ -114,12 +116,27 @@ def _gain_panel(ax, ws: int, mode: str, panel, colors: dict[str, str]) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 
 
+def _same_points(gains):
+    """The rows of the points where every choice has a gain (so every line and geometric mean
+    covers the same points), and one line per (choice, pick) that left points out."""
+    if not len(gains):
+        return gains, []
+    point = GROUP + ["bytes"]
+    whole = gains.groupby(point)["gain"].transform(lambda g: bool(g.notna().all()))
+    missing = gains[gains["gain"].isna()]
+    lines = []
+    for (label, note), part in missing.groupby(["choice", "note"], sort=False):
+        lines.append(f"{label} {note} ({len(part)} points)")
+    return gains[whole.astype(bool)], lines
+
+
 def plot_gain(gains) -> Figure:
     """`gain_table` output: per (world size, mode), gain over the baseline vs size for each
-    choice (colour) and dtype (line style), geometric means in the legend. Groups where no
-    gain could be computed (the baseline or the picks were not measured there) get no panel;
-    the title names them."""
-    finite = gains[gains["gain"].notna()] if len(gains) else gains
+    choice (colour) and dtype (line style), geometric means in the legend, every choice over
+    the same points: a point where some choice has no gain (its pick or the baseline was not
+    measured there) is left out of every line, and the title counts those points and says
+    why. Groups with no such point get no panel; the title names them."""
+    finite, left_out = _same_points(gains)
     panels = groups(finite, ["world_size", "mode"])
     empty = _missing_groups(gains, finite)
     fig = Figure(figsize=(12, 0.9 + 3.6 * max(1, len(panels))), layout="constrained")
@@ -133,6 +150,13 @@ def plot_gain(gains) -> Figure:
     for ax, ((ws, mode), panel) in zip(axes, panels, strict=False):
         _gain_panel(ax, ws, mode, panel, colors)
     title = "gain of each choice over the baseline (>1: faster); oracle = fastest measured"
+    if left_out:
+        title += "\n" + textwrap.fill(
+            "left out of every line: "
+            + "; ".join(left_out[:6])
+            + ("; ..." if len(left_out) > 6 else ""),
+            150,
+        )
     if empty:
         title += "\n" + textwrap.fill(
             "no gain computable (baseline or pick not measured): " + ", ".join(empty), 150
