@@ -147,7 +147,7 @@ def _run_checks(ctx, sizes, dtypes) -> list[dict]:
     import torch
 
     from bench.backends.custom import CustomAllReduce, probe
-    from bench.launch.config import DTYPES as TORCH_DTYPES
+    from bench.dtypes import DTYPES as TORCH_DTYPES
     from bench.run.inputs import check_result, fill_input
 
     rows = []

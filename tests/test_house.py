@@ -2,7 +2,9 @@
 no import circles among the modules of bench/ and tuner/; bench/ never imports tuner/; nobody
 reaches into another module's private names (`from X import _y`, `X._y`, `import X._y`),
 tests and scripts included; no module of bench/ or tuner/ over 500 lines (as `ruff format`
-lays them out; the limit was 400 lines in the denser layout before it).
+lays them out; the limit was 400 lines in the denser layout before it);
+the environment read in bench/environment.py only; no citation of a document that is not in
+the repository.
 
 The checks run per room (bench/launch, tuner/search, tests, ...), so a failure names the room
 it is in, and each lists every offender it finds, not the first."""
@@ -236,3 +238,98 @@ def test_the_checks_see_a_circle_and_a_reach_in():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
     assert _private("_make_context") and not _private("__init__") and not _private("launch")
+
+
+# reads of os.environ allowed outside bench/environment.py: saving a value to restore it
+ENV_READ_ALLOWED = {Path("bench/backends/base.py")}  # scoped_env saves what it sets
+_ENV_WRITES = ("setdefault", "pop", "update")
+
+
+def _environ_reads(path: Path) -> list[str]:
+    """`file:line` of every reading of the process environment: `os.getenv`, `os.environ`
+    read, tested or passed on (writes for another library, `os.environ[k] = v`,
+    `setdefault`, `pop`, `update`, are not readings)."""
+    tree = _sources()[path]
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    found = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)):
+            continue
+        if node.value.id != "os" or node.attr not in ("environ", "getenv"):
+            continue
+        parent = parents.get(node)
+        write = node.attr == "environ" and (
+            (isinstance(parent, ast.Subscript) and not isinstance(parent.ctx, ast.Load))
+            or (isinstance(parent, ast.Attribute) and parent.attr in _ENV_WRITES)
+        )
+        if not write:
+            found.append(f"{path}:{node.lineno}")
+    return found
+
+
+def _environment_names(path: Path) -> list[tuple[int, str]]:
+    """(line, name) of every literal name passed to bench.environment.get in the file."""
+    return [
+        (node.lineno, node.args[0].value)
+        for node in ast.walk(_sources()[path])
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "get"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+        and any(
+            base == "bench.environment" and name == "get" for _, base, name, _ in _imports(path)
+        )
+    ]
+
+
+@pytest.mark.parametrize("room", _rooms(only_packages=True))
+def test_environment_is_read_in_one_module(room):
+    """bench.environment lists every variable and is the one place that reads them."""
+    from bench import environment
+
+    paths = [p for p in _sources() if _room(p) == room and p != Path("bench/environment.py")]
+    reads = [hit for p in paths if p not in ENV_READ_ALLOWED for hit in _environ_reads(p)]
+    assert not reads, "os.environ read outside bench/environment.py: " + "; ".join(reads)
+    unlisted = [
+        f"{p}:{line}: {name}"
+        for p in paths
+        for line, name in _environment_names(p)
+        if not environment.is_listed(name)
+    ]
+    assert not unlisted, "variables missing from bench.environment.VARIABLES: " + "; ".join(
+        unlisted
+    )
+
+
+def test_the_environment_check_sees_a_read():
+    source = "import os\na = os.environ.get('X')\nos.environ['Y'] = '1'\nb = 'Z' in os.environ\n"
+    path = Path("bench/_probe_env.py")
+    _sources()[path] = ast.parse(source)
+    try:
+        assert sorted(_environ_reads(path)) == [f"{path}:2", f"{path}:4"]
+    finally:
+        del _sources()[path]
+
+
+# documents that live outside the repository (the sessions' shared notes): never cited
+OUTSIDE_DOCUMENTS = ("DESIGN.md", "STYLE.md")
+
+
+def test_no_reference_to_a_document_outside_the_repository():
+    files = [
+        p
+        for pattern in ("*.py", "*.md", "*.sh")
+        for p in REPO.rglob(pattern)
+        if not {".venv", ".git", "build", "node_modules"} & set(p.relative_to(REPO).parts)
+        and p != Path(__file__)
+    ]
+    cited = [
+        f"{p.relative_to(REPO)}:{n}: {name}"
+        for p in files
+        for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+        for name in OUTSIDE_DOCUMENTS
+        if name in line and not (REPO / name).exists()
+    ]
+    assert not cited, "references to documents not in the repository:\n" + "\n".join(cited)

@@ -164,3 +164,19 @@ def test_bad_workload_is_refused(capsys, tmp_path):
         capsys, "fit", tmp_path / "run", "-o", tmp_path / "T.json", "--workload", hist
     )
     assert code == 2 and "--workload" in err and "expected columns bytes,count" in err
+
+
+def test_tuner_live_states_no_search_default_of_its_own(tmp_path):
+    """The search's defaults live in SearchOptions only: tuner live passes on what the command
+    line gives, nothing else (issue 22)."""
+    from tuner.search.live import LiveOptions, parse_live
+    from tuner.search.options import SearchOptions
+
+    base = ["--world-size", "2", "-o", str(tmp_path / "T.json")]
+    _, opts = parse_live(base)
+    assert opts.search == {}
+    assert opts.cache_backends == LiveOptions("", "").cache_backends
+    options = SearchOptions(**opts.search, run_id=opts.run_id, exhaustive=opts.grid)
+    assert options.patience == SearchOptions().patience
+    _, opts = parse_live([*base, "--patience", "7", "--budget-fraction", "none", "--seed", "0"])
+    assert opts.search == {"patience": 7, "budget_fraction": None, "seed": 0}

@@ -20,6 +20,7 @@ from bench.vllm.paths import (
     ALGO_ENV,
     PATHS,
     Communicators,
+    bind,
     custom_ar_max_size,
     grow_max_sizes,
     run,
@@ -191,17 +192,64 @@ def test_custom_paths_force_the_kernel_only_for_the_call(monkeypatch):
     assert run(PATHS["vllm_custom_ar"], comms, x) is None
 
 
-def test_symm_mem_paths_set_multimem_for_the_call_and_decline_what_vllm_declines():
-    symm = FakeSymm()
+class WatchedSymm(FakeSymm):
+    """A stand-in that records every attribute written after its constructor, with the
+    object written (a shallow copy shares the record)."""
+
+    def __init__(self, force_multimem=None) -> None:
+        super().__init__()
+        self.force_multimem = force_multimem
+        self.writes = []
+
+    def __setattr__(self, name, value):
+        if "writes" in self.__dict__:
+            self.writes.append((id(self), name))
+        object.__setattr__(self, name, value)
+
+
+def test_symm_mem_paths_choose_multimem_when_bound_and_decline_what_vllm_declines():
+    symm = WatchedSymm()  # vLLM's own object: force_multimem None, vLLM's choice
     comms = Communicators(symm_mem_comm=symm)
+    bind([PATHS["vllm_symm_mem_multimem"], PATHS["vllm_symm_mem_two_shot"]], comms)
     x = torch.ones(8, dtype=torch.bfloat16)
-    run(PATHS["vllm_symm_mem_multimem"], comms, x)
-    run(PATHS["vllm_symm_mem_two_shot"], comms, x)
-    assert symm.seen == [True, False] and symm.force_multimem is None
+    for _ in range(2):
+        run(PATHS["vllm_symm_mem_multimem"], comms, x)
+        run(PATHS["vllm_symm_mem_two_shot"], comms, x)
+    assert symm.seen == [True, False, True, False]  # the copies share vLLM's state
+    written = [name for who, name in symm.writes if who == id(symm)]
+    assert symm.force_multimem is None and written == []  # vLLM's object never written
     assert run(PATHS["vllm_symm_mem_two_shot"], comms, torch.ones(8)) is None  # float32
     assert run(PATHS["vllm_symm_mem_two_shot"], Communicators(), x) is None  # none built
     assert run(PATHS["vllm_pynccl"], Communicators(), x) is None
     assert run(PATHS["nccl"], Communicators(), x) is None  # no device group
+
+
+def test_a_symm_mem_object_built_with_the_paths_algorithm_is_called_itself():
+    symm = WatchedSymm(force_multimem=False)  # as bench's own vllm_symm_mem_two_shot builds it
+    comms = Communicators(symm_mem_comm=symm)
+    bind([PATHS["vllm_symm_mem_two_shot"]], comms)
+    symm.all_reduce = lambda t: ("itself", t)  # recorded as a write: cleared below
+    symm.writes.clear()
+    assert run(PATHS["vllm_symm_mem_two_shot"], comms, torch.ones(8, dtype=torch.bfloat16))[0] == (
+        "itself"
+    )
+    assert symm.writes == []
+
+
+def test_the_forced_custom_kernel_variable_is_restored_when_vllm_raises(monkeypatch):
+    """The hazard of the one per-call environment write (vLLM reads only the variable): it
+    must never outlive the call."""
+    monkeypatch.setenv(ALGO_ENV, "operator-choice")
+
+    class Raising(FakeCustom):
+        def custom_all_reduce(self, tensor):
+            self.algos.append(os.environ.get(ALGO_ENV))
+            raise RuntimeError("vLLM failed")
+
+    ca = Raising(max_size=1024)
+    with pytest.raises(RuntimeError, match="vLLM failed"):
+        run(PATHS["vllm_custom_ar_two_shot"], Communicators(ca_comm=ca), torch.ones(64))
+    assert ca.algos == ["2stage"] and os.environ[ALGO_ENV] == "operator-choice"
 
 
 def test_max_size_rounding():
@@ -237,3 +285,29 @@ def test_max_size_tables_grow_in_place_and_vllm_modules_see_it():
         for table, before in zip((custom, symm), saved, strict=True):
             table.clear()
             table.update(before)
+
+
+@needs_vllm
+def test_custom_allreduce_gets_the_tables_max_size_only_where_the_caller_left_the_default(
+    monkeypatch,
+):
+    """Read from the constructor's signature, not from the count of positional arguments:
+    a vLLM that puts another parameter before max_size still gets it right."""
+    from vllm.distributed.device_communicators.custom_all_reduce import CustomAllreduce
+
+    from tuner.engines.vllm_comm import custom_ar_built_with
+
+    seen = []
+
+    def init(self, group, device, symm_mem_enabled=False, max_size=8 << 20):
+        self.disabled = True  # what vLLM's close() (at garbage collection) looks at
+        seen.append(max_size)
+
+    monkeypatch.setattr(CustomAllreduce, "__init__", init)
+    with custom_ar_built_with(4096):
+        CustomAllreduce(None, "cpu")
+        CustomAllreduce(None, "cpu", True)  # three positional, none of them max_size
+        CustomAllreduce(None, "cpu", max_size=77)
+        CustomAllreduce(None, "cpu", False, 99)
+    CustomAllreduce(None, "cpu")  # outside: vLLM's own default again
+    assert seen == [4096, 4096, 77, 99, 8 << 20]

@@ -10,16 +10,16 @@ packaging, by naming modules in ``ALLREDUCE_AUTOTUNE_PLUGINS`` (comma separated)
 from __future__ import annotations
 
 import importlib
-import os
 from importlib.metadata import entry_points
 
-from bench.backends.base import Backend, BackendSpec, CommContext, basic_gate, params_key
+from bench.backends.base import Backend, BackendSpec, CommContext, make_gate, params_key
+from bench.environment import get
 
 __all__ = [
     "Backend",
     "BackendSpec",
     "CommContext",
-    "basic_gate",
+    "make_gate",
     "register",
     "get_spec",
     "all_specs",
@@ -74,7 +74,7 @@ def _load() -> None:
             ep.load()
         except Exception as exc:
             _FAMILY_ERRORS[f"plugin:{ep.name}"] = f"{type(exc).__name__}: {exc}"
-    for module in filter(None, os.environ.get("ALLREDUCE_AUTOTUNE_PLUGINS", "").split(",")):
+    for module in filter(None, (get("ALLREDUCE_AUTOTUNE_PLUGINS") or "").split(",")):
         try:
             importlib.import_module(module.strip())
         except Exception as exc:

@@ -17,7 +17,17 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "BackendSpec", "CommContext", "basic_gate", "params_key", "scoped_env"]
+from bench.dtypes import ALL_DTYPES
+
+__all__ = [
+    "Backend",
+    "BackendSpec",
+    "CommContext",
+    "Gate",
+    "make_gate",
+    "params_key",
+    "scoped_env",
+]
 
 
 @dataclasses.dataclass
@@ -82,14 +92,19 @@ class Backend(Protocol):
 
 ProbeFn = Callable[[CommContext], "str | None"]
 CreateFn = Callable[..., Backend]
+Gate = Callable[[torch.Tensor], "str | None"]  # can_take's checks, fixed at construction
 
 
 @dataclasses.dataclass(frozen=True)
 class BackendSpec:
-    """How a family module registers one algorithm.
+    """How a family module registers one algorithm, and the one statement of its facts.
 
     `create(ctx, max_bytes, **params)` builds the backend; `knobs` maps each tunable parameter
-    to its candidate values (the tuner searches these; the first value is the default).
+    to its candidate values (the tuner searches these; the first value is the default; the
+    values' type is the knob's). Every reader asks the spec: the backend's `can_take` is
+    `gate()` made at construction, `--param`, the build and the constructors check knobs with
+    `check_params` / `unknown_knob`, thresholds.json's validation reads `knobs` and
+    `needs_buffer`, the exports `default_params`, the figures and the dispatcher `is_floor`.
     """
 
     name: str
@@ -97,7 +112,7 @@ class BackendSpec:
     probe: ProbeFn
     create: CreateFn
     knobs: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
-    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     # bytes a tensor's size must be a multiple of
     alignment: int = 4
     # holds a buffer of max_bytes (False: reduces in the caller's tensor, costs no memory)
@@ -105,15 +120,34 @@ class BackendSpec:
     # the device's default that always works: the dispatcher's last resort, the gains' baseline
     is_floor: bool = False
 
+    def gate(self, max_bytes: int | None = None, device_index: int | None = None) -> Gate:
+        """The backend's `can_take` checks from this spec (its device, dtypes, alignment), with
+        the instance's buffer size and GPU; made once, when the backend is built."""
+        return make_gate(
+            dtypes=self.dtypes,
+            device_type=self.device,
+            alignment=self.alignment,
+            max_bytes=max_bytes,
+            device_index=device_index,
+        )
+
     def default_params(self) -> dict[str, Any]:
         return {k: v[0] for k, v in self.knobs.items()}
 
-    def check_params(self, params: Mapping[str, Any]) -> str | None:
-        """None if every param is a known knob with an accepted value, else the reason."""
-        for key, value in params.items():
+    def unknown_knob(self, params: Mapping[str, Any]) -> str | None:
+        """The reason for the first parameter that is not a knob of this spec, or None."""
+        for key in params:
             if key not in self.knobs:
                 known = ", ".join(self.knobs) or "none"
                 return f"{self.name} has no knob {key!r} (knobs: {known})"
+        return None
+
+    def check_params(self, params: Mapping[str, Any]) -> str | None:
+        """None if every param is a known knob with an accepted value, else the reason."""
+        unknown = self.unknown_knob(params)
+        if unknown:
+            return unknown
+        for key, value in params.items():
             if value not in self.knobs[key]:
                 return f"{self.name}.{key}={value!r} not in {list(self.knobs[key])}"
         return None
@@ -124,43 +158,49 @@ def params_key(params: Mapping[str, Any]) -> str:
     return json.dumps(dict(sorted(params.items())), sort_keys=True)
 
 
-def basic_gate(
-    tensor: torch.Tensor,
+def make_gate(
     *,
     dtypes: Sequence[torch.dtype],
     device_type: str,
     alignment: int,
     max_bytes: int | None,
     device_index: int | None = None,
-) -> str | None:
-    """The cheap checks every backend applies first, as vLLM's communicators do.
+) -> Gate:
+    """The cheap checks every backend applies first, as vLLM's communicators do, fixed once
+    (when the backend is built, from its spec: `BackendSpec.gate`): gate(tensor) -> None or
+    the reason.
 
     Cheap means attribute reads only: `tensor.is_cuda` / `is_cpu`, `tensor.get_device()` and
     `tensor.nbytes` cost ~0.1 us each, where `tensor.device` builds a device object (~0.5 us)
     and the dispatcher's whole decision should stay under 1 us. `device_index`: the GPU a
     communicator serves (a tensor of another GPU is refused: never launch on it)."""
-    on_device = (
-        tensor.is_cuda
-        if device_type == "cuda"
-        else tensor.is_cpu
-        if device_type == "cpu"
-        else tensor.device.type == device_type
-    )
-    if not on_device:
-        return f"tensor on {tensor.device.type}, backend needs {device_type}"
-    if device_index is not None and tensor.get_device() != device_index:
-        return f"tensor on cuda:{tensor.get_device()}, communicator on cuda:{device_index}"
-    if tensor.dtype not in dtypes:
-        names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
-        return f"dtype {str(tensor.dtype).removeprefix('torch.')} not supported (takes {names})"
-    if not tensor.is_contiguous():
-        return "tensor is not contiguous"
-    nbytes = tensor.nbytes
-    if nbytes % alignment:
-        return f"{nbytes} bytes is not a multiple of {alignment}"
-    if max_bytes is not None and nbytes > max_bytes:
-        return f"{nbytes} bytes exceeds max_size {max_bytes}"
-    return None
+    dtypes = tuple(dtypes)
+    on_cuda, on_cpu = device_type == "cuda", device_type == "cpu"
+    names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
+
+    def gate(tensor: torch.Tensor) -> str | None:
+        if not (
+            tensor.is_cuda
+            if on_cuda
+            else tensor.is_cpu
+            if on_cpu
+            else tensor.device.type == device_type
+        ):
+            return f"tensor on {tensor.device.type}, backend needs {device_type}"
+        if device_index is not None and tensor.get_device() != device_index:
+            return f"tensor on cuda:{tensor.get_device()}, communicator on cuda:{device_index}"
+        if tensor.dtype not in dtypes:
+            return f"dtype {str(tensor.dtype).removeprefix('torch.')} not supported (takes {names})"
+        if not tensor.is_contiguous():
+            return "tensor is not contiguous"
+        nbytes = tensor.nbytes
+        if nbytes % alignment:
+            return f"{nbytes} bytes is not a multiple of {alignment}"
+        if max_bytes is not None and nbytes > max_bytes:
+            return f"{nbytes} bytes exceeds max_size {max_bytes}"
+        return None
+
+    return gate
 
 
 @contextlib.contextmanager

@@ -30,11 +30,11 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import device_index
 
-__all__ = ["CustomAllReduce", "KNOBS", "probe", "check_knobs"]
+__all__ = ["CustomAllReduce", "KNOBS", "probe"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGNMENT = 16  # bytes: the kernels move 16-byte vectors
@@ -50,16 +50,6 @@ KNOBS: dict[str, tuple[int, ...]] = {
     "vec_bytes": (16, 8, 32),  # contiguous bytes per thread per run (16: one 128-bit access)
     "chunk": (2, 1, 4),  # runs per thread per loop step: tile = warps*32*vec*chunk elements
 }
-
-
-def check_knobs(params: dict) -> str | None:
-    """None if every knob has an accepted value, else a one-line reason naming it."""
-    for key, value in params.items():
-        if key not in KNOBS:
-            return f"custom all-reduce has no knob {key!r} (knobs: {', '.join(KNOBS)})"
-        if value not in KNOBS[key]:
-            return f"custom all-reduce knob {key}={value!r} not in {list(KNOBS[key])}"
-    return None
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -113,7 +103,8 @@ class CustomAllReduce:
     ) -> None:
         if algorithm not in ("one_shot", "two_shot"):
             raise ValueError(f"algorithm: expected one_shot or two_shot, got {algorithm!r}")
-        reason = check_knobs(
+        spec = get_spec(f"custom_{algorithm}")  # its knobs, dtypes and alignment
+        reason = spec.check_params(
             {"blocks": blocks, "num_warps": num_warps, "vec_bytes": vec_bytes, "chunk": chunk}
         )
         if reason:
@@ -131,6 +122,7 @@ class CustomAllReduce:
         self.blocks, self.num_warps = blocks, num_warps
         self.vec_bytes, self.chunk, self.max_spins = vec_bytes, chunk, max_spins
         self.max_bytes = max(int(max_bytes), _ALIGNMENT)
+        self._gate = spec.gate(self.max_bytes, self._index)
         self._cpu_group = ctx.cpu_group
         self._kernel = (
             kernels.one_shot_kernel if algorithm == "one_shot" else kernels.two_shot_kernel
@@ -170,14 +162,7 @@ class CustomAllReduce:
     def can_take(self, tensor: torch.Tensor) -> str | None:
         if self._failure:
             return self._failure
-        return basic_gate(
-            tensor,
-            dtypes=_DTYPES,
-            device_type="cuda",
-            alignment=_ALIGNMENT,
-            max_bytes=self.max_bytes,
-            device_index=self._index,
-        )
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`. Stream-ordered: every rank

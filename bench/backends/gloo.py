@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -18,9 +18,10 @@ class GlooAllReduce:
     def __init__(self, ctx: CommContext, max_bytes: int | None = None) -> None:
         self._group = ctx.cpu_group
         self._max_bytes = max_bytes
+        self._gate = get_spec(self.name).gate()
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=self._group)

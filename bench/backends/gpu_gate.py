@@ -26,5 +26,5 @@ def one_gpu_per_rank_reason(ctx: CommContext, library: str) -> str | None:
 
 
 def device_index(device: torch.device) -> int:
-    """The GPU index a communicator serves (`basic_gate`'s `device_index`)."""
+    """The GPU index a communicator serves (`make_gate`'s `device_index`)."""
     return device.index if device.index is not None else torch.cuda.current_device()

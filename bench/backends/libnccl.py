@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 
 from bench.backends.base import scoped_env
+from bench.environment import get
 
 __all__ = [
+    "CTAS",
     "ENV_PATH",
     "NcclError",
     "NcclLoadError",
@@ -48,6 +50,8 @@ _ALGO_ENV = {"default": None, "ring": "Ring", "tree": "Tree"}
 _PROTO_ENV = {"default": None, "simple": "Simple", "ll": "LL", "ll128": "LL128"}
 ALGOS = tuple(_ALGO_ENV)
 PROTOS = tuple(_PROTO_ENV)
+# CTAs (channels) per communicator, min_ctas = max_ctas through ncclConfig_t; 0: NCCL's choice
+CTAS = (0, 1, 2, 4, 8, 16, 32)
 
 
 def algo_proto_env(algo: str = "default", proto: str = "default"):
@@ -146,7 +150,7 @@ def _mapped_libnccl() -> str | None:
 
 def candidate_paths() -> list[str]:
     """Where libnccl is looked for, in order (see the module docstring)."""
-    override = os.environ.get(ENV_PATH)
+    override = get(ENV_PATH)
     if override:
         return [override]
     paths: list[str] = []

@@ -15,13 +15,12 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
-from bench.backends.libnccl import ALGOS, PROTOS, algo_proto_env
+from bench.backends.libnccl import ALGOS, CTAS, PROTOS, algo_proto_env
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CTAS = (0, 1, 2, 4, 8, 16, 32)
 
 
 class NcclAllReduce:
@@ -38,6 +37,7 @@ class NcclAllReduce:
     ) -> None:
         self.device = ctx.device
         self._index = device_index(ctx.device)
+        self._gate = get_spec(self.name).gate(None, self._index)
         options = None
         if ctas:
             options = dist.ProcessGroupNCCL.Options()
@@ -58,14 +58,7 @@ class NcclAllReduce:
             )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(
-            tensor,
-            dtypes=_DTYPES,
-            device_type="cuda",
-            alignment=1,
-            max_bytes=None,
-            device_index=self._index,
-        )
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, group=self._group)
@@ -93,7 +86,7 @@ register(
         device="cuda",
         probe=_probe,
         create=lambda ctx, max_bytes, **params: NcclAllReduce(ctx, max_bytes, **params),
-        knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS},
+        knobs={"ctas": CTAS, "algo": ALGOS, "proto": PROTOS},
         dtypes=_DTYPES,
         alignment=1,
         needs_buffer=False,

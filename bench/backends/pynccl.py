@@ -20,11 +20,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
 from bench.backends.libnccl import (
     ALGOS,
+    CTAS,
     PROTOS,
     WIN_COLL_SYMMETRIC,
     NcclLibrary,
@@ -35,7 +36,6 @@ from bench.backends.libnccl import (
 )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CTAS = (0, 1, 2, 4, 8, 16, 32)
 _WINDOW_ALIGN_BYTES = 4096  # NCCL_WIN_REQUIRED_ALIGNMENT
 
 
@@ -57,7 +57,6 @@ class PyNcclAllReduce:
 
     name = "pynccl"
     in_place = True
-    alignment_bytes = 1
 
     def __init__(
         self,
@@ -73,6 +72,7 @@ class PyNcclAllReduce:
         self.lib: NcclLibrary = load_library()
         self.comm = 0
         self._max_bytes: int | None = None
+        self._gate = get_spec(self.name).gate(None, self._index)
         payload = torch.zeros(128, dtype=torch.uint8)
         if ctx.rank == 0:
             payload.copy_(torch.frombuffer(bytearray(self.lib.unique_id()), dtype=torch.uint8))
@@ -94,14 +94,7 @@ class PyNcclAllReduce:
             )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(
-            tensor,
-            dtypes=_DTYPES,
-            device_type="cuda",
-            alignment=self.alignment_bytes,
-            max_bytes=self._max_bytes,
-            device_index=self._index,
-        )
+        return self._gate(tensor)
 
     def _launch(self, send: torch.Tensor, recv: torch.Tensor) -> None:
         # no per-call checks: the caller took `can_take` (device, dtype, size) first
@@ -142,7 +135,6 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
     """`pynccl` on an ncclMemAlloc buffer registered as a symmetric window."""
 
     name = "pynccl_symm"
-    alignment_bytes = 4
 
     def __init__(self, ctx: CommContext, max_bytes: int | None = None, *, ctas: int = 0) -> None:
         super().__init__(ctx, max_bytes, ctas=ctas)
@@ -162,6 +154,7 @@ class PyNcclSymmAllReduce(PyNcclAllReduce):
             self.release()
             raise
         self._max_bytes = int(max_bytes or nbytes)
+        self._gate = get_spec(self.name).gate(self._max_bytes, self._index)
         view = self._buffer[:64].view(torch.float32)
         view.fill_(1.0)
         self._launch(view, view)
@@ -224,7 +217,7 @@ register(
         device="cuda",
         probe=_probe,
         create=lambda ctx, max_bytes, **params: PyNcclAllReduce(ctx, max_bytes, **params),
-        knobs={"ctas": _CTAS, "algo": ALGOS, "proto": PROTOS},
+        knobs={"ctas": CTAS, "algo": ALGOS, "proto": PROTOS},
         dtypes=_DTYPES,
         alignment=1,
         needs_buffer=False,
@@ -236,8 +229,8 @@ register(
         device="cuda",
         probe=_probe_symm,
         create=lambda ctx, max_bytes, **params: PyNcclSymmAllReduce(ctx, max_bytes, **params),
-        knobs={"ctas": _CTAS},
+        knobs={"ctas": CTAS},
         dtypes=_DTYPES,
-        alignment=PyNcclSymmAllReduce.alignment_bytes,
+        alignment=4,  # the symmetric kernels take 4-byte multiples
     )
 )

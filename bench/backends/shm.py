@@ -22,6 +22,14 @@ Copies are memmoves between the caller's tensor and the segment (no per-call all
 sums are torch ops on cached views of the segment, with torch limited to `threads` threads
 for messages large enough for torch to split (`_PARALLEL_ELEMENTS`; below that torch runs
 one thread whatever its setting, and switching costs more than the call).
+The thread count is decided when the backend is built (the `threads` knob) but applied per
+call, set before the sums and restored after: a process-wide setting changed on the call
+path, on purpose. torch has no per-op thread count; setting it once at build would set the
+whole process (a model's own CPU ops between calls, and other shm backends of the process:
+`tuner live` keeps several alive with different `threads`). Measured side by side
+(scripts/shm_threads.py, results/cpu-intel-xeon-processor-2c/20261204-shm-threads-per-call):
+the knob makes 512 KiB-4 MiB sums 8-150x faster at 2 ranks on 2 cores, and setting it per
+call is indistinguishable from setting it once. Below `_PARALLEL_ELEMENTS` nothing is set.
 A one-shot message that fits a slot takes a short path: up to 256 KiB in C (`shm_native`: one
 ctypes call copies, waits on the same flags and sums; ~1.2 us at 1 KiB and 2 ranks, where the
 Python below takes ~2.5 us), else in Python (`_one_shot_small`): one memmove, one barrier, one
@@ -44,8 +52,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.backends import register, shm_native
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register, shm_native
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.shm_segment import (
     FLAG_STRIDE_BYTES,
     FlagBarrier,
@@ -55,6 +63,7 @@ from bench.backends.shm_segment import (
     supported_isa,
     timeout_message,
 )
+from bench.dtypes import DTYPE_NAMES
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 64  # two-shot parts start on cache lines
@@ -89,11 +98,6 @@ _STACKED_SUM_ELEMENTS = 4096
 # rank could build it, else the Python path; 0: never; 1: required (create fails without it)
 _NATIVE = (-1, 0, 1)
 _NATIVE_BYTES = 256 << 10
-_TORCH_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-}
 
 
 class ShmAllReduce:
@@ -123,6 +127,7 @@ class ShmAllReduce:
             threads = max(1, cores // max(1, ctx.local_world_size))
         self.threads = threads
         self._broken: str | None = None
+        self._gate = get_spec(self.name).gate()
         self._views: dict[tuple[torch.dtype, int], Any] = {}
         self._small: dict[tuple[torch.dtype, int], Any] = {}
         self._small_bytes = 0  # the short path's largest message; 0: never (see all_reduce)
@@ -185,13 +190,13 @@ class ShmAllReduce:
         codes = dict(shm_native.DTYPE_CODES)
         if not lib.aat_has_float16():
             codes.pop("float16")
-        self._native_codes = {d: codes[n] for d, n in _TORCH_DTYPE_NAMES.items() if n in codes}
+        self._native_codes = {d: codes[n] for d, n in DTYPE_NAMES.items() if n in codes}
         self._native_bytes = min(self.slot_bytes, _NATIVE_BYTES)
 
     # -- the three verbs ------------------------------------------------------------------
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the ranks, in place; returns `tensor`."""

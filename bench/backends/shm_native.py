@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bench.environment import get
+
 __all__ = ["Call", "load", "DTYPE_CODES", "OK", "TIMEOUT"]
 
 SOURCE = Path(__file__).with_name("shm_native.c")
@@ -56,17 +58,15 @@ class Call(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("ALLREDUCE_AUTOTUNE_CACHE")
+    root = get("ALLREDUCE_AUTOTUNE_CACHE")
     if root:
         return Path(root)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "allreduce-autotune"
 
 
 def _compiler() -> str | None:
-    return (
-        os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    )
+    return get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
 def _build(compiler: str, target: Path) -> str | None:

@@ -16,15 +16,15 @@ PyTorch refuses ranks that share a GPU ("allocations from overlapping devices"),
 from __future__ import annotations
 
 import datetime
-import os
 import warnings
 
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
+from bench.environment import multicast_off
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _ALIGNMENT = 16  # the ops load and store 16-byte vectors
@@ -33,7 +33,6 @@ _OPS = {
     "two_shot": "two_shot_all_reduce_",
     "multimem": "multimem_all_reduce_",
 }
-DISABLE_MULTICAST_ENV = "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 
 
 class BackendUnavailable(RuntimeError):
@@ -44,10 +43,6 @@ def _symm_module():
     import torch.distributed._symmetric_memory as symm_mem
 
     return symm_mem
-
-
-def _multicast_disabled() -> bool:
-    return os.environ.get(DISABLE_MULTICAST_ENV, "0").strip().lower() not in ("", "0", "false")
 
 
 def _enable_for_group(symm_mem, group_name: str) -> None:
@@ -79,6 +74,7 @@ class SymmMemAllReduce:
             _enable_for_group(symm_mem, self.group_name)
             nbytes = -(-max(int(max_bytes or 0), _ALIGNMENT) // _ALIGNMENT) * _ALIGNMENT
             self._max_bytes = nbytes
+            self._gate = get_spec(self.name).gate(nbytes, self._index)
             self._buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
             self._handle = symm_mem.rendezvous(self._buffer, self.group_name)
             self.multicast_ptr = int(getattr(self._handle, "multicast_ptr", 0) or 0)
@@ -105,14 +101,7 @@ class SymmMemAllReduce:
                 )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(
-            tensor,
-            dtypes=_DTYPES,
-            device_type="cuda",
-            alignment=_ALIGNMENT,
-            max_bytes=self._max_bytes,
-            device_index=self._index,
-        )
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.all_reduce_into(tensor, tensor)
@@ -143,8 +132,9 @@ def _probe(algorithm: str):
 
     def probe(ctx: CommContext) -> str | None:
         reason = cuda_reason(ctx, name)
-        if reason is None and algorithm == "multimem" and _multicast_disabled():
-            reason = f"no NVLink multicast ({DISABLE_MULTICAST_ENV} is set)"
+        switch = multicast_off() if reason is None and algorithm == "multimem" else None
+        if switch:
+            reason = f"no NVLink multicast ({switch}: kept off on this machine)"
         reason = reason or one_gpu_per_rank_reason(ctx, "PyTorch symmetric memory")
         if reason:
             return reason

@@ -12,9 +12,9 @@ import resource
 import socket
 from typing import Any
 
-__all__ = ["node_report", "check_rendezvous", "nccl_library"]
+from bench.environment import MULTICAST_SWITCHES, get
 
-MULTICAST_ENV = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+__all__ = ["node_report", "check_rendezvous", "nccl_library"]
 
 
 def nccl_library() -> dict[str, Any]:
@@ -31,7 +31,7 @@ def nccl_library() -> dict[str, Any]:
 def _multicast(gpu_count: int) -> dict[str, Any]:
     """CU_DEVICE_ATTRIBUTE_MULTICAST_SUPPORTED per GPU, read from the driver (nothing is
     created), and the switches that turn NVLink multicast off."""
-    out: dict[str, Any] = {"env": {k: os.environ[k] for k in MULTICAST_ENV if k in os.environ}}
+    out: dict[str, Any] = {"env": {k: get(k) for k, _ in MULTICAST_SWITCHES if get(k) is not None}}
     if gpu_count == 0:
         out["devices"] = "no GPU"
         return out

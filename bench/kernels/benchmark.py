@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.launch.config import DTYPE_ALIASES, DTYPES
+from bench.dtypes import DTYPE_ALIASES, DTYPES
 from bench.launch.flags import UsageError, UsageParser
 from bench.launch.paths import writable_file, write_output
 from bench.sizes import format_size, parse_size

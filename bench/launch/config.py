@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from bench.dtypes import DTYPE_ALIASES, DTYPES  # re-exported: DTYPES is imported from here
 from bench.launch import capacity
 from bench.launch.capacity import RANKS_PER_CORE
 from bench.launch.flags import UsageError, UsageParser, int_flag, seconds_flag
@@ -32,18 +33,6 @@ __all__ = [
     "left_out_line",
 ]
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-DTYPE_ALIASES = {
-    "fp32": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "half": "float16",
-    "float": "float32",
-}
 MODES = ("eager", "graph")
 # rounds of side-by-side blocks per point (bench.run.rounds says how 5 was chosen)
 DEFAULT_ROUNDS = 5

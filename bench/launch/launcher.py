@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.backends.base import scoped_env
+from bench.environment import get
 from bench.launch.config import SweepConfig
 from bench.launch.watchdog import EXIT_WATCHDOG
 
@@ -112,8 +113,9 @@ def omp_threads(cfg: SweepConfig) -> str:
     user's own value, else this node's cores shared by its ranks (at least 1), as the shm
     backends' `threads` knob does by default; ranks whose OpenMP threads outnumber the cores
     starve each other."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return os.environ["OMP_NUM_THREADS"]
+    own = get("OMP_NUM_THREADS")
+    if own:
+        return own
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return str(max(1, (cores or 1) // max(1, cfg.world_size // cfg.nnodes)))
 

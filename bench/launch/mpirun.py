@@ -30,6 +30,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from bench.environment import get
 from bench.launch.watchdog import EXIT_WATCHDOG
 
 __all__ = [
@@ -62,24 +63,29 @@ def mpirun_reason() -> str | None:
     return None
 
 
-def mpi_layout(env: Mapping[str, str] = os.environ) -> dict[str, int] | None:
+def mpi_layout(env: Mapping[str, str] | None = None) -> dict[str, int] | None:
     """This rank's layout from Open MPI's mpirun variables (or MPICH/Intel MPI hydra's), or
     None when no MPI launcher started this process."""
-    if "OMPI_COMM_WORLD_RANK" in env:
-        size = int(env["OMPI_COMM_WORLD_SIZE"])
+
+    def read(name: str, default: int | None = None) -> int | None:
+        value = get(name, env)
+        return default if value is None else int(value)
+
+    if read("OMPI_COMM_WORLD_RANK") is not None:
+        size = read("OMPI_COMM_WORLD_SIZE")
         return {
-            "rank": int(env["OMPI_COMM_WORLD_RANK"]),
+            "rank": read("OMPI_COMM_WORLD_RANK"),
             "world_size": size,
-            "local_rank": int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
-            "local_world_size": int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", size)),
+            "local_rank": read("OMPI_COMM_WORLD_LOCAL_RANK", 0),
+            "local_world_size": read("OMPI_COMM_WORLD_LOCAL_SIZE", size),
         }
-    if "PMI_RANK" in env and "PMI_SIZE" in env:
-        size = int(env["PMI_SIZE"])
+    if read("PMI_RANK") is not None and read("PMI_SIZE") is not None:
+        size = read("PMI_SIZE")
         return {
-            "rank": int(env["PMI_RANK"]),
+            "rank": read("PMI_RANK"),
             "world_size": size,
-            "local_rank": int(env.get("MPI_LOCALRANKID", 0)),
-            "local_world_size": int(env.get("MPI_LOCALNRANKS", size)),
+            "local_rank": read("MPI_LOCALRANKID", 0),
+            "local_world_size": read("MPI_LOCALNRANKS", size),
         }
     return None
 

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from bench.environment import get, launched_rank
 from bench.launch.config import RUNS_ROOT, SweepConfig, left_out_line, parse_sweep_config
 from bench.launch.flags import UsageError
 from bench.launch.mpirun import launch_mpirun, mpi_layout, mpirun_reason
@@ -18,7 +19,7 @@ def main(argv: list[str]) -> int:
     from bench.run.worker import new_run_id, run_worker
 
     cfg = parse_sweep_config(argv)
-    if cfg.left_out and os.environ.get("RANK", "0") == "0" and not cfg.quiet:
+    if cfg.left_out and (get("RANK") or "0") == "0" and not cfg.quiet:
         print(left_out_line(cfg.left_out), file=sys.stderr, flush=True)
     if cfg.out is not None and cfg.node_rank == 0:  # only node 0's rank 0 writes (shared FS)
         from bench.analysis.results import LOCK_FILE
@@ -29,7 +30,7 @@ def main(argv: list[str]) -> int:
 
         # the default run directory goes below runs/ (made again by rank 0)
         writable_dir(f"--out (default {RUNS_ROOT}/)", RUNS_ROOT)
-    if ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or mpi_layout() is not None:
+    if launched_rank() or mpi_layout() is not None:
         return run_worker(cfg)  # already one rank of the user's torchrun (or mpirun)
     if cfg.launcher == "mpirun":
         reason = mpirun_reason()

@@ -12,6 +12,7 @@ import time
 
 import torch.distributed as dist
 
+from bench.environment import get
 from bench.run.hardware import host_id
 
 __all__ = ["Watchdog", "EXIT_WATCHDOG"]
@@ -46,8 +47,8 @@ class Watchdog:
         """Start the heartbeat through a store client of our own; without one, no names."""
         try:
             store = dist.TCPStore(
-                os.environ["MASTER_ADDR"],
-                int(os.environ["MASTER_PORT"]),
+                get("MASTER_ADDR"),
+                int(get("MASTER_PORT")),
                 is_master=False,
                 timeout=datetime.timedelta(seconds=10),
             )

@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate, scoped_env
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext, scoped_env
+from bench.environment import get
 from bench.peers import PIP_PEERS, installed
 
 __all__ = ["DeepSpeedShm", "load_op", "shm_files"]
@@ -78,7 +79,7 @@ def load_op(verbose: bool = False):
     with contextlib.suppress(ImportError):  # pip's ninja: its binary may not be on PATH
         import ninja
 
-        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, get("PATH") or ""])
     sources, include = _sources()
     return load(
         name=_NAME,
@@ -138,15 +139,14 @@ class DeepSpeedShm:
     in_place = True
 
     def __init__(self, ctx: CommContext, max_bytes: int | None = None) -> None:
+        self._gate = get_spec(self.name).gate(_MAX_BYTES)
         module, error = None, None
         try:
             # its OpenMP runtime (the system's libgomp, not torch's) reads OMP_NUM_THREADS
             # when the op loads: the cores per local rank, as DeepSpeed's launcher sets it
             # with --bind_cores_to_rank (2 threads per rank on 2 cores spin against each other)
             cores = len(os.sched_getaffinity(0)) // max(1, ctx.local_world_size)
-            with scoped_env(
-                {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores)))}
-            ):
+            with scoped_env({"OMP_NUM_THREADS": get("OMP_NUM_THREADS") or str(max(1, cores))}):
                 module = load_op()
             self._op = torch.ops.deepspeed.inference_all_reduce_  # AttributeError: absent
             if module.vector_kernel_level() < 2:
@@ -173,9 +173,7 @@ class DeepSpeedShm:
             )
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(
-            tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=_MAX_BYTES
-        )
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         self._op(tensor)

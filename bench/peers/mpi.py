@@ -18,14 +18,15 @@ bfloat16/float16, a Python callback per reduction step: correct, and measured as
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from bench.backends import register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends import get_spec, register
+from bench.backends.base import BackendSpec, CommContext
+from bench.environment import get
 from bench.peers import APT_MPI, PIP_PEERS, installed
 
 __all__ = ["MpiAllReduce", "launched_by_mpi"]
@@ -39,8 +40,8 @@ _NEEDS_LAUNCHER = (
 )
 
 
-def launched_by_mpi(env=os.environ) -> bool:
-    return any(name in env for name in _LAUNCHER_VARIABLES)
+def launched_by_mpi(env: Mapping[str, str] | None = None) -> bool:
+    return any(get(name, env) is not None for name in _LAUNCHER_VARIABLES)
 
 
 def _half_sum(dtype: torch.dtype):
@@ -71,9 +72,10 @@ class MpiAllReduce:
             for dtype in (torch.bfloat16, torch.float16)
         }
         self._last: tuple[Any, ...] = (None, 0, None)  # (tensor, data_ptr, MPI buffer spec)
+        self._gate = get_spec(self.name).gate()
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        return basic_gate(tensor, dtypes=_DTYPES, device_type="cpu", alignment=1, max_bytes=None)
+        return self._gate(tensor)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         last, ptr, spec = self._last

@@ -98,9 +98,7 @@ def build_backend(
     if spec is not None:
         reason = device_reason(spec, ctx.device.type)
     if spec is not None and reason is None:
-        unknown = [k for k in params if k not in spec.knobs]
-        if unknown:  # values are the backend's to judge when it is built
-            reason = f"{name} has no knob {unknown[0]!r} (knobs: {', '.join(spec.knobs) or 'none'})"
+        reason = spec.unknown_knob(params)  # values are the backend's to judge when built
     if spec is not None and reason is None:
         try:
             reason = spec.probe(ctx)

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from bench.environment import get
+
 __all__ = ["noise_before", "noise_after", "mps_running", "BUSY_LOAD_PER_CORE"]
 
 # a 1-minute load average above half the cores: another job holds a core much of the time
@@ -38,7 +40,7 @@ def _load() -> list[float]:
 def mps_running() -> bool:
     """Whether an MPS control daemon serves this process's CUDA clients: its pipe directory
     (CUDA_MPS_PIPE_DIRECTORY, default /tmp/nvidia-mps) holds the daemon's control pipe."""
-    pipes = Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps"))
+    pipes = Path(get("CUDA_MPS_PIPE_DIRECTORY") or "/tmp/nvidia-mps")
     return (pipes / "control").exists()
 
 

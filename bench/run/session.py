@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from bench.backends import CommContext
+from bench.environment import get, launched_rank
 from bench.launch.config import SweepConfig
 from bench.launch.launcher import PIDS_DIR_ENV, remove_shm_leftovers
 from bench.launch.mpirun import export_layout, mpi_layout
@@ -42,26 +43,25 @@ _ALONE = {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
 def dist_env() -> dict[str, int]:
     """Rank layout from torchrun's variables, mpirun's (`--launcher mpirun`), or SLURM's
     when started by srun."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    if launched_rank():
         return {
-            "rank": int(env["RANK"]),
-            "world_size": int(env["WORLD_SIZE"]),
-            "local_rank": int(env.get("LOCAL_RANK", 0)),
-            "local_world_size": int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            "rank": int(get("RANK")),
+            "world_size": int(get("WORLD_SIZE")),
+            "local_rank": int(get("LOCAL_RANK") or 0),
+            "local_world_size": int(get("LOCAL_WORLD_SIZE") or get("WORLD_SIZE")),
         }
-    layout = mpi_layout(env)
+    layout = mpi_layout()
     if layout is not None:  # the gloo group is then MPI_COMM_WORLD's processes, rank for rank
         export_layout(layout)
         return layout
-    if "SLURM_PROCID" in env:
+    if get("SLURM_PROCID") is not None:
         layout = {
-            "rank": int(env["SLURM_PROCID"]),
-            "world_size": int(env["SLURM_NTASKS"]),
-            "local_rank": int(env.get("SLURM_LOCALID", 0)),
-            "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            "rank": int(get("SLURM_PROCID")),
+            "world_size": int(get("SLURM_NTASKS")),
+            "local_rank": int(get("SLURM_LOCALID") or 0),
+            "local_world_size": int((get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0]),
         }
-        os.environ.setdefault("MASTER_ADDR", env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+        os.environ.setdefault("MASTER_ADDR", get("SLURM_LAUNCH_NODE_IPADDR") or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ["RANK"], os.environ["WORLD_SIZE"] = (
             str(layout["rank"]),
@@ -114,7 +114,7 @@ def _leave_nothing_behind() -> None:
     line. Its files in /dev/shm go with it; a row being written is whole (one write call).
     Under `bench`'s launcher the rank also leaves its pid where the launcher looks after the
     launch, for what a rank killed outright (SIGKILL) could not remove itself."""
-    pids = os.environ.get(PIDS_DIR_ENV)
+    pids = get(PIDS_DIR_ENV)
     if pids:
         with contextlib.suppress(OSError):
             (Path(pids) / str(os.getpid())).touch()

@@ -44,7 +44,7 @@ def _cases(rank: int, world_size: int) -> list[tuple]:
     """(input, expected) per (size, dtype, seed), built once: the loop only copies."""
     import torch
 
-    from bench.launch.config import DTYPES as TORCH_DTYPES
+    from bench.dtypes import DTYPES as TORCH_DTYPES
     from bench.run.inputs import fill_input, reference_sum
 
     cases = []

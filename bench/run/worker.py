@@ -30,7 +30,8 @@ from bench.analysis.results import (
     write_meta,
 )
 from bench.backends import CommContext
-from bench.launch.config import DTYPES, RUNS_ROOT, SweepConfig, parse_sweep_config
+from bench.dtypes import DTYPES
+from bench.launch.config import RUNS_ROOT, SweepConfig, parse_sweep_config
 from bench.launch.flags import run_command
 from bench.launch.paths import os_error
 from bench.launch.watchdog import Watchdog

@@ -20,20 +20,22 @@ in place and saves that copy.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
-import os
 
 import torch
 
 from bench.backends import get_spec, register
-from bench.backends.base import BackendSpec, CommContext, basic_gate
+from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import cuda_reason, device_index, one_gpu_per_rank_reason
+from bench.environment import get, multicast_off
 from bench.vllm.paths import (
     PATHS,
     Communicators,
     Path,
     accepts,
+    bind,
     custom_ar_max_size,
     device_capability,
     grow_max_sizes,
@@ -46,12 +48,26 @@ __all__ = ["VllmAllReduce", "NAMES", "vllm_missing", "multicast_off_reason"]
 _MODULE = "vllm.distributed.device_communicators."
 _HALF = (torch.float16, torch.bfloat16)
 _ALL = (torch.float32, torch.bfloat16, torch.float16)
-# communicator -> (class, module, dtypes, alignment, needs a buffer, world sizes or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    """One of vLLM's communicator classes, as its paths' specs state it."""
+
+    cls: str  # the class name in vLLM's module
+    module: str  # under vllm.distributed.device_communicators
+    dtypes: tuple[torch.dtype, ...]
+    alignment: int  # bytes
+    needs_buffer: bool
+    world_sizes: tuple[int, ...] | None = None  # None: any
+
+
+# CudaCommunicator's attribute -> the family
 _FAMILIES = {
-    "ca_comm": ("CustomAllreduce", "custom_all_reduce", _ALL, 16, True, (2, 4, 6, 8)),
-    "symm_mem_comm": ("SymmMemCommunicator", "symm_mem", (torch.bfloat16,), 4, True, None),
-    "pynccl_comm": ("PyNcclCommunicator", "pynccl", _ALL, 1, False, None),
-    "qr_comm": ("QuickAllReduce", "quick_all_reduce", _HALF, 16, True, (2, 4, 8)),
+    "ca_comm": _Family("CustomAllreduce", "custom_all_reduce", _ALL, 16, True, (2, 4, 6, 8)),
+    "symm_mem_comm": _Family("SymmMemCommunicator", "symm_mem", (torch.bfloat16,), 4, True),
+    "pynccl_comm": _Family("PyNcclCommunicator", "pynccl", _ALL, 1, False),
+    "qr_comm": _Family("QuickAllReduce", "quick_all_reduce", _HALF, 16, True, (2, 4, 8)),
 }
 NAMES = tuple(name for name, path in PATHS.items() if path.communicator in _FAMILIES)
 QUICK_REDUCE_ENV = "VLLM_ROCM_QUICK_REDUCE_QUANTIZATION"
@@ -65,22 +81,15 @@ def vllm_missing() -> str | None:
 
 
 def multicast_off_reason(environ=None) -> str | None:
-    """The machine keeps NVLink multicast off (DESIGN.md: all three variables are exported
-    together there): vLLM's symmetric memory must not be built, its rendezvous would create
-    multicast objects."""
-    environ = os.environ if environ is None else environ
-    for name, off in (
-        ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-        ("NCCL_NVLS_ENABLE", "0"),
-        ("NVSHMEM_DISABLE_NVLS", "1"),
-    ):
-        if environ.get(name, "").strip().lower() in ((off, "true") if off == "1" else (off,)):
-            return f"no NVLink multicast ({name}={environ[name]}: kept off on this machine)"
-    return None
+    """The machine keeps NVLink multicast off (`bench.environment.multicast_off`: the three
+    variables are exported together there): vLLM's symmetric memory must not be built, its
+    rendezvous would create multicast objects."""
+    switch = multicast_off(environ)
+    return f"no NVLink multicast ({switch}: kept off on this machine)" if switch else None
 
 
 def _module(path: Path):
-    return importlib.import_module(_MODULE + _FAMILIES[path.communicator][1])
+    return importlib.import_module(_MODULE + _FAMILIES[path.communicator].module)
 
 
 class VllmAllReduce:
@@ -95,18 +104,12 @@ class VllmAllReduce:
         self.max_bytes = max_bytes
         self._path, self._comms = path, comms
         self._comm = getattr(comms, path.communicator)
-        _, _, self._dtypes, self._alignment, _, _ = _FAMILIES[path.communicator]
-        self._index = device_index(device)
+        bind([path], comms)  # built with the path's algorithm already: nothing to change
+        # the spec's checks (dtypes, alignment from _FAMILIES), then vLLM's own gate
+        self._gate = get_spec(path.name).gate(max_bytes, device_index(device))
 
     def can_take(self, tensor: torch.Tensor) -> str | None:
-        reason = basic_gate(
-            tensor,
-            dtypes=self._dtypes,
-            device_type="cuda",
-            alignment=self._alignment,
-            max_bytes=self.max_bytes,
-            device_index=self._index,
-        )
+        reason = self._gate(tensor)
         if reason is None and not accepts(self._path, self._comms, tensor):
             reason = f"vLLM's {type(self._comm).__name__}.{self._path.gate} declines it"
         return reason
@@ -126,7 +129,8 @@ class VllmAllReduce:
 
 
 def _family_reason(path: Path, ctx: CommContext) -> str | None:
-    cls, module, _, _, _, sizes = _FAMILIES[path.communicator]
+    family = _FAMILIES[path.communicator]
+    cls, module, sizes = family.cls, family.module, family.world_sizes
     if sizes and ctx.world_size not in sizes:
         return (
             f"vLLM's {cls} takes world sizes {', '.join(map(str, sizes))} "
@@ -146,10 +150,7 @@ def _family_reason(path: Path, ctx: CommContext) -> str | None:
     flag = {"ca_comm": "custom_ar", "qr_comm": "quick_ar"}.get(path.communicator)
     if flag and not getattr(loaded, flag, False):
         return f"vLLM's {cls} library did not load (vllm._C ops missing: not a GPU build?)"
-    if (
-        path.communicator == "qr_comm"
-        and os.environ.get(QUICK_REDUCE_ENV, "NONE").upper() == "NONE"
-    ):
+    if path.communicator == "qr_comm" and (get(QUICK_REDUCE_ENV) or "NONE").upper() == "NONE":
         return (
             f"vLLM's {cls} is off: {QUICK_REDUCE_ENV} is NONE (vLLM's default); set FP, "
             "INT8, INT6 or INT4"
@@ -174,7 +175,7 @@ def _probe(path: Path):
         reason = (
             reason
             or cuda_reason(ctx, path.name)
-            or one_gpu_per_rank_reason(ctx, f"vLLM's {_FAMILIES[path.communicator][0]}")
+            or one_gpu_per_rank_reason(ctx, f"vLLM's {_FAMILIES[path.communicator].cls}")
         )
         return reason or _family_reason(path, ctx)
 
@@ -182,7 +183,7 @@ def _probe(path: Path):
 
 
 def _build(path: Path, ctx: CommContext, max_bytes: int):
-    cls = getattr(_module(path), _FAMILIES[path.communicator][0])
+    cls = getattr(_module(path), _FAMILIES[path.communicator].cls)
     group, device = ctx.cpu_group, ctx.device
     if path.communicator == "ca_comm":
         return cls(group=group, device=device, max_size=custom_ar_max_size(max_bytes))
@@ -216,15 +217,15 @@ def _create(path: Path):
 
 for _name in NAMES:
     _path = PATHS[_name]
-    _, _, _dtypes, _alignment, _needs_buffer, _ = _FAMILIES[_path.communicator]
+    _family = _FAMILIES[_path.communicator]
     register(
         BackendSpec(
             name=_name,
             device="cuda",
             probe=_probe(_path),
             create=_create(_path),
-            dtypes=_dtypes,
-            alignment=_alignment,
-            needs_buffer=_needs_buffer,
+            dtypes=_family.dtypes,
+            alignment=_family.alignment,
+            needs_buffer=_family.needs_buffer,
         )
     )

@@ -5,8 +5,8 @@ vLLM 0.34.0 (the same in 0.32.0); the attribute names are `CudaCommunicator`'s:
 
 | path | vLLM object | vLLM's gate | call |
 | --- | --- | --- | --- |
-| `vllm_custom_ar` (+ `_one_shot`, `_two_shot`) | `ca_comm`: CustomAllreduce | `should_custom_ar`: fp32/fp16/bf16, bytes % 16, weakly contiguous, ws 2 or fully connected, ws <= 8, bytes < max_size (strict) | `custom_all_reduce` (the CUDA-graph aware entry); the one- or two-stage kernel forced through `VLLM_CUSTOM_ALLREDUCE_ALGO`, which vLLM's C++ reads on every launch |
-| `vllm_symm_mem_two_shot`, `vllm_symm_mem_multimem` | `symm_mem_comm`: SymmMemCommunicator | `should_use_symm_mem`: bf16 only, bytes % 4, bytes <= max_size (inclusive) | `all_reduce` with `force_multimem` False / True (read on every call) |
+| `vllm_custom_ar` (+ `_one_shot`, `_two_shot`) | `ca_comm`: CustomAllreduce | `should_custom_ar`: fp32/fp16/bf16, bytes % 16, weakly contiguous, ws 2 or fully connected, ws <= 8, bytes < max_size (strict) | `custom_all_reduce` (the CUDA-graph aware entry); the one- or two-stage kernel forced through `VLLM_CUSTOM_ALLREDUCE_ALGO`, which vLLM's C++ reads on every launch (its only way in: see `_custom_call`) |
+| `vllm_symm_mem_two_shot`, `vllm_symm_mem_multimem` | `symm_mem_comm`: SymmMemCommunicator | `should_use_symm_mem`: bf16 only, bytes % 4, bytes <= max_size (inclusive) | `all_reduce` of a copy of the communicator made when the route is built with `force_multimem` False / True (vLLM's constructor argument; vLLM's own object is never changed: `bind`) |
 | `vllm_pynccl` | `pynccl_comm`: PyNcclCommunicator | not disabled (here also: contiguous, on its device) | `all_reduce` |
 | `vllm_quick_reduce` | `qr_comm`: QuickAllReduce (ROCm MI300/MI350) | `should_quick_allreduce` | `quick_all_reduce` |
 | `nccl` | `device_group` | none | `torch.distributed.all_reduce` on a copy: vLLM's own last resort |
@@ -18,8 +18,10 @@ disabled or its gate declines: the caller falls back.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ __all__ = [
     "ALGO_ENV",
     "CUSTOM_AR_DEFAULT_MAX_SIZE",
     "accepts",
+    "bind",
     "reduce",
     "run",
     "custom_ar_max_size",
@@ -114,17 +117,48 @@ def _nccl_gate(group, tensor: torch.Tensor) -> bool:
 def _custom_call(path: Path, ca, tensor: torch.Tensor):
     if path.algo is None:
         return ca.custom_all_reduce(tensor)
-    # read by the kernel launch (captured: fixed in the graph)
+    # vLLM 0.34.0 offers no other way to pick the kernel: CustomAllreduce has no algorithm
+    # argument and its C++ (`_C_stable_libtorch`) reads VLLM_CUSTOM_ALLREDUCE_ALGO at every
+    # launch (captured: fixed in the graph). So the variable is set for the call and restored,
+    # raise or not; ~3 us a call on the 2-core CPU box (scripts/vllm_algo_env_cost.py: 0.2 us
+    # without it, 3.3 us with it, load ~3). Hazard: another thread
+    # that reads the environment during the call sees the forced value (tests cover the
+    # restore; tests/test_vllm_backends.py).
     with scoped_env({ALGO_ENV: path.algo}):
         return ca.custom_all_reduce(tensor)
 
 
+# vLLM's SymmMemCommunicator -> {force_multimem: a shallow copy with it set}, made by `bind`
+_SYMM_VARIANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _symm_variant(symm, multimem: bool | None):
+    """`symm` itself where its force_multimem already says `multimem`, else a shallow copy
+    that says it: the same buffer, group and handle (vLLM sets force_multimem only in its
+    constructor and reads it per call), vLLM's own object untouched."""
+    if multimem is None or symm.force_multimem == multimem:
+        return symm
+    variants = _SYMM_VARIANTS.setdefault(symm, {})
+    variant = variants.get(multimem)
+    if variant is None:
+        variant = variants[multimem] = copy.copy(symm)
+        variant.force_multimem = multimem
+    return variant
+
+
+def bind(paths: Iterable[Path], comms) -> None:
+    """When a route is built over `comms`: every variant its paths will call made now (the
+    symmetric-memory algorithm as vLLM's constructor argument), so a call changes nothing."""
+    symm = getattr(comms, "symm_mem_comm", None)
+    if symm is None:
+        return
+    for path in paths:
+        if path.communicator == "symm_mem_comm":
+            _symm_variant(symm, path.multimem)
+
+
 def _symm_call(path: Path, symm, tensor: torch.Tensor):
-    saved, symm.force_multimem = symm.force_multimem, path.multimem
-    try:
-        return symm.all_reduce(tensor)
-    finally:
-        symm.force_multimem = saved
+    return _symm_variant(symm, path.multimem).all_reduce(tensor)
 
 
 def _nccl_call(path: Path, group, tensor: torch.Tensor) -> torch.Tensor:

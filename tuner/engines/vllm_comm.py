@@ -38,11 +38,13 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from bench.dtypes import DTYPES
 from bench.sizes import format_size
 from bench.vllm.paths import (
     CUSTOM_AR_DEFAULT_MAX_SIZE,
     PATHS,
     Path,
+    bind,
     custom_ar_max_size,
     device_capability,
     grow_max_sizes,
@@ -54,11 +56,10 @@ from tuner.engines.vllm_setup import ENV_THRESHOLDS, Setup, logger, node_hardwar
 from tuner.runtime.schema import Table
 from tuner.runtime.startup import Route
 
-__all__ = ["Routes", "install", "prepare", "ROUTES_ATTRIBUTE"]
+__all__ = ["Routes", "install", "prepare", "custom_ar_built_with", "ROUTES_ATTRIBUTE"]
 
 ROUTES_ATTRIBUTE = "allreduce_autotune_routes"  # on each CudaCommunicator: Routes or None
 _MARK = "__allreduce_autotune__"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _capturing = torch.cuda.is_current_stream_capturing
 
 
@@ -71,7 +72,7 @@ class Routes:
         for table in tables:
             bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
             paths = tuple(PATHS[vllm_path(r.algorithm)[0]] for r in table.rules)
-            self.by_key[(_DTYPES[table.dtype], table.mode)] = Route(
+            self.by_key[(DTYPES[table.dtype], table.mode)] = Route(
                 bounds, paths, source=f"{table.dtype} {table.mode}"
             )
 
@@ -236,7 +237,7 @@ def _warm_up_device_group(comm, routes: Routes) -> None:
 
 
 @contextlib.contextmanager
-def _custom_ar_max_size(size: int | None):
+def custom_ar_built_with(size: int | None):
     """CustomAllreduce built with max_size=`size` inside the block (None: untouched)."""
     if size is None:
         yield
@@ -244,11 +245,12 @@ def _custom_ar_max_size(size: int | None):
     from vllm.distributed.device_communicators.custom_all_reduce import CustomAllreduce
 
     init = CustomAllreduce.__init__
+    signature = inspect.signature(init)
 
     @functools.wraps(init)
     def sized(self, *args, **kwargs):
-        if len(args) < 3:  # (group, device, max_size): not passed by the caller
-            kwargs.setdefault("max_size", size)
+        if "max_size" not in signature.bind(self, *args, **kwargs).arguments:
+            kwargs["max_size"] = size  # the caller left vLLM's default
         init(self, *args, **kwargs)
 
     CustomAllreduce.__init__ = sized
@@ -271,9 +273,10 @@ def install(module, current: Callable[[], Setup | None]) -> None:
         arguments = signature.bind(self, *args, **kwargs).arguments
         prepared = prepare(current(), arguments.get("cpu_group"), arguments.get("unique_name", ""))
         setattr(self, ROUTES_ATTRIBUTE, None)
-        with _custom_ar_max_size(prepared.custom_ar_max_size if prepared else None):
+        with custom_ar_built_with(prepared.custom_ar_max_size if prepared else None):
             init(self, *args, **kwargs)
         if prepared is not None:
+            bind(prepared.routes.paths(), self)  # each path's algorithm chosen now, not per call
             setattr(self, ROUTES_ATTRIBUTE, prepared.routes)
             _warm_up_device_group(self, prepared.routes)
             prepared.announce(self)

@@ -21,9 +21,10 @@ settings (tests) loads the new table, read by communicators built after it.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
+
+from bench.environment import get
 
 __all__ = ["register", "current", "CUDA_COMMUNICATOR"]
 
@@ -39,8 +40,7 @@ def current():
 
 def register(environ: Mapping[str, str] | None = None):
     """vLLM's entry point (see the module docstring); returns the Setup, or None when off."""
-    environ = os.environ if environ is None else environ
-    if not environ.get("ALLREDUCE_AUTOTUNE_THRESHOLDS", "").strip():
+    if not (get("ALLREDUCE_AUTOTUNE_THRESHOLDS", environ) or "").strip():
         return None
     from tuner.engines import vllm_setup
 

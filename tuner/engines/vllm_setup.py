@@ -17,6 +17,7 @@ import hashlib
 import logging
 from collections.abc import Mapping
 
+from bench.environment import get
 from tuner.engines.vllm_names import first_unmapped
 from tuner.runtime.schema import TableError, Thresholds, load
 
@@ -61,19 +62,19 @@ class Setup:
         return (self.path, self.strict, self.hardware_key)
 
 
-def _strict(environ: Mapping[str, str]) -> bool:
-    value = environ.get(ENV_STRICT, "").strip().lower()
+def _strict(environ: Mapping[str, str] | None) -> bool:
+    value = (get(ENV_STRICT, environ) or "").strip().lower()
     if value not in _TRUE + _FALSE:
         raise ThresholdsRefused(f"{ENV_STRICT}: expected 0 or 1, got {value!r}")
     return value in _TRUE
 
 
-def settings_of(environ: Mapping[str, str]) -> tuple | None:
+def settings_of(environ: Mapping[str, str] | None = None) -> tuple | None:
     """(path, strict, hardware key) from the environment, None when the plugin is off."""
-    path = environ.get(ENV_THRESHOLDS, "").strip()
+    path = (get(ENV_THRESHOLDS, environ) or "").strip()
     if not path:
         return None
-    return (path, _strict(environ), environ.get(ENV_HARDWARE_KEY, "").strip() or None)
+    return (path, _strict(environ), (get(ENV_HARDWARE_KEY, environ) or "").strip() or None)
 
 
 def refuse(message: str, strict: bool) -> None:
@@ -86,7 +87,7 @@ def refuse(message: str, strict: bool) -> None:
     logger.warning("%s; vLLM keeps its own all-reduce choice (%s=0)", message, ENV_STRICT)
 
 
-def load_setup(environ: Mapping[str, str]) -> Setup | None:
+def load_setup(environ: Mapping[str, str] | None = None) -> Setup | None:
     """Load and check the table the environment names (see the module docstring)."""
     settings = settings_of(environ)
     if settings is None:

@@ -32,7 +32,7 @@ _INSTALLED: dict[str, tuple[object, object]] = {}
 
 
 def install(dispatcher, group: str = DEFAULT_GROUP) -> None:
-    """Route the op's calls for `group` to `dispatcher` (a `tuner.runtime.Dispatcher`, or
+    """Route the op's calls for `group` to `dispatcher` (a `tuner.runtime.dispatch.Dispatcher`, or
     anything with its `all_reduce`)."""
     out_of_place = getattr(dispatcher, "all_reduce_out", None)
     if out_of_place is None:

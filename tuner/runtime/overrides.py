@@ -9,11 +9,11 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.backends import known_names, needs_buffer
+from bench.environment import get
 from bench.sizes import parse_size
 from tuner.runtime.schema import Rule, Table
 
@@ -40,7 +40,6 @@ def parse_overrides(
 ) -> dict[str, Any]:
     """{"force": name | None, "max_bytes": {name: bytes}}; the argument wins over the
     environment, key by key."""
-    environ = os.environ if environ is None else environ
     overrides = dict(overrides or {})
     unknown = set(overrides) - {"force", "max_bytes"}
     if unknown:
@@ -48,7 +47,7 @@ def parse_overrides(
             f"overrides: unknown key {sorted(unknown)[0]!r} (accepted: force, max_bytes)"
         )
     known = known_names()
-    force = overrides.get("force", environ.get(ENV_FORCE) or None)
+    force = overrides.get("force", get(ENV_FORCE, environ) or None)
     where = "overrides['force']" if "force" in overrides else ENV_FORCE
     if force is not None and force not in known:
         raise OverrideError(f"{where}: unknown algorithm {force!r} (known: {', '.join(known)})")
@@ -60,7 +59,9 @@ def parse_overrides(
     else:
         where = ENV_MAX_BYTES
         items = []
-        for part in filter(None, (p.strip() for p in environ.get(ENV_MAX_BYTES, "").split(","))):
+        for part in filter(
+            None, (p.strip() for p in (get(ENV_MAX_BYTES, environ) or "").split(","))
+        ):
             name, sep, value = part.partition("=")
             if not sep:
                 raise OverrideError(

@@ -3,7 +3,7 @@
 The file is data only (JSON; no pickle, no eval). Loading validates everything and refuses a
 bad file with one line that names the field and what was expected.
 
-Schema version 1, as DESIGN.md gives it::
+Schema version 1 (docs/thresholds.md is the contract, with every field)::
 
     {"schema_version": 1, "generated_by": {...},
      "tables": [{"hardware_key": str, "world_size": int >= 1, "dtype": str, "mode": str,

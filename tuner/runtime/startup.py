@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from bench.backends import floor_name, needs_buffer, params_key
+from bench.dtypes import DTYPES as TORCH_DTYPES
 from bench.run.context import broadcast_object, build_backend, make_context
 from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
 from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
@@ -30,7 +31,6 @@ from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
 __all__ = ["Route", "Plan", "plan", "build_route", "backend_key", "NO_LIMIT"]
 
 NO_LIMIT = 1 << 62
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Route:
@@ -116,7 +116,7 @@ def plan(
         floor = TorchFloor(floor_of, group or dist.group.WORLD)
     backends, limits = _build(tables, ctx, floor, floor_of, notes)
     routes = {
-        (_TORCH_DTYPES[t.dtype], t.mode): build_route(t, backends, limits, floor) for t in tables
+        (TORCH_DTYPES[t.dtype], t.mode): build_route(t, backends, limits, floor) for t in tables
     }
     modes = MODES if ctx.device.type == "cuda" else ("eager",)
     if routes:
@@ -248,11 +248,11 @@ def reuse_donor(have: Sequence[tuple[str, str]], dtype: str, mode: str) -> tuple
 def _reuse_for_missing(routes: dict[tuple, Route], modes: Sequence[str]) -> None:
     """Every (dtype, mode) without a table routed by `reuse_donor`'s (silently: the route's
     `source` names the rules it follows, and `Dispatcher.describe` says so)."""
-    name_of = {v: k for k, v in _TORCH_DTYPES.items()}
+    name_of = {v: k for k, v in TORCH_DTYPES.items()}
     have = [(name_of[d], m) for d, m in routes]
     for mode in modes:
         for dtype_name in DTYPES:
-            dtype = _TORCH_DTYPES[dtype_name]
+            dtype = TORCH_DTYPES[dtype_name]
             if (dtype, mode) not in routes:
                 donor, donor_mode = reuse_donor(have, dtype_name, mode)
-                routes[(dtype, mode)] = routes[(_TORCH_DTYPES[donor], donor_mode)]
+                routes[(dtype, mode)] = routes[(TORCH_DTYPES[donor], donor_mode)]

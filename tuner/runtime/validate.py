@@ -12,6 +12,8 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from bench.dtypes import DTYPES as TORCH_DTYPES
+
 __all__ = [
     "SCHEMA_VERSION",
     "DTYPES",
@@ -23,7 +25,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)  # the names, from the one map
 MODES = ("eager", "graph")
 _TOP_FIELDS = ("schema_version", "generated_by", "tables")
 _TABLE_FIELDS = ("hardware_key", "world_size", "dtype", "mode", "rules", "max_size", "evidence")

@@ -19,13 +19,14 @@ import argparse
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.launch.config import DTYPES, SweepConfig, add_sweep_arguments, config_from_args
+from bench.dtypes import DTYPES
+from bench.environment import launched_rank
+from bench.launch.config import SweepConfig, add_sweep_arguments, config_from_args
 from bench.launch.flags import OutputError, UsageError, UsageParser, int_flag
 from bench.sizes import format_size
 
@@ -36,16 +37,9 @@ __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
 class LiveOptions:
     output: str
     study_db: str
-    patience: int = 20
-    max_trials: int | None = None
-    budget_fraction: float | None = 0.25
-    confirm_top: int = 3
-    confirm_rounds: int = 3
-    rounds: int = 4
-    seed: int = 0
-    prune_margin: float = 0.5
-    climb_algorithms: int = 2
-    seed_algorithms: int = 2
+    # the search settings given on the command line, by SearchOptions's field names
+    # (tuner.search.options states every default once; the flags below say none of them)
+    search: dict[str, Any] = dataclasses.field(default_factory=dict)
     cache_backends: int = 6
     grid: bool = False
     max_rules: int = 8
@@ -73,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--patience",
-        default="20",
+        default=None,
         help="explored trials in a row without a better best before a size stops",
     )
     p.add_argument(
@@ -85,21 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget-fraction",
         dest="budget_fraction",
-        default="0.25",
+        default=None,
         help="at most this fraction of a size's grid is measured, confirmation "
         "included (0.25 = 25%%; 'none': no limit)",
     )
     p.add_argument(
         "--confirm-top",
         dest="confirm_top",
-        default="3",
+        default=None,
         help="the fastest N distinct configurations of a size are re-measured side "
         "by side before its best is chosen (1: no confirmation)",
     )
     p.add_argument(
         "--confirm-rounds",
         dest="confirm_rounds",
-        default="3",
+        default=None,
         help="interleaved rounds of that re-measurement; the best median wins",
     )
     # --rounds is the sweep's flag: the timed iterations come in that many rounds, and the
@@ -107,10 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prune-margin",
         dest="prune_margin",
-        default="0.5",
+        default=None,
         help="prune a configuration this much slower than the best (0.5 = 50%%)",
     )
-    p.add_argument("--seed", default="0", help="sampler seed")
+    p.add_argument("--seed", default=None, help="sampler seed")
     p.add_argument(
         "--grid",
         action="store_true",
@@ -120,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cache-backends",
         dest="cache_backends",
-        default="6",
+        default=None,
         help="built backends kept alive at once",
     )
     from tuner.table.options import add_table_flags
@@ -134,6 +128,43 @@ def _int(flag: str, text: str | None, minimum: int = 1) -> int | None:
     return None if text is None else int_flag(flag, text, minimum)
 
 
+def _search_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The SearchOptions fields the command line gives, checked (the others keep its
+    defaults)."""
+    search: dict[str, Any] = {}
+    for flag, field, minimum in (
+        ("--patience", "patience", 1),
+        ("--max-trials", "max_trials", 1),
+        ("--confirm-top", "confirm_top", 1),
+        ("--confirm-rounds", "confirm_rounds", 1),
+        ("--seed", "seed", 0),
+    ):
+        if getattr(args, field) is not None:
+            search[field] = _int(flag, getattr(args, field), minimum)
+    if args.prune_margin is not None:
+        try:
+            margin = float(args.prune_margin)
+        except ValueError:
+            margin = -1.0
+        if not margin >= 0:
+            raise UsageError(f"--prune-margin: expected a number >= 0, got {args.prune_margin!r}")
+        search["prune_margin"] = margin
+    if args.budget_fraction is not None:
+        fraction: float | None = None
+        if str(args.budget_fraction).lower() != "none":
+            try:
+                fraction = float(args.budget_fraction)
+            except ValueError:
+                fraction = -1.0
+            if not 0 < fraction <= 1:
+                raise UsageError(
+                    "--budget-fraction: expected a number in (0, 1] or 'none', got "
+                    f"{args.budget_fraction!r}"
+                )
+        search["budget_fraction"] = fraction
+    return search
+
+
 def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     args = build_parser().parse_args(argv)
     if args.resume is not None:
@@ -141,23 +172,7 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     if args.out is not None:
         raise UsageError("--out: not used by tuner live (use -o for thresholds.json)")
     cfg = config_from_args(args)
-    try:
-        margin = float(args.prune_margin)
-    except ValueError:
-        margin = -1.0
-    if not margin >= 0:
-        raise UsageError(f"--prune-margin: expected a number >= 0, got {args.prune_margin!r}")
-    fraction: float | None = None
-    if str(args.budget_fraction).lower() != "none":
-        try:
-            fraction = float(args.budget_fraction)
-        except ValueError:
-            fraction = -1.0
-        if not 0 < fraction <= 1:
-            raise UsageError(
-                "--budget-fraction: expected a number in (0, 1] or 'none', got "
-                f"{args.budget_fraction!r}"
-            )
+    search = _search_settings(args)
     output = Path(args.output)
     from tuner.table.options import probe_outputs, table_options
 
@@ -167,15 +182,12 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     opts = LiveOptions(
         output=str(output),
         study_db=study_db,
-        patience=_int("--patience", args.patience),
-        max_trials=_int("--max-trials", args.max_trials),
-        budget_fraction=fraction,
-        confirm_top=_int("--confirm-top", args.confirm_top),
-        confirm_rounds=_int("--confirm-rounds", args.confirm_rounds),
-        rounds=_int("--rounds", args.rounds),
-        seed=_int("--seed", args.seed, 0),
-        prune_margin=margin,
-        cache_backends=_int("--cache-backends", args.cache_backends),
+        search=search,
+        **(
+            {"cache_backends": _int("--cache-backends", args.cache_backends)}
+            if args.cache_backends is not None
+            else {}
+        ),
         grid=bool(args.grid),
         max_rules=table["max_rules"],
         memory_budget=table["memory_budget"],
@@ -218,7 +230,7 @@ def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int
     )
     cache = BackendCache(ctx, max(cfg.sizes), opts.cache_backends)
     runner = TrialRunner(
-        ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=opts.rounds, graph_calls=cfg.graph_calls
+        ctx, iters=cfg.iters, warmup=cfg.warmup, rounds=cfg.rounds, graph_calls=cfg.graph_calls
     )
 
     def execute(job: dict[str, Any], on_round=None) -> Outcome:
@@ -279,7 +291,7 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
         return 1
     space = Space.for_algorithms(available).restrict(cfg.params)
     storage = optuna.storages.RDBStorage(storage_url(opts.study_db))
-    options = SearchOptions(**{f: getattr(opts, f) for f in _SEARCH_FIELDS}, exhaustive=opts.grid)
+    options = SearchOptions(**opts.search, run_id=opts.run_id, exhaustive=opts.grid)
     counter = [0]
     summary: dict[str, Any] = {
         "run_id": opts.run_id,
@@ -341,21 +353,6 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
     return 0
 
 
-# the LiveOptions fields SearchOptions takes under the same name
-_SEARCH_FIELDS = (
-    "patience",
-    "max_trials",
-    "seed",
-    "prune_margin",
-    "run_id",
-    "climb_algorithms",
-    "seed_algorithms",
-    "budget_fraction",
-    "confirm_top",
-    "confirm_rounds",
-)
-
-
 def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> None:
     """The tables fitted from the study's measurements, the Pareto front, the summary."""
     from tuner.table.fit import fit_tables, print_fits
@@ -390,7 +387,7 @@ def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> No
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, opts = parse_live(argv)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if launched_rank():
         return live_worker(cfg, opts)  # already one rank of the user's torchrun
     from bench.launch.launcher import launch
 

@@ -8,8 +8,10 @@ from collections.abc import Iterator
 from bench.run.hardware import device_of_key
 from tuner.runtime.schema import Rule, Table, Thresholds
 
-__all__ = ["ExportError", "capability_of", "pick_tables", "spans", "UNBOUNDED"]
+__all__ = ["ExportError", "capability_of", "pick_tables", "spans", "NCCL", "UNBOUNDED"]
 
+# our algorithms that are NCCL's all-reduce with NCCL's own algorithm choice (and its knobs)
+NCCL = ("nccl", "pynccl")
 UNBOUNDED = (1 << 64) - 1  # "every larger size" where a format needs a number
 
 

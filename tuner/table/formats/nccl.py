@@ -16,28 +16,26 @@ same for every size, so only a table whose NCCL rules all agree exports that way
 
 from __future__ import annotations
 
-from bench.backends.libnccl import ALGOS, PROTOS
+from bench.backends import get_spec
 from tuner.runtime.schema import Table, Thresholds
-from tuner.table.formats.common import UNBOUNDED, ExportError, pick_tables, spans
+from tuner.table.formats.common import NCCL, UNBOUNDED, ExportError, pick_tables, spans
 
 __all__ = ["format_nccl_tuner", "format_nccl_env", "tuner_rows"]
 
-NCCL = ("nccl", "pynccl")
 # the example plugin's names (plugins/tuner/example/plugin.c) and NCCL_ALGO / NCCL_PROTO's
 _PLUGIN_NAMES = {"ring": "ring", "tree": "tree", "simple": "simple", "ll": "ll", "ll128": "ll128"}
 _ENV_NAMES = {"ring": "Ring", "tree": "Tree", "simple": "Simple", "ll": "LL", "ll128": "LL128"}
 
 
 def _knobs(rule, where: str) -> tuple[str, str, int]:
-    algo = rule.params.get("algo", "default")
-    proto = rule.params.get("proto", "default")
-    ctas = int(rule.params.get("ctas", 0))
-    if algo not in ALGOS or proto not in PROTOS:
-        raise ExportError(
-            f"{where}: algo {algo!r} / proto {proto!r}: expected one of "
-            f"{', '.join(ALGOS)} / {', '.join(PROTOS)}"
-        )
-    return algo, proto, ctas
+    """(algo, proto, ctas) of an NCCL rule: its params over its spec's defaults, checked by
+    the spec."""
+    spec = get_spec(rule.algorithm)
+    reason = spec.check_params(rule.params)
+    if reason:
+        raise ExportError(f"{where}: {reason}")
+    params = {**spec.default_params(), **rule.params}
+    return params["algo"], params["proto"], int(params["ctas"])
 
 
 def tuner_rows(table: Table, reg_buff: int) -> tuple[list[str], list[str]]:

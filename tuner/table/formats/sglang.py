@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from bench.sizes import format_size
 from tuner.runtime.schema import Table, Thresholds
-from tuner.table.formats.common import ExportError, capability_of, pick_tables, spans
+from tuner.table.formats.common import NCCL, ExportError, capability_of, pick_tables, spans
 
 __all__ = ["format_sglang_env", "sglang_settings"]
 
@@ -38,7 +38,6 @@ SYMM_MEM_MULTIMEM = {9: (4, 6, 8), 10: (6, 8)}
 V2_WORLD_SIZES = {9: (2, 3, 4, 5, 6, 7, 8), 10: (2, 3, 4, 5, 6, 7, 8, 16)}
 V2_DEFAULT_MAX_KB = 16 * 1024
 CUSTOM = ("custom_one_shot", "custom_two_shot")
-NCCL = ("nccl", "pynccl")
 
 
 def _major(table: Table) -> int:
