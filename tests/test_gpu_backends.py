@@ -156,7 +156,9 @@ def test_cpu_sweep_records_gpu_backends_as_skipped(run_cli, tmp_path):
         env=NO_MULTICAST,
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # nothing measured: every row says why, and the sweep says so and exits 1 (issue 20)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "no point was measured" in proc.stderr
     rows = _read_rows(out)
     assert sorted(r["backend"] for r in rows) == sorted(GPU_NAMES)
     assert all(r["skipped_reason"] and not r["latency_us"] for r in rows)
