@@ -22,6 +22,7 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton-cache-stability
 OUT="${OUT:-/tmp/gpu-stability}"
 STAGES="${STAGES:-ws1,ipc}"
 REPEATS="${REPEATS:-3}"
+VERSIONS="${VERSIONS:-before after}"  # after: this checkout; before: .before/
 PY="${PYTHON:-python3}"
 RUNS=/tmp/stability-runs
 mkdir -p "$OUT" "$RUNS"
@@ -31,6 +32,7 @@ echo "== $(date -u) $(nvidia-smi --query-gpu=name,driver_version --format=csv,no
 sweep() {  # version ws backends sizes... -> one run directory
   local version=$1 ws=$2 backends=$3 max=$4 i=$5 code=$PWD
   [ "$version" = before ] && code=$PWD/.before
+  [ -n "${TAG:-}" ] && version="$version$TAG"
   local run="$RUNS/$version-ws$ws-$i" t0=$SECONDS
   PYTHONPATH="$code" timeout 200 "$PY" -m bench.cli sweep --device cuda --world-size "$ws" \
     --backends "$backends" -b 1K -e "$max" --out "$run" -q >"$run.log" 2>&1
@@ -40,7 +42,7 @@ sweep() {  # version ws backends sizes... -> one run directory
 if has ws1; then
   GPU1=nccl,pynccl,pynccl_symm,symm_mem_one_shot,symm_mem_two_shot
   for i in $(seq "$REPEATS"); do
-    for version in before after; do sweep "$version" 1 "$GPU1" 64M "$i"; done
+    for version in $VERSIONS; do sweep "$version" 1 "$GPU1" 64M "$i"; done
   done | tee "$OUT/ws1.log"
   tar -czf "$OUT/ws1.tgz" -C /tmp stability-runs
 fi
@@ -51,7 +53,7 @@ if has ipc; then
   nvidia-cuda-mps-control -d && trap 'echo quit | nvidia-cuda-mps-control' EXIT
   for i in $(seq "$REPEATS"); do
     for ws in 2 4; do
-      for version in before after; do
+      for version in $VERSIONS; do
         sweep "$version" "$ws" custom_one_shot,custom_two_shot 16M "$i"
       done
     done

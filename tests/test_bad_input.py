@@ -242,6 +242,8 @@ BENCH = [
     Case("rounds-zero", "bench", sweep("--rounds", "0"), "--rounds"),
     Case("rounds-negative", "bench", sweep("--rounds", "-3"), "--rounds"),
     Case("rounds-not-integer", "bench", sweep("--rounds", "2.5"), "--rounds"),
+    Case("block-ms-negative", "bench", sweep("--block-ms", "-1"), "--block-ms"),
+    Case("block-ms-not-number", "bench", sweep("--block-ms", "lots"), "--block-ms"),
     Case("timeout-zero", "bench", sweep("--timeout", "0"), "--timeout"),
     Case("timeout-word", "bench", sweep("--timeout", "soon"), "--timeout"),
     Case("nnodes-no-port", "bench", sweep("--nnodes", "2", "--world-size", "2"), "--master-port"),
@@ -714,6 +716,18 @@ TUNER = [
         "tuner",
         lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--max-rules", "0"],
         "--max-rules",
+    ),
+    Case(
+        "fit-min-gain-over-one",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--min-gain", "2"],
+        "--min-gain",
+    ),
+    Case(
+        "fit-min-gain-not-number",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--min-gain", "5%"],
+        "--min-gain",
     ),
     Case(
         "fit-memory-budget",

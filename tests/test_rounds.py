@@ -71,6 +71,8 @@ def test_every_backend_measures_each_size_in_each_round_side_by_side(run_cli, tm
         "3",
         "-n",
         "6",
+        "--block-ms",
+        "0",  # exactly the share of --iters: 2 timed iterations a block
         "--out",
         out,
         *FAST,
@@ -162,3 +164,15 @@ def test_backends_that_do_not_fit_together_are_measured_in_groups(run_cli, tmp_p
 
     seen = read_rounds(out).groupby("backend")["round"].apply(set)
     assert not seen["hungry_a"] & seen["hungry_b"]
+
+
+def test_a_fast_point_times_more_iterations_in_its_block(run_cli, tmp_path):
+    out = tmp_path / "run"
+    args = ["--world-size", "2", "--backends", "shm_one_shot", "-b", "1K", "-e", "1K"]
+    proc = run_cli("bench", "sweep", *args, "--rounds", "2", "-n", "2", "--out", out, *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rounds = pd.read_csv(out / "rounds.csv")
+    # a 1 KiB shm all-reduce takes microseconds: 2 ms of it is far more than 1 iteration, and
+    # never more than the cap; the point's row counts every iteration of its rounds
+    assert (rounds["iters"] > 1).all() and (rounds["iters"] <= 200).all()
+    assert read_results(out)["iters"].iloc[0] == rounds["iters"].sum()

@@ -36,6 +36,8 @@ __all__ = [
 MODES = ("eager", "graph")
 # rounds of side-by-side blocks per point (bench.run.rounds says how 5 was chosen)
 DEFAULT_ROUNDS = 5
+# a block of a fast point runs at least this long (bench.run.point.PointRunner says why)
+DEFAULT_BLOCK_MS = 2.0
 # a run without --out goes to RUNS_ROOT/<hardware_key>/<run_id>: apart from the committed
 # reference runs under results/ (runs/ is ignored by git)
 RUNS_ROOT = "runs"
@@ -53,6 +55,7 @@ class SweepConfig:
     iters: int = 20  # timed iterations per point, spread over the rounds
     warmup: int = 5  # warm-up calls per point, spread over the rounds (at least one a round)
     rounds: int = DEFAULT_ROUNDS
+    block_ms: float = DEFAULT_BLOCK_MS  # the least timed work per block (fast points)
     timeout_s: float = 300.0
     out: str | None = None
     resume: bool = False
@@ -105,6 +108,13 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "-w", "--warmup", default="5", help="warm-up calls per point (at least one a round)"
+    )
+    p.add_argument(
+        "--block-ms",
+        dest="block_ms",
+        default=str(DEFAULT_BLOCK_MS),
+        help="the least timed work of one backend's block in a round, in milliseconds: a fast "
+        "point times more iterations (at most 200), a slow one stays at its share of --iters",
     )
     p.add_argument(
         "--rounds",
@@ -215,6 +225,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     iters = int_flag("--iters", args.iters)
     warmup = int_flag("--warmup", args.warmup, minimum=0)
     rounds = int_flag("--rounds", args.rounds)
+    block_ms = _block_ms(args.block_ms)
     graph_calls = int_flag("--graph-calls", args.graph_calls)
     timeout_s = seconds_flag("--timeout", args.timeout)
     params = _params(args.param, known)
@@ -234,6 +245,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         iters=iters,
         warmup=warmup,
         rounds=rounds,
+        block_ms=block_ms,
         timeout_s=timeout_s,
         out=out,
         resume=resume,
@@ -248,6 +260,16 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         launcher=launcher,
         left_out=left_out,
     )
+
+
+def _block_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0.0 <= value <= 1000.0:  # NaN included
+        raise UsageError(f"--block-ms: expected milliseconds in 0..1000, got {text!r}")
+    return value
 
 
 def layout_from_args(args: argparse.Namespace) -> tuple[int, int, int, int | None]:

@@ -10,6 +10,7 @@ times it in prunable rounds.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -123,7 +124,10 @@ def prepare_point(
 
 class PointRunner:
     """The sweep's measurement of one block of a (backend, dtype, mode, size) point on this
-    rank: prepared and checked, warmed up, `iters` timed iterations (one round's share)."""
+    rank: prepared and checked, warmed up, then timed for at least `iters` iterations and at
+    least `block_us` of the slowest rank's time (at most `max_iters`): a block of a fast point
+    holds enough iterations that its median means something (4 replays of a 15 us graph are
+    mostly launch jitter), a slow point's block stays `iters` long."""
 
     def __init__(
         self,
@@ -133,8 +137,11 @@ class PointRunner:
         warmup: int,
         graph_calls: int = 10,
         l2_flush: bool = False,
+        block_us: float = 0.0,
+        max_iters: int = 200,
     ) -> None:
         self.ctx, self.iters, self.warmup, self.graph_calls = ctx, iters, warmup, graph_calls
+        self.block_us, self.max_iters = block_us, max(max_iters, iters)
         is_cuda = ctx.device.type == "cuda"
         between = flush_l2(ctx.device) if (l2_flush and is_cuda) else None
         self.clock = CudaEventClock(between) if is_cuda else CpuClock()
@@ -156,12 +163,24 @@ class PointRunner:
         )
         if point.reason:
             return point.reason, None, None, None
+        iters = self._iters_for(point)
         per_call = measure(
             self.clock,
             point.step,
-            iters=self.iters,
+            iters=iters,
             warmup=point.warmup,
             calls_per_step=point.calls_per_step,
             before=lambda: barrier(self.ctx),
         )
         return None, slowest_rank(per_call, self.ctx.cpu_group), point.correct, point.max_abs_err
+
+    def _iters_for(self, point: PreparedPoint) -> int:
+        """Timed steps for this block: one step timed on every rank (it warms up too), the
+        slowest rank's time agreed, then as many steps as fill `block_us` (every rank the
+        same count: the steps are collective)."""
+        if self.block_us <= 0:
+            return self.iters
+        barrier(self.ctx)
+        step_us = slowest_rank(self.clock.time_steps(point.step, 1), self.ctx.cpu_group)[0]
+        wanted = math.ceil(self.block_us / max(step_us, 1e-3))
+        return min(self.max_iters, max(self.iters, wanted))

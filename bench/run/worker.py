@@ -145,6 +145,7 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
         warmup=per_round(cfg.warmup, cfg.rounds),
         graph_calls=cfg.graph_calls,
         l2_flush=cfg.l2_flush,
+        block_us=cfg.block_ms * 1e3,
     )
     stop = None  # rank 0: why the table cannot be written any more
     groups = held_groups(plan.backends(), cfg, ctx)  # closed below: the last group released

@@ -106,4 +106,11 @@ EVIDENCE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a list of {runner_up, advantage, interval, pairs}",
     ),
     "ties": (_list_of(_TIE), "a list of {min_bytes, max_bytes, kept, other}"),
+    # the least paired advantage that moved a size (tuner fit --min-gain); null without rounds
+    "min_gain": (
+        lambda v: (
+            v is None or (isinstance(v, float | int) and not isinstance(v, bool) and 0 <= v < 1)
+        ),
+        "null or a fraction in [0, 1)",
+    ),
 }

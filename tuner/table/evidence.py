@@ -27,7 +27,7 @@ from bench.backends import params_key
 from bench.sizes import format_size
 from tuner.runtime.schema import Table
 from tuner.table.builder import BuildError, Curve, build_table
-from tuner.table.paired import Figures, paired_bound
+from tuner.table.paired import MIN_GAIN, Figures, paired_bound
 
 __all__ = ["heldout_regret", "score_table", "summarise", "evidence_summary_text"]
 
@@ -69,6 +69,7 @@ def heldout_regret(
     max_rules: int,
     memory_budget: int | None,
     preference: Sequence[float] | None,
+    min_gain: float | None = None,
 ) -> dict[str, Any] | None:
     """Fit on even rounds, score on odd, and the reverse (module docstring); None where the
     rounds do not split in two (one round) or a half cannot be fitted."""
@@ -102,7 +103,7 @@ def heldout_regret(
                 weights=weigh(kept_sizes),
                 max_rules=max_rules,
                 memory_budget=memory_budget,
-                paired=paired_bound(sub_fig),
+                paired=paired_bound(sub_fig, MIN_GAIN if min_gain is None else min_gain),
                 preference=preference,
             )
         except BuildError:

@@ -98,11 +98,13 @@ def fit_group(
     source: str = "fit",
     rounds=None,
     validate_rows=None,
+    min_gain: float | None = None,
 ) -> GroupFit:
     """One group's table; `rounds`: its runs' round figures (paired decisions, held-out
     evidence); `validate_rows`: independent runs' rows to score it on."""
     from tuner.table import paired as pairs
 
+    min_gain = pairs.MIN_GAIN if min_gain is None else min_gain
     hardware_key, world_size, dtype, mode = group
     sizes = sorted(by_size)
     curves = _curves(sizes, by_size)
@@ -123,7 +125,7 @@ def fit_group(
         curves,
         world_size,
         weights=weights,
-        paired=pairs.paired_bound(figures) if figures else None,
+        paired=pairs.paired_bound(figures, min_gain) if figures else None,
         preference=preference,
         **table_limits,
     )
@@ -147,6 +149,7 @@ def fit_group(
         "memory_budget": memory_budget,
         "source": source,
         "rounds": pairs.pair_count(figures) if figures else 0,
+        "min_gain": min_gain if figures else None,
         "per_rule": pairs.rule_evidence(build, curves, figures, weights),
     }
     ties: list[Tie] = []
@@ -155,7 +158,7 @@ def fit_group(
         from bench.analysis.rounds import aa_spread
         from tuner.table.evidence import heldout_regret
 
-        ties = pairs.ties(build, curves, figures)
+        ties = pairs.ties(build, curves, figures, min_gain)
         aa = aa_spread(rounds)
         evidence["aa"] = aa
         evidence["ties"] = [t.to_json() for t in ties]
@@ -166,6 +169,7 @@ def fit_group(
             weigh,
             world_size=int(world_size),
             preference=preference,
+            min_gain=min_gain,
             **table_limits,
         )
         if aa["median_pct"] is not None:  # a gap smaller than one backend's own spread
@@ -236,6 +240,7 @@ def fit_tables(
     command: str | None = None,
     rounds=None,
     validate_rows=None,
+    min_gain: float | None = None,
 ) -> tuple[Thresholds, list[GroupFit]]:
     """Every group's table (`fit_group`); `rounds` and `validate_rows` hold every group's."""
     fits = [
@@ -248,6 +253,7 @@ def fit_tables(
             source=source,
             rounds=_of_group(rounds, group),
             validate_rows=validate_rows,
+            min_gain=min_gain,
         )
         for group in sorted(data)
     ]
@@ -320,7 +326,9 @@ def evidence_lines(fit: GroupFit) -> list[str]:
         span = format_size(tie.first_bytes)
         if tie.last_bytes != tie.first_bytes:
             span += f"-{format_size(tie.last_bytes)}"
-        lines.append(f"  {span}: {tie.kept} and {tie.other} within noise, kept {tie.kept}")
+        lines.append(
+            f"  {span}: {tie.kept} and {tie.other} within noise or the least gain, kept {tie.kept}"
+        )
     if len(fit.ties) > 6:
         lines.append(f"  ... and {len(fit.ties) - 6} more span(s) within noise (evidence.ties)")
     return lines

@@ -38,6 +38,14 @@ def add_table_flags(p: argparse.ArgumentParser) -> None:
         help="buffer memory a table may use (max_size x world size summed), e.g. 256M",
     )
     p.add_argument(
+        "--min-gain",
+        dest="min_gain",
+        default=None,
+        metavar="FRACTION",
+        help="with rounds: the least paired advantage (0.05 = 5%%, the default) that moves a "
+        "size from one backend to another; smaller differences are ties",
+    )
+    p.add_argument(
         "--pareto",
         default=None,
         metavar="CSV",
@@ -94,7 +102,21 @@ def table_options(args) -> dict:
         "workload": read_workload(args.workload) if args.workload else None,
         "max_rules": int_flag("--max-rules", args.max_rules),
         "memory_budget": _bytes_flag("--memory-budget", args.memory_budget),
+        "min_gain": _fraction_flag("--min-gain", args.min_gain),
     }
+
+
+def _fraction_flag(flag: str, text: str | None) -> float | None:
+    """A fraction in [0, 1) (0.05 = 5%), or None where not given."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:  # NaN included
+        raise UsageError(f"{flag}: expected a fraction in [0, 1) such as 0.05, got {text!r}")
+    return value
 
 
 def write_pareto(path: str, fits) -> None:

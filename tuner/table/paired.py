@@ -30,6 +30,7 @@ __all__ = [
     "size_gaps",
     "rule_evidence",
     "pair_count",
+    "MIN_GAIN",
 ]
 
 # per curve, per size: {(run_id, round): latency_us} (empty where that point has no rounds)
@@ -56,14 +57,23 @@ def pair_count(figures: Figures) -> int:
     return len({key for curve in figures for point in curve for key in point})
 
 
-def paired_bound(figures: Figures) -> PairedBound:
-    """The builder's question: the lower end of the paired interval on k over j at size i."""
+# the least advantage that moves a size from one configuration to another: a difference the
+# pairs call real but smaller than this is a tie (tables stay simple; engines' static tables
+# are not worth a rule for less). Seen on the H200 (results/.../20261204-stability): single
+# sizes where one backend was faster in every one of 5 rounds by 1-3%, and the other way in
+# the next sweep; they made three sweeps give three tables.
+MIN_GAIN = 0.05
+
+
+def paired_bound(figures: Figures, min_gain: float = MIN_GAIN) -> PairedBound:
+    """The builder's question: the lower end of the paired interval on k over j at size i,
+    over 1 + `min_gain` (so that k is surely slower only by more than the least gain)."""
     cache: dict[tuple[int, int, int], float | None] = {}
 
     def bound(k: int, j: int, i: int) -> float | None:
         if (k, j, i) not in cache:
             stat = paired(figures[k][i], figures[j][i])
-            cache[(k, j, i)] = None if stat is None else stat.low
+            cache[(k, j, i)] = None if stat is None else stat.low / (1.0 + min_gain)
         return cache[(k, j, i)]
 
     return bound
@@ -133,13 +143,21 @@ def size_gaps(build: Build, curves: Sequence[Curve], figures: Figures) -> list[t
     return out
 
 
-def ties(build: Build, curves: Sequence[Curve], figures: Figures) -> list[Tie]:
+def _under_gain(stat, min_gain: float) -> bool:
+    """Separated, but by less than the least gain a rule needs (the interval's near end)."""
+    near = stat.low if stat.low > 1.0 else 1.0 / stat.high
+    return near < 1.0 + min_gain
+
+
+def ties(
+    build: Build, curves: Sequence[Curve], figures: Figures, min_gain: float = MIN_GAIN
+) -> list[Tie]:
     """Spans of sizes where the chosen configuration and the best other algorithm were not
     separated in the paired rounds (their interval holds 1): the table kept its choice
     there for simplicity, not because it is faster."""
     spans: list[Tie] = []
     for nbytes, k, r, stat in size_gaps(build, curves, figures):
-        if stat is None or stat.separated:
+        if stat is None or (stat.separated and not _under_gain(stat, min_gain)):
             continue
         kept, other = curves[k].label, curves[r].label
         gap = max(stat.ratio, 1 / stat.ratio)

@@ -77,7 +77,7 @@ def _rounds_lines(ev) -> list[str]:
     for tie in ev.get("ties") or []:
         lines.append(
             f"  {format_size(tie['min_bytes'])}-{format_size(tie['max_bytes'])}: {tie['kept']} "
-            f"and {tie['other']} within noise, kept {tie['kept']}"
+            f"and {tie['other']} within noise or the least gain, kept {tie['kept']}"
         )
     return lines
 
