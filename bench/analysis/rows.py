@@ -63,9 +63,18 @@ CELL_RULES: dict[str, tuple[Callable[[str], bool], str]] = {
     "iters": (_count, "a whole number"),
     **{
         name: (_number_or_empty, "a number or empty")
-        for name in ("latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps", "max_abs_err")
+        for name in (
+            "latency_us",
+            "p10_us",
+            "p90_us",
+            "algbw_gbps",
+            "busbw_gbps",
+            "max_abs_err",
+            "max_err_ulp",
+        )
     },
-    "correct": (_flag_or_empty, "True, False or empty"),
+    **{name: (_flag_or_empty, "True, False or empty") for name in ("correct", "same_bits")},
+    "numerics": (lambda cell: cell in ("", "reference", "other"), "reference, other or empty"),
     # rounds.csv
     **{name: (_count, "a whole number") for name in ("round", "position")},
     "samples_us": (_numbers, "numbers separated by spaces"),
