@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import textwrap
 
@@ -162,3 +163,60 @@ def test_sweep_writes_numerics_and_a_rank_divergent_sum_is_not_correct(run_cli, 
     shm = frame[frame["backend"] == "shm_one_shot"]
     assert len(shm) == 2 and shm["correct"].all() and shm["same_bits"].all()
     assert set(shm["numerics"]) <= {"reference", "other"} and shm["max_err_ulp"].notna().all()
+
+
+def _run_with(path, rows):
+    from bench.analysis.results import write_meta
+
+    base = dict.fromkeys(COLUMNS, None)
+    base.update(
+        run_id="r1",
+        hardware_key="cpu-test-2c",
+        world_size=2,
+        nnodes=1,
+        dtype="bfloat16",
+        mode="eager",
+        iters=5,
+        correct=True,
+        max_abs_err=0.0,
+        same_bits=True,
+    )
+    with ResultsWriter(path) as writer:
+        for row in rows:
+            writer.append({**base, "count": row["bytes"] // 2, **row})
+    write_meta(path, {"run_id": "r1", "hardware_key": "cpu-test-2c"})
+
+
+def test_fit_numerics_exact_keeps_the_reference_and_says_so(tmp_path, capsys):
+    from tuner.cli import main as tuner_main
+    from tuner.runtime.schema import load
+
+    run = tmp_path / "run"
+    _run_with(
+        run,
+        [
+            # gloo is faster everywhere but does not follow the reference arithmetic
+            *(
+                {"backend": "gloo", "bytes": b, "latency_us": 10.0, "numerics": "other"}
+                for b in (1024, 2048, 4096)
+            ),
+            *(
+                {"backend": "shm_one_shot", "bytes": b, "latency_us": 20.0, "numerics": "reference"}
+                for b in (1024, 2048, 4096)
+            ),
+        ],
+    )
+    fast, exact = tmp_path / "any.json", tmp_path / "exact.json"
+    assert tuner_main(["fit", str(run), "-o", str(fast), "-q"]) == 0
+    assert tuner_main(["fit", str(run), "-o", str(exact), "-q", "--numerics", "exact"]) == 0
+    any_table, exact_table = load(fast).tables[0], load(exact).tables[0]
+    assert {r.algorithm for r in any_table.rules} == {"gloo"} and any_table.numerics == "any"
+    assert {r.algorithm for r in exact_table.rules} == {"shm_one_shot"}
+    assert exact_table.numerics == "exact"
+    assert json.loads(exact.read_text())["tables"][0]["numerics"] == "exact"
+    assert "numerics" not in json.loads(fast.read_text())["tables"][0]
+    capsys.readouterr()
+    assert tuner_main(["show", str(exact)]) == 0
+    assert "numerics exact" in capsys.readouterr().out
+    # a file written before the field loads as "any"
+    assert load(fast).tables[0].numerics == "any"

@@ -98,6 +98,7 @@ def fit_group(
     source: str = "fit",
     rounds=None,
     validate_rows=None,
+    numerics: str = "any",
 ) -> GroupFit:
     """One group's table; `rounds`: its runs' round figures (paired decisions, held-out
     evidence); `validate_rows`: independent runs' rows to score it on."""
@@ -189,6 +190,7 @@ def fit_group(
         rules=tuple(build.rules),
         max_size=dict(build.max_size),
         evidence=evidence,
+        numerics=numerics,
     )
     return GroupFit(
         group=group,
@@ -236,6 +238,7 @@ def fit_tables(
     command: str | None = None,
     rounds=None,
     validate_rows=None,
+    numerics: str = "any",
 ) -> tuple[Thresholds, list[GroupFit]]:
     """Every group's table (`fit_group`); `rounds` and `validate_rows` hold every group's."""
     fits = [
@@ -248,6 +251,7 @@ def fit_tables(
             source=source,
             rounds=_of_group(rounds, group),
             validate_rows=validate_rows,
+            numerics=numerics,
         )
         for group in sorted(data)
     ]
