@@ -236,10 +236,11 @@ class ResultsWriter:
         return max(0, self._text.count(b"\n") - 1)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        missing = [c for c in self.columns if c not in row]
+        # the numerics are unknown where a writer does not measure them (empty cells)
+        missing = [c for c in self.columns if c not in row and c not in NUMERICS_COLUMNS]
         if missing:
             raise SchemaError(f"row lacks columns {missing}")
-        self._write(csv_line(_cell(row[k]) for k in self.columns))
+        self._write(csv_line(_cell(row.get(k)) for k in self.columns))
 
     def _write(self, data: bytes) -> None:
         held = len(self._text)
