@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.analysis.rows import SchemaError, check_meta, csv_line, whole_records
+from bench.analysis.rows import SchemaError, check_meta, csv_line, whole_records, with_columns
 
 __all__ = [
     "TABLE_KEY",
@@ -163,16 +163,10 @@ def _file_columns(path: Path, columns: tuple[str, ...] = COLUMNS) -> tuple[str, 
 
 def _upgrade_legacy(path: Path) -> int:
     """A table written before the numerics, rewritten whole with their cells empty (so a
-    resumed run appends rows of today's columns): unknown, as every reader treats them."""
-    data, dropped = whole_records(path.read_bytes(), LEGACY_COLUMNS, path)
-    body = data[data.find(b"\n") + 1 :].decode()
-    lines = [csv_line(COLUMNS)]
-    for cells in csv.reader(io.StringIO(body, newline="")):
-        if cells:
-            record = dict(zip(LEGACY_COLUMNS, cells, strict=True))
-            lines.append(csv_line(record.get(c, "") for c in COLUMNS))
+    resumed run appends rows of today's columns); the records not whole it dropped."""
+    data, dropped = with_columns(path.read_bytes(), LEGACY_COLUMNS, COLUMNS, path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"".join(lines))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
     return dropped
 

@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SchemaError", "CELL_RULES", "csv_line", "whole_records", "check_meta"]
+__all__ = [
+    "SchemaError",
+    "CELL_RULES",
+    "csv_line",
+    "whole_records",
+    "with_columns",
+    "check_meta",
+]
 
 
 class SchemaError(ValueError):
@@ -135,6 +142,21 @@ def whole_records(data: bytes, columns: Sequence[str], path: Path | str) -> tupl
     if dropped == 0:
         return data, 0
     return ended[:body_start] + b"".join(kept), dropped
+
+
+def with_columns(
+    data: bytes, held: Sequence[str], columns: Sequence[str], path: Path | str
+) -> tuple[bytes, int]:
+    """A table of columns `held` as one of `columns` (a superset): the new cells empty, the
+    records not whole left out; (its bytes, how many records were dropped)."""
+    kept, dropped = whole_records(data, held, path)
+    body = kept[kept.find(b"\n") + 1 :].decode()
+    lines = [csv_line(columns)]
+    for cells in csv.reader(io.StringIO(body, newline="")):
+        if cells:
+            record = dict(zip(held, cells, strict=True))
+            lines.append(csv_line(record.get(c, "") for c in columns))
+    return b"".join(lines), dropped
 
 
 # meta.json: every field some reader takes, with the kind it must have where present (null
