@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list: fit on these backends' rows only (default: every one)",
     )
+    fit.add_argument(
+        "--numerics",
+        default="any",
+        help="exact: only points that follow the reference arithmetic (the same bits at "
+        "every size); any: every correct point (default)",
+    )
     add_table_flags(fit)
     check = sub.add_parser(
         "validate", help="score a thresholds.json on independent runs (regret, worst size)"
@@ -80,12 +86,13 @@ def _cmd_fit(args, argv: list[str]) -> int:
     from tuner.table.builder import BuildError
     from tuner.table.data import RunsError, device_of, find_run_dirs, load_rounds, load_rows
     from tuner.table.fit import fit_tables, print_fits
+    from tuner.table.numerics import exact_rows, keep_measured, numerics_flag
 
     options = table_options(args)
+    numerics = numerics_flag(args.numerics)
     try:
         run_dirs = find_run_dirs(args.runs)
         rows = load_rows(run_dirs)
-        rounds = load_rounds(rows)
     except RunsError as exc:
         raise UsageError(f"RUN_DIR: {exc}") from None
     if args.backends is not None:  # e.g. leave out an experiment's own variants
@@ -96,6 +103,12 @@ def _cmd_fit(args, argv: list[str]) -> int:
             f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)"
             + (f" of --backends {args.backends}" if args.backends else "")
         )
+    if numerics == "exact":
+        rows = exact_rows(rows)
+    try:
+        rounds = load_rounds(rows)
+    except RunsError as exc:
+        raise UsageError(f"RUN_DIR: {exc}") from None
     validate_rows = None
     if args.validate is not None:
         groups = {tuple(g) for g in rows[["hardware_key", "world_size", "dtype", "mode"]].values}
@@ -108,6 +121,9 @@ def _cmd_fit(args, argv: list[str]) -> int:
             )
         if args.backends is not None:  # scored among the same backends the fit chose from
             validate_rows = validate_rows[validate_rows["backend"].isin(wanted)]
+        if numerics == "exact":  # scored against the oracle of the points it may choose
+            keep = validate_rows["numerics"].astype("string").fillna("") == "reference"
+            validate_rows = validate_rows[keep]
     import json
 
     import optuna
@@ -132,11 +148,14 @@ def _cmd_fit(args, argv: list[str]) -> int:
         added, present = enter_rows(storage, rows, spaces)
         data = measurements(storage)
         data = {g: v for g, v in data.items() if g in spaces}
+        if numerics == "exact":  # the study may hold trials of points that do not keep it
+            data = keep_measured(data, rows)
         thresholds, fits = fit_tables(
             data,
             command="tuner " + shlex.join(argv),
             rounds=rounds,
             validate_rows=validate_rows,
+            numerics=numerics,
             **options,
         )
     except (BuildError, StudyError) as exc:

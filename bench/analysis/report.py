@@ -112,7 +112,8 @@ def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
         for _, row in wrong.head(20).iterrows():
             print(
                 f"!!   {row['backend']} ws={row['world_size']} {row['dtype']} {row['mode']} "
-                f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}",
+                f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}"
+                + (" (ranks got different bits)" if row["same_bits"] is False else ""),
                 file=stream,
             )
         print("!" * 72, file=stream)

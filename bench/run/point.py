@@ -4,7 +4,9 @@
 graph mode) against the exact sum, and returns the step to time: one call in eager mode, a
 graph of `graph_calls` calls in graph mode. Every step is collective and every rank gets the
 same answer. `PointRunner` times one block of that step (one round of the sweep); the tuner
-times it in prunable rounds.
+times it in prunable rounds. `check_numerics` measures a point's arithmetic once (the sweep:
+at its first round; `bench.run.numerics`): one more call, a hash of its bytes gathered on the
+CPU group, and a reference computed on the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from bench.backends import CommContext
 from bench.run.context import agreed_reason
 from bench.run.inputs import check_result, fill_input
+from bench.run.numerics import Numerics, combine, local_numerics, random_input
 from bench.run.timing import (
     CpuClock,
     CudaEventClock,
@@ -28,7 +31,7 @@ from bench.run.timing import (
     slowest_rank,
 )
 
-__all__ = ["PreparedPoint", "prepare_point", "PointRunner", "barrier"]
+__all__ = ["PreparedPoint", "prepare_point", "PointRunner", "barrier", "check_numerics"]
 
 
 @dataclasses.dataclass
@@ -120,6 +123,38 @@ def prepare_point(
             warmup=max(1, warmup // graph_calls),
         )
     return PreparedPoint(max_abs_err=float(err.item()), step=once, warmup=warmup)
+
+
+def check_numerics(
+    backend, ctx: CommContext, dtype: torch.dtype, mode: str, nbytes: int
+) -> Numerics:
+    """Collective: one call on random floats of mixed magnitude (a point `prepare_point`
+    passed), agreed over every rank: same bits, the reference arithmetic, the error against
+    float64. Once per point: a copy to the CPU, a hash and one exchange on the CPU group."""
+    count = max(nbytes // torch.empty((), dtype=dtype).element_size(), 1)
+    tensor = random_input(dtype, count, ctx.rank).to(ctx.device)
+    source = tensor.clone()
+    out_holder: list = [None]
+
+    def once() -> None:
+        out_holder[0] = backend.all_reduce(tensor)
+
+    step = once
+    if mode == "graph":  # the arithmetic of the step that is timed
+        step, _graph = capture_graph(once, calls=1)
+        tensor.copy_(source)  # the capture's warm-up calls reduced it
+    barrier(ctx)
+    local: tuple = (None, False, float("inf"))
+    try:
+        step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        local = local_numerics(out_holder[0], dtype, ctx.world_size, count)
+    except Exception:  # said as rank-divergent, not a dead sweep (the exact check passed)
+        pass
+    per_rank: list = [None] * ctx.world_size
+    dist.all_gather_object(per_rank, local, group=ctx.cpu_group)
+    return combine(per_rank)
 
 
 class PointRunner:

@@ -37,7 +37,7 @@ from bench.launch.paths import os_error
 from bench.launch.watchdog import Watchdog
 from bench.run.hardware import fingerprint
 from bench.run.noise import noise_after, noise_before
-from bench.run.point import PointRunner
+from bench.run.point import PointRunner, check_numerics
 from bench.run.rounds import RoundPlan, held_groups, per_round
 from bench.run.session import rank_session, shared_tag, sweep_context
 
@@ -169,6 +169,11 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
                     block.nbytes,
                     seed=block.seed,
                 )
+                if outcome[0] is None and outcome[2] and plan.wants_numerics(block):
+                    dtype = DTYPES[block.dtype]
+                    backend = group[block.backend]
+                    numerics = check_numerics(backend, ctx, dtype, block.mode, block.nbytes)
+                    plan.note_numerics(block, numerics)
                 rows, blocks = plan.record(block, outcome, base)
                 for row in rows:
                     stop = _write(table, row, stop)

@@ -27,6 +27,10 @@ What this project adds (documented here, validated like the rest):
   ``rules_limit``, ``memory_budget`` (bytes or null), ``source`` ("fit" or "live"); from runs
   measured in rounds, ``rounds``, ``aa``, ``heldout``, ``validation``, ``per_rule`` and
   ``ties`` (`tuner.runtime.evidence_fields` says what each holds).
+- ``numerics`` (optional, "any" where absent): "exact" where every rule's algorithm was
+  measured following the reference arithmetic (rank-order sum, float32 accumulation, one
+  rounding) at every size of its range, so every size range gives the same bits for the same
+  element (`tuner fit --numerics exact`); "any" promises nothing about the arithmetic.
 - ``generated_by`` is a free-form object (tool, version, time, command line).
 
 Limits (``validate.LIMITS``; a file beyond one is refused naming the field, before anything is
@@ -50,6 +54,7 @@ from tuner.runtime.validate import (
     DTYPES,
     LIMITS,
     MODES,
+    NUMERICS,
     SCHEMA_VERSION,
     OutOfRange,
     TableError,
@@ -61,6 +66,7 @@ __all__ = [
     "DTYPES",
     "LIMITS",
     "MODES",
+    "NUMERICS",
     "TableError",
     "Rule",
     "Table",
@@ -100,6 +106,7 @@ class Table:
     rules: tuple[Rule, ...]
     max_size: Mapping[str, int]
     evidence: Mapping[str, Any]
+    numerics: str = "any"  # the arithmetic guarantee: "exact" or "any" (NUMERICS)
 
     @property
     def key(self) -> tuple:
@@ -113,7 +120,7 @@ class Table:
         return self.rules[-1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "hardware_key": self.hardware_key,
             "world_size": self.world_size,
             "dtype": self.dtype,
@@ -122,6 +129,9 @@ class Table:
             "max_size": dict(self.max_size),
             "evidence": dict(self.evidence),
         }
+        if self.numerics != "any":  # absent means "any": files of before read back the same
+            out["numerics"] = self.numerics
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +179,7 @@ def from_json(obj: Any) -> Thresholds:
             mode=t["mode"],
             max_size=dict(t["max_size"]),
             evidence=dict(t["evidence"]),
+            numerics=t.get("numerics", "any"),
             rules=tuple(
                 Rule(r["max_bytes"], r["algorithm"], dict(r.get("params", {}))) for r in t["rules"]
             ),

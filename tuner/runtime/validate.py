@@ -18,6 +18,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "DTYPES",
     "MODES",
+    "NUMERICS",
     "LIMITS",
     "TableError",
     "OutOfRange",
@@ -29,6 +30,10 @@ DTYPES = tuple(TORCH_DTYPES)  # the names, from the one map
 MODES = ("eager", "graph")
 _TOP_FIELDS = ("schema_version", "generated_by", "tables")
 _TABLE_FIELDS = ("hardware_key", "world_size", "dtype", "mode", "rules", "max_size", "evidence")
+# the table's arithmetic guarantee (issue 23): "exact" = every rule's algorithm was measured
+# following the reference arithmetic at every size it covers; absent (older files) = "any"
+_TABLE_OPTIONAL = ("numerics",)
+NUMERICS = ("any", "exact")
 _RULE_REQUIRED = ("max_bytes", "algorithm")
 _RULE_OPTIONAL = ("params",)
 _EVIDENCE_REQUIRED = ("run_id", "points", "regret_vs_oracle", "gain_vs_nccl_geomean")
@@ -265,7 +270,9 @@ def _evidence(obj: Any, where: str) -> None:
 
 
 def _table(obj: Any, where: str, known: list[str]) -> None:
-    _fields(obj, where, _TABLE_FIELDS)
+    _fields(obj, where, _TABLE_FIELDS, _TABLE_OPTIONAL)
+    if obj.get("numerics", "any") not in NUMERICS:
+        raise _fail(f"{where}.numerics", f"one of {', '.join(NUMERICS)}", obj["numerics"])
     if not isinstance(obj["hardware_key"], str) or not obj["hardware_key"]:
         raise _fail(f"{where}.hardware_key", "a non-empty string", obj["hardware_key"])
     if not (_is_int(obj["world_size"]) and obj["world_size"] >= 1):

@@ -99,6 +99,7 @@ def fit_group(
     rounds=None,
     validate_rows=None,
     min_gain: float | None = None,
+    numerics: str = "any",
 ) -> GroupFit:
     """One group's table; `rounds`: its runs' round figures (paired decisions, held-out
     evidence); `validate_rows`: independent runs' rows to score it on."""
@@ -193,6 +194,7 @@ def fit_group(
         rules=tuple(build.rules),
         max_size=dict(build.max_size),
         evidence=evidence,
+        numerics=numerics,
     )
     return GroupFit(
         group=group,
@@ -241,6 +243,7 @@ def fit_tables(
     rounds=None,
     validate_rows=None,
     min_gain: float | None = None,
+    numerics: str = "any",
 ) -> tuple[Thresholds, list[GroupFit]]:
     """Every group's table (`fit_group`); `rounds` and `validate_rows` hold every group's."""
     fits = [
@@ -254,6 +257,7 @@ def fit_tables(
             rounds=_of_group(rounds, group),
             validate_rows=validate_rows,
             min_gain=min_gain,
+            numerics=numerics,
         )
         for group in sorted(data)
     ]

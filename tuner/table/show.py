@@ -26,6 +26,7 @@ def table_lines(thresholds: Thresholds, tables: Sequence[Table] | None = None) -
         lines.append("")
         lines.append(
             f"{table.hardware_key}  world_size {table.world_size}  {table.dtype}  {table.mode}"
+            f"  numerics {table.numerics}"
         )
         params_of = [
             ",".join(f"{k}={v}" for k, v in sorted(rule.params.items())) or "-"
