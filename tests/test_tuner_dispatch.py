@@ -362,11 +362,11 @@ def test_a_route_keeps_per_size_the_links_that_admit_it_and_each_out_of_place_ca
     route = route_module.build_route(
         table, {"shm_one_shot": own, "gloo": floor}, {"shm_one_shot": 1024}, floor
     )
-    assert [link.backend for link in route.lookup(1024)] == [own, floor]
-    assert [link.backend for link in route.lookup(2048)] == [floor]  # over own's buffer
-    assert route.lookup(1024) is route.lookup(1024)  # kept per size
+    assert [link.backend for link in route[1024]] == [own, floor]
+    assert [link.backend for link in route[2048]] == [floor]  # over own's buffer
+    assert route[1024] is route[1024]  # kept per size
     x = torch.ones(4)
-    into, plain = route.lookup(16)
+    into, plain = route[16]
     assert torch.equal(into.out_of_place(x), torch.full((4,), 2.0))
     assert torch.equal(plain.out_of_place(x), torch.full((4,), 2.0))
     assert torch.equal(x, torch.ones(4))  # the caller's tensor as it was
@@ -391,4 +391,4 @@ def test_vllm_routes_hold_paths_in_their_own_route_type():
     route = Routes([table]).by_key[(torch.bfloat16, "eager")]
     assert isinstance(route, SizeRoute) and not isinstance(route, Route)
     assert [p.name for p in route.values] == ["vllm_custom_ar_one_shot", "nccl"]
-    assert isinstance(route.lookup(1024), Path) and route.lookup(1 << 20).name == "nccl"
+    assert isinstance(route[1024], Path) and route[1 << 20].name == "nccl"

@@ -80,7 +80,7 @@ class Routes:
     def choose(self, nbytes: int, dtype: torch.dtype, mode: str) -> Path | None:
         """The path the table names for this call; None: no table for (dtype, mode)."""
         route = self.by_key.get((dtype, mode))
-        return None if route is None else route.lookup(nbytes)
+        return None if route is None else route[nbytes]
 
     def all_reduce(self, comms, tensor: torch.Tensor) -> torch.Tensor | None:
         """The sum through the table's path; None: vLLM's own order takes it."""

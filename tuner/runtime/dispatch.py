@@ -6,7 +6,7 @@ size exactly, applies the operator's overrides and builds only the backends the 
 (`startup` says how); whatever it could not use is said once, in one `DispatchWarning`.
 
 Per call: the route of the tensor's dtype and mode (graph while a CUDA graph is being
-captured), its chain of links for the byte size (`route.Route.lookup`: a dict hit for sizes
+captured), its chain of links for the byte size (`route[nbytes]`: a dict hit for sizes
 seen before, else a bisect over the rule bounds keeping the links whose size limit admits the
 size), then each link's backend gate (`can_take`, which checks its buffer: the one size check
 of a call); the first that takes the tensor reduces. No host synchronisation, no allocation
@@ -124,7 +124,7 @@ class Dispatcher:
 
     def _link(self, tensor: torch.Tensor) -> Link | None:
         routes = self._graph if (self._cuda and _capturing()) else self._eager
-        for link in routes.get(tensor.dtype, self._fallback).lookup(tensor.nbytes):
+        for link in routes.get(tensor.dtype, self._fallback)[tensor.nbytes]:
             if link.backend.can_take(tensor) is None:
                 return link
         return None

@@ -2,7 +2,7 @@
 dispatcher's route (`Route`), whose ranges hold chains of links: (backend, the largest bytes
 it may take, its out-of-place call), all fixed when the route is built (`build_route`).
 
-A lookup is one dict hit for a byte size seen before (the sizes a model all-reduces repeat:
+A lookup (`route[nbytes]`) is one dict hit for a byte size seen before (the sizes a model all-reduces repeat:
 cheaper than the bisect); a miss bisects the rule bounds and keeps the answer, up to a
 bound on the cache. The dispatcher's route keeps, per size, only the links whose size limit
 admits it: the limit is checked once per size, not per call (the backend's own gate still
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Mapping
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -26,30 +26,27 @@ NO_LIMIT = 1 << 62
 Value = TypeVar("Value")
 
 
-class SizeRoute(Generic[Value]):
+class SizeRoute(dict[int, Value]):
     """Ordered size ranges, one value each: the finite upper bounds (increasing; the last
-    range is the rest) and a value per range; `lookup(nbytes)` is the value of the range that
-    holds `nbytes` (`for_size` may narrow it to that size), cached per exact size."""
+    range is the rest) and a value per range. `route[nbytes]` is the value of the range that
+    holds `nbytes` (`for_size` may narrow it to that size): a dict of the sizes seen so far,
+    filled on a miss (`__missing__`: the bisect), so a hit is one C-level dict lookup."""
 
-    __slots__ = ("bounds", "values", "source", "_by_size")
+    __slots__ = ("bounds", "values", "source")
     _CACHE_LIMIT = 4096
 
     def __init__(self, bounds: list[int], values: tuple[Value, ...], source: str = "") -> None:
+        super().__init__()
         self.bounds, self.values, self.source = bounds, values, source
-        self._by_size: dict[int, Value] = {}
-
-    def lookup(self, nbytes: int) -> Value:
-        value = self._by_size.get(nbytes)
-        return self._miss(nbytes) if value is None else value
 
     def for_size(self, nbytes: int, value: Value) -> Value:
         """The range's value as one size sees it (here: as it is)."""
         return value
 
-    def _miss(self, nbytes: int) -> Value:
+    def __missing__(self, nbytes: int) -> Value:
         value = self.for_size(nbytes, self.values[bisect.bisect_left(self.bounds, nbytes)])
-        if len(self._by_size) < self._CACHE_LIMIT:
-            self._by_size[nbytes] = value
+        if len(self) < self._CACHE_LIMIT:
+            self[nbytes] = value
         return value
 
 
