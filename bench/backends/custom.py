@@ -33,8 +33,6 @@ import torch.distributed as dist
 from bench.backends import get_spec, register
 from bench.backends.base import BackendSpec, CommContext
 from bench.backends.gpu_gate import device_index
-from bench.kernels import reduce as kernels
-from bench.kernels.ipc import IpcBuffer
 
 __all__ = ["CustomAllReduce", "KNOBS", "probe"]
 
@@ -113,6 +111,8 @@ class CustomAllReduce:
             raise ValueError(reason)
         if max_spins < 1:
             raise ValueError(f"max_spins: expected an integer >= 1, got {max_spins}")
+        from bench.kernels import reduce as kernels  # optional: triton
+        from bench.kernels.ipc import IpcBuffer  # optional: triton
 
         self.name = f"custom_{algorithm}"
         self.algorithm = algorithm

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from bench.dtypes import DTYPE_ALIASES, DTYPES
-from bench.kernels.reduce import reduce_n
 from bench.launch.flags import UsageError, UsageParser
 from bench.launch.paths import writable_file, write_output
 from bench.sizes import format_size, parse_size
@@ -184,6 +183,7 @@ def _reduction_rows(
 ) -> list[dict]:
     """Our kernel (every config at the first size seen, then the best and the default) and
     PyTorch's variants, N inputs of `nbytes` each."""
+    from bench.kernels.reduce import reduce_n  # optional: triton
 
     dtype = DTYPES[dtype_name]
     count = nbytes // torch.empty((), dtype=dtype).element_size()
@@ -283,6 +283,7 @@ def profile_once(
     evict: str = "",
 ) -> None:
     """One launch each of our kernel, xs.sum(0) and a copy, for Nsight Compute to read."""
+    from bench.kernels.reduce import reduce_n  # optional: triton
 
     dtype = DTYPES[dtype_name]
     count = nbytes // torch.empty((), dtype=dtype).element_size()

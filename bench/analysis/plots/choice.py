@@ -26,7 +26,6 @@ from bench.analysis.plots.common import (
     size_axis,
 )
 from bench.analysis.results import correct_rows
-from tuner.runtime import schema
 
 __all__ = ["winners", "crossovers", "tables_by_group", "table_chooser", "plot_winners"]
 
@@ -82,6 +81,7 @@ def tables_by_group(thresholds: Any, hardware_key: str | None = None) -> dict[tu
     """{(world_size, dtype, mode): tuner.runtime.schema.Table} of a thresholds.json (a path, a
     parsed document or a loaded `Thresholds`), keeping one hardware key's tables when given.
     Loading validates: a bad file raises `TableError` naming the field."""
+    from tuner.runtime import schema
 
     if isinstance(thresholds, (str, Path)):
         thresholds = schema.load(thresholds)

@@ -12,7 +12,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullLocator
 
 from bench.analysis.results import RESULTS_FILE, read_results
-from bench.backends import known_names
 from bench.sizes import format_size
 
 __all__ = [
@@ -57,6 +56,7 @@ DTYPE_STYLE = {"bfloat16": "-", "float32": "--", "float16": ":"}
 
 def backend_color(name: str) -> str:
     """The same colour for a backend in every figure: its place in the registry's order."""
+    from bench.backends import known_names
 
     known = known_names()
     if name in known:

@@ -19,7 +19,6 @@ from bench.analysis.plots.common import (
 )
 from bench.analysis.results import correct_rows
 from bench.analysis.stats import geomean
-from bench.backends import floor_name
 
 __all__ = ["gain_table", "default_baseline", "plot_gain"]
 
@@ -28,6 +27,7 @@ def default_baseline(frame) -> str:
     """The plain default the rows are compared with: the GPU floor (nccl) where it was measured
     (a row with a timing, not a skipped one), else the CPU floor (gloo); both named by the
     backend registry."""
+    from bench.backends import floor_name
 
     gpu = floor_name("cuda")
     measured = set(frame.loc[frame["latency_us"].notna(), "backend"])  # skipped rows: not
