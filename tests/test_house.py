@@ -333,3 +333,55 @@ def test_no_reference_to_a_document_outside_the_repository():
         if name in line and not (REPO / name).exists()
     ]
     assert not cited, "references to documents not in the repository:\n" + "\n".join(cited)
+
+
+# third-party modules a function may import where it needs them (optional dependencies)
+OPTIONAL_MODULES = frozenset(
+    "optuna pandas matplotlib triton vllm mpi4py deepspeed tqdm nbformat".split()
+)
+# a function-level import of the project's own modules says why on its line(s)
+IMPORT_REASONS = ("# cycle:", "# optional:")
+# rooms whose function-level imports are not yet moved or explained (issue 22.4, in progress)
+IMPORT_RULE_PENDING = ("bench/analysis", "bench/run", "tuner")
+
+
+def _function_level_own_imports(path: Path) -> list[str]:
+    """`file:line: module` of each import of bench/ or tuner/ inside a function without a
+    reason comment on its lines."""
+    lines = (REPO / path).read_text().splitlines()
+    found = []
+    for fn in ast.walk(_sources()[path]):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." if node.level else node.module or ""]
+            else:
+                continue
+            own = [n for n in names if n == "." or n.split(".")[0] in PACKAGES]
+            text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            if own and not any(reason in text for reason in IMPORT_REASONS):
+                found.append(f"{path}:{node.lineno}: {own[0]}")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("room", _rooms(only_packages=True))
+def test_imports_inside_functions_only_for_optional_dependencies_or_a_cycle(room):
+    if room.startswith(IMPORT_RULE_PENDING):
+        pytest.skip(f"{room}: function-level imports not yet moved (issue 22.4)")
+    found = [hit for p in _sources() if _room(p) == room for hit in _function_level_own_imports(p)]
+    assert not found, "function-level imports of the project's own modules: " + "; ".join(found)
+
+
+def test_the_import_check_sees_a_function_level_import():
+    source = "def f():\n    from bench import sizes\n    from bench import dtypes  # cycle: x\n"
+    path = Path("bench/_probe_imports.py")
+    _sources()[path] = ast.parse(source)
+    (REPO / path).write_text(source)
+    try:
+        assert _function_level_own_imports(path) == [f"{path}:2: bench"]
+    finally:
+        del _sources()[path]
+        (REPO / path).unlink()

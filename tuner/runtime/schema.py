@@ -140,6 +140,24 @@ class Thresholds:
     generated_by: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
+    def tables_for(self, hardware_key: str, world_size: int) -> list[tuple[int, Table]]:
+        """(index in the file, table) of every table of exactly this hardware key and world
+        size: the tables a process of that node and group follows."""
+        return [
+            (i, t)
+            for i, t in enumerate(self.tables)
+            if t.hardware_key == hardware_key and t.world_size == world_size
+        ]
+
+    def no_table(self, hardware_key: str, world_size: int, source: str) -> str:
+        """The line for `tables_for` finding none: what was looked for, in which file, and what
+        the file holds (the caller adds what it does instead)."""
+        has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in self.tables})
+        return (
+            f"no table for {hardware_key} world_size {world_size} in {source} "
+            f"(it has: {', '.join(has) or 'no tables'})"
+        )
+
     def find(self, hardware_key: str, world_size: int, dtype: str, mode: str) -> Table | None:
         wanted = table_key(hardware_key, world_size, dtype, mode)
         for table in self.tables:
