@@ -2,10 +2,12 @@
 same bits whether it travels alone or inside messages of 4 to 512 tokens, through the
 dispatcher with an exact table (`numerics: exact`).
 
-The table routes every size to shm_one_shot: the one CPU backend a sweep measured following
-the reference arithmetic (rank-order sum, float32 accumulation, one rounding) at world size 4
-in bfloat16, where it does (its short path in C, messages up to 256 KiB). Each rank writes,
-per message size, a hash of the token's bits and whether they equal the reference.
+Two exact tables: every size to shm_one_shot (its short path in C up to 256 KiB, its Python
+pieces beyond: 128+ tokens), and shm_one_shot up to 64 KiB then shm_two_shot (the token
+changes backend with the batch). Both follow the reference arithmetic (rank-order sum,
+float32 accumulation, one rounding) on every path with their `exact` knob (the default). Each
+rank writes, per message size, a hash of the token's bits and whether they equal the
+reference.
 """
 
 from __future__ import annotations
@@ -28,17 +30,25 @@ HIDDEN = 2048  # one token's vector: 2,048 bfloat16 values (4 KiB)
 TOKENS = (1, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
-def _exact_table(hardware_key: str, world_size: int) -> Thresholds:
+SWITCH_BYTES = 64 << 10  # the two-backend table: shm_one_shot up to here, then shm_two_shot
+
+
+def _exact_table(hardware_key: str, world_size: int, switch: bool) -> Thresholds:
     largest = TOKENS[-1] * HIDDEN * 2
     evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0}
     evidence["gain_vs_nccl_geomean"] = None
+    if switch:
+        rules = (Rule(SWITCH_BYTES, "shm_one_shot", {}), Rule(None, "shm_two_shot", {}))
+        max_size = {"shm_one_shot": SWITCH_BYTES, "shm_two_shot": largest}
+    else:
+        rules, max_size = (Rule(None, "shm_one_shot", {}),), {"shm_one_shot": largest}
     table = Table(
         hardware_key,
         world_size,
         "bfloat16",
         "eager",
-        (Rule(None, "shm_one_shot", {}),),
-        {"shm_one_shot": largest},
+        rules,
+        max_size,
         evidence,
         numerics="exact",
     )
@@ -74,9 +84,9 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
     write_report(out_dir, rank, report)
 
 
-def _run(tmp_path, world: int) -> list[dict]:
+def _run(tmp_path, world: int, switch: bool) -> list[dict]:
     path = tmp_path / "thresholds.json"
-    _exact_table(fingerprint("cpu")["hardware_key"], world).save(path)
+    _exact_table(fingerprint("cpu")["hardware_key"], world, switch).save(path)
     mp.start_processes(
         _rank_main,
         args=(world, free_port("127.0.0.1"), str(path), str(tmp_path)),
@@ -87,9 +97,10 @@ def _run(tmp_path, world: int) -> list[dict]:
     return read_reports(tmp_path, world)
 
 
-def _check(reports: list[dict]) -> None:
+def _check(reports: list[dict], switch: bool) -> None:
+    wanted = {"shm_one_shot", "shm_two_shot"} if switch else {"shm_one_shot"}
     for report in reports:
-        assert {r["backend"] for r in report.values()} == {"shm_one_shot"}
+        assert {r["backend"] for r in report.values()} == wanted
     alone = reports[0]["1"]["hash"]
     differ = [
         f"{tokens} tokens ({int(tokens) * HIDDEN * 2 // 1024} KiB)"
@@ -102,16 +113,7 @@ def _check(reports: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_one_token_same_bits_alone_or_batched_ws2(tmp_path):
-    _check(_run(tmp_path, 2))
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="shm_one_shot is not exact at world size 4: its Python path (messages above its "
-    "256 KiB short path: here 128+ tokens) does not sum in rank order in float32 with one "
-    "rounding (issue 23 item 2, the backends' fix)",
-)
-def test_one_token_same_bits_alone_or_batched_ws4(tmp_path):
-    _check(_run(tmp_path, 4))
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("switch", [False, True], ids=["one_shot", "one_then_two_shot"])
+def test_one_token_same_bits_alone_or_batched(tmp_path, world, switch):
+    _check(_run(tmp_path, world, switch), switch)
