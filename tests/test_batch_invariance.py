@@ -23,6 +23,7 @@ from rank_tools import gloo_rank, read_reports, write_report
 from bench.launch.launcher import free_port
 from bench.run.hardware import fingerprint
 from bench.run.numerics import random_input
+from tuner.runtime import op
 from tuner.runtime.dispatch import Dispatcher
 from tuner.runtime.schema import Rule, Table, Thresholds
 
@@ -67,9 +68,13 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
     token = random_input(torch.bfloat16, HIDDEN, rank)
     reference = sum(random_input(torch.bfloat16, HIDDEN, r).float() for r in range(world))
     reference = reference.to(torch.bfloat16)  # float32 rank-order sum, one rounding
-    report = {}
+    report: dict = {}
     with gloo_rank(rank, world, port, timeout_s=120):
         with Dispatcher.from_file(table_path, count_calls=True) as dispatcher:
+            report["numerics"] = [dispatcher.numerics(d) for d in (torch.bfloat16, torch.float32)]
+            op.install(dispatcher)  # (op.serving would release the backends after)
+            report["op"] = op.numerics(torch.bfloat16)
+            op.uninstall()
             for tokens in TOKENS:
                 batch = _others(tokens, rank)
                 where = tokens // 2
@@ -81,6 +86,8 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
                     "reference": bool(torch.equal(bits, reference.view(torch.int16))),
                     "backend": dispatcher.last_backend,
                 }
+        with Dispatcher.from_file(table_path, overrides={"force": "gloo"}) as forced:
+            report["forced"] = forced.numerics(torch.bfloat16)  # an override drops the promise
     write_report(out_dir, rank, report)
 
 
@@ -99,6 +106,9 @@ def _run(tmp_path, world: int, switch: bool) -> list[dict]:
 
 def _check(reports: list[dict], switch: bool) -> None:
     wanted = {"shm_one_shot", "shm_two_shot"} if switch else {"shm_one_shot"}
+    for report in reports:  # the promise, as the dispatcher and the op say it
+        assert report.pop("numerics") == ["exact", "any"]  # bf16 has a table of its own
+        assert report.pop("op") == "exact" and report.pop("forced") == "any"
     for report in reports:
         assert {r["backend"] for r in report.values()} == wanted
     alone = reports[0]["1"]["hash"]

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping
 
 from bench.environment import get
-from tuner.engines.vllm_names import first_unmapped
+from tuner.engines.vllm_names import first_inexact, first_unmapped
 from tuner.runtime.schema import TableError, Thresholds, load
 
 __all__ = [
@@ -96,6 +96,7 @@ def load_setup(environ: Mapping[str, str] | None = None) -> Setup | None:
     try:
         thresholds = load(path)
         unmapped = first_unmapped(enumerate(thresholds.tables))
+        unmapped = unmapped or first_inexact(enumerate(thresholds.tables))
         if unmapped:
             raise TableError(f"{path}: {unmapped}")
     except TableError as exc:

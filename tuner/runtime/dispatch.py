@@ -158,6 +158,18 @@ class Dispatcher:
 
     # -- inspection and teardown ------------------------------------------------------------
 
+    def numerics(self, dtype: torch.dtype, mode: str = "eager") -> str:
+        """The arithmetic the table promises for `dtype` in `mode`: "exact" where its own table
+        was fitted with `tuner fit --numerics exact` (every size range gives an element the
+        same bits: the all-reduce is batch-invariant) and no override reshaped it; "any"
+        otherwise (no table of its own, another dtype's or mode's rules, an override, the
+        floor for every size)."""
+        name = str(dtype).removeprefix("torch.")
+        for table in self.tables:
+            if table.dtype == name and table.mode == mode:
+                return table.numerics
+        return "any"
+
     def describe(self) -> list[str]:
         """One line per (dtype, mode): its size ranges and the backends each tries, in the
         order the dispatcher tries them."""
@@ -174,7 +186,8 @@ class Dispatcher:
                 low = high if high is not None else low
             name = str(dtype).removeprefix("torch.")
             via = "" if route.source == f"{name} {mode}" else f" (rules of {route.source})"
-            lines.append(f"  {name} {mode}{via}: " + "; ".join(ranges))
+            exact = ", numerics exact" if self.numerics(dtype, mode) == "exact" else ""
+            lines.append(f"  {name} {mode}{via}{exact}: " + "; ".join(ranges))
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 

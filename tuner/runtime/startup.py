@@ -107,6 +107,8 @@ def _apply(
     world_size: int,
     floor_of: str,
 ) -> list[Table]:
+    if options["max_bytes"] or options["force"]:  # the rules measured are not the rules run
+        tables = [dataclasses.replace(t, numerics="any") for t in tables]
     for name, nbytes in options["max_bytes"].items():
         tables = [apply_max_bytes(t, name, nbytes) for t in tables]
     forced = options["force"]
