@@ -34,15 +34,22 @@ TOKENS = (1, 4, 8, 16, 32, 64, 128, 256, 512)
 SWITCH_BYTES = 64 << 10  # the two-backend table: shm_one_shot up to here, then shm_two_shot
 
 
-def _exact_table(hardware_key: str, world_size: int, switch: bool) -> Thresholds:
+# per device: the one-shot and two-shot backends (the own shm ones on CPU, the own Triton
+# kernels over CUDA IPC on a GPU, every rank on GPU 0 under MPS), and what an override forces
+BACKENDS = {"cpu": ("shm_one_shot", "shm_two_shot"), "cuda": ("custom_one_shot", "custom_two_shot")}
+FORCED = {"cpu": "gloo", "cuda": "custom_one_shot"}
+
+
+def _exact_table(hardware_key: str, world_size: int, switch: bool, device: str) -> Thresholds:
     largest = TOKENS[-1] * HIDDEN * 2
     evidence = {"run_id": "test", "points": 0, "regret_vs_oracle": 0.0}
     evidence["gain_vs_nccl_geomean"] = None
+    one, two = BACKENDS[device]
     if switch:
-        rules = (Rule(SWITCH_BYTES, "shm_one_shot", {}), Rule(None, "shm_two_shot", {}))
-        max_size = {"shm_one_shot": SWITCH_BYTES, "shm_two_shot": largest}
+        rules = (Rule(SWITCH_BYTES, one, {}), Rule(None, two, {}))
+        max_size = {one: SWITCH_BYTES, two: largest}
     else:
-        rules, max_size = (Rule(None, "shm_one_shot", {}),), {"shm_one_shot": largest}
+        rules, max_size = (Rule(None, one, {}),), {one: largest}
     table = Table(
         hardware_key,
         world_size,
@@ -63,14 +70,19 @@ def _others(tokens: int, rank: int) -> torch.Tensor:
     return (torch.randn(tokens, HIDDEN, generator=gen) * scale).to(torch.bfloat16)
 
 
-def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, table_path: str, out_dir: str, device: str
+) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
+    where_to = {"device": "cuda:0" if device == "cuda" else None}
+    if device == "cuda":
+        torch.cuda.set_device(0)  # every rank on the one GPU, through CUDA IPC
     token = random_input(torch.bfloat16, HIDDEN, rank)
     reference = sum(random_input(torch.bfloat16, HIDDEN, r).float() for r in range(world))
     reference = reference.to(torch.bfloat16)  # float32 rank-order sum, one rounding
     report: dict = {}
     with gloo_rank(rank, world, port, timeout_s=120):
-        with Dispatcher.from_file(table_path, count_calls=True) as dispatcher:
+        with Dispatcher.from_file(table_path, count_calls=True, **where_to) as dispatcher:
             report["numerics"] = [dispatcher.numerics(d) for d in (torch.bfloat16, torch.float32)]
             op.install(dispatcher)  # (op.serving would release the backends after)
             report["op"] = op.numerics(torch.bfloat16)
@@ -79,24 +91,26 @@ def _rank_main(rank: int, world: int, port: int, table_path: str, out_dir: str) 
                 batch = _others(tokens, rank)
                 where = tokens // 2
                 batch[where] = token
+                batch = batch.to(where_to["device"] or "cpu")
                 out = dispatcher.all_reduce(batch.reshape(-1)).reshape(tokens, HIDDEN)[where]
-                bits = out.contiguous().view(torch.int16)
+                bits = out.contiguous().view(torch.int16).cpu()
                 report[str(tokens)] = {
                     "hash": hashlib.blake2b(bits.numpy().tobytes(), digest_size=8).hexdigest(),
                     "reference": bool(torch.equal(bits, reference.view(torch.int16))),
                     "backend": dispatcher.last_backend,
                 }
-        with Dispatcher.from_file(table_path, overrides={"force": "gloo"}) as forced:
+        force = {"force": FORCED[device]}
+        with Dispatcher.from_file(table_path, overrides=force, **where_to) as forced:
             report["forced"] = forced.numerics(torch.bfloat16)  # an override drops the promise
     write_report(out_dir, rank, report)
 
 
-def _run(tmp_path, world: int, switch: bool) -> list[dict]:
+def _run(tmp_path, world: int, switch: bool, device: str = "cpu") -> list[dict]:
     path = tmp_path / "thresholds.json"
-    _exact_table(fingerprint("cpu")["hardware_key"], world, switch).save(path)
+    _exact_table(fingerprint(device)["hardware_key"], world, switch, device).save(path)
     mp.start_processes(
         _rank_main,
-        args=(world, free_port("127.0.0.1"), str(path), str(tmp_path)),
+        args=(world, free_port("127.0.0.1"), str(path), str(tmp_path), device),
         nprocs=world,
         join=True,
         start_method="spawn",
@@ -104,8 +118,9 @@ def _run(tmp_path, world: int, switch: bool) -> list[dict]:
     return read_reports(tmp_path, world)
 
 
-def _check(reports: list[dict], switch: bool) -> None:
-    wanted = {"shm_one_shot", "shm_two_shot"} if switch else {"shm_one_shot"}
+def _check(reports: list[dict], switch: bool, device: str = "cpu") -> None:
+    one, two = BACKENDS[device]
+    wanted = {one, two} if switch else {one}
     for report in reports:  # the promise, as the dispatcher and the op say it
         assert report.pop("numerics") == ["exact", "any"]  # bf16 has a table of its own
         assert report.pop("op") == "exact" and report.pop("forced") == "any"
@@ -127,3 +142,12 @@ def _check(reports: list[dict], switch: bool) -> None:
 @pytest.mark.parametrize("switch", [False, True], ids=["one_shot", "one_then_two_shot"])
 def test_one_token_same_bits_alone_or_batched(tmp_path, world, switch):
     _check(_run(tmp_path, world, switch), switch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("switch", [False, True], ids=["one_shot", "one_then_two_shot"])
+def test_one_token_same_bits_through_the_own_gpu_kernels(tmp_path, world, switch):
+    """The own Triton kernels, every rank on GPU 0 (start the MPS daemon: docs/gpu.md)."""
+    _check(_run(tmp_path, world, switch, "cuda"), switch, "cuda")
