@@ -4,7 +4,9 @@ reaches into another module's private names (`from X import _y`, `X._y`, `import
 tests and scripts included; no module of bench/ or tuner/ over 500 lines (as `ruff format`
 lays them out; the limit was 400 lines in the denser layout before it);
 the environment read in bench/environment.py only; no citation of a document that is not in
-the repository.
+the repository; a function-level import of the project's own modules only with a reason
+(`# optional:` a heavy or optional dependency kept out of a light module, `# cycle:`), and the
+light modules checked by importing them.
 
 The checks run per room (bench/launch, tuner/search, tests, ...), so a failure names the room
 it is in, and each lists every offender it finds, not the first."""
@@ -381,3 +383,32 @@ def test_the_import_check_sees_a_function_level_import(tmp_path):
     (tmp_path / path).parent.mkdir()
     (tmp_path / path).write_text(source)
     assert _function_level_own_imports(path, tmp_path) == [f"{path}:2: bench"]
+
+
+# what the `# optional:` imports keep out: importing these modules loads none of the heavy
+# third-party packages named (a command's --help, `bench report` without --plots, vLLM's
+# plug-in in every process, a notebook's figures)
+LIGHT_MODULES = {
+    "bench.cli": ("torch", "optuna", "matplotlib", "pandas"),
+    "bench.analysis.report": ("torch", "optuna", "matplotlib", "pandas"),
+    "bench.analysis.plots": ("torch", "optuna"),
+    "bench.run.noise": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.cli": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.table.options": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.engines.vllm_plugin": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.search.live": ("optuna", "matplotlib", "pandas"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(LIGHT_MODULES))
+def test_light_modules_load_no_heavy_dependency(module):
+    import subprocess
+    import sys
+
+    heavy = LIGHT_MODULES[module]
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"import {module} loads {out.stdout.strip()}"
