@@ -26,7 +26,7 @@ from bench.environment import get
 from bench.launch.config import SweepConfig
 from bench.launch.flags import UsageError
 from bench.launch.paths import os_error
-from bench.launch.watchdog import EXIT_WATCHDOG
+from bench.run.watchdog import EXIT_WATCHDOG
 
 __all__ = [
     "free_port",

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from bench.environment import get
 from bench.launch.launcher import free_port
-from bench.launch.watchdog import EXIT_WATCHDOG
+from bench.run.watchdog import EXIT_WATCHDOG
 
 __all__ = [
     "MPIRUN_INSTALL",

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 
 from bench.environment import get
+from bench.run.hardware import fingerprint
 from tuner.engines.vllm_names import first_inexact, first_unmapped
 from tuner.runtime.schema import TableError, Thresholds, load
 
@@ -121,6 +122,4 @@ def node_hardware_key(setup: Setup) -> str:
 
 @functools.cache
 def _fingerprint_key() -> str:
-    from bench.run.hardware import fingerprint
-
     return fingerprint("cuda")["hardware_key"]

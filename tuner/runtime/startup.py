@@ -24,6 +24,7 @@ import torch.distributed as dist
 from bench.backends import floor_name, needs_buffer
 from bench.dtypes import DTYPES as TORCH_DTYPES
 from bench.run.context import broadcast_object, build_backend, make_context
+from bench.run.hardware import fingerprint
 from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
 from tuner.runtime.route import Route, backend_key, build_route
 from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
@@ -74,7 +75,6 @@ def plan(
     """Collective over `group`: every rank returns the same plan (see the module docstring)."""
     options = parse_overrides(overrides)
     ctx = make_context(group, device, timeout_s)
-    from bench.run.hardware import fingerprint
 
     hardware_key = broadcast_object(
         fingerprint(ctx.device.type)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from bench.backends import params_key
 from bench.launch.flags import UsageError
 from bench.sizes import format_size
 from tuner.runtime.schema import NUMERICS
@@ -69,7 +70,6 @@ def keep_measured(data: Mapping[tuple, Mapping[int, list]], rows) -> dict:
         )
         for g in [(str(g_parts[0]), int(g_parts[1]), str(g_parts[2]), str(g_parts[3]))]
     }
-    from bench.backends import params_key
 
     out: dict = {}
     for group, by_size in data.items():
