@@ -31,11 +31,13 @@ echo "== $(date -u) $(nvidia-smi --query-gpu=name,driver_version --format=csv,no
 
 sweep() {  # version ws backends sizes... -> one run directory
   local version=$1 ws=$2 backends=$3 max=$4 i=$5 code=$PWD
+  [ -f "$code/.before/bench/__init__.py" ] || [ "$version" != before ] || { echo "no .before/"; return 1; }
   [ "$version" = before ] && code=$PWD/.before
   [ -n "${TAG:-}" ] && version="$version$TAG"
   local run="$RUNS/$version-ws$ws-$i" t0=$SECONDS
-  PYTHONPATH="$code" timeout 200 "$PY" -m bench.cli sweep --device cuda --world-size "$ws" \
-    --backends "$backends" -b 1K -e "$max" --out "$run" -q >"$run.log" 2>&1
+  # from the code's own folder: `python -m` puts the current folder first on sys.path
+  (cd "$code" && PYTHONPATH="$code" timeout 200 "$PY" -m bench.cli sweep --device cuda \
+    --world-size "$ws" --backends "$backends" -b 1K -e "$max" --out "$run" -q >"$run.log" 2>&1)
   echo "$version ws=$ws #$i rc=$? $((SECONDS - t0)) s $(grep -c . "$run/results.csv" 2>/dev/null) rows"
 }
 

@@ -3,10 +3,11 @@
 
 Eager, per call (median over batches of calls, so the timer's own cost stays out): the
 dispatcher's decision (rule lookup + the chosen backend's gate) at three sizes and the gate
-alone; then, at 1 KiB, `torch.distributed.all_reduce` of the floor, the dispatcher's
-`all_reduce`, the op (`torch.ops.allreduce_autotune.all_reduce`: torch's op dispatch, the
-decision, the backend writing into a new tensor, or reducing a clone where it cannot), and a
-clone alone.
+alone; then, at 1 KiB, `torch.distributed.all_reduce` of the floor, the backend the table
+routes 1 KiB to called directly, the dispatcher's `all_reduce`, the op
+(`torch.ops.allreduce_autotune.all_reduce`: torch's op dispatch, the decision, the backend
+writing into a new tensor, or reducing a clone where it cannot) with its overhead over that
+direct call, and a clone alone.
 
 With `--device cuda`, also CUDA graphs: K calls captured as plain `torch.distributed.all_reduce`
 on the NCCL group, as pynccl called directly, and through the op (routed by the table to pynccl,
@@ -97,13 +98,18 @@ def eager_rows(d: Dispatcher, device: str, batches: int) -> list[tuple[str, floa
         rows.append(
             (f"  {backend.name}.can_take alone", timed(lambda x=x, b=backend: b.can_take(x)))
         )
+    routed = d.decide(t)
+    direct = timed(lambda: routed.all_reduce(t))
+    op_us = timed(lambda: op.all_reduce(t))
     return rows + [
         (
             f"floor {d.floor.name}: torch.distributed.all_reduce (1 KiB)",
             timed(lambda: d.floor.all_reduce(t)),
         ),
+        (f"{routed.name}.all_reduce called directly (where the table routes 1 KiB)", direct),
         ("dispatcher.all_reduce", timed(lambda: d.all_reduce(t))),
-        ("op.all_reduce (torch.ops.allreduce_autotune)", timed(lambda: op.all_reduce(t))),
+        ("op.all_reduce (torch.ops.allreduce_autotune)", op_us),
+        (f"  op's eager overhead over the direct {routed.name} call", op_us - direct),
         (
             "tensor.clone (the op's copy where the backend cannot write elsewhere)",
             timed(lambda: t.clone()),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,11 +61,13 @@ def _agree(tables) -> tuple[bool, str]:
     return True, "agree"
 
 
-def _fit(run: Path, folder: Path):
-    """`tuner fit RUN` as a user runs it (a fresh study), its tables by group."""
+def _fit(run: Path, folder: Path, code: Path | None = None):
+    """`tuner fit RUN` as a user runs it (a fresh study), its tables by group; `code`: the
+    checkout whose tuner fits (an older one, for a before/after comparison)."""
     out = folder / f"{run.name}.thresholds.json"
-    cmd = [sys.executable, "-m", "tuner.cli", "fit", str(run), "-o", str(out), "-q"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "tuner.cli", "fit", str(run), "-o", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(code)} if code else None
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return load_rows([run]), {t.key: t for t in load(out).tables}
 
 
@@ -73,9 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--label", default="")
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument(
+        "--fit-with", type=Path, default=None, help="the checkout whose `tuner fit` fits (before)"
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        fitted = [(run, *_fit(run, Path(folder))) for run in args.runs]
+        fitted = [(run, *_fit(run, Path(folder), args.fit_with)) for run in args.runs]
     lines = [
         f"| {args.label} group | run | rules | out-of-sample geomean | worst size |",
         "| --- | --- | --- | --- | --- |",

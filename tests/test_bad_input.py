@@ -54,6 +54,9 @@ ROW = {
     "busbw_gbps": 0.03,
     "correct": True,
     "max_abs_err": 0.0,
+    "same_bits": None,  # numerics unknown, as in runs made before they were measured
+    "numerics": None,
+    "max_err_ulp": None,
     "skipped_reason": None,
 }
 
@@ -64,6 +67,18 @@ def run_dir(tmp: Path, name: str = "run") -> Path:
     with ResultsWriter(path) as writer:
         writer.append(ROW)
         writer.append({**ROW, "bytes": 2048, "count": 512, "latency_us": 31.0})
+    write_meta(path, {"run_id": "r1", "hardware_key": "cpu-test-2c"})
+    return path
+
+
+def mixed_numerics_run(tmp: Path) -> Path:
+    """1K follows the reference arithmetic, 2K does not (gloo) or is unknown (shm_one_shot)."""
+    path = tmp / "mixed"
+    known = {"same_bits": True, "max_err_ulp": 0.5}
+    with ResultsWriter(path) as writer:
+        writer.append({**ROW, **known, "numerics": "reference"})
+        writer.append({**ROW, **known, "bytes": 2048, "count": 512, "numerics": "other"})
+        writer.append({**ROW, "backend": "shm_one_shot", "bytes": 2048, "count": 512})
     write_meta(path, {"run_id": "r1", "hardware_key": "cpu-test-2c"})
     return path
 
@@ -758,6 +773,25 @@ TUNER = [
         "--workload",
     ),
     Case("fit-no-output", "tuner", lambda t: ["fit", str(run_dir(t))], "-o/--output"),
+    Case(
+        "fit-numerics-unknown",
+        "tuner",
+        lambda t: ["fit", str(run_dir(t)), "-o", str(t / "o.json"), "--numerics", "bitwise"],
+        "--numerics: expected one of any, exact",
+    ),
+    Case(
+        "fit-numerics-exact-nowhere",
+        "tuner",
+        lambda t: [
+            "fit",
+            str(mixed_numerics_run(t)),
+            "-o",
+            str(t / "o.json"),
+            "--numerics",
+            "exact",
+        ],
+        "at 2K: gloo other, shm_one_shot unknown",
+    ),
     Case("command-unknown-tuner", "tuner", fixed("tune"), "tune"),
     Case(
         "fit-empty-run",

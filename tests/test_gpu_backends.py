@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from bench import backends as registry
 from bench.backends import libnccl
-from bench.backends.base import CommContext
+from bench.backends.base import CommContext, WritesElsewhere
 
 GPU_NAMES = (
     "nccl",
@@ -196,7 +196,7 @@ def _check_sum(backend, ctx: CommContext, count: int = 4096) -> None:
         x = (torch.arange(count, device=ctx.device) % 7 - 3).to(dtype)
         ref = x.clone() * ctx.world_size
         assert backend.can_take(x) is None
-        if hasattr(backend, "all_reduce_into"):  # the optional out-of-place verb
+        if isinstance(backend, WritesElsewhere):  # the optional out-of-place verb
             kept, into = x.clone(), torch.full_like(x, 99)
             assert backend.all_reduce_into(x, into) is into
             torch.cuda.synchronize()

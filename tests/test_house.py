@@ -4,7 +4,9 @@ reaches into another module's private names (`from X import _y`, `X._y`, `import
 tests and scripts included; no module of bench/ or tuner/ over 500 lines (as `ruff format`
 lays them out; the limit was 400 lines in the denser layout before it);
 the environment read in bench/environment.py only; no citation of a document that is not in
-the repository.
+the repository; a function-level import of the project's own modules only with a reason
+(`# optional:` a heavy or optional dependency kept out of a light module, `# cycle:`), and the
+light modules checked by importing them.
 
 The checks run per room (bench/launch, tuner/search, tests, ...), so a failure names the room
 it is in, and each lists every offender it finds, not the first."""
@@ -333,3 +335,80 @@ def test_no_reference_to_a_document_outside_the_repository():
         if name in line and not (REPO / name).exists()
     ]
     assert not cited, "references to documents not in the repository:\n" + "\n".join(cited)
+
+
+# third-party modules a function may import where it needs them (optional dependencies)
+OPTIONAL_MODULES = frozenset(
+    "optuna pandas matplotlib triton vllm mpi4py deepspeed tqdm nbformat".split()
+)
+# a function-level import of the project's own modules says why on its line(s)
+IMPORT_REASONS = ("# cycle:", "# optional:")
+
+
+def _function_level_own_imports(path: Path, root: Path = REPO) -> list[str]:
+    """`file:line: module` of each import of bench/ or tuner/ inside a function without a
+    reason comment on its lines; `path` is read under `root` (the repository by default)."""
+    text = (root / path).read_text()
+    lines = text.splitlines()
+    tree = _sources()[path] if root == REPO else ast.parse(text, str(path))
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." if node.level else node.module or ""]
+            else:
+                continue
+            own = [n for n in names if n == "." or n.split(".")[0] in PACKAGES]
+            text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            if own and not any(reason in text for reason in IMPORT_REASONS):
+                found.append(f"{path}:{node.lineno}: {own[0]}")
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("room", _rooms(only_packages=True))
+def test_imports_inside_functions_only_for_optional_dependencies_or_a_cycle(room):
+    found = [hit for p in _sources() if _room(p) == room for hit in _function_level_own_imports(p)]
+    assert not found, "function-level imports of the project's own modules: " + "; ".join(found)
+
+
+def test_the_import_check_sees_a_function_level_import(tmp_path):
+    """The checker itself, on a probe module written in a temporary folder (never into the
+    repository, where another test's walk could see it)."""
+    source = "def f():\n    from bench import sizes\n    from bench import dtypes  # cycle: x\n"
+    path = Path("bench/_probe_imports.py")
+    (tmp_path / path).parent.mkdir()
+    (tmp_path / path).write_text(source)
+    assert _function_level_own_imports(path, tmp_path) == [f"{path}:2: bench"]
+
+
+# what the `# optional:` imports keep out: importing these modules loads none of the heavy
+# third-party packages named (a command's --help, `bench report` without --plots, vLLM's
+# plug-in in every process, a notebook's figures)
+LIGHT_MODULES = {
+    "bench.cli": ("torch", "optuna", "matplotlib", "pandas"),
+    "bench.analysis.report": ("torch", "optuna", "matplotlib", "pandas"),
+    "bench.analysis.plots": ("torch", "optuna"),
+    "bench.run.noise": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.cli": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.table.options": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.engines.vllm_plugin": ("torch", "optuna", "matplotlib", "pandas"),
+    "tuner.search.live": ("optuna", "matplotlib", "pandas"),
+}
+
+
+@pytest.mark.parametrize("module", sorted(LIGHT_MODULES))
+def test_light_modules_load_no_heavy_dependency(module):
+    import subprocess
+    import sys
+
+    heavy = LIGHT_MODULES[module]
+    code = f"import sys, {module}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"import {module} loads {out.stdout.strip()}"

@@ -289,25 +289,31 @@ def test_runtime_imports_no_tuner_or_analysis_dependencies():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+class _Stub:
+    """A backend as far as building a route reads it (compared by identity)."""
+
+    in_place = True
+
+
 def test_routes_are_built_in_linear_work(monkeypatch):
     """Each rule's chain (its backend, then the following rules' distinct backends, then the
     floor) is built from the next rule's chain: the rule lookups grow linearly with the rules
     (they grew with their square: 8,000 rules took seconds), and the chains are what the
     definition says."""
-    from tuner.runtime import startup
+    from tuner.runtime import route as route_module
 
     names = ["shm_one_shot", "shm_two_shot", "gloo", "shm_one_shot"]
     rules = tuple(Rule(64 * (i + 1), names[i % 4], {"threads": i % 3}) for i in range(3000))
     rules += (Rule(None, "gloo", {}),)
     table = Table("cpu-test-2c", 2, "float32", "eager", rules, {}, {})
-    floor = object()
-    backends = {startup.backend_key(r): object() for r in rules if r.algorithm != "gloo"}
+    floor = _Stub()
+    backends = {route_module.backend_key(r): _Stub() for r in rules if r.algorithm != "gloo"}
     backends["gloo"] = floor
     limits = {key: 1 << 20 for key in backends}
     calls = []
-    real = startup.backend_key
-    monkeypatch.setattr(startup, "backend_key", lambda rule: calls.append(1) or real(rule))
-    route = startup.build_route(table, backends, limits, floor)
+    real = route_module.backend_key
+    monkeypatch.setattr(route_module, "backend_key", lambda rule: calls.append(1) or real(rule))
+    route = route_module.build_route(table, backends, limits, floor)
     assert len(calls) <= 3 * len(rules)
     for i in (0, 1, 2, 1500, len(rules) - 2, len(rules) - 1):
         expected = []
@@ -315,4 +321,74 @@ def test_routes_are_built_in_linear_work(monkeypatch):
             backend = backends.get(real(rule))
             if backend not in (None, floor) and backend not in expected:
                 expected.append(backend)
-        assert [b for b, _ in route.chains[i]] == [*expected, floor]
+        assert [link.backend for link in route.values[i]] == [*expected, floor]
+
+
+class _Into(_Stub):
+    """Declares the optional out-of-place verb (`bench.backends.WritesElsewhere`)."""
+
+    name = "into"
+
+    def can_take(self, tensor):
+        return None
+
+    def all_reduce(self, tensor):
+        raise AssertionError("the out-of-place call must write elsewhere")
+
+    def all_reduce_into(self, tensor, out):
+        return out.copy_(tensor * 2)
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_route_keeps_per_size_the_links_that_admit_it_and_each_out_of_place_call():
+    """The size limit is applied once per size, in the route's lookup (cached), not per call;
+    each link carries its backend's out-of-place call, chosen from the declared protocol."""
+    from tuner.runtime import route as route_module
+
+    table = Table(
+        "cpu-test-2c",
+        2,
+        "float32",
+        "eager",
+        (Rule(4096, "shm_one_shot"), Rule(None, "gloo")),
+        {"shm_one_shot": 1024},
+        {},
+    )
+    own, floor = _Into(), _Stub()
+    floor.in_place = False
+    floor.all_reduce = lambda tensor: tensor + 1
+    route = route_module.build_route(
+        table, {"shm_one_shot": own, "gloo": floor}, {"shm_one_shot": 1024}, floor
+    )
+    assert [link.backend for link in route[1024]] == [own, floor]
+    assert [link.backend for link in route[2048]] == [floor]  # over own's buffer
+    assert route[1024] is route[1024]  # kept per size
+    x = torch.ones(4)
+    into, plain = route[16]
+    assert torch.equal(into.out_of_place(x), torch.full((4,), 2.0))
+    assert torch.equal(plain.out_of_place(x), torch.full((4,), 2.0))
+    assert torch.equal(x, torch.ones(4))  # the caller's tensor as it was
+
+
+def test_vllm_routes_hold_paths_in_their_own_route_type():
+    """vLLM's routing looks sizes up with the same size ranges, holding vLLM paths, not the
+    dispatcher's links."""
+    from bench.vllm.paths import Path
+    from tuner.engines.vllm_comm import Routes
+    from tuner.runtime.route import Route, SizeRoute
+
+    table = Table(
+        "nvidia-test",
+        2,
+        "bfloat16",
+        "eager",
+        (Rule(65536, "vllm_custom_ar_one_shot"), Rule(None, "nccl")),
+        {},
+        {},
+    )
+    route = Routes([table]).by_key[(torch.bfloat16, "eager")]
+    assert isinstance(route, SizeRoute) and not isinstance(route, Route)
+    assert [p.name for p in route.values] == ["vllm_custom_ar_one_shot", "nccl"]
+    assert isinstance(route[1024], Path) and route[1 << 20].name == "nccl"

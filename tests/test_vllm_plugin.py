@@ -518,3 +518,23 @@ def test_two_ranks_build_vllms_communicator_agree_size_and_route(tmp_path):
         f"{files['good']} (it has: {KEY} ws2); vLLM keeps its own all-reduce choice"
     ]
     assert reports[1]["no_table"]["log"] == []
+
+
+def test_an_exact_table_runs_only_where_vllm_keeps_the_arithmetic():
+    """An exact-numerics table is refused where vLLM would run it with arithmetic nobody
+    measured (this project's kernel name -> vLLM's nearest path) or with NCCL (its order
+    changes with the message size); one fitted on vLLM's own implementations is kept."""
+    from tuner.engines.vllm_names import first_inexact
+    from tuner.runtime.schema import Rule, Table
+
+    def table(*names: str, numerics: str = "exact") -> Table:
+        rules = tuple(Rule(65536 if i < len(names) - 1 else None, n) for i, n in enumerate(names))
+        return Table("nvidia-h200-x8-nvlink", 8, "bfloat16", "graph", rules, {}, {}, numerics)
+
+    kept = table("vllm_custom_ar_one_shot", "vllm_symm_mem_two_shot")
+    assert first_inexact(enumerate([kept])) is None
+    assert first_inexact(enumerate([table("custom_one_shot", "nccl", numerics="any")])) is None
+    own = first_inexact(enumerate([table("custom_one_shot", "vllm_symm_mem_two_shot")]))
+    assert own.startswith("tables[0].rules[0].algorithm: custom_one_shot") and "vllm_*" in own
+    nccl = first_inexact(enumerate([table("vllm_custom_ar_one_shot", "vllm_pynccl")]))
+    assert nccl.startswith("tables[0].rules[1].algorithm: vllm_pynccl") and "NCCL" in nccl

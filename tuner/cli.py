@@ -1,6 +1,8 @@
 """`tuner fit | live | validate | show | export`.
 
-Bad input exits 2 with one line naming the flag or field, no traceback.
+Bad input exits 2 with one line naming the flag or field, no traceback. Each command imports
+its own modules when it runs (`# optional:` names what they load): `tuner --help` loads
+neither torch nor optuna, `tuner show` no optuna.
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list: fit on these backends' rows only (default: every one)",
     )
+    fit.add_argument(
+        "--numerics",
+        default="any",
+        help="exact: only points that follow the reference arithmetic (the same bits at "
+        "every size); any: every correct point (default)",
+    )
     add_table_flags(fit)
     check = sub.add_parser(
         "validate", help="score a thresholds.json on independent runs (regret, worst size)"
@@ -76,16 +84,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_fit(args, argv: list[str]) -> int:
-    from tuner.search.study import Space, StudyError, enter_rows, measurements, storage_url
-    from tuner.table.builder import BuildError
-    from tuner.table.data import RunsError, device_of, find_run_dirs, load_rounds, load_rows
-    from tuner.table.fit import fit_tables, print_fits
+    from tuner.search.study import (  # optional: optuna, torch
+        Space,
+        StudyError,
+        enter_rows,
+        measurements,
+        storage_url,
+    )
+    from tuner.table.builder import BuildError  # optional: torch
+    from tuner.table.data import (  # optional: torch
+        RunsError,
+        device_of,
+        find_run_dirs,
+        load_rounds,
+        load_rows,
+    )
+    from tuner.table.fit import fit_tables, print_fits  # optional: optuna, torch
+    from tuner.table.numerics import exact_rows, keep_measured, numerics_flag  # optional: torch
 
     options = table_options(args)
+    numerics = numerics_flag(args.numerics)
     try:
         run_dirs = find_run_dirs(args.runs)
         rows = load_rows(run_dirs)
-        rounds = load_rounds(rows)
     except RunsError as exc:
         raise UsageError(f"RUN_DIR: {exc}") from None
     if args.backends is not None:  # e.g. leave out an experiment's own variants
@@ -96,6 +117,12 @@ def _cmd_fit(args, argv: list[str]) -> int:
             f"RUN_DIR: no measured, correct row in {len(run_dirs)} run(s)"
             + (f" of --backends {args.backends}" if args.backends else "")
         )
+    if numerics == "exact":
+        rows = exact_rows(rows)
+    try:
+        rounds = load_rounds(rows)
+    except RunsError as exc:
+        raise UsageError(f"RUN_DIR: {exc}") from None
     validate_rows = None
     if args.validate is not None:
         groups = {tuple(g) for g in rows[["hardware_key", "world_size", "dtype", "mode"]].values}
@@ -108,6 +135,9 @@ def _cmd_fit(args, argv: list[str]) -> int:
             )
         if args.backends is not None:  # scored among the same backends the fit chose from
             validate_rows = validate_rows[validate_rows["backend"].isin(wanted)]
+        if numerics == "exact":  # scored against the oracle of the points it may choose
+            keep = validate_rows["numerics"].astype("string").fillna("") == "reference"
+            validate_rows = validate_rows[keep]
     import json
 
     import optuna
@@ -123,7 +153,7 @@ def _cmd_fit(args, argv: list[str]) -> int:
         }
         hw = group[0]
         # every algorithm of this device class registered here, plus any measured one
-        from bench.backends import all_specs
+        from bench.backends import all_specs  # optional: torch
 
         device = device_of(next(iter(seen)), hw)
         names = {s.name for s in all_specs() if s.device == device} | set(seen)
@@ -132,11 +162,14 @@ def _cmd_fit(args, argv: list[str]) -> int:
         added, present = enter_rows(storage, rows, spaces)
         data = measurements(storage)
         data = {g: v for g, v in data.items() if g in spaces}
+        if numerics == "exact":  # the study may hold trials of points that do not keep it
+            data = keep_measured(data, rows)
         thresholds, fits = fit_tables(
             data,
             command="tuner " + shlex.join(argv),
             rounds=rounds,
             validate_rows=validate_rows,
+            numerics=numerics,
             **options,
         )
     except (BuildError, StudyError) as exc:
@@ -154,7 +187,7 @@ def _cmd_fit(args, argv: list[str]) -> int:
 def _validation_rows(flag: str, paths: list[str], groups: set[tuple]):
     """Independent runs' rows; each run must hold a group of the tables (hardware key, world
     size, dtype, mode), else one line saying what it holds and what the tables need."""
-    from tuner.table.data import RunsError, find_run_dirs, load_rows
+    from tuner.table.data import RunsError, find_run_dirs, load_rows  # optional: torch
 
     try:
         run_dirs = find_run_dirs(paths)
@@ -192,9 +225,9 @@ def _groups_text(groups: set[tuple]) -> str:
 
 def _cmd_validate(args) -> int:
     """`tuner validate T.json RUN...`: each table of the file scored on the runs of its group."""
-    from tuner.runtime.schema import TableError, load
-    from tuner.table.builder import log_uniform_weights
-    from tuner.table.evidence import evidence_summary_text, score_table
+    from tuner.runtime.schema import TableError, load  # optional: torch
+    from tuner.table.builder import log_uniform_weights  # optional: torch
+    from tuner.table.evidence import evidence_summary_text, score_table  # optional: torch
 
     try:
         thresholds = load(args.path)
@@ -216,8 +249,8 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_show(args) -> int:
-    from tuner.runtime.schema import TableError, load
-    from tuner.table.show import table_lines
+    from tuner.runtime.schema import TableError, load  # optional: torch
+    from tuner.table.show import table_lines  # optional: torch
 
     try:
         thresholds = load(args.path)
@@ -228,8 +261,8 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from tuner.runtime.schema import TableError, load
-    from tuner.table.formats import FORMATS, ExportError, export
+    from tuner.runtime.schema import TableError, load  # optional: torch
+    from tuner.table.formats import FORMATS, ExportError, export  # optional: torch
 
     if args.format not in FORMATS:
         raise UsageError(f"--format: expected {', '.join(FORMATS)}, got {args.format!r}")
@@ -261,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["live"]:
-        from tuner.search.live import main as live_main
+        from tuner.search.live import main as live_main  # optional: torch
 
         return live_main(argv[1:])
     args = build_parser().parse_args(argv)

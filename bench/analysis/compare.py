@@ -33,6 +33,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench.analysis.results import correct_rows, read_results
+from bench.backends import floor_name
+from bench.launch.config import RUNS_ROOT
+from bench.launch.flags import UsageError
+from bench.launch.paths import writable_dir, writable_file, write_output
+from bench.run.hardware import fingerprint
 from bench.sizes import format_size, parse_size
 
 __all__ = [
@@ -84,8 +90,6 @@ class Baseline:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `bench compare`."""
-    from bench.launch.config import RUNS_ROOT
-
     parser.add_argument("--world-sizes", default="2,4", help="comma list, one sweep each")
     parser.add_argument("-b", "--min-bytes", default="1K")
     parser.add_argument("-e", "--max-bytes", default="64M")
@@ -180,8 +184,6 @@ def short_labels(names: Sequence[str]) -> tuple[str, dict[str, str], dict[str, s
 def ratios(frame, backends: Sequence[str], baseline: Baseline):
     """One row per (world size, dtype, bytes): each backend's latency (fastest repeat, the
     slowest in `<name>_max`), the baseline's, and each candidate's ratio to it."""
-    from bench.analysis.results import correct_rows
-
     ok = correct_rows(frame)
     index = ["world_size", "dtype", "bytes"]
     wide = (
@@ -326,9 +328,6 @@ def _shown(path: Path) -> str:
 
 def _check(args) -> tuple[list[str], Baseline]:
     """Every flag checked before a sweep starts; raises the CLI's UsageError naming it."""
-    from bench.backends import floor_name
-    from bench.launch.flags import UsageError
-
     for flag, value in (("-b/--min-bytes", args.min_bytes), ("-e/--max-bytes", args.max_bytes)):
         try:
             parse_size(value)
@@ -356,8 +355,6 @@ def _check(args) -> tuple[list[str], Baseline]:
 def targets(baseline: Baseline, args, backends: Sequence[str], floor: str) -> Baseline:
     """The baseline with --candidates and the targets: issue 3's against the floor, parity
     against anything else, unless given; raises the CLI's UsageError naming a bad flag."""
-    from bench.launch.flags import UsageError
-
     against_floor = baseline.members == (floor,)
     candidates = tuple(c.strip() for c in (args.candidates or "").split(",") if c.strip())
     bad = [c for c in candidates if c not in backends or c in baseline.members]
@@ -382,9 +379,6 @@ def targets(baseline: Baseline, args, backends: Sequence[str], floor: str) -> Ba
 def run(args: argparse.Namespace) -> int:
     """`bench compare`: measure (or read --runs), print the table and the verdicts."""
     import pandas as pd
-
-    from bench.analysis.results import read_results
-    from bench.run.hardware import fingerprint
 
     backends, baseline = _check(args)
     _check_outputs(args)
@@ -414,16 +408,12 @@ def run(args: argparse.Namespace) -> int:
     )
     print(text)
     if args.markdown:
-        from bench.launch.paths import write_output
-
         write_output("--markdown", args.markdown, text + "\n")
     return 0
 
 
 def _check_outputs(args) -> None:
     """The files `bench compare` writes, checked by doing before a sweep starts."""
-    from bench.launch.paths import writable_dir, writable_file
-
     if args.markdown:
         writable_file("--markdown", args.markdown)
     if not args.runs:

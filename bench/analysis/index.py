@@ -22,6 +22,9 @@ import json
 import os
 from pathlib import Path
 
+from bench.analysis.results import correct_rows
+from bench.launch.flags import UsageError
+from bench.launch.paths import writable_dir, writable_file, write_output
 from bench.sizes import format_size
 
 __all__ = ["BEGIN", "END", "REGENERATED", "add_arguments", "run", "index_text", "write_into"]
@@ -92,8 +95,7 @@ def _ratio_cells(group, default: str, rel: str) -> tuple[list[str], list[str]]:
 
 def run_index(run: Path, base: Path) -> list[str]:
     """A run's section: what it measured, its row counts, figures and headline ratios."""
-    from bench.analysis import plots
-    from bench.analysis.results import correct_rows
+    from bench.analysis import plots  # optional: matplotlib
 
     frame = plots.load_runs([run])
     frame["line"] = frame.index + 2  # header is line 1
@@ -191,7 +193,7 @@ def evidence_index(root: Path, runs: list[Path], base: Path) -> list[str]:
 def index_text(root: Path, base: Path) -> str:
     """The whole index of `root`, its links relative to `base` (the folder of the file that
     will hold it)."""
-    from bench.analysis.plots import find_runs
+    from bench.analysis.plots import find_runs  # optional: matplotlib
 
     lines = ["## Committed runs", ""]
     runs = find_runs(root)
@@ -210,8 +212,6 @@ def index_text(root: Path, base: Path) -> str:
 
 def _around_markers(readme: Path) -> tuple[str, str]:
     """What stands before and after the file's index; UsageError without the markers."""
-    from bench.launch.flags import UsageError
-
     doc = readme.read_text() if readme.is_file() else ""
     start, stop = doc.find(BEGIN), doc.find(END)
     if start < 0 or stop < start:
@@ -221,16 +221,13 @@ def _around_markers(readme: Path) -> tuple[str, str]:
 
 def write_into(readme: Path, text: str) -> None:
     """Replace what stands between the file's index markers with `text`."""
-    from bench.launch.paths import write_output
-
     head, tail = _around_markers(readme)
     write_output("--write", readme, head + text.rstrip() + "\n" + tail)
 
 
 def run(args: argparse.Namespace) -> int:
     """`bench report --index`: draw every run's figures when --plots, then print or write."""
-    from bench.analysis.plots import find_runs, write_run_plots
-    from bench.launch.paths import writable_dir, writable_file
+    from bench.analysis.plots import find_runs, write_run_plots  # optional: matplotlib
 
     root = Path(args.index)
     write = None

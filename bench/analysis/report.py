@@ -8,7 +8,18 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from bench.analysis.results import correct_rows, fastest_rows, read_results
+from bench.analysis import index
+from bench.analysis.results import (
+    SchemaError,
+    correct_rows,
+    count_rows,
+    fastest_rows,
+    read_meta,
+    read_results,
+)
+from bench.analysis.rounds import aa_spread, read_rounds
+from bench.launch.flags import UsageError
+from bench.launch.paths import writable_dir
 from bench.sizes import format_size
 
 __all__ = [
@@ -112,7 +123,8 @@ def print_summary(run_dir: str | Path, stream: TextIO | None = None) -> int:
         for _, row in wrong.head(20).iterrows():
             print(
                 f"!!   {row['backend']} ws={row['world_size']} {row['dtype']} {row['mode']} "
-                f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}",
+                f"{int(row['bytes'])}B max_abs_err={row['max_abs_err']}"
+                + (" (ranks got different bits)" if row["same_bits"] is False else ""),
                 file=stream,
             )
         print("!" * 72, file=stream)
@@ -126,9 +138,6 @@ def noise_lines(run_dir: str | Path, frame) -> list[str]:
     """The run's noise said out loud: the sweep's warnings (meta.json), the A/A figure (from
     rounds.csv, else meta.json), and one line where it is larger than the gap between the
     best two backends at some sizes (their order there is one round's noise)."""
-    from bench.analysis.results import SchemaError, read_meta
-    from bench.analysis.rounds import aa_spread, read_rounds
-
     noise = read_meta(run_dir).get("noise") or {}
     lines = [f"# noise: {w}" for w in noise.get("warnings") or []]
     try:
@@ -165,8 +174,6 @@ def noise_lines(run_dir: str | Path, frame) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`bench report RUN_DIR [--plots]` and `bench report --index [ROOT] [--write FILE] [--plots]`."""
-    from bench.analysis import index
-
     parser.add_argument("run_dir", nargs="?", default=None)
     parser.add_argument(
         "--plots",
@@ -184,10 +191,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report_run(args: argparse.Namespace) -> int:
-    from bench.analysis.results import count_rows
-    from bench.launch.flags import UsageError
-    from bench.launch.paths import writable_dir
-
     if args.write is not None:
         raise UsageError("--write: goes with --index")
     if args.thresholds is not None and not (args.plots and Path(args.thresholds).is_file()):
@@ -211,7 +214,10 @@ def _report_run(args: argparse.Namespace) -> int:
         writable_dir("--plots", run_dir)  # the figures go beside the table
     wrong = print_summary(run_dir)
     if args.plots:
-        from bench.analysis.plots import run_thresholds, write_run_plots
+        from bench.analysis.plots import (  # optional: matplotlib, for --plots only
+            run_thresholds,
+            write_run_plots,
+        )
 
         table, tables = run_thresholds(run_dir, read_results(run_dir), args.thresholds)
         if tables:
@@ -228,13 +234,9 @@ def _report_run(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     """`bench report`: 1 when the run holds a wrong sum, 0 otherwise; bad input raises the
     CLI's UsageError (exit 2), a bad results table or thresholds.json included."""
-    from bench.analysis import index
-    from bench.analysis.results import SchemaError
-    from bench.launch.flags import UsageError
-
     errors: tuple[type[Exception], ...] = (FileNotFoundError, SchemaError)
     if args.plots or args.index is not None:  # rules are read: a bad thresholds.json is named
-        from tuner.runtime.schema import TableError
+        from tuner.runtime.schema import TableError  # optional: torch, only where rules are read
 
         errors += (TableError,)
     try:

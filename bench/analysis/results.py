@@ -22,13 +22,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bench.analysis.rows import SchemaError, check_meta, csv_line, whole_records
+from bench.analysis.rows import SchemaError, check_meta, csv_line, whole_records, with_columns
 
 __all__ = [
     "TABLE_KEY",
     "point_key",
     "fastest_rows",
     "COLUMNS",
+    "NUMERICS_COLUMNS",
     "POINT_KEY",
     "ResultsWriter",
     "RunDirLocked",
@@ -65,8 +66,16 @@ COLUMNS: tuple[str, ...] = (
     "busbw_gbps",
     "correct",
     "max_abs_err",
+    "same_bits",
+    "numerics",
+    "max_err_ulp",
     "skipped_reason",
 )
+# the arithmetic measured per point (bench.run.numerics); runs written before lack them
+NUMERICS_COLUMNS: tuple[str, ...] = ("same_bits", "numerics", "max_err_ulp")
+# a results table written before the numerics: read (its new cells unknown) and, on --resume,
+# rewritten with them empty
+LEGACY_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in NUMERICS_COLUMNS)
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "world_size",
     "nnodes",
@@ -79,6 +88,7 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
     "algbw_gbps",
     "busbw_gbps",
     "max_abs_err",
+    "max_err_ulp",
 )
 # what identifies a point (a rerun with --resume skips keys already present)
 POINT_KEY: tuple[str, ...] = ("backend", "world_size", "dtype", "bytes", "mode")
@@ -125,7 +135,13 @@ def busbw_factor(world_size: int) -> float:
     return 2.0 * (world_size - 1) / world_size if world_size > 1 else 1.0
 
 
-def _check_header(header: list[str], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+def _check_header(
+    header: list[str], path: Path, columns: tuple[str, ...] = COLUMNS
+) -> tuple[str, ...]:
+    """The columns the file holds: `columns`, or for the results table its legacy columns
+    (a run written before the numerics); SchemaError otherwise."""
+    if columns == COLUMNS and tuple(header) == LEGACY_COLUMNS:
+        return LEGACY_COLUMNS
     if tuple(header) != columns:
         missing = [c for c in columns if c not in header]
         extra = [c for c in header if c not in columns]
@@ -137,6 +153,22 @@ def _check_header(header: list[str], path: Path, columns: tuple[str, ...] = COLU
         if not detail:
             detail.append("columns out of order")
         raise SchemaError(f"{path}: not a results table ({'; '.join(detail)})")
+    return columns
+
+
+def _file_columns(path: Path, columns: tuple[str, ...] = COLUMNS) -> tuple[str, ...]:
+    with open(path, newline="") as fh:
+        return _check_header(next(csv.reader(fh), []), path, columns)
+
+
+def _upgrade_legacy(path: Path) -> int:
+    """A table written before the numerics, rewritten whole with their cells empty (so a
+    resumed run appends rows of today's columns); the records not whole it dropped."""
+    data, dropped = with_columns(path.read_bytes(), LEGACY_COLUMNS, COLUMNS, path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return dropped
 
 
 class TableRemoved(FileNotFoundError):
@@ -181,9 +213,9 @@ class ResultsWriter:
                     "another --out"
                 )
             if not new:
-                with open(self.path, newline="") as fh:
-                    _check_header(next(csv.reader(fh), []), self.path, columns)
-                self.dropped = _keep_whole_rows(self.path, columns)
+                if _file_columns(self.path, columns) != columns:
+                    self.dropped = _upgrade_legacy(self.path)
+                self.dropped += _keep_whole_rows(self.path, columns)
             self._text = bytearray(b"" if new else self.path.read_bytes())
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             if new:
@@ -198,10 +230,11 @@ class ResultsWriter:
         return max(0, self._text.count(b"\n") - 1)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        missing = [c for c in self.columns if c not in row]
+        # the numerics are unknown where a writer does not measure them (empty cells)
+        missing = [c for c in self.columns if c not in row and c not in NUMERICS_COLUMNS]
         if missing:
             raise SchemaError(f"row lacks columns {missing}")
-        self._write(csv_line(_cell(row[k]) for k in self.columns))
+        self._write(csv_line(_cell(row.get(k)) for k in self.columns))
 
     def _write(self, data: bytes) -> None:
         held = len(self._text)
@@ -322,9 +355,8 @@ def read_results(run_dir: str | os.PathLike):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results table")
     try:
-        with open(path, newline="") as fh:
-            _check_header(next(csv.reader(fh), []), path)
-        data, _ = whole_records(path.read_bytes(), COLUMNS, path)  # rows cut short: left out
+        held = _file_columns(path)
+        data, _ = whole_records(path.read_bytes(), held, path)  # rows cut short: left out
         frame = pd.read_csv(
             io.BytesIO(data),
             dtype={
@@ -334,8 +366,13 @@ def read_results(run_dir: str | os.PathLike):
                 "backend": "string",
                 "dtype": "string",
                 "mode": "string",
+                "numerics": "string",
             },
         )
+        for column in COLUMNS:  # a run written before the numerics: unknown (empty)
+            if column not in frame.columns:
+                frame[column] = None
+        frame = frame[list(COLUMNS)]
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise SchemaError(f"{path}: not a results table ({str(exc).splitlines()[0]})") from None
     for column in NUMERIC_COLUMNS:  # a cell that is not a number is named, not crashed on
@@ -348,11 +385,13 @@ def read_results(run_dir: str | os.PathLike):
                 f"{frame[column].iloc[index]!r}"
             )
         frame[column] = numbers
-    frame["correct"] = (
-        frame["correct"]
-        .map({True: True, False: False, "True": True, "False": False})
-        .astype("boolean")
-    )
+    for column in ("correct", "same_bits"):
+        frame[column] = (
+            frame[column]
+            .map({True: True, False: False, "True": True, "False": False})
+            .astype("boolean")
+        )
+    frame["numerics"] = frame["numerics"].astype("string")
     return frame
 
 
@@ -387,9 +426,8 @@ def completed_points(run_dir: str | os.PathLike) -> set[tuple]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.exists():
         return set()
-    with open(path, newline="") as fh:
-        _check_header(next(csv.reader(fh), []), path)
-    data, _ = whole_records(path.read_bytes(), COLUMNS, path)  # a row cut short is not done
+    held = _file_columns(path)
+    data, _ = whole_records(path.read_bytes(), held, path)  # a row cut short is not done
     reader = csv.DictReader(io.StringIO(data.decode(), newline=""))
     return {point_key(**r) for r in reader}
 
@@ -425,6 +463,8 @@ def count_rows(run_dir: str | os.PathLike, file_name: str = RESULTS_FILE) -> int
         data = path.read_bytes()
     except OSError:
         return None
+    with contextlib.suppress(SchemaError, OSError, UnicodeDecodeError):
+        columns = _file_columns(path, columns)
     with contextlib.suppress(SchemaError):  # counted as whole rows where the table is ours
         data, _ = whole_records(data, columns, path)
     data = data[: data.rfind(b"\n") + 1]

@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SchemaError", "CELL_RULES", "csv_line", "whole_records", "check_meta"]
+__all__ = [
+    "SchemaError",
+    "CELL_RULES",
+    "csv_line",
+    "whole_records",
+    "with_columns",
+    "check_meta",
+]
 
 
 class SchemaError(ValueError):
@@ -63,9 +70,18 @@ CELL_RULES: dict[str, tuple[Callable[[str], bool], str]] = {
     "iters": (_count, "a whole number"),
     **{
         name: (_number_or_empty, "a number or empty")
-        for name in ("latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps", "max_abs_err")
+        for name in (
+            "latency_us",
+            "p10_us",
+            "p90_us",
+            "algbw_gbps",
+            "busbw_gbps",
+            "max_abs_err",
+            "max_err_ulp",
+        )
     },
-    "correct": (_flag_or_empty, "True, False or empty"),
+    **{name: (_flag_or_empty, "True, False or empty") for name in ("correct", "same_bits")},
+    "numerics": (lambda cell: cell in ("", "reference", "other"), "reference, other or empty"),
     # rounds.csv
     **{name: (_count, "a whole number") for name in ("round", "position")},
     "samples_us": (_numbers, "numbers separated by spaces"),
@@ -126,6 +142,21 @@ def whole_records(data: bytes, columns: Sequence[str], path: Path | str) -> tupl
     if dropped == 0:
         return data, 0
     return ended[:body_start] + b"".join(kept), dropped
+
+
+def with_columns(
+    data: bytes, held: Sequence[str], columns: Sequence[str], path: Path | str
+) -> tuple[bytes, int]:
+    """A table of columns `held` as one of `columns` (a superset): the new cells empty, the
+    records not whole left out; (its bytes, how many records were dropped)."""
+    kept, dropped = whole_records(data, held, path)
+    body = kept[kept.find(b"\n") + 1 :].decode()
+    lines = [csv_line(columns)]
+    for cells in csv.reader(io.StringIO(body, newline="")):
+        if cells:
+            record = dict(zip(held, cells, strict=True))
+            lines.append(csv_line(record.get(c, "") for c in columns))
+    return b"".join(lines), dropped
 
 
 # meta.json: every field some reader takes, with the kind it must have where present (null

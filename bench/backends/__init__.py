@@ -12,13 +12,21 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from bench.backends.base import Backend, BackendSpec, CommContext, make_gate, params_key
+from bench.backends.base import (
+    Backend,
+    BackendSpec,
+    CommContext,
+    WritesElsewhere,
+    make_gate,
+    params_key,
+)
 from bench.environment import get
 
 __all__ = [
     "Backend",
     "BackendSpec",
     "CommContext",
+    "WritesElsewhere",
     "make_gate",
     "register",
     "get_spec",

@@ -22,6 +22,7 @@ from bench.dtypes import ALL_DTYPES
 __all__ = [
     "Backend",
     "BackendSpec",
+    "WritesElsewhere",
     "CommContext",
     "Gate",
     "make_gate",
@@ -64,7 +65,7 @@ class CommContext:
 
 @runtime_checkable
 class Backend(Protocol):
-    """One communicator, one algorithm. Three verbs."""
+    """One communicator, one algorithm. Three verbs (and the optional fourth: `WritesElsewhere`)."""
 
     name: str
     # True when all_reduce writes the sum into its input (torch.distributed style)
@@ -83,11 +84,18 @@ class Backend(Protocol):
         ...
 
 
-# Optional, for out-of-place callers (the registered op): a backend that can write the sum
-# somewhere other than its input defines
-#     all_reduce_into(tensor, out) -> out
-# with `out` a contiguous tensor of `tensor`'s dtype and size that `can_take` accepted too;
-# `tensor` is left as it was. It saves the copy an out-of-place call otherwise makes first.
+@runtime_checkable
+class WritesElsewhere(Backend, Protocol):
+    """A backend with the optional fourth verb, for out-of-place callers (the registered op):
+    it can write the sum somewhere other than its input, saving the copy an out-of-place call
+    otherwise makes first. Asked once, when a caller is built (`isinstance(b, WritesElsewhere)`),
+    never per call."""
+
+    def all_reduce_into(self, tensor: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write the sum of `tensor` across the group into `out` and return `out`; `out` is a
+        contiguous tensor of `tensor`'s dtype and size that `can_take` accepted too, and
+        `tensor` is left as it was."""
+        ...
 
 
 ProbeFn = Callable[[CommContext], "str | None"]

@@ -111,8 +111,8 @@ class CustomAllReduce:
             raise ValueError(reason)
         if max_spins < 1:
             raise ValueError(f"max_spins: expected an integer >= 1, got {max_spins}")
-        from bench.kernels import reduce as kernels
-        from bench.kernels.ipc import IpcBuffer
+        from bench.kernels import reduce as kernels  # optional: triton
+        from bench.kernels.ipc import IpcBuffer  # optional: triton
 
         self.name = f"custom_{algorithm}"
         self.algorithm = algorithm

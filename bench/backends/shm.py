@@ -39,7 +39,10 @@ counts), and no per-piece bookkeeping. results/peers.md has the measurements.
 The sum is written into the input (`in_place`, like torch.distributed). Every rank computes it
 the same way from the same slots, so every rank gets the same bits: in rank order
 (x0 + x1) + x2 + ... (at world size 2 each rank adds the other's input to its own, the same by
-commutativity); the C path accumulates bfloat16 and float16 in float32 and rounds once.
+commutativity). With the `exact` knob (the default) every path follows the reference
+arithmetic: rank order, bfloat16 and float16 accumulated in float32 and rounded once (the C
+path always does; the Python paths add 16-bit pieces in a float32 buffer made once), so an
+element gets the same bits whatever the message size and path (batch invariance).
 """
 
 from __future__ import annotations
@@ -98,6 +101,13 @@ _STACKED_SUM_ELEMENTS = 4096
 # rank could build it, else the Python path; 0: never; 1: required (create fails without it)
 _NATIVE = (-1, 0, 1)
 _NATIVE_BYTES = 256 << 10
+# 1: every path sums in rank order and 16-bit types accumulate in float32 and round once, the
+# reference arithmetic the C path always follows (the same bits for an element whatever the
+# message size: tables from `tuner fit --numerics exact`); 0: the Python paths round to the
+# dtype after every add at world size > 2 (x0 + x1 rounded, + x2 rounded, ...), and sum small
+# slots with one torch.sum (not in rank order at 8 ranks). Cost: scripts/shm_exact_cost.py.
+_EXACT = (1, 0)
+_ACC_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class ShmAllReduce:
@@ -116,6 +126,7 @@ class ShmAllReduce:
         spin: int = _SPIN[0],
         yield_us: int = _YIELD_US[0],
         native: int = _NATIVE[0],
+        exact: int = _EXACT[0],
     ) -> None:
         self.name = f"shm_{algorithm}"
         self.algorithm = algorithm
@@ -126,6 +137,8 @@ class ShmAllReduce:
         if threads < 0:
             threads = max(1, cores // max(1, ctx.local_world_size))
         self.threads = threads
+        self.exact = bool(exact)
+        self._acc: torch.Tensor | None = None  # float32 sums of 16-bit pieces (exact, ws > 2)
         self._broken: str | None = None
         self._gate = get_spec(self.name).gate()
         self._views: dict[tuple[torch.dtype, int], Any] = {}
@@ -291,9 +304,7 @@ class ShmAllReduce:
             elif isinstance(slots, torch.Tensor):  # every slot as one strided tensor
                 torch.sum(slots, dim=0, out=flat)
             else:
-                torch.add(slots[0], slots[1], out=flat)
-                for j in range(2, self.world_size):
-                    flat.add_(slots[j])
+                self._sum_into(flat, slots)
         finally:
             if previous:
                 torch.set_num_threads(previous)
@@ -309,7 +320,7 @@ class ShmAllReduce:
         ws, me = self.world_size, self.rank
         if ws == 2:
             views = [typed.narrow(0, (p * ws + 1 - me) * slot_elems, count) for p in (0, 1)]
-        elif count <= _STACKED_SUM_ELEMENTS:
+        elif count <= _STACKED_SUM_ELEMENTS and not self.exact:
             views = [
                 typed.as_strided(
                     (ws, count), (slot_elems, 1), typed.storage_offset() + p * ws * slot_elems
@@ -381,11 +392,27 @@ class ShmAllReduce:
         slots = self._piece_views(flat.dtype, count)[parity]
         dest = flat if count == total else flat.narrow(0, offset, count)
         if ws == 2:
-            dest.add_(slots[1 - me])
+            dest.add_(slots[1 - me])  # x0 + x1 on either rank: one add, rounded once
         else:
-            torch.add(slots[0], slots[1], out=dest)
-            for j in range(2, ws):
-                dest.add_(slots[j])
+            self._sum_into(dest, slots)
+
+    def _sum_into(self, dest: torch.Tensor, terms) -> None:
+        """dest = terms[0] + terms[1] + ... in rank order. With `exact`, 16-bit types add in
+        a float32 buffer of the backend's (made once) and round to the dtype once, as the
+        reference arithmetic and the C path do; otherwise every add rounds to the dtype."""
+        if self.exact and dest.dtype in _ACC_DTYPES and len(terms) > 2:
+            count = dest.numel()
+            if self._acc is None or self._acc.numel() < count:
+                self._acc = torch.empty(self.slot_bytes // 2, dtype=torch.float32)
+            acc = self._acc[:count]
+            acc.copy_(terms[0])
+            for term in terms[1:]:
+                acc.add_(term)
+            dest.copy_(acc)
+            return
+        torch.add(terms[0], terms[1], out=dest)
+        for term in terms[2:]:
+            dest.add_(term)
 
     def _two_shot_piece(self, flat: torch.Tensor, offset: int, count: int, total: int) -> None:
         size = flat.element_size()
@@ -401,10 +428,7 @@ class ShmAllReduce:
         self._barrier.arrive_and_wait()
         if hi > lo:
             own = flat.narrow(0, offset + lo, hi - lo)
-            terms = [own if j == me else slots[j] for j in range(ws)]
-            torch.add(terms[0], terms[1], out=result)
-            for j in range(2, ws):
-                result.add_(terms[j])
+            self._sum_into(result, [own if j == me else slots[j] for j in range(ws)])
         self._barrier.arrive_and_wait()
         ctypes.memmove(src, self._slot_ptr(ws), count * size)
 
@@ -435,6 +459,7 @@ _KNOBS = {
     "spin": _SPIN,
     "yield_us": _YIELD_US,
     "native": _NATIVE,
+    "exact": _EXACT,
 }
 
 register(

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from bench import backends as registry
 from bench.doctor.format import format_report
 from bench.doctor.node import node_report
 from bench.doctor.ranks import (
@@ -42,7 +43,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> SweepConfig:
     """The doctor's flags as the config of a one-point sweep of every backend."""
-    from bench import backends as registry
 
     world_size, nnodes, node_rank, port = layout_from_args(args)
     return SweepConfig(

@@ -12,7 +12,10 @@ import resource
 import socket
 from typing import Any
 
+from bench import __version__
+from bench.backends.libnccl import load_library
 from bench.environment import MULTICAST_SWITCHES, get
+from bench.run.hardware import cpu_model, gpu_fingerprint, host_id, versions
 
 __all__ = ["node_report", "check_rendezvous", "nccl_library"]
 
@@ -20,8 +23,6 @@ __all__ = ["node_report", "check_rendezvous", "nccl_library"]
 def nccl_library() -> dict[str, Any]:
     """{"path", "version"} of the libnccl that loads, or {"error"}: why none does."""
     try:
-        from bench.backends.libnccl import load_library
-
         lib = load_library()
         return {"path": lib.path, "version": lib.version}
     except Exception as exc:
@@ -113,9 +114,6 @@ def node_report(
 ) -> dict[str, Any]:
     """Everything this process can tell about the node, without any process group."""
     import torch
-
-    from bench import __version__
-    from bench.run.hardware import cpu_model, gpu_fingerprint, host_id, versions
 
     gpu = gpu_fingerprint()
     report: dict[str, Any] = {

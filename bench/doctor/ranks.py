@@ -9,8 +9,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bench import __version__
+from bench import backends as registry
 from bench.backends import CommContext
+from bench.doctor.node import nccl_library
 from bench.launch.config import SweepConfig
+from bench.launch.flags import UsageError
+from bench.launch.launcher import failure_reason, start_ranks
+from bench.run.context import agreed_reason
+from bench.run.hardware import gpu_fingerprint, host_id, versions
+from bench.run.inputs import check_result, fill_input
+from bench.run.session import create_backend, rank_session, shared_tag, sweep_context
 
 __all__ = [
     "rank_fingerprint",
@@ -46,10 +55,6 @@ def rank_fingerprint(ctx: CommContext) -> dict[str, Any]:
     import platform
 
     import torch
-
-    from bench import __version__
-    from bench.doctor.node import nccl_library
-    from bench.run.hardware import gpu_fingerprint, host_id, versions
 
     v = versions()
     fp: dict[str, Any] = {
@@ -91,7 +96,6 @@ def compare_fingerprints(fps: list[dict[str, Any]]) -> list[str]:
 
 def _check_backend(name: str, cfg: SweepConfig, ctx: CommContext) -> dict[str, Any]:
     """Probe and create as a sweep does, then one verified all-reduce; agreed on all ranks."""
-    from bench.run.session import create_backend
 
     backend, reason = create_backend(name, cfg, ctx)
     if backend is None:
@@ -113,9 +117,6 @@ def _checked_sum(backend, ctx: CommContext) -> tuple[str, str | None]:
     """(status, reason) of one 4 KiB float32 all-reduce checked against the exact sum."""
     import torch
     import torch.distributed as dist
-
-    from bench.run.context import agreed_reason
-    from bench.run.inputs import check_result, fill_input
 
     tensor = fill_input(
         torch.empty(CHECK_BYTES // 4, dtype=torch.float32, device=ctx.device), ctx.rank, seed=7
@@ -150,9 +151,6 @@ def _ranks_report(
     and compared, every backend's verdict agreed."""
     import torch.distributed as dist
 
-    from bench import backends as registry
-    from bench.run.session import shared_tag, sweep_context
-
     ctx = sweep_context(cfg, layout, shared_tag("doc"))
     fps: list = [None] * ctx.world_size
     dist.all_gather_object(fps, fingerprint(ctx), group=ctx.cpu_group)
@@ -172,7 +170,6 @@ def _ranks_report(
 
 def _rank_main(cfg: SweepConfig, fingerprint: Fingerprint, alone: bool = False) -> dict[str, Any]:
     """One rank: launched, or (`alone`) the only rank, in this process."""
-    from bench.run.session import rank_session
 
     with rank_session(cfg.timeout_s, alone=alone) as (layout, watchdog):
         return _ranks_report(cfg, layout, watchdog, fingerprint)
@@ -191,9 +188,6 @@ def ranks_launched(
     """Start this node's ranks through the sweep's launcher; (report or None, failure)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
-    from bench.launch.flags import UsageError
-    from bench.launch.launcher import failure_reason, start_ranks
 
     try:
         results = start_ranks(cfg, _rank_main, (cfg, fingerprint), name="doctor")

@@ -183,7 +183,7 @@ def _reduction_rows(
 ) -> list[dict]:
     """Our kernel (every config at the first size seen, then the best and the default) and
     PyTorch's variants, N inputs of `nbytes` each."""
-    from bench.kernels.reduce import reduce_n
+    from bench.kernels.reduce import reduce_n  # optional: triton
 
     dtype = DTYPES[dtype_name]
     count = nbytes // torch.empty((), dtype=dtype).element_size()
@@ -283,7 +283,7 @@ def profile_once(
     evict: str = "",
 ) -> None:
     """One launch each of our kernel, xs.sum(0) and a copy, for Nsight Compute to read."""
-    from bench.kernels.reduce import reduce_n
+    from bench.kernels.reduce import reduce_n  # optional: triton
 
     dtype = DTYPES[dtype_name]
     count = nbytes // torch.empty((), dtype=dtype).element_size()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from bench import backends as registry
+from bench.analysis.results import completed_points, read_meta
 from bench.dtypes import DTYPE_ALIASES, DTYPES  # re-exported: DTYPES is imported from here
 from bench.launch import capacity
 from bench.launch.capacity import RANKS_PER_CORE
@@ -200,7 +202,6 @@ def parse_sweep_config(argv: list[str] | None = None) -> SweepConfig:
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     """Check every flag and their combination; raise UsageError naming the first bad one."""
-    from bench import backends as registry
 
     world_size, nnodes, node_rank, master_port = layout_from_args(args)
     known = registry.known_names()
@@ -323,7 +324,6 @@ def runnable_backends(
     """(the backends this machine can run, {every other known name: why not}), asked of each
     backend's probe before any rank starts: a stand-in context of this node's share of the
     ranks, no communicator built. A reason that only a rank can see still skips its rows."""
-    from bench import backends as registry
 
     ctx = registry.CommContext(
         rank=0,
@@ -395,7 +395,6 @@ def _fits(args: argparse.Namespace, sizes: list[int], local_ranks: int, device: 
 
 def _params(texts: list[str], known: list[str]) -> dict[str, dict]:
     """--param BACKEND.KNOB=VALUE flags -> {backend: {knob: value}}, checked by each spec."""
-    from bench import backends as registry
 
     params: dict[str, dict] = {}
     for text in texts:
@@ -443,7 +442,6 @@ def _run_dir(args: argparse.Namespace, node_rank: int) -> tuple[str | None, bool
 
 def _check_run_dir(path: Path, flag: str) -> None:
     """A run directory we would append to must hold this project's table and meta.json."""
-    from bench.analysis.results import completed_points, read_meta
 
     if not path.is_dir():
         return

@@ -24,7 +24,9 @@ from typing import Any
 from bench.backends.base import scoped_env
 from bench.environment import get
 from bench.launch.config import SweepConfig
-from bench.launch.watchdog import EXIT_WATCHDOG
+from bench.launch.flags import UsageError
+from bench.launch.paths import os_error
+from bench.run.watchdog import EXIT_WATCHDOG
 
 __all__ = [
     "free_port",
@@ -124,8 +126,6 @@ def _check_listen(host: str, port: int) -> None:
     """Node 0 hosts the rendezvous at --master-addr:--master-port: try listening there first
     (as the store does, address reuse allowed), so a port in use or an address of another
     host is one line before any rank starts."""
-    from bench.launch.flags import UsageError
-    from bench.launch.paths import os_error
 
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

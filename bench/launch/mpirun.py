@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from bench.environment import get
-from bench.launch.watchdog import EXIT_WATCHDOG
+from bench.launch.launcher import free_port
+from bench.run.watchdog import EXIT_WATCHDOG
 
 __all__ = [
     "MPIRUN_INSTALL",
@@ -144,7 +145,6 @@ def mpirun_command(cfg, argv: list[str], port: int) -> list[str]:
 def launch_mpirun(cfg, argv: list[str]) -> int:
     """Run the sweep's ranks under mpirun; its exit code, with one line when a rank failed
     (finished rows are kept in cfg.out)."""
-    from bench.launch.launcher import free_port
 
     port = cfg.master_port or free_port(cfg.master_addr)
     code = subprocess.run(mpirun_command(cfg, argv, port)).returncode

@@ -7,27 +7,25 @@ import os
 import sys
 from pathlib import Path
 
+from bench.analysis.results import LOCK_FILE, ROUNDS_FILE, count_rows
 from bench.environment import get, launched_rank
 from bench.launch.config import RUNS_ROOT, SweepConfig, left_out_line, parse_sweep_config
 from bench.launch.flags import UsageError
+from bench.launch.launcher import launch
 from bench.launch.mpirun import launch_mpirun, mpi_layout, mpirun_reason
+from bench.launch.paths import writable_dir
+from bench.run.worker import new_run_id, run_worker
 
 __all__ = ["main", "rows_kept"]
 
 
 def main(argv: list[str]) -> int:
-    from bench.run.worker import new_run_id, run_worker
-
     cfg = parse_sweep_config(argv)
     if cfg.left_out and (get("RANK") or "0") == "0" and not cfg.quiet:
         print(left_out_line(cfg.left_out), file=sys.stderr, flush=True)
     if cfg.out is not None and cfg.node_rank == 0:  # only node 0's rank 0 writes (shared FS)
-        from bench.analysis.results import LOCK_FILE
-
         _refuse_if_locked(Path(cfg.out) / LOCK_FILE)
     if cfg.out is None and cfg.node_rank == 0:
-        from bench.launch.paths import writable_dir
-
         # the default run directory goes below runs/ (made again by rank 0)
         writable_dir(f"--out (default {RUNS_ROOT}/)", RUNS_ROOT)
     if launched_rank() or mpi_layout() is not None:
@@ -37,8 +35,6 @@ def main(argv: list[str]) -> int:
         if reason:
             raise UsageError(f"--launcher mpirun: {reason}")
         return launch_mpirun(cfg, argv)
-    from bench.analysis.results import count_rows
-    from bench.launch.launcher import launch
 
     if cfg.out is None and cfg.run_id is None:
         cfg.run_id = new_run_id()  # chosen here, so that a failure can name the directory
@@ -49,7 +45,6 @@ def main(argv: list[str]) -> int:
 def rows_kept(cfg: SweepConfig, before: int = 0) -> str:
     """What a sweep that failed or was stopped leaves, for the launcher's last line: the
     rows its results.csv holds now (counted, never assumed), or that none were written."""
-    from bench.analysis.results import ROUNDS_FILE, count_rows
 
     if cfg.node_rank != 0:
         return "; node 0 keeps the rows written so far"

@@ -27,10 +27,30 @@ def _pattern(count: int, device: torch.device, seed: int) -> torch.Tensor:
     return idx * a
 
 
-def fill_input(tensor: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+def _period(rank: int, world_size: int | None, seed: int, device) -> torch.Tensor:
+    """One period (17 elements) of rank `rank`'s input, or of the sum over `world_size` ranks
+    (int32): every input and every sum repeats with the period of the index."""
     _, b = _coefficients(seed)
-    values = (_pattern(tensor.numel(), tensor.device, seed) + rank * b) % 5 - 2
-    tensor.view(-1).copy_(values)
+    base = _pattern(_PERIOD, device, seed)
+    ranks = [rank] if world_size is None else range(world_size)
+    return sum((base + r * b) % 5 - 2 for r in ranks)
+
+
+def _tile(flat: torch.Tensor, period: torch.Tensor) -> None:
+    """`flat` = `period` repeated: one period written, then copies of what is written,
+    doubling (a few memcpys, not an integer computation per element: 64 MiB in ~20 ms
+    instead of ~300)."""
+    n = flat.numel()
+    filled = min(n, _PERIOD)
+    flat[:filled].copy_(period[:filled])
+    while filled < n:  # `filled` stays a multiple of the period, so the copy keeps it
+        more = min(filled, n - filled)
+        flat[filled : filled + more].copy_(flat[:more])
+        filled += more
+
+
+def fill_input(tensor: torch.Tensor, rank: int, seed: int) -> torch.Tensor:
+    _tile(tensor.view(-1), _period(rank, None, seed, tensor.device))
     return tensor
 
 
@@ -49,6 +69,13 @@ def check_result(result: torch.Tensor, rank: int, world_size: int, seed: int) ->
     NaN or a result of the wrong size)."""
     if result is None or result.numel() == 0:
         return float("inf")
+    flat = result.reshape(-1)
+    whole = flat.numel() // _PERIOD * _PERIOD
+    expected = _period(rank, world_size, seed, flat.device).to(flat.dtype)
+    if torch.equal(
+        flat[:whole].view(-1, _PERIOD), expected.expand(whole // _PERIOD, _PERIOD)
+    ) and torch.equal(flat[whole:], expected[: flat.numel() - whole]):
+        return 0.0  # every element exact: one comparison in the dtype, no float32 copy
     ref = reference_sum(result.numel(), world_size, seed, result.device)
     diff = (result.reshape(-1).to(torch.float32) - ref).abs()
     if torch.isnan(diff).any():

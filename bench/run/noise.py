@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from bench.analysis.rounds import aa_spread, read_rounds
 from bench.environment import get
 
 __all__ = ["noise_before", "noise_after", "mps_running", "BUSY_LOAD_PER_CORE"]
@@ -87,10 +88,9 @@ def noise_after(noise: dict, run_dir: str | os.PathLike) -> dict:
     running until now) and the A/A figure of the rounds measured."""
     out = {**noise, "load_after": _load()}
     try:
-        from bench.analysis.rounds import aa_spread, read_rounds
+        rounds = read_rounds(run_dir)
     except ImportError:  # pandas missing: the figure is computed by `bench report` instead
         return out
-    rounds = read_rounds(run_dir)
     if len(rounds):
         out["aa"] = aa_spread(rounds)
     return out

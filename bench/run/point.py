@@ -4,13 +4,16 @@
 graph mode) against the exact sum, and returns the step to time: one call in eager mode, a
 graph of `graph_calls` calls in graph mode. Every step is collective and every rank gets the
 same answer. `PointRunner` times one block of that step (one round of the sweep); the tuner
-times it in prunable rounds.
+times it in prunable rounds. `check_numerics` measures a point's arithmetic once (the sweep:
+at its first round; `bench.run.numerics`): one more call, a hash of its bytes gathered on the
+CPU group, and a reference computed on the CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -19,6 +22,7 @@ import torch.distributed as dist
 from bench.backends import CommContext
 from bench.run.context import agreed_reason
 from bench.run.inputs import check_result, fill_input
+from bench.run.numerics import Numerics, combine, local_numerics, random_input
 from bench.run.timing import (
     CpuClock,
     CudaEventClock,
@@ -28,7 +32,7 @@ from bench.run.timing import (
     slowest_rank,
 )
 
-__all__ = ["PreparedPoint", "prepare_point", "PointRunner", "barrier"]
+__all__ = ["PreparedPoint", "prepare_point", "PointRunner", "barrier", "check_numerics"]
 
 
 @dataclasses.dataclass
@@ -38,6 +42,7 @@ class PreparedPoint:
     step: Callable[[], object] | None = None  # what to time
     calls_per_step: int = 1
     warmup: int = 0  # warm-up steps for `warmup` calls
+    step_us: float | None = None  # the checked call's time, the slowest rank's, per step
 
     @property
     def correct(self) -> bool:
@@ -94,32 +99,70 @@ def prepare_point(
         reason = agreed_reason(local, ctx)
         if reason:
             return PreparedPoint(reason=reason)
-    fill_input(tensor, ctx.rank, seed)
+        fill_input(tensor, ctx.rank, seed)  # the capture's warm-up calls summed it already
     barrier(ctx)
     local = None
+    start = time.perf_counter()
     try:
         check_step()
         if is_cuda:
             torch.cuda.synchronize()
     except Exception as exc:  # a backend that raises is a skipped point, not a dead sweep
         local = f"all_reduce failed: {type(exc).__name__}: {exc}"
+    check_us = (time.perf_counter() - start) * 1e6
     reason = agreed_reason(local, ctx)
     if reason:
         return PreparedPoint(reason=reason)
+    # the worst rank's error and the slowest rank's checked call, in one exchange
     err = torch.tensor(
-        [check_result(out_holder[0], ctx.rank, ctx.world_size, seed)], dtype=torch.float64
+        [check_result(out_holder[0], ctx.rank, ctx.world_size, seed), check_us],
+        dtype=torch.float64,
     )
     dist.all_reduce(err, op=dist.ReduceOp.MAX, group=ctx.cpu_group)
+    max_abs_err, check_us = float(err[0]), float(err[1])
 
     if mode == "graph":
         step, _graph = capture_graph(once, calls=graph_calls)
         return PreparedPoint(
-            max_abs_err=float(err.item()),
+            max_abs_err=max_abs_err,
             step=step,
             calls_per_step=graph_calls,
             warmup=max(1, warmup // graph_calls),
+            step_us=check_us * graph_calls,  # a replay of one call, K calls to a step
         )
-    return PreparedPoint(max_abs_err=float(err.item()), step=once, warmup=warmup)
+    return PreparedPoint(max_abs_err=max_abs_err, step=once, warmup=warmup, step_us=check_us)
+
+
+def check_numerics(
+    backend, ctx: CommContext, dtype: torch.dtype, mode: str, nbytes: int
+) -> Numerics:
+    """Collective: one call on random floats of mixed magnitude (a point `prepare_point`
+    passed), agreed over every rank: same bits, the reference arithmetic, the error against
+    float64. Once per point: a copy to the CPU, a hash and one exchange on the CPU group."""
+    count = max(nbytes // torch.empty((), dtype=dtype).element_size(), 1)
+    tensor = random_input(dtype, count, ctx.rank).to(ctx.device)
+    source = tensor.clone()
+    out_holder: list = [None]
+
+    def once() -> None:
+        out_holder[0] = backend.all_reduce(tensor)
+
+    step = once
+    if mode == "graph":  # the arithmetic of the step that is timed
+        step, _graph = capture_graph(once, calls=1)
+        tensor.copy_(source)  # the capture's warm-up calls reduced it
+    barrier(ctx)
+    local: tuple = (None, False, float("inf"))
+    try:
+        step()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+        local = local_numerics(out_holder[0], dtype, ctx.world_size, count)
+    except Exception:  # said as rank-divergent, not a dead sweep (the exact check passed)
+        pass
+    per_rank: list = [None] * ctx.world_size
+    dist.all_gather_object(per_rank, local, group=ctx.cpu_group)
+    return combine(per_rank)
 
 
 class PointRunner:
@@ -175,10 +218,14 @@ class PointRunner:
         return None, slowest_rank(per_call, self.ctx.cpu_group), point.correct, point.max_abs_err
 
     def _iters_for(self, point: PreparedPoint) -> int:
-        """Timed steps for this block: one step timed on every rank (it warms up too), the
-        slowest rank's time agreed, then as many steps as fill `block_us` (every rank the
-        same count: the steps are collective)."""
-        if self.block_us <= 0:
+        """Timed steps for this block. A slow point (the checked call's time, the slowest
+        rank's, says `iters` steps already fill `block_us`) stays at `iters`: no extra call.
+        A fast one times one step on every rank (a replay of K calls is not K times one
+        call's host time), agrees on the slowest, and runs as many steps as fill `block_us`
+        (every rank the same count: the steps are collective)."""
+        if self.block_us <= 0 or not point.step_us:
+            return self.iters
+        if point.step_us * self.iters >= self.block_us:
             return self.iters
         barrier(self.ctx)
         step_us = slowest_rank(self.clock.time_steps(point.step, 1), self.ctx.cpu_group)[0]

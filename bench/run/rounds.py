@@ -143,6 +143,16 @@ class RoundPlan:
             for r, (latency_us, samples, position) in rounds.items():
                 point.add(r, RoundFigure(latency_us, tuple(samples), position))
         self.blocks_left = sum(len(r) for r in self.left.values())
+        # each point's arithmetic, measured once (at its first block measured here)
+        self.numerics: dict[tuple, Any] = {}
+
+    def wants_numerics(self, block: Block) -> bool:
+        """Whether this block's point still lacks its numerics (the same on every rank)."""
+        return block.key not in self.numerics
+
+    def note_numerics(self, block: Block, numerics) -> None:
+        """`bench.run.numerics.Numerics` of the block's point, for its row."""
+        self.numerics[block.key] = numerics
 
     def rows_from_rounds(self, base: dict) -> list[dict]:
         """The rows of points whose rounds were all measured before a resume (rank 0)."""
@@ -231,6 +241,7 @@ class RoundPlan:
 
     def _point_row(self, key, point: PointRounds, base: dict, correct: bool, err) -> dict:
         stats = point.stats(key[3], self.world_size)
+        numerics = self.numerics.get(key)  # None: not measured (a resumed point's)
         return {
             **self._fields(key, base),
             "nnodes": self.nnodes,
@@ -241,8 +252,12 @@ class RoundPlan:
             "p90_us": stats.p90_us,
             "algbw_gbps": stats.algbw_gbps,
             "busbw_gbps": stats.busbw_gbps,
-            "correct": correct,
+            # ranks that got different bits: not a correct sum, whatever the exact check said
+            "correct": correct and (numerics is None or numerics.same_bits),
             "max_abs_err": err,
+            "same_bits": None if numerics is None else numerics.same_bits,
+            "numerics": None if numerics is None else numerics.numerics,
+            "max_err_ulp": None if numerics is None else numerics.max_err_ulp,
             "skipped_reason": None,
         }
 
@@ -259,6 +274,9 @@ class RoundPlan:
             "busbw_gbps": None,
             "correct": None,
             "max_abs_err": None,
+            "same_bits": None,
+            "numerics": None,
+            "max_err_ulp": None,
             "skipped_reason": reason.replace("\n", " ")[:300],
         }
 

@@ -24,8 +24,8 @@ from bench.environment import get, launched_rank
 from bench.launch.config import SweepConfig
 from bench.launch.launcher import PIDS_DIR_ENV, remove_shm_leftovers
 from bench.launch.mpirun import export_layout, mpi_layout
-from bench.launch.watchdog import Watchdog
 from bench.run.context import broadcast_object, build_backend, make_context
+from bench.run.watchdog import Watchdog
 
 __all__ = [
     "dist_env",

@@ -17,6 +17,19 @@ import platform
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+
+from bench.backends.shm_segment import NAME_PREFIX
+from bench.dtypes import DTYPES as TORCH_DTYPES
+from bench.launch.config import SweepConfig
+from bench.launch.flags import OutputError, UsageParser, int_flag, seconds_flag
+from bench.launch.launcher import launch
+from bench.launch.paths import writable_file, write_output
+from bench.run.hardware import cpu_model
+from bench.run.inputs import fill_input, reference_sum
+from bench.run.session import create_backend, rank_session, shared_tag, sweep_context
+
 __all__ = ["main"]
 
 ALGORITHMS = ("shm_one_shot", "shm_two_shot")
@@ -35,18 +48,11 @@ def _rss_kib() -> int:
 
 
 def _shm_entries() -> int:
-    from bench.backends.shm_segment import NAME_PREFIX
-
     return sum(name.startswith(NAME_PREFIX) for name in os.listdir("/dev/shm"))
 
 
 def _cases(rank: int, world_size: int) -> list[tuple]:
     """(input, expected) per (size, dtype, seed), built once: the loop only copies."""
-    import torch
-
-    from bench.dtypes import DTYPES as TORCH_DTYPES
-    from bench.run.inputs import fill_input, reference_sum
-
     cases = []
     for nbytes in SIZES_BYTES:
         for dtype_name in DTYPES:
@@ -63,8 +69,6 @@ class _Soak:
     """The backends taking turns over the cases, counting calls and wrong results."""
 
     def __init__(self, backends: list, cases: list[tuple], watchdog) -> None:
-        import torch
-
         self.backends, self.cases, self.watchdog = backends, cases, watchdog
         self.work = [torch.empty_like(data) for data, _ in cases]
         self.first_error: str | None = None
@@ -75,8 +79,6 @@ class _Soak:
         self.calls = dict.fromkeys(ALGORITHMS, 0)
 
     def step(self, i: int) -> None:
-        import torch
-
         index = i % len(self.cases)
         if index == 0:
             self.watchdog.beat(f"soak iteration {i}")
@@ -96,11 +98,6 @@ class _Soak:
 
 def _soak_rank(cfg, iters: int, out: str | None) -> int:
     """One launched rank: set up, warm up, soak, then rank 0 prints (and writes) the report."""
-    import torch
-    import torch.distributed as dist
-
-    from bench.run.session import create_backend, rank_session, shared_tag, sweep_context
-
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         # the verification's own torch ops get this rank's share of the cores: with torch's
         # default (every core per process) their OpenMP threads spin against the peer's reduction
@@ -150,9 +147,6 @@ def _soak_rank(cfg, iters: int, out: str | None) -> int:
 
 def _write_report(out: str, text: str) -> bool:
     """Rank 0: the report into --out; False (and one line) when it cannot be written."""
-    from bench.launch.flags import OutputError
-    from bench.launch.paths import write_output
-
     try:
         write_output("--out", out, text + "\n")
     except OutputError as exc:
@@ -163,10 +157,6 @@ def _write_report(out: str, text: str) -> bool:
 
 def _report(ranks: list[dict], iters: int, world_size: int) -> str:
     """The markdown report of every rank's figures."""
-    import torch
-
-    from bench.run.hardware import cpu_model
-
     elapsed = max(r["elapsed_s"] for r in ranks)
     total_errors = sum(sum(r["errors"].values()) for r in ranks)
     calls = ranks[0]["calls"]
@@ -202,10 +192,6 @@ def _report(ranks: list[dict], iters: int, world_size: int) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from bench.launch.config import SweepConfig
-    from bench.launch.flags import UsageParser, int_flag, seconds_flag
-    from bench.launch.launcher import launch
-
     parser = UsageParser(prog="bench soak", description=__doc__.splitlines()[0])
     parser.add_argument("--iters", default="100000", help="verified all-reduces per rank")
     parser.add_argument("--world-size", dest="world_size", default="2", help="ranks (>= 2)")
@@ -226,7 +212,5 @@ def main(argv: list[str]) -> int:
     )
     iters = int_flag("--iters", args.iters)
     if args.out:
-        from bench.launch.paths import writable_file
-
         writable_file("--out", args.out)
     return launch(cfg, _soak_rank, (cfg, iters, args.out))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from bench.analysis.report import measured_rows, print_summary
 from bench.analysis.results import (
     META_FILE,
     RESULTS_FILE,
@@ -34,12 +35,12 @@ from bench.dtypes import DTYPES
 from bench.launch.config import RUNS_ROOT, SweepConfig, parse_sweep_config
 from bench.launch.flags import run_command
 from bench.launch.paths import os_error
-from bench.launch.watchdog import Watchdog
 from bench.run.hardware import fingerprint
 from bench.run.noise import noise_after, noise_before
-from bench.run.point import PointRunner
+from bench.run.point import PointRunner, check_numerics
 from bench.run.rounds import RoundPlan, held_groups, per_round
 from bench.run.session import rank_session, shared_tag, sweep_context
+from bench.run.watchdog import Watchdog
 
 __all__ = ["run_worker", "RankMismatch", "SweepStopped", "point_plan", "new_run_id", "main"]
 
@@ -169,6 +170,11 @@ def _sweep(cfg: SweepConfig, layout: dict[str, int], watchdog: Watchdog) -> int:
                     block.nbytes,
                     seed=block.seed,
                 )
+                if outcome[0] is None and outcome[2] and plan.wants_numerics(block):
+                    dtype = DTYPES[block.dtype]
+                    backend = group[block.backend]
+                    numerics = check_numerics(backend, ctx, dtype, block.mode, block.nbytes)
+                    plan.note_numerics(block, numerics)
                 rows, blocks = plan.record(block, outcome, base)
                 for row in rows:
                     stop = _write(table, row, stop)
@@ -362,7 +368,6 @@ def _finish(out: str) -> int:
             flush=True,
         )
         return 1
-    from bench.analysis.report import measured_rows, print_summary
 
     if print_summary(out):
         return 1  # wrong sums: the summary said so loudly, the exit code says so too

@@ -53,8 +53,8 @@ from bench.vllm.paths import (
 )
 from tuner.engines.vllm_names import first_unmapped, vllm_path
 from tuner.engines.vllm_setup import ENV_THRESHOLDS, Setup, logger, node_hardware_key, refuse
+from tuner.runtime.route import SizeRoute
 from tuner.runtime.schema import Table
-from tuner.runtime.startup import Route
 
 __all__ = ["Routes", "install", "prepare", "custom_ar_built_with", "ROUTES_ATTRIBUTE"]
 
@@ -68,20 +68,19 @@ class Routes:
 
     def __init__(self, tables: list[Table]) -> None:
         self.tables = tuple(tables)
-        self.by_key: dict[tuple[torch.dtype, str], Route] = {}
+        # per (dtype, mode): each rule's path, by size (vLLM's own gate is the path's)
+        self.by_key: dict[tuple[torch.dtype, str], SizeRoute[Path]] = {}
         for table in tables:
             bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
             paths = tuple(PATHS[vllm_path(r.algorithm)[0]] for r in table.rules)
-            self.by_key[(DTYPES[table.dtype], table.mode)] = Route(
+            self.by_key[(DTYPES[table.dtype], table.mode)] = SizeRoute(
                 bounds, paths, source=f"{table.dtype} {table.mode}"
             )
 
     def choose(self, nbytes: int, dtype: torch.dtype, mode: str) -> Path | None:
         """The path the table names for this call; None: no table for (dtype, mode)."""
         route = self.by_key.get((dtype, mode))
-        if route is None:
-            return None
-        return route.by_size.get(nbytes) or route.chain_for(nbytes)
+        return None if route is None else route[nbytes]
 
     def all_reduce(self, comms, tensor: torch.Tensor) -> torch.Tensor | None:
         """The sum through the table's path; None: vLLM's own order takes it."""
@@ -90,7 +89,7 @@ class Routes:
         return None if path is None else run(path, comms, tensor)
 
     def paths(self) -> list[Path]:
-        return list({p.name: p for r in self.by_key.values() for p in r.chains}.values())
+        return list({p.name: p for r in self.by_key.values() for p in r.values}.values())
 
     def describe(self) -> str:
         parts = []
@@ -202,21 +201,12 @@ def prepare(setup: Setup | None, cpu_group, unique_name: str) -> Prepared | None
     if not _agree(gathered, setup, unique_name) or setup.thresholds is None:
         return None
     key = gathered[0][2]
-    found = [
-        (i, t)
-        for i, t in enumerate(setup.thresholds.tables)
-        if t.hardware_key == key and t.world_size == world_size
-    ]
+    found = setup.thresholds.tables_for(key, world_size)
     if not found:
         if rank == 0:
-            has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in setup.thresholds.tables})
             logger.warning(
-                "allreduce-autotune: no table for %s world_size %d in %s (it has: "
-                "%s); vLLM keeps its own all-reduce choice",
-                key,
-                world_size,
-                setup.path,
-                ", ".join(has) or "no tables",
+                "allreduce-autotune: %s; vLLM keeps its own all-reduce choice",
+                setup.thresholds.no_table(key, world_size, setup.path),
             )
         return None
     unmapped = first_unmapped(found, skip_cpu=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from bench.run.hardware import device_of_key
 
-__all__ = ["VLLM_PATH", "NO_VLLM_PATH", "vllm_path", "first_unmapped"]
+__all__ = ["VLLM_PATH", "NO_VLLM_PATH", "NOT_EXACT", "vllm_path", "first_unmapped", "first_inexact"]
 
 VLLM_PATH: dict[str, str] = {
     # this project's algorithms -> the nearest of vLLM's paths
@@ -64,5 +64,44 @@ def first_unmapped(tables, skip_cpu: bool = True) -> str | None:
                 return (
                     f"tables[{index}].rules[{number}].algorithm: {rule.algorithm} has no "
                     f"vLLM path ({reason}); vLLM runs {', '.join(VLLM_PATH)}"
+                )
+    return None
+
+
+# vLLM paths whose arithmetic an exact-numerics table cannot promise, whatever was measured:
+# NCCL picks its algorithm (ring or tree), protocol and channels per call and message size, so
+# the order of the sum changes with the batch
+NOT_EXACT: dict[str, str] = {
+    "vllm_pynccl": "NCCL picks its algorithm and channels per message size: the order of its "
+    "sum changes with the batch",
+    "nccl": "NCCL picks its algorithm and channels per message size: the order of its sum "
+    "changes with the batch",
+}
+
+
+def first_inexact(tables, skip_cpu: bool = True) -> str | None:
+    """The first rule of an exact-numerics table (`numerics: exact`) that vLLM cannot run with
+    the arithmetic the table promises, as one line naming it; None where every one can.
+
+    The promise holds for what was measured: a rule naming one of vLLM's own implementations
+    (the sweep's `vllm_*` backends, measured on vLLM's code) keeps it, unless NCCL sums it
+    (`NOT_EXACT`). A rule naming this project's own kernel (`custom_one_shot`, ...) runs on
+    vLLM's nearest path, whose arithmetic that measurement says nothing about: refused, with
+    how to get a table that holds (fit on the vllm_* backends)."""
+    for index, table in tables:
+        if table.numerics != "exact":
+            continue
+        if skip_cpu and device_of_key(table.hardware_key) == "cpu":
+            continue
+        for number, rule in enumerate(table.rules):
+            path, _ = vllm_path(rule.algorithm)
+            where = f"tables[{index}].rules[{number}].algorithm"
+            if path in NOT_EXACT:
+                return f"{where}: {rule.algorithm} in an exact-numerics table: {NOT_EXACT[path]}"
+            if path is not None and path != rule.algorithm:
+                return (
+                    f"{where}: {rule.algorithm} in an exact-numerics table runs as vLLM's "
+                    f"{path}, whose arithmetic was not measured (the table measured this "
+                    "project's kernel); fit the exact table on the vllm_* backends"
                 )
     return None

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping
 
 from bench.environment import get
+from tuner.engines.post_import import when_imported
 
 __all__ = ["register", "current", "CUDA_COMMUNICATOR"]
 
@@ -42,7 +43,9 @@ def register(environ: Mapping[str, str] | None = None):
     """vLLM's entry point (see the module docstring); returns the Setup, or None when off."""
     if not (get("ALLREDUCE_AUTOTUNE_THRESHOLDS", environ) or "").strip():
         return None
-    from tuner.engines import vllm_setup
+    from tuner.engines import (
+        vllm_setup,  # optional: torch; vLLM loads this plug-in in every process
+    )
 
     with _lock:
         settings = vllm_setup.settings_of(environ)
@@ -51,8 +54,9 @@ def register(environ: Mapping[str, str] | None = None):
             setup = _state["setup"] = vllm_setup.load_setup(environ)
         if not _state["hooked"]:
             _state["hooked"] = True
-            from tuner.engines import vllm_comm
-            from tuner.engines.post_import import when_imported
+            from tuner.engines import (
+                vllm_comm,  # optional: torch; vLLM loads this plug-in in every process
+            )
 
             when_imported(CUDA_COMMUNICATOR, lambda module: vllm_comm.install(module, current))
     return setup

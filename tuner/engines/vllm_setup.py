@@ -18,7 +18,8 @@ import logging
 from collections.abc import Mapping
 
 from bench.environment import get
-from tuner.engines.vllm_names import first_unmapped
+from bench.run.hardware import fingerprint
+from tuner.engines.vllm_names import first_inexact, first_unmapped
 from tuner.runtime.schema import TableError, Thresholds, load
 
 __all__ = [
@@ -96,6 +97,7 @@ def load_setup(environ: Mapping[str, str] | None = None) -> Setup | None:
     try:
         thresholds = load(path)
         unmapped = first_unmapped(enumerate(thresholds.tables))
+        unmapped = unmapped or first_inexact(enumerate(thresholds.tables))
         if unmapped:
             raise TableError(f"{path}: {unmapped}")
     except TableError as exc:
@@ -120,6 +122,4 @@ def node_hardware_key(setup: Setup) -> str:
 
 @functools.cache
 def _fingerprint_key() -> str:
-    from bench.run.hardware import fingerprint
-
     return fingerprint("cuda")["hardware_key"]

@@ -6,14 +6,21 @@ size exactly, applies the operator's overrides and builds only the backends the 
 (`startup` says how); whatever it could not use is said once, in one `DispatchWarning`.
 
 Per call: the route of the tensor's dtype and mode (graph while a CUDA graph is being
-captured), the chain of backends for its byte size (a dict hit for sizes seen before, else a
-bisect over the rule bounds), then each backend of the chain: size <= its buffer, then its own
-`can_take` gate; the first that can, reduces. No host synchronisation, no allocation (except a
-contiguous copy when even the floor refuses a non-contiguous tensor), nothing that breaks
-CUDA-graph capture, and no bookkeeping unless asked (`count_calls=True`: `last_backend`,
-`calls`). `all_reduce_out` is the out-of-place call (the registered op's): a backend that can
-write elsewhere (`all_reduce_into`) writes into a new tensor, one that returns a new tensor is
-called as it is, any other reduces a copy.
+captured), its chain of links for the byte size (`route[nbytes]`: a dict hit for sizes
+seen before, else a bisect over the rule bounds keeping the links whose size limit admits the
+size), then each link's backend gate (`can_take`, which checks its buffer: the one size check
+of a call); the first that takes the tensor reduces. No host synchronisation, no allocation
+(except a contiguous copy when even the floor refuses a non-contiguous tensor), nothing that
+breaks CUDA-graph capture, and no bookkeeping unless asked (`count_calls=True`:
+`last_backend`, `calls`).
+
+In place or out of place: `all_reduce(tensor)` returns the sum, which may be `tensor` itself
+(summed in place) or a new tensor (a backend that is not `in_place`): use the result, and do
+not rely on `tensor` afterwards. `all_reduce_out(tensor)` (the registered op's call) returns
+the sum as a new tensor and leaves `tensor` as it was: a backend that can write elsewhere
+(`bench.backends.WritesElsewhere`) writes into a new tensor, one that returns a new tensor is
+called as it is, any other reduces a copy; which of the three is fixed per link when the route
+is built (`route.out_of_place`).
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 import torch
 
 from tuner.runtime.overrides import ENV_FORCE, ENV_MAX_BYTES, OverrideError
+from tuner.runtime.route import Link, floor_route
 from tuner.runtime.schema import Thresholds, load
-from tuner.runtime.startup import NO_LIMIT, Plan, Route, plan
+from tuner.runtime.startup import Plan, plan
 
 __all__ = ["Dispatcher", "DispatchWarning", "OverrideError", "ENV_FORCE", "ENV_MAX_BYTES"]
 
@@ -50,16 +58,12 @@ class Dispatcher:
         self._routes = built.routes
         self._eager = {dtype: r for (dtype, mode), r in built.routes.items() if mode == "eager"}
         self._graph = {dtype: r for (dtype, mode), r in built.routes.items() if mode == "graph"}
-        self._fallback = Route([], (((self.floor, NO_LIMIT),),), source="floor")
+        self._fallback = floor_route(self.floor)
         self._cuda = self.ctx.device.type == "cuda"
-        # how each backend makes an out-of-place result, chosen once
-        self._out_of_place = {
-            id(b): _out_of_place(b) for b in [*self.backends.values(), self.floor]
-        }
         self.last_backend: str | None = None
         self.calls: dict[str, int] = {}
         # an instance attribute: the plain path keeps no books
-        self._choose = self._decide_counted if count_calls else self.decide
+        self._choose = self._link_counted if count_calls else self._link
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -115,28 +119,29 @@ class Dispatcher:
     def decide(self, tensor: torch.Tensor):
         """The backend that will reduce `tensor` (rule lookup + gates), None: the floor
         refuses it too (a non-contiguous tensor)."""
+        link = self._link(tensor)
+        return None if link is None else link.backend
+
+    def _link(self, tensor: torch.Tensor) -> Link | None:
         routes = self._graph if (self._cuda and _capturing()) else self._eager
-        route = routes.get(tensor.dtype, self._fallback)
-        nbytes = tensor.nbytes
-        chain = route.by_size.get(nbytes) or route.chain_for(nbytes)
-        for backend, max_bytes in chain:
-            if nbytes <= max_bytes and backend.can_take(tensor) is None:
-                return backend
+        for link in routes.get(tensor.dtype, self._fallback)[tensor.nbytes]:
+            if link.backend.can_take(tensor) is None:
+                return link
         return None
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the group; returns the result (possibly `tensor` itself)."""
-        backend = self._choose(tensor)
-        if backend is None:
+        link = self._choose(tensor)
+        if link is None:
             return self._reduce_copy(tensor)
-        return backend.all_reduce(tensor)
+        return link.backend.all_reduce(tensor)
 
     def all_reduce_out(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum over the group as a new tensor; `tensor` is left as it was."""
-        backend = self._choose(tensor)
-        if backend is None:
+        link = self._choose(tensor)
+        if link is None:
             return self._reduce_copy(tensor.clone())
-        return self._out_of_place[id(backend)](tensor)
+        return link.out_of_place(tensor)
 
     def _reduce_copy(self, tensor: torch.Tensor) -> torch.Tensor:
         """Even the floor's gate refused (not contiguous): reduce a contiguous copy."""
@@ -144,14 +149,26 @@ class Dispatcher:
         tensor.copy_(out)
         return tensor
 
-    def _decide_counted(self, tensor: torch.Tensor):
-        backend = self.decide(tensor)
-        name = (backend or self.floor).name
+    def _link_counted(self, tensor: torch.Tensor) -> Link | None:
+        link = self._link(tensor)
+        name = (self.floor if link is None else link.backend).name
         self.last_backend = name
         self.calls[name] = self.calls.get(name, 0) + 1
-        return backend
+        return link
 
     # -- inspection and teardown ------------------------------------------------------------
+
+    def numerics(self, dtype: torch.dtype, mode: str = "eager") -> str:
+        """The arithmetic the table promises for `dtype` in `mode`: "exact" where its own table
+        was fitted with `tuner fit --numerics exact` (every size range gives an element the
+        same bits: the all-reduce is batch-invariant) and no override reshaped it; "any"
+        otherwise (no table of its own, another dtype's or mode's rules, an override, the
+        floor for every size)."""
+        name = str(dtype).removeprefix("torch.")
+        for table in self.tables:
+            if table.dtype == name and table.mode == mode:
+                return table.numerics
+        return "any"
 
     def describe(self) -> list[str]:
         """One line per (dtype, mode): its size ranges and the backends each tries, in the
@@ -162,14 +179,15 @@ class Dispatcher:
         ]
         for (dtype, mode), route in sorted(self._routes.items(), key=lambda kv: str(kv[0])):
             ranges, low = [], 0
-            for i, chain in enumerate(route.chains):
+            for i, chain in enumerate(route.values):
                 high = route.bounds[i] if i < len(route.bounds) else None
                 span = f"{low + 1}..{high}" if high is not None else f"> {low}"
-                ranges.append(f"{span}: {' > '.join(b.name for b, _ in chain)}")
+                ranges.append(f"{span}: {' > '.join(link.backend.name for link in chain)}")
                 low = high if high is not None else low
             name = str(dtype).removeprefix("torch.")
             via = "" if route.source == f"{name} {mode}" else f" (rules of {route.source})"
-            lines.append(f"  {name} {mode}{via}: " + "; ".join(ranges))
+            exact = ", numerics exact" if self.numerics(dtype, mode) == "exact" else ""
+            lines.append(f"  {name} {mode}{via}{exact}: " + "; ".join(ranges))
         lines += [f"  note: {n}" for n in self.notes]
         return lines
 
@@ -183,12 +201,3 @@ class Dispatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def _out_of_place(backend):
-    """`tensor -> new tensor holding the sum` for one backend (the gate has taken `tensor`)."""
-    if hasattr(backend, "all_reduce_into"):
-        return lambda tensor: backend.all_reduce_into(tensor, torch.empty_like(tensor))
-    if not getattr(backend, "in_place", True):
-        return lambda tensor: backend.all_reduce(tensor)
-    return lambda tensor: backend.all_reduce(tensor.clone())

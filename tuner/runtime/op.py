@@ -22,7 +22,16 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["install", "uninstall", "installed", "serving", "all_reduce", "OP_NAME", "DEFAULT_GROUP"]
+__all__ = [
+    "install",
+    "uninstall",
+    "installed",
+    "numerics",
+    "serving",
+    "all_reduce",
+    "OP_NAME",
+    "DEFAULT_GROUP",
+]
 
 OP_NAME = "allreduce_autotune::all_reduce"
 DEFAULT_GROUP = "world"
@@ -50,6 +59,14 @@ def uninstall(group: str = DEFAULT_GROUP):
 
 def installed(group: str = DEFAULT_GROUP):
     return _INSTALLED.get(group, (None, None))[0]
+
+
+def numerics(dtype: torch.dtype, mode: str = "eager", group: str = DEFAULT_GROUP) -> str:
+    """The installed dispatcher's arithmetic guarantee for `dtype` in `mode` ("exact": the
+    op gives an element the same bits whatever the message it travels in; "any"); "any" where
+    none is installed."""
+    dispatcher = installed(group)
+    return "any" if dispatcher is None else dispatcher.numerics(dtype, mode)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.backends import known_names, needs_buffer
+from bench.backends import floor_name, known_names, needs_buffer
 from bench.environment import get
+from bench.run.hardware import device_of_key
 from bench.sizes import parse_size
 from tuner.runtime.schema import Rule, Table
 
@@ -113,9 +114,6 @@ def apply_max_bytes(table: Table, name: str, nbytes: int) -> Table:
 
 
 def _floor_name(table: Table) -> str:
-    from bench.backends import floor_name
-    from bench.run.hardware import device_of_key
-
     return floor_name(device_of_key(table.hardware_key))
 
 

@@ -27,6 +27,10 @@ What this project adds (documented here, validated like the rest):
   ``rules_limit``, ``memory_budget`` (bytes or null), ``source`` ("fit" or "live"); from runs
   measured in rounds, ``rounds``, ``aa``, ``heldout``, ``validation``, ``per_rule`` and
   ``ties`` (`tuner.runtime.evidence_fields` says what each holds).
+- ``numerics`` (optional, "any" where absent): "exact" where every rule's algorithm was
+  measured following the reference arithmetic (rank-order sum, float32 accumulation, one
+  rounding) at every size of its range, so every size range gives the same bits for the same
+  element (`tuner fit --numerics exact`); "any" promises nothing about the arithmetic.
 - ``generated_by`` is a free-form object (tool, version, time, command line).
 
 Limits (``validate.LIMITS``; a file beyond one is refused naming the field, before anything is
@@ -50,6 +54,7 @@ from tuner.runtime.validate import (
     DTYPES,
     LIMITS,
     MODES,
+    NUMERICS,
     SCHEMA_VERSION,
     OutOfRange,
     TableError,
@@ -61,6 +66,7 @@ __all__ = [
     "DTYPES",
     "LIMITS",
     "MODES",
+    "NUMERICS",
     "TableError",
     "Rule",
     "Table",
@@ -100,6 +106,7 @@ class Table:
     rules: tuple[Rule, ...]
     max_size: Mapping[str, int]
     evidence: Mapping[str, Any]
+    numerics: str = "any"  # the arithmetic guarantee: "exact" or "any" (NUMERICS)
 
     @property
     def key(self) -> tuple:
@@ -113,7 +120,7 @@ class Table:
         return self.rules[-1]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "hardware_key": self.hardware_key,
             "world_size": self.world_size,
             "dtype": self.dtype,
@@ -122,6 +129,9 @@ class Table:
             "max_size": dict(self.max_size),
             "evidence": dict(self.evidence),
         }
+        if self.numerics != "any":  # absent means "any": files of before read back the same
+            out["numerics"] = self.numerics
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +139,24 @@ class Thresholds:
     tables: tuple[Table, ...]
     generated_by: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    def tables_for(self, hardware_key: str, world_size: int) -> list[tuple[int, Table]]:
+        """(index in the file, table) of every table of exactly this hardware key and world
+        size: the tables a process of that node and group follows."""
+        return [
+            (i, t)
+            for i, t in enumerate(self.tables)
+            if t.hardware_key == hardware_key and t.world_size == world_size
+        ]
+
+    def no_table(self, hardware_key: str, world_size: int, source: str) -> str:
+        """The line for `tables_for` finding none: what was looked for, in which file, and what
+        the file holds (the caller adds what it does instead)."""
+        has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in self.tables})
+        return (
+            f"no table for {hardware_key} world_size {world_size} in {source} "
+            f"(it has: {', '.join(has) or 'no tables'})"
+        )
 
     def find(self, hardware_key: str, world_size: int, dtype: str, mode: str) -> Table | None:
         wanted = table_key(hardware_key, world_size, dtype, mode)
@@ -169,6 +197,7 @@ def from_json(obj: Any) -> Thresholds:
             mode=t["mode"],
             max_size=dict(t["max_size"]),
             evidence=dict(t["evidence"]),
+            numerics=t.get("numerics", "any"),
             rules=tuple(
                 Rule(r["max_bytes"], r["algorithm"], dict(r.get("params", {}))) for r in t["rules"]
             ),

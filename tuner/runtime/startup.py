@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,36 +21,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from bench.backends import floor_name, needs_buffer, params_key
+from bench.backends import floor_name, needs_buffer
 from bench.dtypes import DTYPES as TORCH_DTYPES
 from bench.run.context import broadcast_object, build_backend, make_context
+from bench.run.hardware import fingerprint
 from tuner.runtime.overrides import DEFAULT_MAX_BYTES, apply_max_bytes, parse_overrides
+from tuner.runtime.route import Route, backend_key, build_route
 from tuner.runtime.schema import DTYPES, MODES, Rule, Table, Thresholds
 
-__all__ = ["Route", "Plan", "plan", "build_route", "backend_key", "NO_LIMIT"]
-
-NO_LIMIT = 1 << 62
-
-
-class Route:
-    """One table's rules, ready for the per-call lookup: the finite bounds (increasing), per
-    rule the (backend, max bytes) chain to try, and a cache of the chain per exact size (the
-    sizes a model all-reduces repeat: a dict hit is cheaper than the bisect)."""
-
-    __slots__ = ("bounds", "chains", "by_size", "source")
-    _CACHE_LIMIT = 4096
-
-    def __init__(
-        self, bounds: list[int], chains: tuple[tuple[Any, ...], ...], source: str = ""
-    ) -> None:
-        self.bounds, self.chains, self.source = bounds, chains, source
-        self.by_size: dict[int, tuple] = {}
-
-    def chain_for(self, nbytes: int) -> tuple:
-        chain = self.chains[bisect.bisect_left(self.bounds, nbytes)]
-        if len(self.by_size) < self._CACHE_LIMIT:
-            self.by_size[nbytes] = chain
-        return chain
+__all__ = ["Plan", "plan", "reuse_donor"]
 
 
 class TorchFloor:
@@ -86,10 +64,6 @@ class Plan:
     notes: list[str]
 
 
-def backend_key(rule: Rule) -> str:
-    return rule.algorithm if not rule.params else f"{rule.algorithm}{params_key(rule.params)}"
-
-
 def plan(
     thresholds: Thresholds,
     group=None,
@@ -101,15 +75,17 @@ def plan(
     """Collective over `group`: every rank returns the same plan (see the module docstring)."""
     options = parse_overrides(overrides)
     ctx = make_context(group, device, timeout_s)
-    from bench.run.hardware import fingerprint
 
     hardware_key = broadcast_object(
         fingerprint(ctx.device.type)["hardware_key"] if ctx.rank == 0 else None, ctx.cpu_group
     )
     floor_of = floor_name(ctx.device.type)
     notes: list[str] = []
-    tables = _select(thresholds, hardware_key, ctx.world_size, floor_of, source, notes)
-    tables = _apply(tables, options, hardware_key, ctx.world_size, floor_of)
+    found = thresholds.tables_for(hardware_key, ctx.world_size)
+    if not found:
+        no_table = thresholds.no_table(hardware_key, ctx.world_size, source)
+        notes.append(f"{no_table}; using {floor_of} for every size")
+    tables = _apply([t for _, t in found], options, hardware_key, ctx.world_size, floor_of)
     floor, reason = build_backend(floor_of, {}, _largest(tables), ctx, instance="floor")
     if floor is None:
         notes.append(f"floor {floor_of} unavailable ({reason}); using torch.distributed")
@@ -124,28 +100,6 @@ def plan(
     return Plan(ctx, floor, routes, backends, hardware_key, tuple(tables), notes)
 
 
-def _select(
-    thresholds: Thresholds,
-    hardware_key: str,
-    world_size: int,
-    floor_of: str,
-    source: str,
-    notes: list[str],
-) -> list[Table]:
-    tables = [
-        t
-        for t in thresholds.tables
-        if t.hardware_key == hardware_key and t.world_size == world_size
-    ]
-    if not tables:
-        has = sorted({f"{t.hardware_key} ws{t.world_size}" for t in thresholds.tables})
-        notes.append(
-            f"no table for {hardware_key} world_size {world_size} in {source} "
-            f"(it has: {', '.join(has) or 'no tables'}); using {floor_of} for every size"
-        )
-    return tables
-
-
 def _apply(
     tables: list[Table],
     options: Mapping[str, Any],
@@ -153,6 +107,8 @@ def _apply(
     world_size: int,
     floor_of: str,
 ) -> list[Table]:
+    if options["max_bytes"] or options["force"]:  # the rules measured are not the rules run
+        tables = [dataclasses.replace(t, numerics="any") for t in tables]
     for name, nbytes in options["max_bytes"].items():
         tables = [apply_max_bytes(t, name, nbytes) for t in tables]
     forced = options["force"]
@@ -212,26 +168,6 @@ def _instance_bytes(table: Table, rule: Rule) -> int:
     if not needs_buffer(rule.algorithm):
         return _largest([table])
     return rule.max_bytes or table.max_size.get(rule.algorithm) or _largest([table])
-
-
-def build_route(
-    table: Table, backends: Mapping[str, Any], limits: Mapping[str, int], floor
-) -> Route:
-    """Per rule, (backend, largest bytes it may take) to try in order: the rule's own, those
-    of the following rules, then the floor (no size limit). Built from the last rule back: a
-    rule's chain is its own backend before the next rule's chain (without it), so the work is
-    linear in the rules (each chain holds at most one entry per distinct backend)."""
-    bounds = [r.max_bytes for r in table.rules if r.max_bytes is not None]
-    chains: list[tuple[tuple[Any, int], ...]] = []
-    after: tuple[tuple[Any, int], ...] = ((floor, NO_LIMIT),)
-    for rule in reversed(table.rules):
-        backend = backends.get(backend_key(rule))
-        if backend is not None and backend is not floor:
-            limit = limits[backend_key(rule)] if needs_buffer(rule.algorithm) else NO_LIMIT
-            after = ((backend, limit), *(link for link in after if link[0] is not backend))
-        chains.append(after)
-    chains.reverse()
-    return Route(bounds, tuple(chains), source=f"{table.dtype} {table.mode}")
 
 
 def reuse_donor(have: Sequence[tuple[str, str]], dtype: str, mode: str) -> tuple[str, str]:

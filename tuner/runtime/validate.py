@@ -12,12 +12,16 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+from bench.backends import get_spec, known_names, needs_buffer
 from bench.dtypes import DTYPES as TORCH_DTYPES
+from bench.run.hardware import KEY_PATTERN, device_of_key
+from tuner.runtime.evidence_fields import EVIDENCE_FIELDS  # measured in rounds (issue 19)
 
 __all__ = [
     "SCHEMA_VERSION",
     "DTYPES",
     "MODES",
+    "NUMERICS",
     "LIMITS",
     "TableError",
     "OutOfRange",
@@ -29,6 +33,10 @@ DTYPES = tuple(TORCH_DTYPES)  # the names, from the one map
 MODES = ("eager", "graph")
 _TOP_FIELDS = ("schema_version", "generated_by", "tables")
 _TABLE_FIELDS = ("hardware_key", "world_size", "dtype", "mode", "rules", "max_size", "evidence")
+# the table's arithmetic guarantee (issue 23): "exact" = every rule's algorithm was measured
+# following the reference arithmetic at every size it covers; absent (older files) = "any"
+_TABLE_OPTIONAL = ("numerics",)
+NUMERICS = ("any", "exact")
 _RULE_REQUIRED = ("max_bytes", "algorithm")
 _RULE_OPTIONAL = ("params",)
 _EVIDENCE_REQUIRED = ("run_id", "points", "regret_vs_oracle", "gain_vs_nccl_geomean")
@@ -156,8 +164,6 @@ def _join(where: str, name: str) -> str:
 
 def _spec_of(algorithm: str) -> Any:
     """The algorithm's BackendSpec, or None where its family does not import here."""
-    from bench.backends import get_spec
-
     try:
         return get_spec(algorithm)
     except KeyError:
@@ -166,15 +172,11 @@ def _spec_of(algorithm: str) -> Any:
 
 def _node_device(hardware_key: str) -> str | None:
     """cpu or cuda for keys `bench.run.hardware.hardware_key` writes; None for any other key."""
-    from bench.run.hardware import KEY_PATTERN, device_of_key
-
     known = hardware_key.startswith("cpu-") or KEY_PATTERN.fullmatch(hardware_key)
     return device_of_key(hardware_key) if known else None
 
 
 def _device_of(algorithm: str) -> str | None:
-    from bench.backends import get_spec
-
     try:
         return get_spec(algorithm).device
     except KeyError:
@@ -227,8 +229,6 @@ def _rule(obj: Any, where: str, known: list[str]) -> None:
 
 
 def _evidence(obj: Any, where: str) -> None:
-    from tuner.runtime.evidence_fields import EVIDENCE_FIELDS  # measured in rounds (issue 19)
-
     _fields(obj, where, _EVIDENCE_REQUIRED, (*_EVIDENCE_OPTIONAL, *EVIDENCE_FIELDS))
     checks = {
         **EVIDENCE_FIELDS,
@@ -265,7 +265,9 @@ def _evidence(obj: Any, where: str) -> None:
 
 
 def _table(obj: Any, where: str, known: list[str]) -> None:
-    _fields(obj, where, _TABLE_FIELDS)
+    _fields(obj, where, _TABLE_FIELDS, _TABLE_OPTIONAL)
+    if obj.get("numerics", "any") not in NUMERICS:
+        raise _fail(f"{where}.numerics", f"one of {', '.join(NUMERICS)}", obj["numerics"])
     if not isinstance(obj["hardware_key"], str) or not obj["hardware_key"]:
         raise _fail(f"{where}.hardware_key", "a non-empty string", obj["hardware_key"])
     if not (_is_int(obj["world_size"]) and obj["world_size"] >= 1):
@@ -311,8 +313,6 @@ def _rules(rules: Any, where: str, known: list[str]) -> None:
 def _max_size(max_size: Any, rules: list[dict], where: str) -> None:
     """An entry for every algorithm of the rules that holds a buffer, at least as large as the
     largest size its rules route to it; none for algorithms the rules do not use."""
-    from bench.backends import needs_buffer
-
     if not isinstance(max_size, dict):
         raise _fail(f"{where}.max_size", "an object of algorithm: bytes", max_size)
     used = {r["algorithm"] for r in rules}
@@ -356,7 +356,6 @@ def check_document(obj: Any) -> None:
         raise TableError(
             f"tables: expected at most {LIMITS['tables']} tables, got {len(obj['tables'])}"
         )
-    from bench.backends import known_names
 
     known = known_names()
     seen: dict[tuple, int] = {}

@@ -24,11 +24,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.backends import get_spec
 from bench.dtypes import DTYPES
 from bench.environment import launched_rank
 from bench.launch.config import SweepConfig, add_sweep_arguments, config_from_args
 from bench.launch.flags import OutputError, UsageError, UsageParser, int_flag
+from bench.launch.launcher import launch
+from bench.launch.paths import write_output
+from bench.run.context import broadcast_object, make_context
+from bench.run.hardware import fingerprint
+from bench.run.session import rank_session
 from bench.sizes import format_size
+from tuner.search.measure import BackendCache, Outcome, TrialRunner
+from tuner.table.builder import config_label
+from tuner.table.options import add_table_flags, probe_outputs, save_outputs, table_options
 
 __all__ = ["LiveOptions", "parse_live", "live_worker", "main"]
 
@@ -117,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="built backends kept alive at once",
     )
-    from tuner.table.options import add_table_flags
 
     add_table_flags(p)
     return p
@@ -174,7 +182,6 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
     cfg = config_from_args(args)
     search = _search_settings(args)
     output = Path(args.output)
-    from tuner.table.options import probe_outputs, table_options
 
     table = table_options(args)
     study_db = args.study_db or str(output.with_name(output.stem + ".study.db"))
@@ -201,9 +208,6 @@ def parse_live(argv: list[str]) -> tuple[SweepConfig, LiveOptions]:
 
 def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
     """One rank (under the launcher, torchrun or srun)."""
-
-    from bench.run.session import rank_session
-
     with rank_session(cfg.timeout_s) as (layout, watchdog):
         try:
             return _live(cfg, opts, watchdog, layout["local_rank"])
@@ -214,11 +218,6 @@ def live_worker(cfg: SweepConfig, opts: LiveOptions) -> int:
 
 def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int:
     import torch
-
-    from bench.backends import get_spec
-    from bench.run.context import broadcast_object, make_context
-    from bench.run.hardware import fingerprint
-    from tuner.search.measure import BackendCache, Outcome, TrialRunner
 
     device = torch.device("cpu")
     if cfg.device == "cuda":  # one GPU per local rank, as the sweep's worker does
@@ -279,10 +278,9 @@ def _live(cfg: SweepConfig, opts: LiveOptions, watchdog, local_rank: int) -> int
 def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int:
     import optuna
 
-    from bench.run.context import broadcast_object
-    from tuner.search.options import SearchOptions
-    from tuner.search.search import search_group
-    from tuner.search.study import Space, measurements, storage_url
+    from tuner.search.options import SearchOptions  # optional: optuna
+    from tuner.search.search import search_group  # optional: optuna
+    from tuner.search.study import Space, measurements, storage_url  # optional: optuna
 
     for name, reason in unavailable.items():
         print(f"# {name}: not searched ({reason})", flush=True)
@@ -321,7 +319,6 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
                 return execute(job, on_round=report)
 
             def show(point, _dtype=dtype, _mode=mode):
-                from tuner.table.builder import config_label
 
                 best = (
                     "none"
@@ -355,7 +352,7 @@ def _drive(cfg, opts, ctx, hardware_key, available, unavailable, execute) -> int
 
 def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> None:
     """The tables fitted from the study's measurements, the Pareto front, the summary."""
-    from tuner.table.fit import fit_tables, print_fits
+    from tuner.table.fit import fit_tables, print_fits  # optional: optuna
 
     summary["measured"] = sum(g["measured"] for g in summary["groups"])
     summary["grid"] = sum(g["grid"] for g in summary["groups"])
@@ -369,8 +366,6 @@ def _write_outputs(opts: LiveOptions, data: dict, summary: dict[str, Any]) -> No
         command=opts.command,
     )
     print_fits(fits)
-    from bench.launch.paths import write_output
-    from tuner.table.options import save_outputs
 
     save_outputs(thresholds, fits, opts.output, opts.pareto)
     path = Path(opts.output)
@@ -389,7 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     cfg, opts = parse_live(argv)
     if launched_rank():
         return live_worker(cfg, opts)  # already one rank of the user's torchrun
-    from bench.launch.launcher import launch
 
     return launch(cfg, live_worker, (cfg, opts))
 
@@ -399,11 +393,6 @@ def confirm_worker(cfg: SweepConfig, jobs: list[dict], path: str, repeats: int =
     {label: [algorithm, params]}}, every configuration `repeats` times, interleaved (A B A B
     ...), so that drift hits all alike. Rank 0 writes {label: [latency_us, ...]} per job to
     `path` (JSON). Used to judge a search against a grid without the grid's winner's curse."""
-
-    from bench.run.context import make_context
-    from bench.run.session import rank_session
-    from tuner.search.measure import BackendCache, TrialRunner
-
     with rank_session(cfg.timeout_s) as (_layout, watchdog):
         ctx = make_context(device="cpu", timeout_s=cfg.timeout_s)
         cache = BackendCache(ctx, max(cfg.sizes), capacity=8)

@@ -27,7 +27,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from bench.analysis.results import TABLE_KEY
-from bench.backends import params_key
+from bench.backends import get_spec, params_key
 
 __all__ = [
     "Space",
@@ -88,8 +88,6 @@ class Space:
     ) -> Space:
         """Knob values from the registry, plus any value seen in `seen` (algorithm -> list of
         params; covers backends whose family does not import here)."""
-        from bench.backends import get_spec
-
         names = sorted(set(names))
         knobs: dict[str, dict[str, tuple]] = {}
         defaults: dict[str, dict[str, Any]] = {}

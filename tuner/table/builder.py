@@ -53,7 +53,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from bench.backends import needs_buffer
+from bench.backends import get_spec, needs_buffer
 from tuner.runtime.schema import Rule
 
 __all__ = [
@@ -79,8 +79,6 @@ class BuildError(ValueError):
 
 def config_label(algorithm: str, params: Mapping[str, Any]) -> str:
     """`shm_two_shot[chunk_bytes=262144]`: the knobs that differ from the registry default."""
-    from bench.backends import get_spec
-
     try:
         defaults = get_spec(algorithm).default_params()
     except KeyError:

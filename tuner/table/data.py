@@ -21,7 +21,8 @@ from bench.analysis.results import (
     read_meta,
     read_results,
 )
-from bench.backends import params_key
+from bench.analysis.rounds import ROUND_COLUMNS, read_rounds
+from bench.backends import get_spec, params_key
 from bench.run.hardware import device_of_key
 
 __all__ = [
@@ -42,8 +43,6 @@ class RunsError(ValueError):
 
 
 def _spec(name: str):
-    from bench.backends import get_spec
-
     try:
         return get_spec(name)
     except KeyError:
@@ -114,8 +113,6 @@ def load_rounds(rows):
     as `load_rows` gives them, kept only for the rows' points (measured and correct); an empty
     frame where no run has rounds (runs made before rounds)."""
     import pandas as pd
-
-    from bench.analysis.rounds import ROUND_COLUMNS, read_rounds
 
     frames = []
     point = ["run_id", "backend", "world_size", "dtype", "mode", "bytes"]

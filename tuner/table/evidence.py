@@ -27,6 +27,7 @@ from bench.backends import params_key
 from bench.sizes import format_size
 from tuner.runtime.schema import Table
 from tuner.table.builder import BuildError, Curve, build_table
+from tuner.table.data import config_params
 from tuner.table.paired import MIN_GAIN, Figures, paired_bound
 
 __all__ = ["heldout_regret", "score_table", "summarise", "evidence_summary_text"]
@@ -126,8 +127,6 @@ def score_table(table: Table, rows, weigh: Weigh) -> dict[str, Any] | None:
     """The table on independent runs' rows (`tuner.table.data.load_rows`: measured, correct,
     with `params`) of its group, per run and size (module docstring); None where none of
     the rows is of the table's group."""
-    from tuner.table.data import config_params
-
     hw, ws, dtype, mode = table.key
     part = rows[
         (rows["hardware_key"] == hw)

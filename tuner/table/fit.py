@@ -19,12 +19,15 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+from bench.analysis.rounds import aa_spread
 from bench.analysis.stats import geomean
 from bench.backends import floor_name, params_key
 from bench.run.hardware import device_of_key
 from bench.sizes import format_size
+from tuner import __version__
 from tuner.runtime.schema import Table, Thresholds
 from tuner.search.study import Point
+from tuner.table import paired as pairs
 from tuner.table.builder import (
     Build,
     Curve,
@@ -34,7 +37,7 @@ from tuner.table.builder import (
     workload_weights,
 )
 from tuner.table.data import config_params, device_of
-from tuner.table.evidence import evidence_summary_text
+from tuner.table.evidence import evidence_summary_text, heldout_regret, score_table
 from tuner.table.paired import Tie
 
 __all__ = [
@@ -99,11 +102,10 @@ def fit_group(
     rounds=None,
     validate_rows=None,
     min_gain: float | None = None,
+    numerics: str = "any",
 ) -> GroupFit:
     """One group's table; `rounds`: its runs' round figures (paired decisions, held-out
     evidence); `validate_rows`: independent runs' rows to score it on."""
-    from tuner.table import paired as pairs
-
     min_gain = pairs.MIN_GAIN if min_gain is None else min_gain
     hardware_key, world_size, dtype, mode = group
     sizes = sorted(by_size)
@@ -155,9 +157,6 @@ def fit_group(
     ties: list[Tie] = []
     below_aa: list[int] = []
     if figures:
-        from bench.analysis.rounds import aa_spread
-        from tuner.table.evidence import heldout_regret
-
         ties = pairs.ties(build, curves, figures, min_gain)
         aa = aa_spread(rounds)
         evidence["aa"] = aa
@@ -179,8 +178,6 @@ def fit_group(
                 if stat is not None and abs(math.log(stat.ratio)) * 100 < aa["median_pct"]
             ]
     if validate_rows is not None:
-        from tuner.table.evidence import score_table
-
         draft = Table(hardware_key, int(world_size), dtype, mode, tuple(build.rules), {}, {})
         scored = score_table(draft, validate_rows, weigh)
         if scored is not None:
@@ -193,6 +190,7 @@ def fit_group(
         rules=tuple(build.rules),
         max_size=dict(build.max_size),
         evidence=evidence,
+        numerics=numerics,
     )
     return GroupFit(
         group=group,
@@ -241,6 +239,7 @@ def fit_tables(
     rounds=None,
     validate_rows=None,
     min_gain: float | None = None,
+    numerics: str = "any",
 ) -> tuple[Thresholds, list[GroupFit]]:
     """Every group's table (`fit_group`); `rounds` and `validate_rows` hold every group's."""
     fits = [
@@ -254,10 +253,10 @@ def fit_tables(
             rounds=_of_group(rounds, group),
             validate_rows=validate_rows,
             min_gain=min_gain,
+            numerics=numerics,
         )
         for group in sorted(data)
     ]
-    from tuner import __version__
 
     generated_by = {
         "tool": f"tuner {source}",

@@ -120,7 +120,7 @@ def _fraction_flag(flag: str, text: str | None) -> float | None:
 
 
 def write_pareto(path: str, fits) -> None:
-    from tuner.table.fit import pareto_rows
+    from tuner.table.fit import pareto_rows  # optional: optuna; tuner.cli imports this module
 
     rows = pareto_rows(fits)
     out = Path(path)
@@ -149,7 +149,7 @@ def _check_study(path: str) -> None:
         return
     import optuna
 
-    from tuner.search.study import storage_url
+    from tuner.search.study import storage_url  # optional: optuna; tuner.cli imports this module
 
     try:
         optuna.storages.RDBStorage(storage_url(path))

@@ -19,6 +19,7 @@ from typing import Any
 from bench.analysis.rounds import paired
 from bench.backends import needs_buffer, params_key
 from tuner.table.builder import Build, Curve, PairedBound
+from tuner.table.data import config_params
 
 __all__ = [
     "Figures",
@@ -82,7 +83,6 @@ def paired_bound(figures: Figures, min_gain: float = MIN_GAIN) -> PairedBound:
 def preference(curves: Sequence[Curve], floor: str) -> list[float]:
     """Simpler first, where the data cannot choose: the floor backend (nothing to build),
     then algorithms without a buffer, then the registry's default knobs, then by name."""
-    from tuner.table.data import config_params
 
     def rank(curve: Curve) -> tuple:
         default = params_key(config_params(curve.algorithm, {})) == params_key(curve.params)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from bench.sizes import format_size
-from tuner.runtime.schema import Table, Thresholds
+from tuner.runtime.schema import DTYPES, MODES, Table, Thresholds
+from tuner.runtime.startup import reuse_donor
 from tuner.table.evidence import evidence_summary_text
 
 __all__ = ["table_lines"]
@@ -26,6 +27,7 @@ def table_lines(thresholds: Thresholds, tables: Sequence[Table] | None = None) -
         lines.append("")
         lines.append(
             f"{table.hardware_key}  world_size {table.world_size}  {table.dtype}  {table.mode}"
+            f"  numerics {table.numerics}"
         )
         params_of = [
             ",".join(f"{k}={v}" for k, v in sorted(rule.params.items())) or "-"
@@ -85,9 +87,6 @@ def _rounds_lines(ev) -> list[str]:
 def _reused_lines(tables: Sequence[Table]) -> list[str]:
     """Per machine and world size, the (dtype, mode) pairs with no table of their own and the
     rules the dispatcher gives them instead (it does so without a warning)."""
-    from tuner.runtime.schema import DTYPES, MODES
-    from tuner.runtime.startup import reuse_donor
-
     have: dict[tuple[str, int], list[tuple[str, str]]] = {}
     for table in tables:
         have.setdefault((table.hardware_key, table.world_size), []).append(

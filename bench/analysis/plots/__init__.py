@@ -13,6 +13,7 @@ One module per family of figures:
 - `gain`: the gain of a choice (a table, the oracle) over a baseline;
 - `tuning`: an Optuna study's convergence, the memory-vs-regret Pareto front;
 - `status`: every skipped or incorrect point (nothing hidden);
+- `numerics`: each point's arithmetic, its error against float64, the price of exact tables;
 - `runs`: the PNG files of one run (`write_run_plots`).
 """
 
@@ -25,6 +26,12 @@ from bench.analysis.plots.choice import (
 )
 from bench.analysis.plots.common import backend_color, find_runs, load_runs
 from bench.analysis.plots.gain import default_baseline, gain_table, plot_gain
+from bench.analysis.plots.numerics import (
+    exact_price,
+    exact_price_summary,
+    numerics_table,
+    plot_numerics,
+)
 from bench.analysis.plots.performance import (
     LINK_LIMITS,
     hardware_limit,
@@ -57,6 +64,10 @@ __all__ = [
     "plot_pareto",
     "status_table",
     "plot_status",
+    "numerics_table",
+    "exact_price",
+    "exact_price_summary",
+    "plot_numerics",
     "figure_names",
     "run_thresholds",
     "write_run_plots",

@@ -81,7 +81,7 @@ def tables_by_group(thresholds: Any, hardware_key: str | None = None) -> dict[tu
     """{(world_size, dtype, mode): tuner.runtime.schema.Table} of a thresholds.json (a path, a
     parsed document or a loaded `Thresholds`), keeping one hardware key's tables when given.
     Loading validates: a bad file raises `TableError` naming the field."""
-    from tuner.runtime import schema
+    from tuner.runtime import schema  # optional: torch, which a run's figures need not load
 
     if isinstance(thresholds, (str, Path)):
         thresholds = schema.load(thresholds)

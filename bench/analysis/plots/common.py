@@ -56,7 +56,7 @@ DTYPE_STYLE = {"bfloat16": "-", "float32": "--", "float16": ":"}
 
 def backend_color(name: str) -> str:
     """The same colour for a backend in every figure: its place in the registry's order."""
-    from bench.backends import known_names
+    from bench.backends import known_names  # optional: torch, which a run's figures need not load
 
     known = known_names()
     if name in known:

@@ -27,7 +27,7 @@ def default_baseline(frame) -> str:
     """The plain default the rows are compared with: the GPU floor (nccl) where it was measured
     (a row with a timing, not a skipped one), else the CPU floor (gloo); both named by the
     backend registry."""
-    from bench.backends import floor_name
+    from bench.backends import floor_name  # optional: torch, which a run's figures need not load
 
     gpu = floor_name("cuda")
     measured = set(frame.loc[frame["latency_us"].notna(), "backend"])  # skipped rows: not

@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 
 from bench.analysis.plots.choice import plot_winners, table_chooser, tables_by_group
 from bench.analysis.plots.gain import default_baseline, gain_table, plot_gain
+from bench.analysis.plots.numerics import plot_numerics
 from bench.analysis.plots.performance import plot_busbw, plot_latency
 from bench.analysis.plots.status import plot_status
 from bench.analysis.results import read_meta, read_results
@@ -16,8 +17,9 @@ from bench.launch.paths import output_error
 
 __all__ = ["FIGURES", "run_thresholds", "figure_names", "write_run_plots"]
 
-# every figure write_run_plots may draw, by file stem ("gain" only with a table: run_thresholds)
-FIGURES = ("latency", "busbw", "winners", "status", "gain")
+# every figure write_run_plots may draw, by file stem ("gain" only with a table: run_thresholds;
+# "numerics" only where the run measured its points' arithmetic)
+FIGURES = ("latency", "busbw", "winners", "status", "gain", "numerics")
 
 
 def _run_key(frame) -> str | None:
@@ -57,10 +59,10 @@ def figure_names(
 ) -> list[str]:
     """The figures `write_run_plots` draws for this run (file stems), drawn or not yet."""
     run_dir = Path(run_dir)
-    _, tables = run_thresholds(
-        run_dir, read_results(run_dir) if frame is None else frame, thresholds
-    )
-    return [name for name in FIGURES if name != "gain" or tables]
+    frame = read_results(run_dir) if frame is None else frame
+    _, tables = run_thresholds(run_dir, frame, thresholds)
+    drawn = {"gain": bool(tables), "numerics": bool(frame["numerics"].notna().any())}
+    return [name for name in FIGURES if drawn.get(name, True)]
 
 
 def write_run_plots(
@@ -68,7 +70,8 @@ def write_run_plots(
 ) -> list[Path]:
     """The main figures of one run as PNG files beside its results.csv; returns their paths.
 
-    latency.png, busbw.png, winners.png, status.png always; gain.png when the run has a table
+    latency.png, busbw.png, winners.png, status.png always; numerics.png where the run
+    measured its points' arithmetic; gain.png when the run has a table
     (`run_thresholds`: the file named, or one fitted from this run beside it), comparing its
     rules and the oracle with the plain default that was measured (`default_baseline`) over
     the same points; the figures name the file.
@@ -87,6 +90,8 @@ def write_run_plots(
         figures["gain"] = plot_gain(
             gain_table(frame, {str(source): table_chooser(tables)}, default_baseline(frame))
         )
+    if frame["numerics"].notna().any():
+        figures["numerics"] = plot_numerics(frame)
     paths = []
     for name, fig in figures.items():
         path = run_dir / f"{name}.png"
