@@ -38,3 +38,8 @@ def write_report(out_dir: str | Path, rank: int, report: object) -> None:
 def read_reports(out_dir: str | Path, world: int) -> list:
     """Every rank's report, by rank (a missing one raises: that rank did not finish)."""
     return [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def subprocess_path() -> str:
+    """The repository root, for a child process's PYTHONPATH (the CLI run from any folder)."""
+    return str(Path(__file__).resolve().parents[1])

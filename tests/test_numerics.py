@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from rank_tools import subprocess_path
 
 from bench.analysis.results import COLUMNS, NUMERICS_COLUMNS, ResultsWriter, read_results
 from bench.run.numerics import (
@@ -130,8 +131,6 @@ def test_sweep_writes_numerics_and_a_rank_divergent_sum_is_not_correct(run_cli, 
                              create=lambda ctx, max_bytes, **kw: SplitBits(ctx)))
     """)
     )
-    from tests.test_sweep_cpu import subprocess_path
-
     out = tmp_path / "run"
     env = {
         "ALLREDUCE_AUTOTUNE_PLUGINS": "split_bits",

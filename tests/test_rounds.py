@@ -11,7 +11,7 @@ import textwrap
 
 import pandas as pd
 import pytest
-from test_sweep_cpu import subprocess_path
+from rank_tools import subprocess_path
 
 from bench.analysis.results import ROUND_COLUMNS, read_results
 from bench.run.rounds import PointRounds, RoundFigure, lacks_memory, per_round, round_order

@@ -10,6 +10,7 @@ import textwrap
 
 import pandas as pd
 import pytest
+from rank_tools import subprocess_path
 
 from bench.analysis.results import COLUMNS, POINT_KEY, read_results
 
@@ -211,9 +212,3 @@ def test_wrong_sum_is_reported_loudly(run_cli, tmp_path):
     assert len(broken) == 2 and not broken["correct"].any()
     assert (broken["max_abs_err"] == 1).all()
     assert frame[frame["backend"] == "gloo"]["correct"].all()
-
-
-def subprocess_path() -> str:
-    from pathlib import Path
-
-    return str(Path(__file__).resolve().parents[1])

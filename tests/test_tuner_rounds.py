@@ -10,9 +10,9 @@ import math
 import random
 
 import pytest
+from rounds_tools import make_run
 
 from bench.analysis.rounds import aa_spread, paired, read_rounds, sign_interval
-from tests.rounds_tools import make_run
 from tuner.cli import main
 from tuner.runtime.schema import TableError, load, loads
 from tuner.table.builder import Curve
