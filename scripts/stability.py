@@ -1,6 +1,7 @@
 """Do independent sweeps of one machine give the same thresholds.json? (issue 19's benchmark)
 
     python scripts/stability.py RUN_A RUN_B RUN_C [--label after-ws2] [--markdown OUT.md]
+    python scripts/stability.py RUN_A RUN_B RUN_C --first-rounds 3   # as if swept with 3 rounds
 
 Fits one table per run (as `tuner fit RUN` does, every group: dtype x mode), then, per group:
 - agreement: the same algorithms in the same order, and every boundary within one size step
@@ -9,6 +10,11 @@ Fits one table per run (as `tuner fit RUN` does, every group: dtype x mode), the
   geomean and the worst size, named.
 Prints one line per (group, table) and a verdict line per group; `--markdown` writes the same
 as a table. Every figure is read from the runs given; nothing is assumed.
+
+`--first-rounds K` keeps only each point's first K rounds (rounds.csv) and rebuilds results.csv
+from them as the sweep does (median of the round medians, p10/p90 over their iterations): runs
+swept with many rounds then say how the tables would have come out with fewer, which is how
+the default `--rounds` was chosen (same runs, same machine minutes, only K differs).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +30,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.analysis.results import read_results
+from bench.analysis.rounds import read_rounds
+from bench.run.rounds import PointRounds, RoundFigure
 from tuner.runtime.schema import load
 from tuner.table.builder import log_uniform_weights
 from tuner.table.data import load_rows
@@ -71,6 +81,28 @@ def _fit(run: Path, folder: Path, code: Path | None = None):
     return load_rows([run]), {t.key: t for t in load(out).tables}
 
 
+def first_rounds(run: Path, rounds: int, folder: Path) -> Path:
+    """A copy of `run` with each point's first `rounds` rounds only, results.csv rebuilt."""
+    out = folder / run.name
+    shutil.copytree(run, out)
+    kept = read_rounds(run)
+    kept = kept[kept["round"] < rounds]
+    kept.to_csv(out / "rounds.csv", index=False)
+    frame = read_results(run)
+    key = ["backend", "world_size", "dtype", "mode", "bytes"]
+    for point, group in kept.groupby(key):
+        gathered = PointRounds()
+        for row in group.itertuples():
+            samples = tuple(float(x) for x in str(row.samples_us).split())
+            gathered.add(int(row.round), RoundFigure(float(row.latency_us), samples, 0))
+        stats = gathered.stats(int(point[-1]), int(point[1]))
+        at = (frame[key] == pd.Series(dict(zip(key, point, strict=True)))).all(axis=1)
+        for column in ("latency_us", "p10_us", "p90_us", "algbw_gbps", "busbw_gbps"):
+            frame.loc[at, column] = getattr(stats, column)
+    frame.to_csv(out / "results.csv", index=False)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", type=Path)
@@ -79,9 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--fit-with", type=Path, default=None, help="the checkout whose `tuner fit` fits (before)"
     )
+    p.add_argument(
+        "--first-rounds", type=int, default=None, help="keep each point's first K rounds only"
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        fitted = [(run, *_fit(run, Path(folder), args.fit_with)) for run in args.runs]
+        fit_on = args.runs
+        if args.first_rounds:
+            cut = Path(folder) / "cut"
+            cut.mkdir()
+            fit_on = [first_rounds(run, args.first_rounds, cut) for run in args.runs]
+        # each table fitted on its (cut) run, scored on the other runs' full rows
+        fitted = [
+            (run, load_rows([run]), _fit(fit, Path(folder), args.fit_with)[1])
+            for run, fit in zip(args.runs, fit_on, strict=True)
+        ]
     lines = [
         f"| {args.label} group | run | rules | out-of-sample geomean | worst size |",
         "| --- | --- | --- | --- | --- |",

@@ -168,7 +168,9 @@ def _barrier(
                     | (p << 4)
                     | 1
                 )
-                tl.store(status_addr.to(tl.pointer_type(tl.int64)), word)
+                # an address that fits 32 bits comes in as int32 (Triton types small ints so):
+                # widened first, or the pointer cast reads 4 bytes as 8
+                tl.store(status_addr.to(tl.int64).to(tl.pointer_type(tl.int64)), word)
     tl.debug_barrier()
 
 
