@@ -486,3 +486,60 @@ def test_more_ranks_than_the_cores_hold_is_refused_unless_confirmed(tmp_path, ru
         "bench", "sweep", "--world-size", many, "--oversubscribe", "--out", "/proc/no/run"
     )
     assert proc.returncode == 2 and "--out" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_size_no_gpu_can_hold_is_refused_before_launch(monkeypatch):
+    """CUDA ranks: the largest size against each GPU's free memory (NVML, read by the launcher),
+    ranks that share a GPU counted together; one line naming --max-bytes and the GPU. The GPUs
+    are given here (this machine has none); on a machine without NVML the check says nothing
+    and the ranks' own allocation reports."""
+    from bench.launch import capacity, config
+    from bench.launch.config import UsageError, parse_sweep_config
+
+    gib = 1 << 30
+    monkeypatch.setattr(capacity, "gpu_free_bytes", lambda: [80 * gib, 6 * gib])
+    monkeypatch.setattr(config, "resolve_device", lambda device: "cuda")
+    base = ["--device", "cuda", "--backends", "nccl", "-b", "1K"]
+    # 2 ranks on 2 GPUs: 2 x 2 GiB fits the fuller GPU's 6 GiB
+    parse_sweep_config([*base, "--world-size", "2", "-e", "2G"])
+    # 4 ranks on 2 GPUs: 2 per GPU, 8 GiB on the GPU with 6 free
+    with pytest.raises(UsageError) as raised:
+        parse_sweep_config([*base, "--world-size", "4", "-e", "2G"])
+    said = str(raised.value)
+    assert "--max-bytes" in said and "GPU 1" in said and str(6 * gib) in said
+    monkeypatch.setattr(capacity, "gpu_free_bytes", lambda: None)
+    parse_sweep_config([*base, "--world-size", "4", "-e", "2G"])
+    # the real reading on this machine: a list of free bytes, or None without NVML
+    monkeypatch.undo()
+    free = capacity.gpu_free_bytes()
+    assert free is None or all(isinstance(b, int) and b >= 0 for b in free)
+
+
+def test_a_segment_dev_shm_cannot_hold_is_refused_before_launch(monkeypatch):
+    """/dev/shm as a container leaves it (64 MiB): 8 ranks of shm_one_shot need 16 slots of
+    4 MiB; named explicitly the sweep is refused in one line naming the backend and the limit,
+    by default it is left out with that reason; what fits is kept."""
+    from bench.backends import get_spec
+    from bench.backends.shm_segment import supported_isa
+    from bench.launch import capacity
+    from bench.launch.config import UsageError, parse_sweep_config
+
+    mib = 1 << 20
+    monkeypatch.setattr(capacity, "shm_free_bytes", lambda: 64 * mib)
+    need = get_spec("shm_one_shot").shared_bytes(8, 64 * mib, {})
+    assert need > 64 * mib  # 16 slots of the default 4 MiB chunk, and the flags
+    base = ["--world-size", "8", "--oversubscribe", "-b", "1K", "-e", "64M"]
+    with pytest.raises(UsageError) as raised:
+        parse_sweep_config([*base, "--backends", "gloo,shm_one_shot"])
+    said = str(raised.value)
+    assert "shm_one_shot" in said and "/dev/shm" in said and "64 MiB free" in said
+    # a smaller chunk fits: 16 x 1 MiB
+    cfg = parse_sweep_config(
+        [*base, "--backends", "gloo,shm_one_shot", "--param", "shm_one_shot.chunk_bytes=1048576"]
+    )
+    assert "shm_one_shot" in cfg.backends
+    cfg = parse_sweep_config(base)
+    assert "shm_one_shot" not in cfg.backends and "shm_one_shot" in cfg.left_out
+    if supported_isa():  # else the probe's own reason (not x86) left it out first
+        assert "/dev/shm" in cfg.left_out["shm_one_shot"], cfg.left_out
+        assert "shm_two_shot" in cfg.backends  # 9 slots of 4 MiB: 36 MiB, it fits

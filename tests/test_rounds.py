@@ -52,6 +52,12 @@ def test_memory_failures_are_told_apart_from_other_reasons():
     assert lacks_memory("create failed: OutOfMemoryError: CUDA out of memory. Tried to ...")
     assert lacks_memory("create failed: OSError: [Errno 28] No space left on device")
     assert not lacks_memory("needs cuda tensors; these ranks run on cpu")
+    # a segment /dev/shm cannot hold is a want of memory too (the backends are then grouped)
+    from bench.backends.shm_segment import shm_dir_reason
+
+    too_big = shm_dir_reason(1 << 60)
+    if too_big is not None and "MiB free" in too_big:  # None: no /dev/shm here at all
+        assert lacks_memory(f"create failed: OSError: {too_big}")
 
 
 def test_every_backend_measures_each_size_in_each_round_side_by_side(run_cli, tmp_path):

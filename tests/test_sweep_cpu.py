@@ -124,6 +124,21 @@ def test_resume_measures_only_missing_points(run_cli, tmp_path):
     assert resumed["latency_us"].iloc[:2].tolist() == pytest.approx(kept["latency_us"].tolist())
     assert resumed["run_id"].nunique() == 1
 
+    # a run measured on another machine is not continued here: one line, nothing written
+    meta = json.loads((part / "meta.json").read_text())
+    here = meta["hardware_key"]
+    meta["hardware_key"] = "gpu-elsewhere-8x"
+    (part / "meta.json").write_text(json.dumps(meta))
+    (part / "results.csv").write_text("".join(lines[:3]))
+    before = (part / "results.csv").read_bytes()
+    proc = run_cli("bench", "sweep", *args, "--resume", part)
+    assert proc.returncode == 2, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "gpu-elsewhere-8x" in line]
+    assert len(said) == 1 and here in said[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (part / "results.csv").read_bytes() == before
+    assert json.loads((part / "meta.json").read_text())["hardware_key"] == "gpu-elsewhere-8x"
+
 
 def test_worker_under_users_own_torchrun(tmp_path, subprocess_env):
     out = tmp_path / "trun"

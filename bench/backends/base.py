@@ -127,6 +127,9 @@ class BackendSpec:
     needs_buffer: bool = True
     # the device's default that always works: the dispatcher's last resort, the gains' baseline
     is_floor: bool = False
+    # bytes of the host's /dev/shm one instance maps, from (ranks on the host, max_bytes, its
+    # knobs); None: it maps none. The launcher refuses what /dev/shm cannot hold before start.
+    shared_bytes: Callable[[int, int, Mapping[str, Any]], int] | None = None
 
     def gate(self, max_bytes: int | None = None, device_index: int | None = None) -> Gate:
         """The backend's `can_take` checks from this spec (its device, dtypes, alignment), with

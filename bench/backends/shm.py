@@ -62,6 +62,7 @@ from bench.backends.shm_segment import (
     FlagBarrier,
     Segment,
     round_up,
+    segment_bytes,
     shm_dir_reason,
     supported_isa,
     timeout_message,
@@ -110,6 +111,15 @@ _EXACT = (1, 0)
 _ACC_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def _slot_bytes(max_bytes: int, chunk_bytes: int) -> int:
+    return round_up(max(min(max_bytes, chunk_bytes), 1))
+
+
+def _slots(algorithm: str, world_size: int) -> int:
+    """One-shot: a slot per rank, twice (double-buffered); two-shot: a slot per rank + result."""
+    return 2 * world_size if algorithm == "one_shot" else world_size + 1
+
+
 class ShmAllReduce:
     """One segment, one algorithm ("one_shot" or "two_shot")."""
 
@@ -131,14 +141,16 @@ class ShmAllReduce:
         self.name = f"shm_{algorithm}"
         self.algorithm = algorithm
         self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.slot_bytes = round_up(max(min(max_bytes, chunk_bytes), 1))
-        slots = 2 * ctx.world_size if algorithm == "one_shot" else ctx.world_size + 1
+        self.slot_bytes = _slot_bytes(max_bytes, chunk_bytes)
+        slots = _slots(algorithm, ctx.world_size)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         if threads < 0:
             threads = max(1, cores // max(1, ctx.local_world_size))
         self.threads = threads
         self.exact = bool(exact)
         self._acc: torch.Tensor | None = None  # float32 sums of 16-bit pieces (exact, ws > 2)
+        self._c_sum = None  # the same sum in C, one pass (shm_native.aat_sum), where it loads
+        self._sum_codes: dict[torch.dtype, int] = {}
         self._broken: str | None = None
         self._gate = get_spec(self.name).gate()
         self._views: dict[tuple[torch.dtype, int], Any] = {}
@@ -168,6 +180,17 @@ class ShmAllReduce:
             label=self.name,
             yield_s=yield_us * 1e-6,
         )
+        if self.exact and ctx.world_size > 2:
+            # the exact 16-bit sums of the Python paths: in C when it builds (one pass over
+            # the terms, float32 in registers), else torch through a float32 buffer; the
+            # same arithmetic, so ranks may differ in which they use (scripts/shm_exact_cost.py)
+            lib, _ = shm_native.load()
+            if lib is not None:
+                self._c_sum = lib.aat_sum
+                codes = dict(shm_native.DTYPE_CODES)
+                if not lib.aat_has_float16():
+                    codes.pop("float16")
+                self._sum_codes = {d: codes[n] for d, n in DTYPE_NAMES.items() if n in codes}
         # the short path: this rank's slot of each parity, and the largest message it takes
         self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
         self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
@@ -398,10 +421,23 @@ class ShmAllReduce:
 
     def _sum_into(self, dest: torch.Tensor, terms) -> None:
         """dest = terms[0] + terms[1] + ... in rank order. With `exact`, 16-bit types add in
-        a float32 buffer of the backend's (made once) and round to the dtype once, as the
-        reference arithmetic and the C path do; otherwise every add rounds to the dtype."""
+        float32 and round to the dtype once, as the reference arithmetic and the C path do: in
+        C (`aat_sum`) where the library built, else in a float32 buffer of the backend's (made
+        once); otherwise every add rounds to the dtype. `dest` is never one of the terms."""
         if self.exact and dest.dtype in _ACC_DTYPES and len(terms) > 2:
             count = dest.numel()
+            code = self._sum_codes.get(dest.dtype) if self._c_sum is not None else None
+            if code is not None:
+                pointers = (ctypes.c_void_p * len(terms))(*(t.data_ptr() for t in terms))
+                rc = self._c_sum(
+                    ctypes.c_void_p(dest.data_ptr()),
+                    pointers,
+                    ctypes.c_int32(len(terms)),
+                    ctypes.c_int64(count),
+                    ctypes.c_int32(code),
+                )
+                if rc == shm_native.OK:
+                    return
             if self._acc is None or self._acc.numel() < count:
                 self._acc = torch.empty(self.slot_bytes // 2, dtype=torch.float32)
             acc = self._acc[:count]
@@ -446,6 +482,14 @@ def _probe(ctx: CommContext) -> str | None:
     return shm_dir_reason()
 
 
+def _shared(algorithm: str):
+    def shared_bytes(ranks: int, max_bytes: int, params) -> int:
+        chunk = int(params.get("chunk_bytes", _CHUNK_BYTES[0]))
+        return segment_bytes(ranks, _slots(algorithm, ranks) * _slot_bytes(max_bytes, chunk))
+
+    return shared_bytes
+
+
 def _creator(algorithm: str):
     def create(ctx: CommContext, max_bytes: int, **params: Any) -> ShmAllReduce:
         return ShmAllReduce(ctx, max_bytes, algorithm=algorithm, **params)
@@ -471,6 +515,7 @@ register(
         knobs=_KNOBS,
         dtypes=_DTYPES,
         alignment=1,
+        shared_bytes=_shared("one_shot"),
     )
 )
 register(
@@ -482,5 +527,6 @@ register(
         knobs=_KNOBS,
         dtypes=_DTYPES,
         alignment=1,
+        shared_bytes=_shared("two_shot"),
     )
 )

@@ -158,29 +158,27 @@ static uint16_t float_to_bf16(float f) {
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded);
 }
 
-/* out = the sum of the slots in rank order (out is the caller's tensor, never a slot) */
-VECTOR static void sum_float(float *restrict out, const char *base, int64_t stride, int ws,
-                             int64_t n) {
-    const float *restrict s0 = (const float *)base;
-    const float *restrict s1 = (const float *)(base + stride);
+/* out = terms[0] + terms[1] + ... in rank order (out is never one of the terms) */
+VECTOR static void sum_float(float *restrict out, const char *const *terms, int ws, int64_t n) {
+    const float *restrict s0 = (const float *)terms[0];
+    const float *restrict s1 = (const float *)terms[1];
     for (int64_t i = 0; i < n; i++) out[i] = s0[i] + s1[i];
     for (int j = 2; j < ws; j++) {
-        const float *restrict s = (const float *)(base + j * stride);
+        const float *restrict s = (const float *)terms[j];
         for (int64_t i = 0; i < n; i++) out[i] += s[i];
     }
 }
 
 /* the 16-bit sums: accumulate in float32 over blocks, round once */
 #define SUM_HALF(name, type, to_float, from_float)                                           \
-    VECTOR static void name(type *restrict out, const char *base, int64_t stride, int ws,    \
-                            int64_t n) {                                                     \
+    VECTOR static void name(type *restrict out, const char *const *terms, int ws, int64_t n) {\
         float acc[BLOCK];                                                                    \
         for (int64_t at = 0; at < n; at += BLOCK) {                                          \
             int64_t m = n - at < BLOCK ? n - at : BLOCK;                                     \
-            const type *restrict s0 = (const type *)base + at;                               \
+            const type *restrict s0 = (const type *)terms[0] + at;                           \
             for (int64_t i = 0; i < m; i++) acc[i] = to_float(s0[i]);                        \
             for (int j = 1; j < ws; j++) {                                                   \
-                const type *restrict s = (const type *)(base + j * stride) + at;             \
+                const type *restrict s = (const type *)terms[j] + at;                        \
                 for (int64_t i = 0; i < m; i++) acc[i] += to_float(s[i]);                    \
             }                                                                                \
             for (int64_t i = 0; i < m; i++) out[at + i] = from_float(acc[i]);                \
@@ -203,6 +201,25 @@ int aat_has_float16(void) {
 #endif
 }
 
+static int sum_terms(void *out, const char *const *terms, int ws, int64_t n, int dtype) {
+    if (dtype < 0 || dtype > 2 || (dtype == 2 && !aat_has_float16()) || ws < 2) return AAT_DTYPE;
+    if (dtype == 0)
+        sum_float((float *)out, terms, ws, n);
+    else if (dtype == 1)
+        sum_bf16((uint16_t *)out, terms, ws, n);
+#ifdef __FLT16_MAX__
+    else
+        sum_f16((_Float16 *)out, terms, ws, n);
+#endif
+    return AAT_OK;
+}
+
+/* out = the sum of `ws` arrays of n elements in rank order, the arithmetic of aat_one_shot:
+ * the Python paths' exact sum of pieces larger than the short path takes */
+int aat_sum(void *out, const void *const *terms, int32_t ws, int64_t n, int32_t dtype) {
+    return sum_terms(out, (const char *const *)terms, ws, n, dtype);
+}
+
 /* One one-shot all-reduce of c->nbytes <= c->slot_bytes, in place in c->tensor. */
 int aat_one_shot(aat_call *c) {
     int ws = c->world_size;
@@ -212,13 +229,7 @@ int aat_one_shot(aat_call *c) {
     memcpy(set + c->rank * c->slot_bytes, c->tensor, (size_t)c->nbytes);
     int rc = arrive_and_wait(c);
     if (rc != AAT_OK) return rc;
-    if (c->dtype == 0)
-        sum_float((float *)c->tensor, set, c->slot_bytes, ws, c->nbytes / 4);
-    else if (c->dtype == 1)
-        sum_bf16((uint16_t *)c->tensor, set, c->slot_bytes, ws, c->nbytes / 2);
-#ifdef __FLT16_MAX__
-    else
-        sum_f16((_Float16 *)c->tensor, set, c->slot_bytes, ws, c->nbytes / 2);
-#endif
-    return AAT_OK;
+    const char *terms[ws];  /* the slots of this parity, in rank order */
+    for (int j = 0; j < ws; j++) terms[j] = set + j * c->slot_bytes;
+    return sum_terms(c->tensor, terms, ws, c->nbytes / (c->dtype == 0 ? 4 : 2), c->dtype);
 }

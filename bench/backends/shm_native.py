@@ -107,5 +107,5 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     except OSError as exc:
         return None, f"cannot load {target}: {exc}"
     # no argtypes on the hot calls: they take ctypes.byref(a Call) as it is, unconverted
-    lib.aat_one_shot.restype = lib.aat_has_float16.restype = ctypes.c_int
+    lib.aat_one_shot.restype = lib.aat_has_float16.restype = lib.aat_sum.restype = ctypes.c_int
     return lib, None

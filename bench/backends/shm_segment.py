@@ -85,14 +85,27 @@ def shm_dir_reason(nbytes: int = 0) -> str | None:
         return f"{SHM_DIR} does not exist"
     if not os.access(SHM_DIR, os.W_OK | os.X_OK):
         return f"{SHM_DIR} is not writable"
-    free = os.statvfs(SHM_DIR)
-    free_bytes = free.f_bavail * free.f_frsize
+    free_bytes = shm_free_bytes() or 0
     if nbytes and free_bytes < nbytes:
         return (
             f"{SHM_DIR} has {free_bytes >> 20} MiB free, the segment needs "
-            f"{(nbytes + (1 << 20) - 1) >> 20} MiB"
+            f"{(nbytes + (1 << 20) - 1) >> 20} MiB (not enough shared memory)"
         )
     return None
+
+
+def shm_free_bytes() -> int | None:
+    """Bytes /dev/shm can still take (a container's default is 64 MiB), or None."""
+    try:
+        free = os.statvfs(SHM_DIR)
+    except OSError:
+        return None
+    return free.f_bavail * free.f_frsize
+
+
+def segment_bytes(world_size: int, data_bytes: int) -> int:
+    """The size of a segment of `data_bytes` for `world_size` ranks: flags, then data."""
+    return round_up((world_size + 1) * FLAG_STRIDE_BYTES) + round_up(max(data_bytes, 1))
 
 
 def round_up(nbytes: int, multiple: int = PAGE_BYTES) -> int:
@@ -128,7 +141,7 @@ class Segment:
         import _posixshmem
 
         data_offset = round_up((world_size + 1) * FLAG_STRIDE_BYTES)
-        total = data_offset + round_up(max(data_bytes, 1))
+        total = segment_bytes(world_size, data_bytes)
         name, error = None, None
         if rank == 0:
             name = f"/{NAME_PREFIX}{label}-{uuid.uuid4().hex[:8]}"

@@ -236,6 +236,13 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     left_out: dict[str, str] = {}
     if args.backends is None:
         backends, left_out = runnable_backends(device, world_size, nnodes, launcher)
+    if device == "cpu":
+        too_big = capacity.shared_memory_reasons(backends, world_size // nnodes, max(sizes), params)
+        if too_big and args.backends is not None:
+            name, why = next(iter(too_big.items()))
+            raise UsageError(f"--backends: {name} {why}")
+        backends = [b for b in backends if b not in too_big]
+        left_out.update(too_big)
     return SweepConfig(
         world_size=world_size,
         backends=backends,

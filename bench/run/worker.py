@@ -271,6 +271,16 @@ class _Table:
             done = completed_points(out) if cfg.resume else set()
             rounds = completed_rounds(out) if cfg.resume else {}
             meta = read_meta(out) if cfg.resume else {}
+            measured_on = meta.get("hardware_key")
+            if measured_on and measured_on != fp["hardware_key"]:
+                # rows of two machines under one run id would read as one machine's figures
+                for w in writers.values():
+                    w.close()
+                return None, (
+                    f"--resume: {out} was measured on {measured_on}, this node is "
+                    f"{fp['hardware_key']}; resume it there, or start a new --out here",
+                    2,
+                )
             meta.update(
                 {
                     "run_id": run_id,
