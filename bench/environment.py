@@ -112,6 +112,11 @@ VARIABLES: tuple[Variable, ...] = (
         "bench.vllm.backends",
     ),
     Variable(
+        "CUDA_VISIBLE_DEVICES",
+        "the GPUs the ranks may use: the launcher's GPU-memory check reads only those",
+        "bench.launch.capacity",
+    ),
+    Variable(
         "CUDA_MPS_PIPE_DIRECTORY",
         "whether an MPS daemon serves this process (reported, not required)",
         "bench.run.noise, scripts",

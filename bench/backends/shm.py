@@ -41,8 +41,9 @@ the same way from the same slots, so every rank gets the same bits: in rank orde
 (x0 + x1) + x2 + ... (at world size 2 each rank adds the other's input to its own, the same by
 commutativity). With the `exact` knob (the default) every path follows the reference
 arithmetic: rank order, bfloat16 and float16 accumulated in float32 and rounded once (the C
-path always does; the Python paths add 16-bit pieces in a float32 buffer made once), so an
-element gets the same bits whatever the message size and path (batch invariance).
+path always does; the Python paths' 16-bit pieces are summed by the same C sum, or through a
+float32 buffer where it did not build), so an element gets the same bits whatever the message
+size and path (batch invariance).
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ from bench.backends.shm_segment import (
     supported_isa,
     timeout_message,
 )
-from bench.dtypes import DTYPE_NAMES
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ALIGN_BYTES = 64  # two-shot parts start on cache lines
@@ -105,9 +105,8 @@ _NATIVE_BYTES = 256 << 10
 # 1: every path sums in rank order and 16-bit types accumulate in float32 and round once, the
 # reference arithmetic the C path always follows (the same bits for an element whatever the
 # message size: tables from `tuner fit --numerics exact`); 0: the Python paths round to the
-# dtype after every add at world size > 2 (x0 + x1 rounded, + x2 rounded, ...), and sum small
-# slots with one torch.sum (not in rank order at 8 ranks). Exact costs nothing measurable:
-# 0.53-1.13x the inexact path (results/cpu-intel-xeon-processor-2c/20261204-shm-exact-cost).
+# dtype after every add at world size > 2, and sum small slots with one torch.sum (not in rank
+# order at 8 ranks). Cost: none (results/cpu-intel-xeon-processor-2c/20261204-shm-exact-cost).
 _EXACT = (1, 0)
 _ACC_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -150,8 +149,7 @@ class ShmAllReduce:
         self.threads = threads
         self.exact = bool(exact)
         self._acc: torch.Tensor | None = None  # float32 sums of 16-bit pieces (exact, ws > 2)
-        self._c_sum = None  # the same sum in C, one pass (shm_native.aat_sum), where it loads
-        self._sum_codes: dict[torch.dtype, int] = {}
+        self._c_sum: shm_native.ExactSum | None = None  # the same sum in C, one pass
         self._broken: str | None = None
         self._gate = get_spec(self.name).gate()
         self._views: dict[tuple[torch.dtype, int], Any] = {}
@@ -182,16 +180,9 @@ class ShmAllReduce:
             yield_s=yield_us * 1e-6,
         )
         if self.exact and ctx.world_size > 2:
-            # the exact 16-bit sums of the Python paths: in C when it builds (one pass over
-            # the terms, float32 in registers), else torch through a float32 buffer; the
-            # same arithmetic, so ranks may differ in which they use (scripts/shm_exact_cost.py)
-            lib, _ = shm_native.load()
-            if lib is not None:
-                self._c_sum = lib.aat_sum
-                codes = dict(shm_native.DTYPE_CODES)
-                if not lib.aat_has_float16():
-                    codes.pop("float16")
-                self._sum_codes = {d: codes[n] for d, n in DTYPE_NAMES.items() if n in codes}
+            # the exact 16-bit sums of the Python paths in C where it builds, else through
+            # torch and a float32 buffer: the same arithmetic, ranks may differ in which
+            self._c_sum = shm_native.ExactSum.load()
         # the short path: this rank's slot of each parity, and the largest message it takes
         self._my_slots = (self._slot_ptr(ctx.rank), self._slot_ptr(ctx.world_size + ctx.rank))
         self._small_bytes = self.slot_bytes if algorithm == "one_shot" else 0
@@ -224,10 +215,7 @@ class ShmAllReduce:
         )
         self._call_ref = ctypes.byref(self._call)
         self._native_one_shot = lib.aat_one_shot
-        codes = dict(shm_native.DTYPE_CODES)
-        if not lib.aat_has_float16():
-            codes.pop("float16")
-        self._native_codes = {d: codes[n] for d, n in DTYPE_NAMES.items() if n in codes}
+        self._native_codes = shm_native.dtype_codes(lib)
         self._native_bytes = min(self.slot_bytes, _NATIVE_BYTES)
 
     # -- the three verbs ------------------------------------------------------------------
@@ -427,18 +415,8 @@ class ShmAllReduce:
         once); otherwise every add rounds to the dtype. `dest` is never one of the terms."""
         if self.exact and dest.dtype in _ACC_DTYPES and len(terms) > 2:
             count = dest.numel()
-            code = self._sum_codes.get(dest.dtype) if self._c_sum is not None else None
-            if code is not None:
-                pointers = (ctypes.c_void_p * len(terms))(*(t.data_ptr() for t in terms))
-                rc = self._c_sum(
-                    ctypes.c_void_p(dest.data_ptr()),
-                    pointers,
-                    ctypes.c_int32(len(terms)),
-                    ctypes.c_int64(count),
-                    ctypes.c_int32(code),
-                )
-                if rc == shm_native.OK:
-                    return
+            if self._c_sum is not None and self._c_sum(dest, terms):
+                return
             if self._acc is None or self._acc.numel() < count:
                 self._acc = torch.empty(self.slot_bytes // 2, dtype=torch.float32)
             acc = self._acc[:count]
@@ -484,7 +462,7 @@ def _probe(ctx: CommContext) -> str | None:
 
 
 def _shared(algorithm: str):
-    def shared_bytes(ranks: int, max_bytes: int, params) -> int:
+    def shared_bytes(ranks: int, max_bytes: int, params) -> int:  # the segment __init__ opens
         chunk = int(params.get("chunk_bytes", _CHUNK_BYTES[0]))
         return segment_bytes(ranks, _slots(algorithm, ranks) * _slot_bytes(max_bytes, chunk))
 
@@ -507,27 +485,16 @@ _KNOBS = {
     "exact": _EXACT,
 }
 
-register(
-    BackendSpec(
-        name="shm_one_shot",
-        device="cpu",
-        probe=_probe,
-        create=_creator("one_shot"),
-        knobs=_KNOBS,
-        dtypes=_DTYPES,
-        alignment=1,
-        shared_bytes=_shared("one_shot"),
+for _algorithm in ("one_shot", "two_shot"):
+    register(
+        BackendSpec(
+            name=f"shm_{_algorithm}",
+            device="cpu",
+            probe=_probe,
+            create=_creator(_algorithm),
+            knobs=_KNOBS,
+            dtypes=_DTYPES,
+            alignment=1,
+            shared_bytes=_shared(_algorithm),
+        )
     )
-)
-register(
-    BackendSpec(
-        name="shm_two_shot",
-        device="cpu",
-        probe=_probe,
-        create=_creator("two_shot"),
-        knobs=_KNOBS,
-        dtypes=_DTYPES,
-        alignment=1,
-        shared_bytes=_shared("two_shot"),
-    )
-)

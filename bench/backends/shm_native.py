@@ -24,9 +24,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bench.dtypes import DTYPE_NAMES
 from bench.environment import get
 
-__all__ = ["Call", "load", "DTYPE_CODES", "OK", "TIMEOUT"]
+__all__ = ["Call", "load", "dtype_codes", "ExactSum", "DTYPE_CODES", "OK", "TIMEOUT"]
 
 SOURCE = Path(__file__).with_name("shm_native.c")
 OK, TIMEOUT, DTYPE = 0, 1, 2
@@ -109,3 +110,42 @@ def load() -> tuple[ctypes.CDLL | None, str | None]:
     # no argtypes on the hot calls: they take ctypes.byref(a Call) as it is, unconverted
     lib.aat_one_shot.restype = lib.aat_has_float16.restype = lib.aat_sum.restype = ctypes.c_int
     return lib, None
+
+
+def dtype_codes(lib: ctypes.CDLL) -> dict:
+    """torch dtype -> the library's code, for the dtypes this build sums (float16 needs a
+    compiler with _Float16)."""
+    codes = dict(DTYPE_CODES)
+    if not lib.aat_has_float16():
+        codes.pop("float16")
+    return {d: codes[n] for d, n in DTYPE_NAMES.items() if n in codes}
+
+
+class ExactSum:
+    """dest = terms[0] + ... in rank order, 16-bit types accumulated in float32 and rounded
+    once (`aat_sum`, the short path's own sum: one pass, vectorised); `dest` is never one of
+    the terms, every tensor contiguous and of one dtype."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._sum = lib.aat_sum
+        self._codes = dtype_codes(lib)
+
+    @classmethod
+    def load(cls) -> ExactSum | None:
+        lib, _ = load()
+        return None if lib is None else cls(lib)
+
+    def __call__(self, dest, terms) -> bool:
+        """Whether it summed (False: a dtype this build lacks; nothing written)."""
+        code = self._codes.get(dest.dtype)
+        if code is None:
+            return False
+        pointers = (ctypes.c_void_p * len(terms))(*(t.data_ptr() for t in terms))
+        rc = self._sum(
+            ctypes.c_void_p(dest.data_ptr()),
+            pointers,
+            ctypes.c_int32(len(terms)),
+            ctypes.c_int64(dest.numel()),
+            ctypes.c_int32(code),
+        )
+        return rc == OK

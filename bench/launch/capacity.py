@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 from bench import backends as registry
 from bench.backends.shm_segment import SHM_DIR, shm_free_bytes
+from bench.environment import get
 
 __all__ = [
     "RANKS_PER_CORE",
@@ -59,7 +60,7 @@ def gpu_free_bytes() -> list[int] | None:
     try:
         count = pynvml.nvmlDeviceGetCount()
         indices: list[int] = list(range(count))
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = get("CUDA_VISIBLE_DEVICES")
         if visible is not None:
             parts = [v.strip() for v in visible.split(",") if v.strip()]
             if not all(v.isdigit() for v in parts):
