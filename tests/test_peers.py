@@ -261,10 +261,13 @@ def test_mpirun_sweep_ends_when_a_rank_stops(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            table = out / "results.csv"
+            # rounds.csv grows from the first round on; results.csv only in the last round,
+            # by which time the sweep may end before the stop lands
+            table = out / "rounds.csv"
             if table.exists() and len(table.read_text().splitlines()) >= 3:
                 break
             time.sleep(0.2)
+        assert proc.poll() is None, "the sweep ended before a rank could be stopped"
         pids = _worker_pids(out)
         assert len(pids) == 2, pids
         os.kill(pids[-1], signal.SIGSTOP)
