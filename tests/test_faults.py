@@ -521,13 +521,12 @@ def test_a_segment_dev_shm_cannot_hold_is_refused_before_launch(monkeypatch):
     """/dev/shm as a container leaves it (64 MiB): 8 ranks of shm_one_shot need 16 slots of
     4 MiB; named explicitly the sweep is refused in one line naming the backend and the limit,
     by default it is left out with that reason; what fits is kept."""
-    from bench.backends import get_spec
+    from bench.backends import get_spec, shm_segment
     from bench.backends.shm_segment import supported_isa
-    from bench.launch import capacity
     from bench.launch.config import UsageError, parse_sweep_config
 
     mib = 1 << 20
-    monkeypatch.setattr(capacity, "shm_free_bytes", lambda: 64 * mib)
+    monkeypatch.setattr(shm_segment, "shm_free_bytes", lambda: 64 * mib)
     need = get_spec("shm_one_shot").shared_bytes(8, 64 * mib, {})
     assert need > 64 * mib  # 16 slots of the default 4 MiB chunk, and the flags
     base = ["--world-size", "8", "--oversubscribe", "-b", "1K", "-e", "64M"]

@@ -414,9 +414,9 @@ class ShmAllReduce:
         C (`aat_sum`) where the library built, else in a float32 buffer of the backend's (made
         once); otherwise every add rounds to the dtype. `dest` is never one of the terms."""
         if self.exact and dest.dtype in _ACC_DTYPES and len(terms) > 2:
-            count = dest.numel()
             if self._c_sum is not None and self._c_sum(dest, terms):
                 return
+            count = dest.numel()
             if self._acc is None or self._acc.numel() < count:
                 self._acc = torch.empty(self.slot_bytes // 2, dtype=torch.float32)
             acc = self._acc[:count]

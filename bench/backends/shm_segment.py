@@ -85,13 +85,19 @@ def shm_dir_reason(nbytes: int = 0) -> str | None:
         return f"{SHM_DIR} does not exist"
     if not os.access(SHM_DIR, os.W_OK | os.X_OK):
         return f"{SHM_DIR} is not writable"
-    free_bytes = shm_free_bytes() or 0
-    if nbytes and free_bytes < nbytes:
-        return (
-            f"{SHM_DIR} has {free_bytes >> 20} MiB free, the segment needs "
-            f"{(nbytes + (1 << 20) - 1) >> 20} MiB (not enough shared memory)"
-        )
-    return None
+    return shm_room_reason(nbytes) if nbytes else None
+
+
+def shm_room_reason(nbytes: int) -> str | None:
+    """Why /dev/shm cannot take a segment of `nbytes` more, or None (also where its free
+    space cannot be read)."""
+    free_bytes = shm_free_bytes()
+    if free_bytes is None or free_bytes >= nbytes:
+        return None
+    return (
+        f"{SHM_DIR} has {free_bytes >> 20} MiB free, the segment needs "
+        f"{(nbytes + (1 << 20) - 1) >> 20} MiB (not enough shared memory)"
+    )
 
 
 def shm_free_bytes() -> int | None:

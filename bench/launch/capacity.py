@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 
 from bench import backends as registry
-from bench.backends.shm_segment import SHM_DIR, shm_free_bytes
+from bench.backends.shm_segment import shm_room_reason
 from bench.environment import get
 
 __all__ = [
@@ -112,8 +112,7 @@ def shared_memory_reasons(
     """Backend -> why /dev/shm cannot hold its segment (its spec's `shared_bytes`), for those
     that cannot; each judged alone, as the sweep builds one alone when they do not fit
     together (held_groups)."""
-    free = shm_free_bytes()
-    if free is None or local_ranks < 2:
+    if local_ranks < 2:
         return {}
     reasons = {}
     for name in backends:
@@ -123,12 +122,9 @@ def shared_memory_reasons(
             continue  # not importable here: the sweep records why
         if spec.shared_bytes is None:
             continue
-        need = spec.shared_bytes(local_ranks, max_bytes, params.get(name, {}))
-        if need > free:
-            reasons[name] = (
-                f"needs {-(-need >> 20)} MiB of {SHM_DIR} at {local_ranks} ranks, "
-                f"{free >> 20} MiB free (a container: --shm-size)"
-            )
+        why = shm_room_reason(spec.shared_bytes(local_ranks, max_bytes, params.get(name, {})))
+        if why:
+            reasons[name] = f"at {local_ranks} ranks: {why} (a container: --shm-size)"
     return reasons
 
 

@@ -230,14 +230,15 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     graph_calls = int_flag("--graph-calls", args.graph_calls)
     timeout_s = seconds_flag("--timeout", args.timeout)
     params = _params(args.param, known)
-    _fits(args, sizes, world_size // nnodes, device)
+    local_ranks = world_size // nnodes
+    _fits(args, sizes, local_ranks, device)
     out, resume = _run_dir(args, node_rank)
     launcher = _launcher(args.launcher, nnodes)
     left_out: dict[str, str] = {}
     if args.backends is None:
         backends, left_out = runnable_backends(device, world_size, nnodes, launcher)
     if device == "cpu":
-        too_big = capacity.shared_memory_reasons(backends, world_size // nnodes, max(sizes), params)
+        too_big = capacity.shared_memory_reasons(backends, local_ranks, max(sizes), params)
         if too_big and args.backends is not None:
             name, why = next(iter(too_big.items()))
             raise UsageError(f"--backends: {name} {why}")

@@ -258,6 +258,19 @@ class _Table:
     ) -> tuple[_Table | None, tuple[str, int] | None]:
         """(the table, None), or (None, (why it cannot be written, exit code))."""
         try:
+            meta = read_meta(out) if cfg.resume else {}
+        except OSError as exc:
+            return None, (f"cannot read {Path(out) / META_FILE}: {os_error(exc)}", 1)
+        measured_on = meta.get("hardware_key")
+        if measured_on and measured_on != fp["hardware_key"]:
+            # before any writer opens the table (a resume rewrites rows cut short, legacy
+            # columns): rows of two machines under one run id would read as one machine's
+            return None, (
+                f"--resume: {out} was measured on {measured_on}, this node is "
+                f"{fp['hardware_key']}; resume it there, or start a new --out here",
+                2,
+            )
+        try:
             writer = ResultsWriter(out, claim=not cfg.resume)  # a new run: the first here
         except RunDirLocked as exc:  # another sweep took the directory since the check
             return None, (f"--out: {exc}", 2)
@@ -270,17 +283,6 @@ class _Table:
             )
             done = completed_points(out) if cfg.resume else set()
             rounds = completed_rounds(out) if cfg.resume else {}
-            meta = read_meta(out) if cfg.resume else {}
-            measured_on = meta.get("hardware_key")
-            if measured_on and measured_on != fp["hardware_key"]:
-                # rows of two machines under one run id would read as one machine's figures
-                for w in writers.values():
-                    w.close()
-                return None, (
-                    f"--resume: {out} was measured on {measured_on}, this node is "
-                    f"{fp['hardware_key']}; resume it there, or start a new --out here",
-                    2,
-                )
             meta.update(
                 {
                     "run_id": run_id,
