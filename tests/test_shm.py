@@ -359,22 +359,14 @@ def test_the_c_sum_is_the_reference_arithmetic(dtype, world_size):
     count = 1000
     terms = [random_input(dtype, count, rank) for rank in range(world_size)]
     out = torch.empty(count, dtype=dtype)
-    pointers = (ctypes.c_void_p * world_size)(*(t.data_ptr() for t in terms))
-    code = shm_native.DTYPE_CODES[str(dtype).removeprefix("torch.")]
-    rc = lib.aat_sum(
-        ctypes.c_void_p(out.data_ptr()),
-        pointers,
-        ctypes.c_int32(world_size),
-        ctypes.c_int64(count),
-        ctypes.c_int32(code),
-    )
-    assert rc == shm_native.OK
+    assert shm_native.ExactSum(lib)(out, terms)  # the call the shm backends make
     _, expected = reference(dtype, count, world_size)
     assert torch.equal(
         out.view(torch.int16 if dtype != torch.float32 else torch.int32),
         expected.view(torch.int16 if dtype != torch.float32 else torch.int32),
     )
     # a dtype code it does not know is refused, nothing written
+    pointers = (ctypes.c_void_p * world_size)(*(t.data_ptr() for t in terms))
     assert (
         lib.aat_sum(
             ctypes.c_void_p(out.data_ptr()),
